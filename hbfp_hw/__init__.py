@@ -1,0 +1,21 @@
+"""hbfp-hw: generator of FPGA accelerators for block-floating-point NN training.
+
+The numerics core (golden model) lives here; the gateware, the cocotb simulation
+helpers and the host driver are the subpackages ``hbfp_hw.gateware``, ``hbfp_hw.sim``
+and ``hbfp_hw.host``.
+"""
+
+from .formats import (BFPFormat, CBFP8, FORMATS, HBFP4, HBFP8, MXINT8, ROUNDING_MODES,
+                      get_format)
+from .gemm import (DEFAULT_GUARD_BITS, accumulator_bits, bfp_matmul, matmul_error_bound,
+                   matmul_reference)
+from .quantize import BFPTensor, NonFiniteBlockError, block_layout, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BFPFormat", "BFPTensor", "CBFP8", "DEFAULT_GUARD_BITS", "FORMATS", "HBFP4", "HBFP8",
+    "MXINT8", "NonFiniteBlockError", "ROUNDING_MODES", "accumulator_bits", "bfp_matmul",
+    "block_layout", "dequantize", "get_format", "matmul_error_bound", "matmul_reference",
+    "quantize",
+]

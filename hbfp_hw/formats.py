@@ -1,0 +1,257 @@
+"""Block-floating-point format descriptions (the single source of truth for widths).
+
+A :class:`BFPFormat` says how a tensor is cut into blocks, how wide the shared exponent
+and the per-element mantissas are, and how elements are rounded. The golden model
+(:mod:`hbfp_hw.quantize`, :mod:`hbfp_hw.gemm`), the gateware and the host driver all
+derive their widths from it.
+
+Numeric rules (see ``docs/numerics.md`` for the full statement):
+
+* shared exponent ``E = max floor(log2|x|)`` over the finite non-zero elements of a
+  block, clamped to ``[emin, emax] = [-(2**(exp_bits-1) - 1), 2**(exp_bits-1) - 1]``;
+  an all-zero block gets ``emin``;
+* element: signed integer ``m`` with ``|m| <= 2**(man_bits-1) - 1``, value
+  ``m * 2**(E - (man_bits - 2))``;
+* exponent encoding on the wire / in hardware: ``code = E + bias`` with
+  ``bias = 2**(exp_bits-1) - 1``; the all-ones code marks an invalid (NaN/Inf) block.
+  With ``exp_bits=8`` this is OCP's E8M0 scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "ROUNDING_MODES",
+    "Rounding",
+    "BFPFormat",
+    "MXINT8",
+    "HBFP8",
+    "HBFP4",
+    "CBFP8",
+    "FORMATS",
+    "get_format",
+]
+
+Rounding = Literal["nearest_even", "nearest_away", "toward_zero", "stochastic"]
+
+#: Rounding modes, in the order of their hardware encoding (run-time selectable units
+#: use the index in this tuple as the mode register value).
+ROUNDING_MODES: tuple[str, ...] = ("nearest_even", "nearest_away", "toward_zero", "stochastic")
+
+MAN_BITS_RANGE = (2, 16)
+EXP_BITS_RANGE = (2, 10)
+BLOCK_DIM_RANGE = (1, 4096)
+BLOCK_SIZE_MAX = 65536
+SR_BITS_RANGE = (1, 24)
+SEED_RANGE = (0, 2**32 - 1)
+SR_LANES_RANGE = (1, 256)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class BFPFormat:
+    """An immutable, validated block-floating-point format.
+
+    Parameters
+    ----------
+    man_bits
+        Mantissa width in bits, sign included (two's complement, symmetric range),
+        in ``[2, 16]``.
+    exp_bits
+        Shared-exponent width in bits, in ``[2, 10]``. One code (all ones) is reserved
+        for invalid blocks.
+    block_shape
+        Block extent along each of ``block_axes``; each in ``[1, 4096]``, product at
+        most 65536.
+    block_axes
+        Tensor axes the block extends over (negative values count from the end).
+        Axes not listed have block extent 1. Must be distinct and as many as
+        ``block_shape``.
+    rounding
+        One of :data:`ROUNDING_MODES`.
+    sr_bits
+        Random bits per element for stochastic rounding, in ``[1, 24]``.
+    seed
+        Seed of the stochastic-rounding generators, in ``[0, 2**32 - 1]``.
+    sr_lanes
+        Number of parallel generators (one per hardware lane) for stochastic rounding,
+        in ``[1, 256]``. Element ``n`` of the block-ordered stream uses lane
+        ``n % sr_lanes``. Only affects ``rounding="stochastic"``.
+    name
+        Optional label used in reports.
+    """
+
+    man_bits: int = 8
+    exp_bits: int = 8
+    block_shape: tuple[int, ...] = (32,)
+    block_axes: tuple[int, ...] = (-1,)
+    rounding: str = "nearest_even"
+    sr_bits: int = 8
+    seed: int = 0
+    sr_lanes: int = 1
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_int("man_bits", self.man_bits, *MAN_BITS_RANGE)
+        _check_int("exp_bits", self.exp_bits, *EXP_BITS_RANGE)
+        shape = tuple(self.block_shape) if not isinstance(self.block_shape, int) else (
+            self.block_shape,)
+        axes = tuple(self.block_axes) if not isinstance(self.block_axes, int) else (
+            self.block_axes,)
+        object.__setattr__(self, "block_shape", shape)
+        object.__setattr__(self, "block_axes", axes)
+        if len(shape) == 0:
+            raise ValueError("block_shape must have at least one dimension, got ()")
+        if len(shape) != len(axes):
+            raise ValueError(
+                f"block_shape={shape} and block_axes={axes} must have the same length")
+        for i, b in enumerate(shape):
+            _check_int(f"block_shape[{i}]", b, *BLOCK_DIM_RANGE)
+        size = 1
+        for b in shape:
+            size *= b
+        if size > BLOCK_SIZE_MAX:
+            raise ValueError(
+                f"block size {size} (block_shape={shape}) is out of range; accepted "
+                f"range is [1, {BLOCK_SIZE_MAX}]")
+        for i, a in enumerate(axes):
+            _check_int(f"block_axes[{i}]", a, -32, 31)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"block_axes={axes} must be distinct")
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(
+                f"rounding={self.rounding!r} is not supported; accepted values are "
+                f"{', '.join(ROUNDING_MODES)}")
+        _check_int("sr_bits", self.sr_bits, *SR_BITS_RANGE)
+        _check_int("seed", self.seed, *SEED_RANGE)
+        _check_int("sr_lanes", self.sr_lanes, *SR_LANES_RANGE)
+
+    # -- derived constants ---------------------------------------------------------
+    @property
+    def emax(self) -> int:
+        """Largest shared exponent."""
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        """Smallest shared exponent (also the exponent of an all-zero block)."""
+        return -(2 ** (self.exp_bits - 1) - 1)
+
+    @property
+    def exp_bias(self) -> int:
+        """Bias of the exponent code: ``code = E + exp_bias``."""
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def exp_invalid_code(self) -> int:
+        """Reserved exponent code of a block holding NaN or Inf (all ones)."""
+        return 2**self.exp_bits - 1
+
+    @property
+    def mmax(self) -> int:
+        """Largest mantissa magnitude, ``2**(man_bits-1) - 1``."""
+        return 2 ** (self.man_bits - 1) - 1
+
+    @property
+    def frac_bits(self) -> int:
+        """Element value is ``m * 2**(E - frac_bits)``; ``frac_bits = man_bits - 2``."""
+        return self.man_bits - 2
+
+    @property
+    def block_size(self) -> int:
+        """Number of elements in one block."""
+        n = 1
+        for b in self.block_shape:
+            n *= b
+        return n
+
+    @property
+    def rounding_code(self) -> int:
+        """Index of :attr:`rounding` in :data:`ROUNDING_MODES`."""
+        return ROUNDING_MODES.index(self.rounding)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage cost in bits per element, exponent amortised over the block."""
+        return self.man_bits + self.exp_bits / self.block_size
+
+    def replace(self, **changes: object) -> "BFPFormat":
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def transposed(self) -> "BFPFormat":
+        """The format of the transpose of a 2-D tensor quantized with this format."""
+        axes = []
+        for a in self.block_axes:
+            if a not in (0, 1, -1, -2):
+                raise ValueError(
+                    f"transposed() needs block axes within a 2-D tensor, got {self.block_axes}")
+            axes.append({0: 1, 1: 0, -1: -2, -2: -1}[a])
+        return self.replace(block_axes=tuple(axes))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description (used in manifests)."""
+        d = dataclasses.asdict(self)
+        d["block_shape"] = list(self.block_shape)
+        d["block_axes"] = list(self.block_axes)
+        d.update(emin=self.emin, emax=self.emax, exp_bias=self.exp_bias,
+                 exp_invalid_code=self.exp_invalid_code, mmax=self.mmax,
+                 block_size=self.block_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BFPFormat":
+        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        for k in ("block_shape", "block_axes"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def describe(self) -> str:
+        """A one-line human description."""
+        blk = "x".join(str(b) for b in self.block_shape)
+        label = f"{self.name}: " if self.name else ""
+        rnd = self.rounding
+        if rnd == "stochastic":
+            rnd += f"({self.sr_bits} bits, seed {self.seed}, {self.sr_lanes} lanes)"
+        return (f"{label}{self.man_bits}-bit mantissas, {self.exp_bits}-bit shared exponent "
+                f"[{self.emin}, {self.emax}], blocks {blk} on axes {self.block_axes}, "
+                f"{rnd}, {self.bits_per_element:.3f} bits/element")
+
+
+#: OCP MXINT8: 8-bit elements k/64, blocks of 32 along the last axis, E8M0 scale.
+MXINT8 = BFPFormat(man_bits=8, exp_bits=8, block_shape=(32,), block_axes=(-1,),
+                   rounding="nearest_even", name="MXINT8")
+#: HBFP with 8-bit mantissas on 16x16 HyperBlock tiles (one exponent per 2-D tile).
+HBFP8 = BFPFormat(man_bits=8, exp_bits=8, block_shape=(16, 16), block_axes=(-2, -1),
+                  rounding="nearest_even", name="HBFP8")
+#: HyperBlock 4-bit: 4-bit mantissas on 16x16 tiles.
+HBFP4 = BFPFormat(man_bits=4, exp_bits=8, block_shape=(16, 16), block_axes=(-2, -1),
+                  rounding="nearest_even", name="HBFP4")
+#: Channel-wise BFP (CBFP): blocks of 16 consecutive channels (axis 1 of NCHW).
+CBFP8 = BFPFormat(man_bits=8, exp_bits=8, block_shape=(16,), block_axes=(1,),
+                  rounding="nearest_even", name="CBFP8")
+
+FORMATS: dict[str, BFPFormat] = {f.name.lower(): f for f in (MXINT8, HBFP8, HBFP4, CBFP8)}
+
+
+def get_format(name: str) -> BFPFormat:
+    """Look up a preset by (case-insensitive) name."""
+    try:
+        return FORMATS[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown format {name!r}; accepted names are {', '.join(sorted(FORMATS))}"
+        ) from None

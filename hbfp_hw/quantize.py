@@ -1,0 +1,331 @@
+"""Golden model: FP32 -> BFP quantization and back.
+
+The rules are stated in ``docs/numerics.md``; in short, for each block
+
+1. inputs are IEEE-754 binary32 (other float dtypes are cast to float32 first, with
+   NumPy's round-to-nearest-even); subnormal inputs are flushed to zero;
+2. ``E = clamp(max floor(log2|x|), emin, emax)`` over the finite non-zero elements
+   (``emin`` for an all-zero block); a block holding NaN or +-Inf is *invalid*;
+3. ``y = |x| * 2**(man_bits - 2 - E)`` is rounded to an integer ``q`` with the format's
+   rounding mode, ``m = sign(x) * min(q, 2**(man_bits-1) - 1)``.
+
+Rounding works on the magnitude and re-applies the sign, so every mode is sign
+symmetric. ``stochastic`` is ``q = floor(|y| + u / 2**r)`` with ``u`` the ``r``-bit
+number of :mod:`hbfp_hw.prng` for this element's position in the block stream.
+
+The implementation is vectorised NumPy; all arithmetic on ``y`` is exact (scaling by a
+power of two, ``rint``/``trunc``/``floor`` of exactly representable values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import BFPFormat
+from .prng import random_bits
+
+__all__ = ["BFPTensor", "NonFiniteBlockError", "quantize", "dequantize", "block_layout"]
+
+_ABS_MASK = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_MIN_NORMAL_BITS = np.uint32(0x00800000)
+
+
+class NonFiniteBlockError(ValueError):
+    """A block holds NaN or Inf and ``nonfinite="raise"`` was asked for.
+
+    Attributes
+    ----------
+    block_index : tuple of int
+        Index of the first bad block in the block grid.
+    flat_index : int
+        Its position in the block stream order.
+    """
+
+    def __init__(self, message: str, block_index: tuple[int, ...], flat_index: int,
+                 tensor: str | None = None):
+        super().__init__(message)
+        self.block_index = block_index
+        self.flat_index = flat_index
+        self.tensor = tensor
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a tensor of a given shape is cut into blocks by a format."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]          # normalised, in the order of fmt.block_axes
+    block: tuple[int, ...]         # block extent per tensor dimension (1 off the axes)
+    padded: tuple[int, ...]
+    grid: tuple[int, ...]
+
+    @property
+    def interleaved(self) -> tuple[int, ...]:
+        """Shape ``(g0, b0, g1, b1, ...)`` that views the padded tensor block-wise."""
+        out: list[int] = []
+        for g, b in zip(self.grid, self.block):
+            out += [g, b]
+        return tuple(out)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(np.prod(self.grid, dtype=np.int64))
+
+    @property
+    def block_size(self) -> int:
+        return int(np.prod(self.block, dtype=np.int64))
+
+    def grid_view(self, grid_array: np.ndarray) -> np.ndarray:
+        """Reshape a grid-shaped array so it broadcasts against the interleaved view."""
+        shp: list[int] = []
+        for g in self.grid:
+            shp += [g, 1]
+        return grid_array.reshape(shp)
+
+    def to_stream(self, padded: np.ndarray) -> np.ndarray:
+        """Padded tensor -> ``(num_blocks, block_size)`` in block stream order."""
+        nd = len(self.shape)
+        v = padded.reshape(self.interleaved)
+        v = v.transpose(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+        return v.reshape(self.num_blocks, self.block_size)
+
+    def from_stream(self, stream: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_stream`."""
+        nd = len(self.shape)
+        v = np.asarray(stream).reshape(tuple(self.grid) + tuple(self.block))
+        inv = []
+        for d in range(nd):
+            inv += [d, nd + d]
+        return v.transpose(inv).reshape(self.padded)
+
+
+def block_layout(shape: tuple[int, ...], fmt: BFPFormat) -> BlockLayout:
+    """The :class:`BlockLayout` of ``fmt`` on a tensor of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    axes = []
+    for a in fmt.block_axes:
+        if not -nd <= a < nd:
+            raise ValueError(
+                f"block axis {a} of format {fmt.name or fmt.block_shape} does not exist in a "
+                f"tensor of shape {shape}; accepted axes are [{-nd}, {nd - 1}]")
+        axes.append(a % nd)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"block_axes={fmt.block_axes} name the same axis twice for ndim {nd}")
+    block = [1] * nd
+    for a, b in zip(axes, fmt.block_shape):
+        block[a] = b
+    padded = tuple(-(-s // b) * b for s, b in zip(shape, block))
+    grid = tuple(p // b for p, b in zip(padded, block))
+    return BlockLayout(shape, tuple(axes), tuple(block), padded, grid)
+
+
+@dataclass(frozen=True, eq=False)
+class BFPTensor:
+    """A quantized tensor: integer mantissas and one shared exponent per block.
+
+    Attributes
+    ----------
+    fmt : BFPFormat
+    shape : tuple of int
+        Shape of the original tensor.
+    mantissas : ndarray of int8 or int16
+        Signed mantissas, shape ``layout.padded`` (zero padding included).
+    exponents : ndarray of int16
+        Shared exponents ``E``, shape ``layout.grid`` (``emin`` for invalid blocks).
+    invalid : ndarray of bool
+        Blocks that held NaN or Inf, shape ``layout.grid``.
+    """
+
+    fmt: BFPFormat
+    shape: tuple[int, ...]
+    mantissas: np.ndarray
+    exponents: np.ndarray
+    invalid: np.ndarray
+
+    @property
+    def layout(self) -> BlockLayout:
+        return block_layout(self.shape, self.fmt)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def exponent_codes(self) -> np.ndarray:
+        """Biased exponent codes as stored in hardware (invalid blocks: all ones)."""
+        codes = self.exponents.astype(np.int32) + self.fmt.exp_bias
+        return np.where(self.invalid, self.fmt.exp_invalid_code, codes).astype(np.int32)
+
+    def stream(self) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks in stream order: ``(exponent_codes[nb], mantissas[nb, block_size])``."""
+        lay = self.layout
+        return (self.exponent_codes().reshape(-1),
+                lay.to_stream(self.mantissas))
+
+    @classmethod
+    def from_stream(cls, fmt: BFPFormat, shape: tuple[int, ...], codes: np.ndarray,
+                    mantissas: np.ndarray) -> "BFPTensor":
+        """Build a tensor from blocks in stream order (inverse of :meth:`stream`)."""
+        lay = block_layout(shape, fmt)
+        codes = np.asarray(codes, dtype=np.int64).reshape(lay.grid)
+        invalid = codes == fmt.exp_invalid_code
+        exps = np.where(invalid, fmt.emin, codes - fmt.exp_bias).astype(np.int16)
+        man = lay.from_stream(np.asarray(mantissas)).astype(_man_dtype(fmt))
+        return cls(fmt, tuple(shape), man, exps, invalid)
+
+    @property
+    def T(self) -> "BFPTensor":
+        """Transpose of a 2-D tensor, with no re-quantization (HyperBlock reuse)."""
+        if self.ndim != 2:
+            raise ValueError(f".T needs a 2-D tensor, this one has shape {self.shape}")
+        lay = self.layout
+        pairs = sorted((1 - a, b) for a, b in zip(lay.axes, self.fmt.block_shape))
+        fmt = self.fmt.replace(block_axes=tuple(a for a, _ in pairs),
+                               block_shape=tuple(b for _, b in pairs))
+        return BFPTensor(fmt, self.shape[::-1], self.mantissas.T.copy(),
+                         self.exponents.T.copy(), self.invalid.T.copy())
+
+    def equal(self, other: "BFPTensor") -> bool:
+        """Bit-for-bit equality of mantissas, exponents, flags and shape."""
+        return (self.shape == other.shape
+                and self.fmt.man_bits == other.fmt.man_bits
+                and np.array_equal(self.mantissas, other.mantissas)
+                and np.array_equal(self.exponents, other.exponents)
+                and np.array_equal(self.invalid, other.invalid))
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self)
+
+    def __repr__(self) -> str:
+        return (f"BFPTensor(shape={self.shape}, fmt={self.fmt.name or self.fmt.block_shape}, "
+                f"blocks={self.exponents.shape}, invalid={int(self.invalid.sum())})")
+
+
+def _man_dtype(fmt: BFPFormat) -> type:
+    return np.int8 if fmt.man_bits <= 8 else np.int16
+
+
+def _as_float32(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == np.float32:
+        return a
+    if a.dtype.kind == "f" or (a.dtype.kind in "iu"):
+        with np.errstate(over="ignore"):
+            return a.astype(np.float32)
+    raise TypeError(
+        f"quantize needs a real floating-point (or integer) array, got dtype {a.dtype}")
+
+
+def _pow2_f32(k: np.ndarray) -> np.ndarray:
+    """Exact float32 powers of two for integer exponents in [-149, 127]."""
+    return np.ldexp(np.float32(1.0), k.astype(np.int32)).astype(np.float32)
+
+
+def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
+             name: str | None = None) -> BFPTensor:
+    """Quantize a tensor to BFP.
+
+    Parameters
+    ----------
+    x : array_like
+        Real tensor of any rank; cast to float32 (the hardware input format).
+    fmt : BFPFormat
+        The format (block shape and axes, widths, rounding).
+    nonfinite : {"raise", "flag"}
+        ``"raise"`` (default): a block holding NaN or Inf raises
+        :class:`NonFiniteBlockError` naming the first such block. ``"flag"``: such
+        blocks are marked in ``BFPTensor.invalid`` (zero mantissas, reserved exponent
+        code) and dequantize to NaN.
+    name : str, optional
+        Tensor name used in error messages.
+
+    Returns
+    -------
+    BFPTensor
+    """
+    if not isinstance(fmt, BFPFormat):
+        raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
+    if nonfinite not in ("raise", "flag"):
+        raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+    x = _as_float32(x)
+    lay = block_layout(x.shape, fmt)
+    if lay.padded != x.shape:
+        x = np.pad(x, [(0, p - s) for s, p in zip(x.shape, lay.padded)])
+    xv = x.reshape(lay.interleaved)
+    nd = x.ndim
+    baxes = tuple(range(1, 2 * nd, 2))
+
+    absbits = np.bitwise_and(xv.view(np.uint32), _ABS_MASK)
+    amax = absbits.max(axis=baxes) if absbits.size else np.zeros(lay.grid, np.uint32)
+    invalid = amax >= _INF_BITS
+    if invalid.any() and nonfinite == "raise":
+        idx = tuple(int(i) for i in np.argwhere(invalid)[0])
+        flat = int(np.ravel_multi_index(idx, lay.grid))
+        span = ", ".join(f"{i * b}:{min((i + 1) * b, s)}"
+                         for i, b, s in zip(idx, lay.block, lay.shape))
+        what = f"tensor {name!r}" if name else "tensor"
+        raise NonFiniteBlockError(
+            f"{what} holds NaN or Inf in block {idx} (block {flat} of {lay.num_blocks} in "
+            f"stream order; elements [{span}]); pass nonfinite='flag' to mark such blocks "
+            f"invalid instead", idx, flat, name)
+    field = (amax >> np.uint32(23)).astype(np.int32)
+    e_raw = np.where(field == 0, fmt.emin, field - 127)
+    exps = np.clip(e_raw, fmt.emin, fmt.emax)
+    exps = np.where(invalid, fmt.emin, exps).astype(np.int16)
+
+    if invalid.any():
+        xv = np.where(lay.grid_view(invalid), np.float32(0), xv)
+    # Subnormal inputs only matter (could round to a non-zero mantissa) in blocks with a
+    # very small exponent; flush them explicitly only then.
+    if exps.size and int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits:
+        sub = np.bitwise_and(xv.view(np.uint32), _ABS_MASK) < _MIN_NORMAL_BITS
+        xv = np.where(sub, np.float32(0), xv)
+
+    # y = x * 2**k, k = frac_bits - E; two exact power-of-two multiplies keep every
+    # factor inside float32's normal range.
+    k = fmt.frac_bits - np.maximum(exps.astype(np.int32), -150)
+    k1 = np.clip(k, -126, 126)
+    y = xv * lay.grid_view(_pow2_f32(k1))
+    if np.any(k != k1):
+        y *= lay.grid_view(_pow2_f32(k - k1))
+
+    mmax = fmt.mmax
+    if fmt.rounding == "nearest_even":
+        q = np.rint(y, out=y)
+    elif fmt.rounding == "toward_zero":
+        q = np.trunc(y, out=y)
+    elif fmt.rounding == "nearest_away":
+        t = np.trunc(y)
+        frac = np.abs(y - t)
+        q = t + np.copysign((frac >= 0.5).astype(np.float32), y)
+    else:  # stochastic
+        r = fmt.sr_bits
+        u = random_bits(fmt.seed, fmt.sr_lanes, lay.num_blocks * lay.block_size, r)
+        u = lay.from_stream(u.reshape(lay.num_blocks, lay.block_size)).reshape(lay.interleaved)
+        mag = np.minimum(np.abs(y).astype(np.float64), 2.0 ** fmt.man_bits)
+        a = np.floor(np.ldexp(mag, r)).astype(np.int64)
+        qm = (a + u) >> r
+        q = np.where(np.signbit(y), -qm, qm)
+    q = np.clip(q, -mmax, mmax)
+    man = q.astype(_man_dtype(fmt)).reshape(lay.padded)
+    return BFPTensor(fmt, tuple(lay.shape), man, exps, invalid)
+
+
+def dequantize(q: BFPTensor) -> np.ndarray:
+    """The float32 values of a :class:`BFPTensor`, in the original shape.
+
+    Exact: every BFP value ``m * 2**(E - (man_bits-2))`` is representable in float32.
+    Invalid blocks come back as NaN.
+    """
+    lay = q.layout
+    scale = _pow2_f32(np.maximum(q.exponents.astype(np.int32) - q.fmt.frac_bits, -150))
+    scale = np.where(q.invalid, np.float32(np.nan), scale)
+    v = q.mantissas.reshape(lay.interleaved).astype(np.float32)
+    v *= lay.grid_view(scale)
+    v = v.reshape(lay.padded)
+    if lay.padded != lay.shape:
+        v = v[tuple(slice(0, s) for s in lay.shape)]
+    return v
