@@ -19,6 +19,8 @@ power of two, ``rint``/``trunc``/``floor`` of exactly representable values).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,8 @@ __all__ = ["BFPTensor", "NonFiniteBlockError", "quantize", "dequantize", "block_
 _ABS_MASK = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 _MIN_NORMAL_BITS = np.uint32(0x00800000)
+_CHUNK_ELEMS = 1 << 16          # elements per chunk: temporaries stay in L2 cache
+_WORKERS = min(2, os.cpu_count() or 1)
 
 
 class NonFiniteBlockError(ValueError):
@@ -224,6 +228,41 @@ def _pow2_f32(k: np.ndarray) -> np.ndarray:
     return np.ldexp(np.float32(1.0), k.astype(np.int32)).astype(np.float32)
 
 
+def _block_max(a: np.ndarray, baxes: tuple[int, ...]) -> np.ndarray:
+    """Max over the block axes of an interleaved view ``(g0, b0, g1, b1, ...)``.
+
+    Reducing a short contiguous innermost axis is slow in NumPy (one inner-loop call
+    per block), so the innermost block axis goes through ``maximum.reduceat`` on the
+    flat array; the remaining block axes are outer axes and reduce efficiently.
+    """
+    b_last = a.shape[-1]
+    if b_last > 1 and a.flags.c_contiguous:
+        flat = a.reshape(-1)
+        a = np.maximum.reduceat(flat, np.arange(0, flat.size, b_last)).reshape(a.shape[:-1])
+        rest = tuple(ax for ax in baxes if ax != len(baxes) * 2 - 1)
+        return a.max(axis=rest) if rest else a
+    return a.max(axis=baxes)
+
+
+def _chunks(lay: BlockLayout) -> list[tuple[int, int]]:
+    """Ranges of grid rows (axis 0) small enough to keep a chunk's temporaries in cache."""
+    g0 = lay.grid[0] if lay.grid else 1
+    per_row = lay.block_size * (lay.num_blocks // max(g0, 1))
+    rows = max(1, _CHUNK_ELEMS // max(per_row, 1))
+    return [(r, min(g0, r + rows)) for r in range(0, g0, rows)]
+
+
+def _run_chunks(fn, ranges: list[tuple[int, int]]) -> None:
+    """Run ``fn(r0, r1)`` over chunk ranges, on two threads when there are many."""
+    if len(ranges) < 8 or _WORKERS < 2:
+        for r in ranges:
+            fn(*r)
+        return
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        for f in [pool.submit(fn, *r) for r in ranges]:
+            f.result()
+
+
 def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
              name: str | None = None) -> BFPTensor:
     """Quantize a tensor to BFP.
@@ -254,15 +293,72 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
     lay = block_layout(x.shape, fmt)
     if lay.padded != x.shape:
         x = np.pad(x, [(0, p - s) for s, p in zip(x.shape, lay.padded)])
-    xv = x.reshape(lay.interleaved)
-    nd = x.ndim
-    baxes = tuple(range(1, 2 * nd, 2))
+    xv_all = x.reshape(lay.interleaved)
+    man = np.empty(lay.padded, dtype=_man_dtype(fmt))
+    man_all = man.reshape(lay.interleaved)
+    exps_all = np.empty(lay.grid, dtype=np.int16)
+    invalid_all = np.empty(lay.grid, dtype=bool)
+    u_all = None
+    if fmt.rounding == "stochastic":
+        u = random_bits(fmt.seed, fmt.sr_lanes, lay.num_blocks * lay.block_size, fmt.sr_bits)
+        u_all = lay.from_stream(u.reshape(lay.num_blocks, lay.block_size)).reshape(
+            lay.interleaved)
+    baxes = tuple(range(1, 2 * x.ndim, 2))
 
-    absbits = np.bitwise_and(xv.view(np.uint32), _ABS_MASK)
-    amax = absbits.max(axis=baxes) if absbits.size else np.zeros(lay.grid, np.uint32)
-    invalid = amax >= _INF_BITS
-    if invalid.any() and nonfinite == "raise":
-        idx = tuple(int(i) for i in np.argwhere(invalid)[0])
+    def work(r0: int, r1: int) -> None:
+        rows = slice(r0, r1)
+        xv = xv_all[rows]
+        sub_grid = (r1 - r0,) + lay.grid[1:]
+        gshape: list[int] = []
+        for g in sub_grid:
+            gshape += [g, 1]
+
+        absbits = np.bitwise_and(xv.view(np.uint32), _ABS_MASK)
+        amax = _block_max(absbits, baxes) if absbits.size else np.zeros(sub_grid, np.uint32)
+        invalid = amax >= _INF_BITS
+        field = (amax >> np.uint32(23)).astype(np.int32)
+        exps = np.clip(np.where(field == 0, fmt.emin, field - 127), fmt.emin, fmt.emax)
+        exps[invalid] = fmt.emin
+        exps_all[rows] = exps
+        invalid_all[rows] = invalid
+        if invalid.any():
+            xv = np.where(invalid.reshape(gshape), np.float32(0), xv)
+        # Subnormal inputs only matter (could round to a non-zero mantissa) in blocks
+        # with a very small exponent; flush them explicitly only then.
+        if exps.size and int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits:
+            sub = np.bitwise_and(xv.view(np.uint32), _ABS_MASK) < _MIN_NORMAL_BITS
+            xv = np.where(sub, np.float32(0), xv)
+
+        # y = x * 2**k, k = frac_bits - E: exact power-of-two multiplies, each factor
+        # inside float32's normal range.
+        k = fmt.frac_bits - np.maximum(exps, -150)
+        k1 = np.clip(k, -126, 126)
+        y = np.multiply(xv, _pow2_f32(k1).reshape(gshape))
+        if np.any(k != k1):
+            y *= _pow2_f32(k - k1).reshape(gshape)
+
+        mmax = fmt.mmax
+        if fmt.rounding == "nearest_even":
+            q = np.rint(y, out=y)
+        elif fmt.rounding == "toward_zero":
+            q = np.trunc(y, out=y)
+        elif fmt.rounding == "nearest_away":
+            t = np.trunc(y)
+            y -= t
+            np.abs(y, out=y)
+            q = t + np.copysign((y >= 0.5).astype(np.float32), xv)
+        else:  # stochastic: q = floor(|y| + u / 2**r), exact in int64
+            r = fmt.sr_bits
+            mag = np.minimum(np.abs(y).astype(np.float64), 2.0 ** fmt.man_bits)
+            a = np.floor(np.ldexp(mag, r)).astype(np.int64)
+            qm = (a + u_all[rows]) >> r
+            q = np.where(np.signbit(y), -qm, qm)
+        np.clip(q, -mmax, mmax, out=q)
+        man_all[rows] = q
+
+    _run_chunks(work, _chunks(lay))
+    if nonfinite == "raise" and invalid_all.any():
+        idx = tuple(int(i) for i in np.argwhere(invalid_all)[0])
         flat = int(np.ravel_multi_index(idx, lay.grid))
         span = ", ".join(f"{i * b}:{min((i + 1) * b, s)}"
                          for i, b, s in zip(idx, lay.block, lay.shape))
@@ -271,47 +367,7 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
             f"{what} holds NaN or Inf in block {idx} (block {flat} of {lay.num_blocks} in "
             f"stream order; elements [{span}]); pass nonfinite='flag' to mark such blocks "
             f"invalid instead", idx, flat, name)
-    field = (amax >> np.uint32(23)).astype(np.int32)
-    e_raw = np.where(field == 0, fmt.emin, field - 127)
-    exps = np.clip(e_raw, fmt.emin, fmt.emax)
-    exps = np.where(invalid, fmt.emin, exps).astype(np.int16)
-
-    if invalid.any():
-        xv = np.where(lay.grid_view(invalid), np.float32(0), xv)
-    # Subnormal inputs only matter (could round to a non-zero mantissa) in blocks with a
-    # very small exponent; flush them explicitly only then.
-    if exps.size and int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits:
-        sub = np.bitwise_and(xv.view(np.uint32), _ABS_MASK) < _MIN_NORMAL_BITS
-        xv = np.where(sub, np.float32(0), xv)
-
-    # y = x * 2**k, k = frac_bits - E; two exact power-of-two multiplies keep every
-    # factor inside float32's normal range.
-    k = fmt.frac_bits - np.maximum(exps.astype(np.int32), -150)
-    k1 = np.clip(k, -126, 126)
-    y = xv * lay.grid_view(_pow2_f32(k1))
-    if np.any(k != k1):
-        y *= lay.grid_view(_pow2_f32(k - k1))
-
-    mmax = fmt.mmax
-    if fmt.rounding == "nearest_even":
-        q = np.rint(y, out=y)
-    elif fmt.rounding == "toward_zero":
-        q = np.trunc(y, out=y)
-    elif fmt.rounding == "nearest_away":
-        t = np.trunc(y)
-        frac = np.abs(y - t)
-        q = t + np.copysign((frac >= 0.5).astype(np.float32), y)
-    else:  # stochastic
-        r = fmt.sr_bits
-        u = random_bits(fmt.seed, fmt.sr_lanes, lay.num_blocks * lay.block_size, r)
-        u = lay.from_stream(u.reshape(lay.num_blocks, lay.block_size)).reshape(lay.interleaved)
-        mag = np.minimum(np.abs(y).astype(np.float64), 2.0 ** fmt.man_bits)
-        a = np.floor(np.ldexp(mag, r)).astype(np.int64)
-        qm = (a + u) >> r
-        q = np.where(np.signbit(y), -qm, qm)
-    q = np.clip(q, -mmax, mmax)
-    man = q.astype(_man_dtype(fmt)).reshape(lay.padded)
-    return BFPTensor(fmt, tuple(lay.shape), man, exps, invalid)
+    return BFPTensor(fmt, tuple(lay.shape), man, exps_all, invalid_all)
 
 
 def dequantize(q: BFPTensor) -> np.ndarray:
@@ -323,9 +379,15 @@ def dequantize(q: BFPTensor) -> np.ndarray:
     lay = q.layout
     scale = _pow2_f32(np.maximum(q.exponents.astype(np.int32) - q.fmt.frac_bits, -150))
     scale = np.where(q.invalid, np.float32(np.nan), scale)
-    v = q.mantissas.reshape(lay.interleaved).astype(np.float32)
-    v *= lay.grid_view(scale)
-    v = v.reshape(lay.padded)
+    scale_v = lay.grid_view(scale)
+    out = np.empty(lay.padded, dtype=np.float32)
+    out_v = out.reshape(lay.interleaved)
+    man_v = q.mantissas.reshape(lay.interleaved)
+
+    def work(r0: int, r1: int) -> None:
+        np.multiply(man_v[r0:r1], scale_v[r0:r1], out=out_v[r0:r1], dtype=np.float32)
+
+    _run_chunks(work, _chunks(lay))
     if lay.padded != lay.shape:
-        v = v[tuple(slice(0, s) for s in lay.shape)]
-    return v
+        out = out[tuple(slice(0, s) for s in lay.shape)]
+    return out
