@@ -1,0 +1,162 @@
+"""Per-tensor uniform integer quantization with dynamic or in-hindsight ranges.
+
+The quantizer is asymmetric and uniform over a range ``[lo, hi]`` (Fournarakis & Nagel,
+"In-Hindsight Quantization Range Estimation", CVPRW'21)::
+
+    lo' = min(lo, 0), hi' = max(hi, 0)           (the range always holds 0 exactly)
+    s = (hi' - lo') / (2**bits - 1)              (s = 1 if hi' == lo')
+    z = round(-lo' / s)                          (zero point, in [0, 2**bits - 1])
+    q = clip(round(x / s) + z, 0, 2**bits - 1)   (round half to even)
+    x_hat = s * (q - z)
+
+All arithmetic is float64 then cast to float32 (this is the golden model of the int8
+path; the accelerator's datapath is BFP, see ``docs/training.md``).
+
+Range sources:
+
+* ``"dynamic"``: ``[lo, hi] = [min x_t, max x_t]`` of the tensor being quantized (needs
+  the whole tensor in FP32 before quantizing, which is what in-hindsight avoids);
+* ``"hindsight"``: the range for step ``t`` is fixed *before* ``x_t`` exists, from an
+  exponential moving average of the min/max of steps ``< t``::
+
+      lo_1 = min x_0                          (initialised from the first batch)
+      lo_{t+1} = eta * lo_t + (1 - eta) * min x_t,   eta = 0.9   (same for hi)
+
+  and step 0 (no history yet) uses the first batch's own range. The statistics are the
+  min/max of the *unclipped* tensor, which the hardware gathers online with the range
+  tracker (:class:`hbfp_hw.gateware.range_tracker.RangeTracker`) while it streams the
+  quantized output out; on the emulate backend :meth:`RangeStats.observe` computes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["uniform_params", "quantize_uniform", "fake_quantize_uniform", "RangeEMA",
+           "UniformQuantizer", "dynamic_int8", "hindsight_int8"]
+
+
+def uniform_params(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
+    """Scale and zero point of the asymmetric ``bits``-bit grid over ``[lo, hi]``."""
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} is out of range; accepted range is [2, 16]")
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"range [{lo}, {hi}] is not finite")
+    if lo > hi:
+        raise ValueError(f"range [{lo}, {hi}] is empty (lo > hi)")
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    levels = 2**bits - 1
+    s = (hi - lo) / levels if hi > lo else 1.0
+    z = int(np.clip(np.rint(-lo / s), 0, levels))
+    return s, z
+
+
+def quantize_uniform(x: np.ndarray, lo: float, hi: float,
+                     bits: int = 8) -> tuple[np.ndarray, float, int]:
+    """Integer codes ``q`` (uint8/uint16), scale and zero point of ``x`` on ``[lo, hi]``."""
+    s, z = uniform_params(lo, hi, bits)
+    q = np.clip(np.rint(np.asarray(x, dtype=np.float64) / s) + z, 0, 2**bits - 1)
+    return q.astype(np.uint8 if bits <= 8 else np.uint16), s, z
+
+
+def fake_quantize_uniform(x: np.ndarray, lo: float, hi: float, bits: int = 8) -> np.ndarray:
+    """``s * (q - z)`` as float32: the values the integer GEMM sees."""
+    q, s, z = quantize_uniform(x, lo, hi, bits)
+    return (s * (q.astype(np.float64) - z)).astype(np.float32)
+
+
+@dataclass
+class RangeEMA:
+    """EMA of per-step min/max; :attr:`range` is the range to use for the next step."""
+
+    eta: float = 0.9
+    lo: float | None = None
+    hi: float | None = None
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eta < 1.0:
+            raise ValueError(f"eta={self.eta!r} is out of range; accepted range is [0, 1)")
+
+    @property
+    def initialised(self) -> bool:
+        return self.lo is not None
+
+    @property
+    def range(self) -> tuple[float, float]:
+        if self.lo is None or self.hi is None:
+            raise ValueError("RangeEMA has no statistics yet (no step observed)")
+        return self.lo, self.hi
+
+    def update(self, xmin: float, xmax: float) -> None:
+        """Fold in the min/max observed at the current step."""
+        if self.lo is None:
+            self.lo, self.hi = float(xmin), float(xmax)
+        else:
+            self.lo = self.eta * self.lo + (1.0 - self.eta) * float(xmin)
+            self.hi = self.eta * self.hi + (1.0 - self.eta) * float(xmax)
+        self.steps += 1
+
+
+@dataclass
+class UniformQuantizer:
+    """A per-tensor ``bits``-bit asymmetric quantizer with a range source.
+
+    Parameters
+    ----------
+    method : {"dynamic", "hindsight"}
+    bits : int
+    eta : float
+        EMA momentum of the in-hindsight statistics.
+    name : str
+    """
+
+    method: str = "hindsight"
+    bits: int = 8
+    eta: float = 0.9
+    name: str = ""
+    ema: RangeEMA = field(default=None, repr=False)  # type: ignore[assignment]
+    #: (lo, hi) used for each quantization, for inspection / tests
+    history: list = field(default_factory=list, repr=False)
+    keep_history: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dynamic", "hindsight"):
+            raise ValueError(f"method={self.method!r}; accepted values are 'dynamic', "
+                             "'hindsight'")
+        uniform_params(0.0, 1.0, self.bits)  # validates bits
+        if self.ema is None:
+            self.ema = RangeEMA(self.eta)
+        if not self.name:
+            self.name = f"{self.method}-int{self.bits}"
+
+    def fresh(self) -> "UniformQuantizer":
+        """A copy with no statistics (each tensor of each layer needs its own)."""
+        return UniformQuantizer(self.method, self.bits, self.eta, self.name,
+                                keep_history=self.keep_history)
+
+    def __call__(self, x: np.ndarray, *, update: bool = True) -> np.ndarray:
+        """Fake-quantize ``x``; with ``update`` fold its min/max into the statistics."""
+        x = np.asarray(x, dtype=np.float32)
+        xmin, xmax = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if self.method == "dynamic" or not self.ema.initialised:
+            lo, hi = xmin, xmax
+        else:
+            lo, hi = self.ema.range
+        if update or not self.ema.initialised:
+            self.ema.update(xmin, xmax)
+        if self.keep_history:
+            self.history.append((lo, hi))
+        return fake_quantize_uniform(x, lo, hi, self.bits)
+
+
+def dynamic_int8() -> UniformQuantizer:
+    """Per-tensor int8 with the current tensor's min/max."""
+    return UniformQuantizer("dynamic", 8, name="dynamic-int8")
+
+
+def hindsight_int8(eta: float = 0.9) -> UniformQuantizer:
+    """Per-tensor int8 with in-hindsight (previous steps' EMA) ranges."""
+    return UniformQuantizer("hindsight", 8, eta, name="hindsight-int8")

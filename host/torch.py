@@ -1,0 +1,546 @@
+"""PyTorch layers whose GEMMs run in block floating point (HyperBlock training).
+
+:class:`BFPLinear` and :class:`BFPConv2d` replace :class:`torch.nn.Linear` and
+:class:`torch.nn.Conv2d`; :func:`convert` swaps them into an existing model. Each layer
+is the GEMM ``Y = X Wᵀ`` (a convolution through im2col: ``X`` is
+``(batch·positions) × (in·kh·kw)``) with a custom autograd function:
+
+* forward quantizes ``X`` (activation format) and ``W`` (weight format) and computes
+  ``Y = bfp_matmul(Xq, Wqᵀ)``;
+* backward quantizes ``dY`` (gradient format) and computes ``dX = bfp_matmul(dYq, Wq)``
+  and ``dW = bfp_matmul(dYqᵀ, Xq)``.
+
+With HyperBlock formats (2-D tiles over both axes of the 2-D operand, DESIGN.md §3)
+``X``, ``W`` and ``dY`` are each quantized **once** per step and the quantized tensor is
+reused, transposed without re-quantization, by both GEMMs it enters: 3 quantizer calls
+per layer per step. Formats blocked along one axis only (MXINT8, blocks of 32 along the
+reduction axis) cannot be transposed that way, so the layer re-quantizes every operand
+along each GEMM's reduction axis, as microscaling does: 6 calls per layer per step.
+:attr:`BFPLayerMixin.quant_calls` counts them.
+
+Per-tensor uniform int8 quantizers from :mod:`hbfp_hw.host.ranges` (dynamic or
+in-hindsight ranges) can be used as the activation and gradient "formats" too; their
+GEMMs run in FP32 on the dequantized integers (the accelerator has no int8 mode).
+
+Bias, activations, normalisation and the optimizer stay FP32. Weights keep an FP32
+master copy unless ``shadow_fmt`` is given: then :func:`round_weights` (call it after
+``optimizer.step()``) stores the weights rounded to that wide BFP format, HBFP's
+"shadow" copy.
+
+Backends: :class:`EmulateBackend` runs the golden model (:func:`hbfp_hw.quantize.quantize`
+and a PyTorch implementation of :func:`hbfp_hw.gemm.bfp_matmul` that the tests prove
+bit-identical); :class:`DeviceBackend` routes every quantization and GEMM through a
+``hbfp_hw.host`` device (``Device.quantize`` / ``Device.matmul_q``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hbfp_hw.formats import HBFP8, BFPFormat
+from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
+from hbfp_hw.quantize import BFPTensor, quantize
+
+from .ranges import UniformQuantizer
+
+__all__ = [
+    "Backend",
+    "EmulateBackend",
+    "DeviceBackend",
+    "get_backend",
+    "fast_bfp_matmul",
+    "BFPLinear",
+    "BFPConv2d",
+    "convert",
+    "round_weights",
+    "bfp_layers",
+    "is_hyperblock",
+]
+
+Quantizer = Union[BFPFormat, UniformQuantizer]
+
+
+# -- the exact GEMM in PyTorch ---------------------------------------------------------
+
+def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
+                    guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
+    """:func:`hbfp_hw.gemm.bfp_matmul`, bit for bit, computed with PyTorch float64.
+
+    Every step is exact in float64: the per-K-block products ``P`` are integers below
+    ``2**53`` (the accumulator width check guarantees it), ``P * 2**(G - s)`` is a
+    power-of-two scaling, ``floor`` of it equals the arithmetic shift ``(P << G) >> s``,
+    and the running sum stays an integer below ``2**53``. The shift is computed per
+    (K-block, row tile, column tile) and broadcast, so nothing is materialised at element
+    resolution except the products themselves.
+    """
+    L = k_block_length(a, b)
+    fa, fb = a.fmt.frac_bits, b.fmt.frac_bits
+    width = accumulator_bits(a.fmt.man_bits, b.fmt.man_bits, L, max(a.shape[1], 1),
+                             guard_bits)
+    if width > 53:
+        raise ValueError(f"accumulator of {width} bits exceeds the exact float64 path")
+    lay_a, lay_b = a.layout, b.layout
+    Mp, Kp = lay_a.padded
+    Np = lay_b.padded[1]
+    nkb = Kp // L
+    bm, bn = lay_a.block[0], lay_b.block[1]
+    gm, gn = Mp // bm, Np // bn
+    lo = -(1 << 14)
+    ea = torch.from_numpy(np.where(a.invalid, lo, a.exponents.astype(np.int64)))  # (gm, nkb)
+    eb = torch.from_numpy(np.where(b.invalid, lo, b.exponents.astype(np.int64)))  # (nkb, gn)
+    ea_row = ea.max(dim=1).values                                               # (gm,)
+    eb_col = eb.max(dim=0).values                                               # (gn,)
+    e_ref = ea_row[:, None] + eb_col[None, :]                                   # (gm, gn)
+    e = ea.T[:, :, None] + eb[:, None, :]                                       # (nkb, gm, gn)
+    s = torch.clamp(e_ref[None] - e, max=62)
+    factor = torch.ldexp(torch.ones(s.shape, dtype=torch.float64), guard_bits - s)
+
+    # Block products in float32 when they are exact there (|P| <= L*mmax_a*mmax_b < 2**24,
+    # e.g. 8-bit mantissas and L <= 1040), else float64. Scaling by 2**(G-s) >= 2**-54
+    # and floor stay exact in float32; the sum over K-blocks is done in float64.
+    small = L * a.fmt.mmax * b.fmt.mmax < 2**24
+    dt = torch.float32 if small else torch.float64
+    am = torch.from_numpy(a.mantissas).to(dt).reshape(Mp, nkb, L).transpose(0, 1)
+    bmn = torch.from_numpy(b.mantissas).to(dt).reshape(nkb, L, Np)
+    p = torch.bmm(am, bmn).view(nkb, gm, bm, gn, bn)
+    exact = bool((s <= guard_bits).all())
+    p.mul_(factor.to(dt)[:, :, None, :, None])
+    if not exact:
+        p.floor_()
+    acc = p.sum(dim=0, dtype=torch.float64)                                     # (gm,bm,gn,bn)
+    scale_exp = (e_ref - guard_bits - fa - fb).to(torch.int32)
+    v = torch.ldexp(acc, scale_exp[:, None, :, None].to(torch.float64)).reshape(Mp, Np)
+    v = torch.where(v.abs() < 2.0**-126, torch.zeros((), dtype=torch.float64), v)
+    out = v.to(torch.float32)
+    if a.invalid.any() or b.invalid.any():
+        bad = (torch.from_numpy(np.repeat(a.invalid.any(axis=1), bm))[:, None]
+               | torch.from_numpy(np.repeat(b.invalid.any(axis=0), bn))[None, :])
+        out = torch.where(bad, torch.tensor(float("nan")), out)
+    return out[: a.shape[0], : b.shape[1]].numpy()
+
+
+# -- backends --------------------------------------------------------------------------
+
+class Backend:
+    """Where quantizations and BFP GEMMs run. Counts calls in :attr:`calls`."""
+
+    name = "backend"
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
+        self.calls["quantize"] += 1
+        return self._quantize(np.ascontiguousarray(x, dtype=np.float32), fmt)
+
+    def matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
+        self.calls["matmul"] += 1
+        return self._matmul(a, b)
+
+    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class EmulateBackend(Backend):
+    """The golden model in-process: :func:`~hbfp_hw.quantize.quantize` and
+    :func:`fast_bfp_matmul` (bit-identical to :func:`~hbfp_hw.gemm.bfp_matmul`)."""
+
+    name = "emulate"
+
+    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
+        return quantize(x, fmt)
+
+    def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
+        return fast_bfp_matmul(a, b)
+
+
+class DeviceBackend(Backend):
+    """Every quantization and GEMM through a :mod:`hbfp_hw.host` device.
+
+    Parameters
+    ----------
+    device : str or Device
+        A device URL for ``hbfp_hw.host.open`` (e.g. ``"emulate://"``) or an open
+        device object with ``quantize(x, fmt)`` and ``matmul_q(a_q, b_q)``.
+    """
+
+    def __init__(self, device: Any) -> None:
+        super().__init__()
+        if isinstance(device, str):
+            from hbfp_hw import host
+            opener = getattr(host, "open", None)
+            if opener is None:
+                raise ValueError(
+                    f"device URL {device!r} needs hbfp_hw.host.open (the host driver), which "
+                    "is not available in this installation; use backend='emulate'")
+            self.name = device
+            device = opener(device)
+        else:
+            self.name = type(device).__name__
+        self.device = device
+
+    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
+        return self.device.quantize(x, fmt)
+
+    def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
+        return np.asarray(self.device.matmul_q(a, b), dtype=np.float32)
+
+
+def get_backend(backend: Union[str, Backend, None]) -> Backend:
+    """``None``/``"emulate"`` -> :class:`EmulateBackend`; a URL -> :class:`DeviceBackend`."""
+    if backend is None or backend == "emulate":
+        return EmulateBackend()
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(backend, str):
+        if "://" not in backend:
+            raise ValueError(
+                f"backend={backend!r}; accepted values are 'emulate' or a device URL such "
+                "as 'emulate://'")
+        return DeviceBackend(backend)
+    raise TypeError(f"backend must be 'emulate', a device URL or a Backend, got {backend!r}")
+
+
+# -- format helpers --------------------------------------------------------------------
+
+def _norm_axes(fmt: BFPFormat) -> tuple[int, ...]:
+    return tuple(sorted(a % 2 for a in fmt.block_axes))
+
+
+def is_hyperblock(fmt: BFPFormat) -> bool:
+    """True for a 2-D tile format (blocks over both axes of a 2-D operand)."""
+    return len(fmt.block_axes) == 2 and _norm_axes(fmt) == (0, 1)
+
+
+def _tile(fmt: BFPFormat) -> tuple[int, int]:
+    d = dict(zip((a % 2 for a in fmt.block_axes), fmt.block_shape))
+    return d[0], d[1]
+
+
+def _along(fmt: BFPFormat, axis: int) -> BFPFormat:
+    """``fmt`` blocked along one axis of a 2-D operand (per-GEMM re-quantization)."""
+    return fmt.replace(block_axes=(axis,), block_shape=(fmt.block_size,))
+
+
+def _check_formats(w: Quantizer, a: Quantizer, g: Quantizer) -> str:
+    kinds = {isinstance(q, BFPFormat) for q in (w, a, g)}
+    for role, q in (("weight", w), ("act", a), ("grad", g)):
+        if not isinstance(q, (BFPFormat, UniformQuantizer)):
+            raise TypeError(f"{role} format must be a BFPFormat or UniformQuantizer, got {q!r}")
+    if kinds == {False}:
+        return "uniform"
+    if kinds != {True}:
+        raise ValueError("weight, activation and gradient formats must be all BFP or all "
+                         "uniform int quantizers")
+    hb = [is_hyperblock(q) for q in (w, a, g)]
+    if all(hb):
+        # X (b x i), W (o x i), dY (b x o): each GEMM's reduction axis must agree.
+        (xb, xi), (wo, wi), (gb, go) = _tile(a), _tile(w), _tile(g)
+        if not (xi == wi and wo == go and xb == gb):
+            raise ValueError(
+                f"HyperBlock tiles must agree along each GEMM's reduction axis: activation "
+                f"{(xb, xi)} (batch x in), weight {(wo, wi)} (out x in), gradient "
+                f"{(gb, go)} (batch x out)")
+        return "hyperblock"
+    if any(hb):
+        raise ValueError("mixing HyperBlock (2-D tile) and 1-D block formats in one layer "
+                         "is not supported")
+    sizes = {q.block_size for q in (w, a, g)}
+    if len(sizes) != 1:
+        raise ValueError(f"1-D block formats need one block length, got {sorted(sizes)}")
+    return "per_gemm"
+
+
+def _mix_seed(*parts: int) -> int:
+    return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes())
+
+
+# -- the autograd function -------------------------------------------------------------
+
+class _BFPGemm(torch.autograd.Function):
+    """``Y = X Wᵀ (+ b)`` with X (B, I), W (O, I); the layer carries formats/backend."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias, layer: "BFPLayerMixin"):
+        ctx.layer = layer
+        xn = x.detach().cpu().numpy()
+        wn = w.detach().cpu().numpy()
+        mode, be = layer._mode, layer.backend
+        if mode == "hyperblock":
+            xq = layer._quant(xn, layer.act_fmt, "act")
+            wq = layer._quant(wn, layer.weight_fmt, "weight")
+            y = be.matmul(xq, wq.T)
+            ctx.saved = (xq, wq)
+        elif mode == "per_gemm":
+            xq = layer._quant(xn, _along(layer.act_fmt, 1), "act")
+            wq = layer._quant(wn, _along(layer.weight_fmt, 1), "weight")
+            y = be.matmul(xq, wq.T)
+            ctx.saved = (xn, wn)
+        else:  # uniform: fake-quantized values, FP32 GEMM
+            xq = layer._uquant(xn, layer.act_fmt, "act")
+            wq = layer._uquant(wn, layer.weight_fmt, "weight")
+            y = xq @ wq.T
+            ctx.saved = (xq, wq)
+        ctx.has_bias = bias is not None
+        out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
+        if bias is not None:
+            out = out + bias.detach()
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        layer = ctx.layer
+        be = layer.backend
+        dyn = dy.detach().cpu().numpy()
+        gfmt = layer._grad_fmt_for_step()
+        if layer._mode == "hyperblock":
+            xq, wq = ctx.saved
+            gq = layer._quant(dyn, gfmt, "grad")
+            dx = be.matmul(gq, wq) if ctx.needs_input_grad[0] else None
+            dw = be.matmul(gq.T, xq) if ctx.needs_input_grad[1] else None
+        elif layer._mode == "per_gemm":
+            xn, wn = ctx.saved
+            dx = dw = None
+            if ctx.needs_input_grad[0]:
+                dx = be.matmul(layer._quant(dyn, _along(gfmt, 1), "grad"),
+                               layer._quant(wn, _along(layer.weight_fmt, 0), "weight"))
+            if ctx.needs_input_grad[1]:
+                dw = be.matmul(layer._quant(dyn, _along(gfmt, 0), "grad").T,
+                               layer._quant(xn, _along(layer.act_fmt, 0), "act"))
+        else:
+            xq, wq = ctx.saved
+            gq = layer._uquant(dyn, gfmt, "grad")
+            dx = gq @ wq if ctx.needs_input_grad[0] else None
+            dw = gq.T @ xq if ctx.needs_input_grad[1] else None
+        layer._step += 1
+        ctx.saved = None
+
+        def t(a):
+            return None if a is None else torch.from_numpy(
+                np.ascontiguousarray(a, dtype=np.float32)).to(dy.device)
+        db = dy.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return t(dx), t(dw), db, None
+
+
+# -- layers ----------------------------------------------------------------------------
+
+class BFPLayerMixin:
+    """Formats, backend and counters shared by :class:`BFPLinear` and :class:`BFPConv2d`."""
+
+    def _setup_bfp(self, *, fmt: Quantizer | None, weight_fmt: Quantizer | None,
+                   act_fmt: Quantizer | None, grad_fmt: Quantizer | None,
+                   backend: Union[str, Backend, None], grad_stochastic: bool, seed: int,
+                   shadow_fmt: BFPFormat | None, layer_id: int) -> None:
+        base = HBFP8 if fmt is None else fmt
+        self.weight_fmt = weight_fmt if weight_fmt is not None else base
+        self.act_fmt = act_fmt if act_fmt is not None else base
+        self.grad_fmt = grad_fmt if grad_fmt is not None else base
+        if isinstance(self.act_fmt, UniformQuantizer):
+            self.act_fmt = self.act_fmt.fresh()
+        if isinstance(self.grad_fmt, UniformQuantizer):
+            self.grad_fmt = self.grad_fmt.fresh()
+        if isinstance(self.weight_fmt, UniformQuantizer):
+            self.weight_fmt = self.weight_fmt.fresh()
+        self._mode = _check_formats(self.weight_fmt, self.act_fmt, self.grad_fmt)
+        if grad_stochastic and self._mode == "uniform":
+            raise ValueError("grad_stochastic needs a BFP gradient format")
+        if shadow_fmt is not None and not isinstance(shadow_fmt, BFPFormat):
+            raise TypeError(f"shadow_fmt must be a BFPFormat or None, got {shadow_fmt!r}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed={seed!r} is out of range; accepted range is [0, 2**32-1]")
+        self.backend = get_backend(backend)
+        self.grad_stochastic = bool(grad_stochastic)
+        self.seed = seed
+        self.layer_id = int(layer_id)
+        self.shadow_fmt = shadow_fmt
+        self._step = 0
+        #: quantizer calls per tensor role ("act", "weight", "grad") since construction
+        self.quant_calls: Counter[str] = Counter()
+
+    # quantizers ----------------------------------------------------------------------
+    def _quant(self, x: np.ndarray, fmt: BFPFormat, role: str) -> BFPTensor:
+        self.quant_calls[role] += 1
+        return self.backend.quantize(x, fmt)
+
+    def _uquant(self, x: np.ndarray, q: UniformQuantizer, role: str) -> np.ndarray:
+        self.quant_calls[role] += 1
+        return q(x, update=self.training or role == "grad")
+
+    def _grad_fmt_for_step(self) -> Quantizer:
+        g = self.grad_fmt
+        if self.grad_stochastic:
+            g = g.replace(rounding="stochastic",
+                          seed=_mix_seed(self.seed, self.layer_id, self._step))
+        return g
+
+    def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
+        w2d = self.weight.reshape(self.weight.shape[0], -1)
+        return _BFPGemm.apply(x2d, w2d, self.bias, self)
+
+    def extra_repr_bfp(self) -> str:
+        def nm(q):
+            return getattr(q, "name", "") or repr(q)
+        return (f"weight={nm(self.weight_fmt)}, act={nm(self.act_fmt)}, "
+                f"grad={nm(self.grad_fmt)}{' (SR)' if self.grad_stochastic else ''}, "
+                f"backend={self.backend.name}, mode={self._mode}")
+
+
+class BFPLinear(nn.Linear, BFPLayerMixin):
+    """:class:`torch.nn.Linear` whose forward, dX and dW GEMMs run in BFP.
+
+    Parameters
+    ----------
+    in_features, out_features, bias
+        As :class:`torch.nn.Linear`.
+    fmt
+        Default format for weights, activations and gradients (default HBFP8).
+    weight_fmt, act_fmt, grad_fmt
+        Per-role formats (BFP formats or :class:`~hbfp_hw.host.ranges.UniformQuantizer`).
+    backend
+        ``"emulate"`` (default), a device URL, or a :class:`Backend` (shared by layers).
+    grad_stochastic
+        Round gradients stochastically, with a seed that changes every step.
+    seed
+        Base seed of the stochastic rounding.
+    shadow_fmt
+        Wide BFP format the stored weights are rounded to by :func:`round_weights`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 fmt: Quantizer | None = None, weight_fmt: Quantizer | None = None,
+                 act_fmt: Quantizer | None = None, grad_fmt: Quantizer | None = None,
+                 backend: Union[str, Backend, None] = "emulate", grad_stochastic: bool = False,
+                 seed: int = 0, shadow_fmt: BFPFormat | None = None, layer_id: int = 0,
+                 device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_bfp(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
+                        backend=backend, grad_stochastic=grad_stochastic, seed=seed,
+                        shadow_fmt=shadow_fmt, layer_id=layer_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._gemm(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + ", " + self.extra_repr_bfp()
+
+
+class BFPConv2d(nn.Conv2d, BFPLayerMixin):
+    """:class:`torch.nn.Conv2d` as im2col + BFP GEMM (``groups=1``, zero padding).
+
+    ``X`` is the unfolded input, ``(batch·out_positions) × (in·kh·kw)``; ``W`` is the
+    weight viewed as ``out × (in·kh·kw)``. The col2im of ``dX`` is an FP32 sum.
+    Format arguments as :class:`BFPLinear`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding=0, dilation=1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, fmt: Quantizer | None = None,
+                 weight_fmt: Quantizer | None = None, act_fmt: Quantizer | None = None,
+                 grad_fmt: Quantizer | None = None,
+                 backend: Union[str, Backend, None] = "emulate", grad_stochastic: bool = False,
+                 seed: int = 0, shadow_fmt: BFPFormat | None = None, layer_id: int = 0,
+                 device=None, dtype=None) -> None:
+        if groups != 1:
+            raise ValueError(f"groups={groups}; BFPConv2d supports groups=1 only")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode={padding_mode!r}; BFPConv2d supports 'zeros' only")
+        if isinstance(padding, str):
+            raise ValueError(f"padding={padding!r}; BFPConv2d needs explicit integer padding")
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding,
+                           dilation, groups, bias, padding_mode, device=device, dtype=dtype)
+        self._setup_bfp(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
+                        backend=backend, grad_stochastic=grad_stochastic, seed=seed,
+                        shadow_fmt=shadow_fmt, layer_id=layer_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)                                # (N, C*kh*kw, L)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        x2d = cols.transpose(1, 2).reshape(n * ho * wo, -1)
+        y = self._gemm(x2d)                                                 # (N*L, O)
+        return y.reshape(n, ho * wo, self.out_channels).transpose(1, 2).reshape(
+            n, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return nn.Conv2d.extra_repr(self) + ", " + self.extra_repr_bfp()
+
+
+# -- model conversion ------------------------------------------------------------------
+
+def bfp_layers(model: nn.Module) -> list[BFPLayerMixin]:
+    """The BFP layers of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, BFPLayerMixin)]
+
+
+def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
+            weight_fmt: Quantizer | None = None, act_fmt: Quantizer | None = None,
+            grad_fmt: Quantizer | None = None, backend: Union[str, Backend, None] = "emulate",
+            grad_stochastic: bool = False, seed: int = 0,
+            shadow_fmt: BFPFormat | None = None) -> nn.Module:
+    """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
+    (in place) with its BFP counterpart, keeping the parameters.
+
+    All converted layers share one backend instance (so its :attr:`Backend.calls`
+    counts the whole model). Returns ``model``.
+    """
+    be = get_backend(backend)
+    counter = [0]
+
+    def kw():
+        counter[0] += 1
+        return dict(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
+                    backend=be, grad_stochastic=grad_stochastic, seed=seed,
+                    shadow_fmt=shadow_fmt, layer_id=counter[0])
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, BFPLayerMixin):
+                continue
+            if type(child) is nn.Linear:
+                new = BFPLinear(child.in_features, child.out_features, child.bias is not None,
+                                **kw())
+            elif type(child) is nn.Conv2d:
+                new = BFPConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                child.stride, child.padding, child.dilation, child.groups,
+                                child.bias is not None, child.padding_mode, **kw())
+            else:
+                swap(child)
+                continue
+            new.weight = child.weight
+            new.bias = child.bias
+            new.train(child.training)
+            setattr(parent, name, new)
+
+    swap(model)
+    return model
+
+
+@torch.no_grad()
+def round_weights(model: nn.Module) -> None:
+    """Round the stored weights of every BFP layer with a ``shadow_fmt`` to that format
+    (HBFP's wide weight copy); call after each ``optimizer.step()``."""
+    for layer in bfp_layers(model):
+        if layer.shadow_fmt is None:
+            continue
+        w = layer.weight
+        w2d = w.detach().cpu().numpy().reshape(w.shape[0], -1)
+        q = quantize(w2d, layer.shadow_fmt).dequantize()
+        w.copy_(torch.from_numpy(q.reshape(w.shape)))

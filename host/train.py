@@ -1,0 +1,299 @@
+"""``hbfp-hw train``: low-precision training of small models on scikit-learn's digits.
+
+Trains an MLP and a small CNN on the bundled 8x8 digits dataset (1797 images, no
+download; fixed stratified 80/20 split) in several number formats, for several seeds,
+then prints the final test accuracy per format (mean, min-max spread) and writes a PNG
+of the learning curves. The formats:
+
+========== =============================================================================
+fp32       PyTorch's own layers
+hbfp8      HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic rounding of G
+hb4        HyperBlock 16x16 tiles, 4-bit mantissas for W/A/G, stochastic rounding of G
+mxint8     OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
+int8-hs    per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
+int8-dyn   per-tensor asymmetric int8, dynamic (current batch) A/G ranges
+========== =============================================================================
+
+Bias, ReLU, pooling, softmax/cross-entropy and the SGD optimizer stay FP32 (FP32 master
+weights). See ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digits_split",
+           "make_model", "format_kwargs", "train_one", "run_grid", "summarise",
+           "format_table", "plot_curves", "register_cli"]
+
+FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "mxint8", "int8-hs", "int8-dyn")
+MODEL_NAMES = ("mlp", "cnn")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (the same for every format)."""
+
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backend: str = "emulate"
+
+
+@dataclass
+class RunResult:
+    model: str
+    fmt: str
+    seed: int
+    test_acc: list = field(default_factory=list)    # per epoch, percent
+    train_loss: list = field(default_factory=list)  # per epoch, mean
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        return self.test_acc[-1]
+
+
+def load_digits_split(split_seed: int = 0):
+    """Digits as float32 in [0, 1], shape (N, 1, 8, 8); fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y,
+                                          random_state=split_seed)
+    return xtr, ytr, xte, yte
+
+
+def make_model(name: str):
+    """The small models (FP32 PyTorch layers; :func:`convert` swaps them)."""
+    from torch import nn
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(),
+                             nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    raise ValueError(f"unknown model {name!r}; accepted names are {', '.join(MODEL_NAMES)}")
+
+
+def format_kwargs(name: str) -> dict | None:
+    """Keyword arguments of :func:`hbfp_hw.host.torch.convert` for a format name
+    (``None`` for fp32)."""
+    from hbfp_hw.formats import HBFP4, HBFP8, MXINT8
+
+    from .ranges import UniformQuantizer
+    if name == "fp32":
+        return None
+    if name == "hbfp8":
+        return dict(fmt=HBFP8, grad_stochastic=True)
+    if name == "hb4":
+        return dict(fmt=HBFP4, grad_stochastic=True)
+    if name == "mxint8":
+        return dict(fmt=MXINT8)
+    if name in ("int8-hs", "int8-dyn"):
+        method = "hindsight" if name == "int8-hs" else "dynamic"
+        q = UniformQuantizer(method, 8, name=name)
+        return dict(fmt=None, weight_fmt=UniformQuantizer("dynamic", 8, name="w-int8"),
+                    act_fmt=q, grad_fmt=q)
+    raise ValueError(f"unknown format {name!r}; accepted names are {', '.join(FORMAT_NAMES)}")
+
+
+def _evaluate(model, x, y, batch: int = 512) -> float:
+    import torch
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(torch.from_numpy(x[i:i + batch]))
+            correct += int((out.argmax(1).numpy() == y[i:i + batch]).sum())
+    model.train()
+    return 100.0 * correct / len(x)
+
+
+def train_one(model_name: str, fmt_name: str, seed: int, cfg: TrainConfig, data=None,
+              progress: bool = True) -> RunResult:
+    """Train one model in one format from one seed; returns the learning curve."""
+    import torch
+    from torch import nn
+
+    from .torch import convert
+    xtr, ytr, xte, yte = data if data is not None else load_digits_split()
+    torch.manual_seed(seed)
+    model = make_model(model_name)
+    kw = format_kwargs(fmt_name)
+    if kw is not None:
+        convert(model, backend=cfg.backend, seed=seed, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(seed)
+    res = RunResult(model_name, fmt_name, seed)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.epochs, desc=f"{model_name:>3} {fmt_name:<8} seed {seed}",
+                   unit="ep", leave=False)
+    for _ in range(cfg.epochs):
+        perm = rng.permutation(len(xtr))
+        losses = []
+        # drop the last partial batch: every step has the same shape
+        for i in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb, yb = torch.from_numpy(xtr[idx]), torch.from_numpy(ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        sched.step()
+        res.train_loss.append(float(np.mean(losses)))
+        res.test_acc.append(_evaluate(model, xte, yte))
+        if bar is not None:
+            bar.set_postfix(loss=f"{res.train_loss[-1]:.3f}", acc=f"{res.test_acc[-1]:.1f}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run_grid(models, formats, seeds, cfg: TrainConfig, progress: bool = True):
+    """All (model, format, seed) runs; seeds are ``0 .. seeds-1``."""
+    data = load_digits_split()
+    out = []
+    for m in models:
+        for f in formats:
+            for s in range(seeds):
+                r = train_one(m, f, s, cfg, data, progress)
+                if progress:
+                    from tqdm import tqdm
+                    tqdm.write(f"{m:>3} {f:<8} seed {s}: test acc {r.final:6.2f}%  "
+                               f"({r.seconds:.1f} s)")
+                out.append(r)
+    return out
+
+
+def summarise(results) -> dict:
+    """``{(model, fmt): (mean, min, max, n)}`` of final test accuracy."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.model, r.fmt), []).append(r.final)
+    return {k: (float(np.mean(v)), float(np.min(v)), float(np.max(v)), len(v))
+            for k, v in groups.items()}
+
+
+_TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
+
+
+def format_table(results) -> str:
+    """Markdown table: final test accuracy per model and format, with spread and the
+    gap to the target's reference format."""
+    summ = summarise(results)
+    lines = ["| model | format | test acc % (mean) | min | max | seeds | vs ref | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (m, f), (mean, lo, hi, n) in summ.items():
+        gap, tgt = "", ""
+        if f in _TARGETS and (m, _TARGETS[f][0]) in summ:
+            ref, tol = _TARGETS[f]
+            d = mean - summ[(m, ref)][0]
+            gap = f"{d:+.2f} vs {ref}"
+            tgt = f"within {tol} pt: {'met' if d >= -tol else 'MISSED'}"
+        lines.append(f"| {m} | {f} | {mean:.2f} | {lo:.2f} | {hi:.2f} | {n} | {gap} | {tgt} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results, path: str) -> None:
+    """Test accuracy per epoch (mean over seeds, min-max band), one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r.model for r in results}, key=MODEL_NAMES.index)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        fmts = [f for f in FORMAT_NAMES if any(r.model == m and r.fmt == f for r in results)]
+        for f in fmts:
+            curves = np.array([r.test_acc for r in results if r.model == m and r.fmt == f])
+            ep = np.arange(1, curves.shape[1] + 1)
+            line, = ax.plot(ep, curves.mean(0), label=f)
+            ax.fill_between(ep, curves.min(0), curves.max(0), alpha=0.15,
+                            color=line.get_color())
+        ax.set_title(f"{m}: digits test accuracy")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(80, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run(args) -> int:
+    import torch
+    torch.set_num_threads(max(1, args.threads))
+    models = MODEL_NAMES if args.model == "all" else (args.model,)
+    formats = tuple(args.formats.split(",")) if args.formats else FORMAT_NAMES
+    for f in formats:
+        if f not in FORMAT_NAMES:
+            raise ValueError(f"unknown format {f!r}; accepted names are {', '.join(FORMAT_NAMES)}")
+    cfg = TrainConfig(backend=args.backend)
+    if args.quick:
+        cfg.epochs = 4
+        seeds = args.seeds if args.seeds is not None else 1
+        if not args.formats:
+            formats = ("fp32", "hbfp8", "hb4", "int8-hs")
+        if args.model == "all":
+            models = ("mlp",)
+    else:
+        seeds = args.seeds if args.seeds is not None else 3
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ValueError(f"--epochs={args.epochs}; accepted range is >= 1")
+        cfg.epochs = args.epochs
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds}; accepted range is >= 1")
+    t0 = time.perf_counter()
+    results = run_grid(models, formats, seeds, cfg, progress=not args.no_progress)
+    print()
+    print(f"final test accuracy on digits (360 test images), {cfg.epochs} epochs, "
+          f"backend {cfg.backend}, seeds 0..{seeds - 1}:")
+    print(format_table(results))
+    if args.plot:
+        plot_curves(results, args.plot)
+        print(f"learning curves: {args.plot}")
+    print(f"total time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def register_cli(subparsers, generate_subparsers) -> None:
+    """Add ``hbfp-hw train``."""
+    p = subparsers.add_parser(
+        "train", help="train small models on digits in BFP / int8 formats",
+        description="Train an MLP and a CNN on scikit-learn's digits in FP32, HBFP8, "
+                    "HyperBlock 4-bit, MXINT8 and int8 (in-hindsight / dynamic ranges); "
+                    "print the accuracy table and plot the learning curves.")
+    p.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="all")
+    p.add_argument("--formats", default="",
+                   help=f"comma-separated subset of {','.join(FORMAT_NAMES)} (default all)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 15)")
+    p.add_argument("--quick", action="store_true",
+                   help="short run for the demo: MLP, 4 epochs, 1 seed, 4 formats")
+    p.add_argument("--plot", default="train_curves.png", help="PNG path ('' for none)")
+    p.add_argument("--backend", default="emulate",
+                   help="'emulate' (golden model) or a hbfp_hw.host device URL")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
