@@ -1,0 +1,87 @@
+"""Fixed-point accumulator -> IEEE-754 binary32, exactly as :func:`hbfp_hw.bfp_matmul`.
+
+``v = acc * 2**scale``; ``|v| < 2**-126`` (including ``acc == 0``) gives ``+0.0``;
+otherwise the magnitude is rounded to a 24-bit significand, nearest-even, and becomes
+``+-Inf`` if it reaches ``2**128``; ``nan`` gives the quiet NaN ``0x7FC00000``.
+Three pipeline stages (no stall: the caller reserves output space before issuing).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["Fp32Convert", "FP32_NAN"]
+
+FP32_NAN = 0x7FC00000
+SCALE_BITS = 16
+
+
+class Fp32Convert(wiring.Component):
+    """Pipelined ``acc * 2**scale -> float32`` (latency :attr:`LATENCY`).
+
+    Parameters
+    ----------
+    acc_bits : int
+        Signed width of ``acc`` (2..64).
+    """
+
+    LATENCY = 3
+
+    def __init__(self, *, acc_bits: int):
+        if not isinstance(acc_bits, int) or not 2 <= acc_bits <= 64:
+            raise ValueError(f"acc_bits={acc_bits!r} is out of range; accepted range is [2, 64]")
+        self.acc_bits = acc_bits
+        super().__init__({
+            "i_valid": In(1), "acc": In(signed(acc_bits)), "scale": In(signed(SCALE_BITS)),
+            "nan": In(1),
+            "o_valid": Out(1), "bits": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        W = self.acc_bits
+        # stage 1: sign / magnitude
+        v1, s1, mag1 = Signal(), Signal(), Signal(W)
+        sc1, nan1 = Signal(signed(SCALE_BITS)), Signal()
+        m.d.sync += [v1.eq(self.i_valid), s1.eq(self.acc[-1]),
+                     mag1.eq(Mux(self.acc[-1], -self.acc, self.acc)[:W]),
+                     sc1.eq(self.scale), nan1.eq(self.nan)]
+        # stage 2: leading one, normalise so the leading one is bit W-1
+        pos = Signal(range(W))
+        lz = Signal(range(W))          # W - 1 - pos
+        for i in range(W):
+            with m.If(mag1[i]):
+                m.d.comb += [pos.eq(i), lz.eq(W - 1 - i)]
+        v2, s2, nan2, zero2 = Signal(), Signal(), Signal(), Signal()
+        norm2 = Signal(W)
+        e2 = Signal(signed(SCALE_BITS + 1))
+        m.d.sync += [v2.eq(v1), s2.eq(s1), nan2.eq(nan1), zero2.eq(mag1 == 0),
+                     norm2.eq((mag1 << lz)[:W]), e2.eq(sc1 + pos)]
+        # stage 3: round to 24 bits (RNE), flush / overflow, pack
+        wn = max(W, 26)
+        n = Signal(wn)
+        m.d.comb += n.eq(norm2 << (wn - W))
+        sig = n[wn - 24:]
+        guard = n[wn - 25]
+        sticky = n[:wn - 25].any()
+        up = guard & (sticky | sig[0])
+        sig_r = Signal(25)
+        m.d.comb += sig_r.eq(sig + up)
+        e_r = Signal(signed(SCALE_BITS + 2))
+        m.d.comb += e_r.eq(e2 + sig_r[24])
+        frac = Mux(sig_r[24], 0, sig_r[:23])
+        flush = zero2 | (e2 < -126)
+        inf = e_r >= 128
+        bits = Signal(32)
+        with m.If(nan2):
+            m.d.comb += bits.eq(FP32_NAN)
+        with m.Elif(flush):
+            m.d.comb += bits.eq(0)
+        with m.Elif(inf):
+            m.d.comb += bits.eq(Cat(Const(0, 23), Const(0xFF, 8), s2))
+        with m.Else():
+            m.d.comb += bits.eq(Cat(frac, (e_r + 127)[:8], s2))
+        m.d.sync += [self.o_valid.eq(v2), self.bits.eq(bits)]
+        return m

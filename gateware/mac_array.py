@@ -1,0 +1,455 @@
+"""The BFP MAC array: ``rows x cols`` PEs, ``lanes`` MACs each per cycle.
+
+Computes ``C = A @ B`` for HyperBlock operands (one exponent per ``tile x tile`` tile)
+bit-exactly as :func:`hbfp_hw.bfp_matmul`. See ``docs/mac_array.md``.
+
+Streams
+-------
+``a``, ``b`` (in): operand beats, payload :func:`operand_layout`::
+
+    data[tile]   one stored row of a tile (signed mantissas)
+    exp          biased exponent code (all ones: invalid block)
+    transpose    the stored tile is the transpose of the operand tile
+    header       1: exponent header beat (``data`` ignored)
+    last         row beat of the job's final K tile (all its rows)
+
+A *job* computes one ``tile x tile`` output tile ``(it, jt)``. Per job each operand
+stream carries first one header beat per K tile (the exponents of A's row strip /
+B's column strip, so ``e_ref = rowmax + colmax`` is known before any product), then
+``tile`` row beats per K tile, K tiles in order, ``last`` on the rows of the final
+K tile.
+
+``o`` (out): payload :func:`output_layout` (``data[cols]`` FP32 bit patterns, ``last``):
+for each output window ``(rg, cg)`` (``rg`` major) and each row ``r`` of the window,
+one beat with ``C[it*T + rg*rows + r, jt*T + cg*cols + c]`` for ``c < cols``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from amaranth.back import verilog
+from amaranth.hdl import Const, Module, Mux, Signal, signed
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config.mac_array import MULTIPLIER_MAPPINGS, MacArrayConfig
+from ..manifest import write_manifest
+from ..quantize import BFPTensor
+from .fp32_convert import SCALE_BITS, Fp32Convert
+from .pe import LATENCY as PE_LATENCY
+from .pe import PE, ctrl_layout, pack_operand
+from .tile_buffer import TileBuffer
+
+__all__ = ["MacArray", "operand_layout", "output_layout", "gemm_beats", "assemble_output",
+           "generate", "register_cli", "pack_struct", "unpack_struct"]
+
+EXP_SUM_BITS = 13
+
+
+def operand_layout(cfg: MacArrayConfig, man_bits: int) -> data.StructLayout:
+    return data.StructLayout({
+        "data": data.ArrayLayout(signed(man_bits), cfg.tile),
+        "exp": cfg.exp_bits, "transpose": 1, "header": 1, "last": 1,
+    })
+
+
+def output_layout(cfg: MacArrayConfig) -> data.StructLayout:
+    return data.StructLayout({"data": data.ArrayLayout(32, cfg.cols), "last": 1})
+
+
+def _meta_layout(cfg: MacArrayConfig) -> data.StructLayout:
+    return data.StructLayout({"exp": cfg.exp_bits, "emax": signed(cfg.exp_bits + 1),
+                              "inv": 1, "first": 1, "last": 1})
+
+
+class _OperandFrontEnd(wiring.Component):
+    """Consumes header beats (running max of valid exponents, invalid flag) and
+    forwards row beats to a tile buffer with the job's header in ``meta``."""
+
+    def __init__(self, cfg: MacArrayConfig, man_bits: int):
+        self.cfg = cfg
+        from .tile_buffer import row_layout
+        super().__init__({
+            "i": In(stream.Signature(operand_layout(cfg, man_bits))),
+            "o": Out(stream.Signature(row_layout(cfg.tile, man_bits, _meta_layout(cfg)))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        lo = -(2 ** cfg.exp_bits)
+        emax = Signal(signed(cfg.exp_bits + 1), init=lo)
+        inv = Signal()
+        after_hdr = Signal()
+        p = self.i.payload
+        e = Signal(signed(cfg.exp_bits + 1))
+        m.d.comb += e.eq(p.exp - cfg.exp_bias)
+        with m.If(p.header):
+            m.d.comb += self.i.ready.eq(1)
+            with m.If(self.i.valid):
+                base_max = Mux(after_hdr, emax, lo)
+                base_inv = Mux(after_hdr, inv, 0)
+                is_inv = p.exp == cfg.exp_invalid_code
+                m.d.sync += [emax.eq(Mux(~is_inv & (e > base_max), e, base_max)),
+                             inv.eq(base_inv | is_inv), after_hdr.eq(1)]
+        with m.Else():
+            m.d.comb += [self.o.valid.eq(self.i.valid), self.i.ready.eq(self.o.ready),
+                         self.o.payload.data.eq(p.data),
+                         self.o.payload.transpose.eq(p.transpose),
+                         self.o.payload.meta.exp.eq(p.exp),
+                         self.o.payload.meta.emax.eq(emax),
+                         self.o.payload.meta.inv.eq(inv),
+                         self.o.payload.meta.first.eq(after_hdr),
+                         self.o.payload.meta.last.eq(p.last)]
+            with m.If(self.i.valid & self.o.ready):
+                m.d.sync += after_hdr.eq(0)
+        return m
+
+
+class MacArray(wiring.Component):
+    """The MAC array with its two tile buffers, controller and FP32 output stage.
+
+    Peak throughput ``rows * cols * lanes`` MACs per cycle.
+    """
+
+    def __init__(self, cfg: MacArrayConfig):
+        if not isinstance(cfg, MacArrayConfig):
+            raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        super().__init__({
+            "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a))),
+            "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b))),
+            "o": Out(stream.Signature(output_layout(cfg))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        T, R, C, L = cfg.tile, cfg.rows, cfg.cols, cfg.lanes
+        meta = _meta_layout(cfg)
+        m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a)
+        m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b)
+        m.submodules.buf_a = buf_a = TileBuffer(tile=T, lanes=L, nvec=R, width=cfg.man_bits_a,
+                                                meta_layout=meta, col_major=False)
+        m.submodules.buf_b = buf_b = TileBuffer(tile=T, lanes=L, nvec=C, width=cfg.man_bits_b,
+                                                meta_layout=meta, col_major=True)
+        wiring.connect(m, wiring.flipped(self.a), fe_a.i)
+        wiring.connect(m, wiring.flipped(self.b), fe_b.i)
+        wiring.connect(m, fe_a.o, buf_a.i)
+        wiring.connect(m, fe_b.o, buf_b.i)
+
+        # ---- issue controller ------------------------------------------------
+        cl = ctrl_layout(cfg)
+        nwc = T // C
+        win = Signal(range(cfg.windows))
+        ks = Signal(range(cfg.k_steps))
+        busy_drain = Signal()            # waiting for / draining the accumulators
+        issue = Signal(cl)
+        ea_i, eb_i = Signal(cfg.exp_bits), Signal(cfg.exp_bits)
+        esum_i, inv_i, first_i = Signal(signed(EXP_SUM_BITS)), Signal(), Signal()
+        go = ~busy_drain & buf_a.rd_valid & buf_b.rd_valid
+        m.d.comb += [buf_a.rd_pos.eq(win // nwc), buf_b.rd_pos.eq(win % nwc),
+                     buf_a.rd_k.eq(ks), buf_b.rd_k.eq(ks),
+                     issue.valid.eq(go), issue.first_k.eq(ks == 0),
+                     issue.last_k.eq(ks == cfg.k_steps - 1), issue.win.eq(win),
+                     issue.first_tile.eq(buf_a.rd_meta.first),
+                     ea_i.eq(buf_a.rd_meta.exp), eb_i.eq(buf_b.rd_meta.exp),
+                     esum_i.eq(buf_a.rd_meta.emax + buf_b.rd_meta.emax),
+                     inv_i.eq(buf_a.rd_meta.inv | buf_b.rd_meta.inv),
+                     first_i.eq(buf_a.rd_meta.first)]
+        tile_done = go & (ks == cfg.k_steps - 1) & (win == cfg.windows - 1)
+        start_drain = Signal()
+        with m.If(go):
+            with m.If(ks == cfg.k_steps - 1):
+                m.d.sync += ks.eq(0)
+                with m.If(win == cfg.windows - 1):
+                    m.d.sync += win.eq(0)
+                with m.Else():
+                    m.d.sync += win.eq(win + 1)
+            with m.Else():
+                m.d.sync += ks.eq(ks + 1)
+        m.d.comb += [buf_a.release.eq(tile_done), buf_b.release.eq(tile_done),
+                     start_drain.eq(tile_done & buf_a.rd_meta.last)]
+
+        # ---- stage d1: aligned with the registered tile-buffer read ---------------
+        c1 = Signal(cl)
+        ea1, eb1 = Signal(cfg.exp_bits), Signal(cfg.exp_bits)
+        esum1, inv1, first1 = Signal(signed(EXP_SUM_BITS)), Signal(), Signal()
+        m.d.sync += [c1.eq(issue), ea1.eq(ea_i), eb1.eq(eb_i), esum1.eq(esum_i),
+                     inv1.eq(inv_i), first1.eq(first_i)]
+        job_eref = Signal(signed(EXP_SUM_BITS))
+        job_nan = Signal()
+        with m.If(c1.valid & first1):
+            m.d.sync += [job_eref.eq(esum1), job_nan.eq(inv1)]
+        eref = Mux(first1, esum1, job_eref)
+        tile_inv = (ea1 == cfg.exp_invalid_code) | (eb1 == cfg.exp_invalid_code)
+        diff = Signal(signed(EXP_SUM_BITS + 1))
+        m.d.comb += diff.eq(eref - (ea1 - cfg.exp_bias) - (eb1 - cfg.exp_bias))
+        shift = Signal(cfg.shift_bits)
+        m.d.comb += shift.eq(Mux(tile_inv | (diff >= cfg.shift_max), cfg.shift_max,
+                                 Mux(diff < 0, 0, diff)))
+        ctrl_pe = Signal(cl)
+        m.d.comb += [ctrl_pe.eq(c1), ctrl_pe.shift.eq(shift)]
+
+        # ---- PE array ----------------------------------------------------------
+        n = cfg.pack
+        groups = [(g0, min(n, C - g0)) for g0 in range(0, C, n)]
+        rd_win = Signal(range(cfg.windows))
+        accs = [[None] * C for _ in range(R)]
+        packed = {}
+        for g0, gn in groups:
+            for lane in range(L):
+                packed[g0, lane] = pack_operand(
+                    m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
+        for r in range(R):
+            for g0, gn in groups:
+                pe = PE(cfg, n=gn)
+                m.submodules[f"pe_{r}_{g0}"] = pe
+                m.d.comb += [pe.ctrl.eq(ctrl_pe), pe.rd_win.eq(rd_win)]
+                for lane in range(L):
+                    m.d.comb += [pe.a[lane].eq(buf_a.rd_data[r][lane]),
+                                 pe.b[lane].eq(packed[g0, lane])]
+                for j in range(gn):
+                    accs[r][g0 + j] = pe.acc[j]
+
+        # ---- drain: accumulators -> FP32 -> output FIFO ------------------------------
+        wait_cycles = PE_LATENCY + 2
+        wait = Signal(range(wait_cycles + 1))
+        d_active = Signal()
+        d_win = Signal(range(cfg.windows))
+        d_row = Signal(range(R))
+        olay = output_layout(cfg)
+        depth = Fp32Convert.LATENCY + 4
+        m.submodules.ofifo = ofifo = fifo.SyncFIFOBuffered(width=olay.size, depth=depth)
+        inflight = Signal(range(depth + 1))
+        can_issue = (ofifo.level + inflight) < depth - 1
+        d_issue = Signal()
+        d_last = Signal()
+        m.d.comb += rd_win.eq(d_win)
+        with m.If(start_drain):
+            m.d.sync += [busy_drain.eq(1), wait.eq(wait_cycles)]
+        with m.If(busy_drain & ~d_active):
+            with m.If(wait == 0):
+                m.d.sync += [d_active.eq(1), d_win.eq(0), d_row.eq(0)]
+            with m.Else():
+                m.d.sync += wait.eq(wait - 1)
+        with m.If(d_active & can_issue):
+            m.d.comb += [d_issue.eq(1),
+                         d_last.eq((d_win == cfg.windows - 1) & (d_row == R - 1))]
+            with m.If(d_row == R - 1):
+                m.d.sync += d_row.eq(0)
+                with m.If(d_win == cfg.windows - 1):
+                    m.d.sync += [d_active.eq(0), busy_drain.eq(0)]
+                with m.Else():
+                    m.d.sync += d_win.eq(d_win + 1)
+            with m.Else():
+                m.d.sync += d_row.eq(d_row + 1)
+        # row select register, then converters
+        sel = [Signal(signed(cfg.acc_bits), name=f"sel{c}") for c in range(C)]
+        s_valid, s_last = Signal(), Signal()
+        for c in range(C):
+            with m.Switch(d_row):
+                for r in range(R):
+                    with m.Case(r):
+                        m.d.sync += sel[c].eq(accs[r][c])
+        m.d.sync += [s_valid.eq(d_issue), s_last.eq(d_last)]
+        scale = Signal(signed(SCALE_BITS))
+        m.d.comb += scale.eq(job_eref - cfg.guard_bits - cfg.frac_a - cfg.frac_b)
+        last_pipe = [Signal(name=f"last_p{i}") for i in range(Fp32Convert.LATENCY)]
+        m.d.sync += [last_pipe[0].eq(s_last)] + [last_pipe[i].eq(last_pipe[i - 1])
+                                                 for i in range(1, len(last_pipe))]
+        out_bits = []
+        conv_valid = None
+        for c in range(C):
+            cv = Fp32Convert(acc_bits=cfg.acc_bits)
+            m.submodules[f"fp32_{c}"] = cv
+            m.d.comb += [cv.i_valid.eq(s_valid), cv.acc.eq(sel[c]), cv.scale.eq(scale),
+                         cv.nan.eq(job_nan)]
+            out_bits.append(cv.bits)
+            conv_valid = cv.o_valid
+        word = Signal(olay)
+        for c in range(C):
+            m.d.comb += word.data[c].eq(out_bits[c])
+        m.d.comb += [word.last.eq(last_pipe[-1]),
+                     ofifo.w_data.eq(word.as_value()), ofifo.w_en.eq(conv_valid)]
+        m.d.sync += inflight.eq(inflight + d_issue - conv_valid)
+        m.d.comb += [self.o.valid.eq(ofifo.r_rdy), self.o.payload.eq(ofifo.r_data),
+                     ofifo.r_en.eq(self.o.ready)]
+        return m
+
+
+# ---- host side: beats and reassembly ------------------------------------------------
+
+def pack_struct(layout: data.StructLayout, **fields) -> int:
+    """Pack named field values (ints, or lists for array fields) into an integer."""
+    v = 0
+    for name, fld in layout:
+        val = fields.get(name, 0)
+        shape = fld.shape
+        if isinstance(shape, data.ArrayLayout) and not isinstance(val, int):
+            ew = shape.size // shape.length
+            word = 0
+            for i, x in enumerate(val):
+                word |= (int(x) & ((1 << ew) - 1)) << (i * ew)
+            val = word
+        v |= (int(val) & ((1 << fld.width) - 1)) << fld.offset
+    return v
+
+
+def unpack_struct(layout: data.StructLayout, value: int) -> dict:
+    out = {}
+    for name, fld in layout:
+        raw = (value >> fld.offset) & ((1 << fld.width) - 1)
+        if isinstance(fld.shape, data.ArrayLayout):
+            ew = fld.shape.size // fld.shape.length
+            raw = [(raw >> (i * ew)) & ((1 << ew) - 1) for i in range(fld.shape.length)]
+        out[name] = raw
+    return out
+
+
+def _tile(t: BFPTensor, T: int, i: int, j: int) -> tuple[np.ndarray, int]:
+    return (t.mantissas[i * T:(i + 1) * T, j * T:(j + 1) * T].astype(np.int64),
+            int(t.exponent_codes()[i, j]))
+
+
+def _check_operand(cfg: MacArrayConfig, t: BFPTensor, man_bits: int, name: str) -> None:
+    if t.ndim != 2 or tuple(t.layout.block) != (cfg.tile, cfg.tile):
+        raise ValueError(f"{name} must be a 2-D tensor with {cfg.tile}x{cfg.tile} blocks, got "
+                         f"shape {t.shape} blocks {t.layout.block}")
+    if t.fmt.man_bits != man_bits or t.fmt.exp_bits != cfg.exp_bits:
+        raise ValueError(f"{name} has man_bits={t.fmt.man_bits}, exp_bits={t.fmt.exp_bits}; "
+                         f"the array needs {man_bits}, {cfg.exp_bits}")
+
+
+def gemm_beats(cfg: MacArrayConfig, sa: BFPTensor, ta: bool, sb: BFPTensor, tb: bool):
+    """Operand beats for ``A @ B`` with ``A = sa.T if ta else sa``, ``B = sb.T if tb else sb``.
+
+    ``sa``/``sb`` are the tensors as stored (quantized once); the tiles stream as stored
+    and the array reads them in the orientation the GEMM needs.
+
+    Returns ``(a_beats, b_beats, jobs, (M, N))``: lists of dicts of payload fields, and
+    the output-tile order ``[(it, jt), ...]``.
+    """
+    _check_operand(cfg, sa, cfg.man_bits_a, "a")
+    _check_operand(cfg, sb, cfg.man_bits_b, "b")
+    T = cfg.tile
+    ga = sa.layout.grid[::-1] if ta else sa.layout.grid     # (mt, nk) of A
+    gb = sb.layout.grid[::-1] if tb else sb.layout.grid     # (nk, nt) of B
+    M = sa.shape[1] if ta else sa.shape[0]
+    Ka = sa.shape[0] if ta else sa.shape[1]
+    Kb = sb.shape[1] if tb else sb.shape[0]
+    N = sb.shape[0] if tb else sb.shape[1]
+    if Ka != Kb:
+        raise ValueError(f"inner dimensions differ: A has K={Ka}, B has K={Kb}")
+    if Ka > cfg.k_max:
+        raise ValueError(f"K={Ka} exceeds k_max={cfg.k_max} the accumulator is sized for")
+    mt, nk = ga
+    nt = gb[1]
+    a_beats, b_beats, jobs = [], [], []
+
+    def a_tile(i, k):
+        return _tile(sa, T, k, i) if ta else _tile(sa, T, i, k)
+
+    def b_tile(k, j):
+        return _tile(sb, T, j, k) if tb else _tile(sb, T, k, j)
+
+    for it in range(mt):
+        for jt in range(nt):
+            jobs.append((it, jt))
+            for beats, get, tr in ((a_beats, lambda k: a_tile(it, k), ta),
+                                   (b_beats, lambda k: b_tile(k, jt), tb)):
+                for k in range(nk):
+                    beats.append(dict(header=1, exp=get(k)[1], transpose=int(tr)))
+                for k in range(nk):
+                    man, code = get(k)
+                    for r in range(T):
+                        beats.append(dict(header=0, exp=code, transpose=int(tr),
+                                          data=[int(x) for x in man[r]],
+                                          last=int(k == nk - 1)))
+    return a_beats, b_beats, jobs, (M, N)
+
+
+def output_beats_per_job(cfg: MacArrayConfig) -> int:
+    return cfg.windows * cfg.rows
+
+
+def assemble_output(cfg: MacArrayConfig, beats: list[list[int]], jobs, shape) -> np.ndarray:
+    """FP32 bit patterns per output beat -> ``(M, N)`` float32 array."""
+    T, R, C = cfg.tile, cfg.rows, cfg.cols
+    mt = max(i for i, _ in jobs) + 1
+    nt = max(j for _, j in jobs) + 1
+    out = np.zeros((mt * T, nt * T), dtype=np.uint32)
+    per = output_beats_per_job(cfg)
+    if len(beats) != per * len(jobs):
+        raise ValueError(f"got {len(beats)} output beats, expected {per * len(jobs)}")
+    nwc = T // C
+    for n, (it, jt) in enumerate(jobs):
+        for w in range(cfg.windows):
+            rg, cg = divmod(w, nwc)
+            for r in range(R):
+                row = beats[n * per + w * R + r]
+                i = it * T + rg * R + r
+                j0 = jt * T + cg * C
+                out[i, j0:j0 + C] = row
+    return out.view(np.float32)[: shape[0], : shape[1]]
+
+
+# ---- generation / CLI ------------------------------------------------------------------
+
+def port_map(cfg: MacArrayConfig) -> dict:
+    def fields(layout):
+        return {name: {"offset": f.offset, "width": f.width} for name, f in layout}
+    return {
+        "a": {"payload_width": operand_layout(cfg, cfg.man_bits_a).size,
+              "fields": fields(operand_layout(cfg, cfg.man_bits_a))},
+        "b": {"payload_width": operand_layout(cfg, cfg.man_bits_b).size,
+              "fields": fields(operand_layout(cfg, cfg.man_bits_b))},
+        "o": {"payload_width": output_layout(cfg).size, "fields": fields(output_layout(cfg))},
+    }
+
+
+def generate(cfg: MacArrayConfig, outdir: str | Path, *, name: str = "mac_array") -> tuple[Path, Path]:
+    """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``outdir``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    text = verilog.convert(MacArray(cfg), name=name, emit_src=False)
+    vpath = outdir / f"{name}.v"
+    vpath.write_text(text)
+    mpath = write_manifest(outdir / f"{name}.json", kind="mac_array", top=name,
+                           config=cfg.to_dict(), ports=port_map(cfg))
+    return vpath, mpath
+
+
+def _cli_generate(args) -> int:
+    cfg = MacArrayConfig(rows=args.rows, cols=args.cols, lanes=args.lanes, tile=args.tile,
+                         man_bits_a=args.man_bits_a,
+                         man_bits_b=args.man_bits_b if args.man_bits_b else args.man_bits_a,
+                         exp_bits=args.exp_bits, k_max=args.k_max, guard_bits=args.guard_bits,
+                         mapping=args.mapping)
+    v, mf = generate(cfg, args.output, name=args.name)
+    print(f"wrote {v} and {mf} ({cfg.macs_per_cycle} MACs/cycle, accumulator "
+          f"{cfg.acc_bits} bits)")
+    return 0
+
+
+def register_cli(subparsers, generate_subparsers) -> None:
+    p = generate_subparsers.add_parser(
+        "mac-array", help="BFP MAC array with transposable HyperBlock tile buffers",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = MacArrayConfig()
+    p.add_argument("--rows", type=int, default=d.rows)
+    p.add_argument("--cols", type=int, default=d.cols)
+    p.add_argument("--lanes", type=int, default=d.lanes, help="MACs per PE per cycle")
+    p.add_argument("--tile", type=int, default=d.tile, help="HyperBlock tile edge T")
+    p.add_argument("--man-bits-a", type=int, default=d.man_bits_a)
+    p.add_argument("--man-bits-b", type=int, default=None, help="default: --man-bits-a")
+    p.add_argument("--exp-bits", type=int, default=d.exp_bits)
+    p.add_argument("--k-max", type=int, default=d.k_max)
+    p.add_argument("--guard-bits", type=int, default=d.guard_bits)
+    p.add_argument("--mapping", choices=MULTIPLIER_MAPPINGS, default=d.mapping)
+    p.add_argument("--name", default="mac_array", help="top module name")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=_cli_generate)

@@ -1,0 +1,169 @@
+"""Processing element: exact block dot product + aligned fixed-point accumulation.
+
+A PE group serves ``n`` adjacent array columns (``n = config.pack``; 1 unless the
+multipliers are ``dsp-packed``). Every cycle it takes ``lanes`` row mantissas ``a`` and,
+per column, ``lanes`` column mantissas (already packed into one operand per lane for
+``dsp-packed``, see :func:`pack_operand`), and runs the datapath of
+:func:`hbfp_hw.bfp_matmul`:
+
+====  ==========================================================================
+s0    input registers (operands and control)
+s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered
+s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
+s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
+s4    ``acc[win] = (first_tile ? 0 : acc[win]) + ((P << G) >>> shift)``
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config.mac_array import MacArrayConfig
+
+__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "lut_multiply"]
+
+LATENCY = 5  # s0..s4: cycles from the inputs to the accumulator update
+
+
+def ctrl_layout(cfg: MacArrayConfig) -> data.StructLayout:
+    """Control travelling with the operands through the PE pipeline."""
+    return data.StructLayout({
+        "valid": 1, "first_k": 1, "last_k": 1, "first_tile": 1,
+        "win": range(cfg.windows), "shift": cfg.shift_bits,
+    })
+
+
+def packed_bits(cfg: MacArrayConfig, n: int) -> int:
+    return (n - 1) * cfg.prod_bits + cfg.man_bits_b
+
+
+def pack_operand(m: Module, cfg: MacArrayConfig, bs: list) -> Signal:
+    """``sum_i bs[i] * 2**(i*prod_bits)`` as a signed value (concatenation and
+    ``n - 1`` small decrements, no wide adder)."""
+    p = cfg.prod_bits
+    n = len(bs)
+    out = Signal(signed(packed_bits(cfg, n)))
+    if n == 1:
+        m.d.comb += out.eq(bs[0])
+        return out
+    fields = []
+    borrow = Const(0, 1)
+    for i, b in enumerate(bs):
+        f = Signal(signed(cfg.man_bits_b + 1), name=f"pk{i}")
+        m.d.comb += f.eq(b - borrow)
+        if i < n - 1:
+            ext = Cat(f, *([f[-1]] * max(0, p - len(f))))
+            fields.append(ext[:p])
+            borrow = f[-1]
+        else:
+            fields.append(f[:cfg.man_bits_b])
+    m.d.comb += out.eq(Cat(*fields))
+    return out
+
+
+def lut_multiply(a, b, a_bits: int, b_bits: int):
+    """Signed ``a * b`` as explicit shift-add partial products (never a ``$mul``)."""
+    w = a_bits + b_bits
+    terms = []
+    for i in range(b_bits):
+        t = Mux(b[i], a.as_signed(), 0)
+        terms.append((t << i) if i < b_bits - 1 else -(t << i))
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = acc + t
+    return acc.as_signed()[:w].as_signed()
+
+
+def _tree(values: list):
+    while len(values) > 1:
+        nxt = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
+        if len(values) % 2:
+            nxt.append(values[-1])
+        values = nxt
+    return values[0]
+
+
+class PE(wiring.Component):
+    """A group of ``n`` PEs (one array row, ``n`` adjacent columns).
+
+    Ports
+    -----
+    a : In(ArrayLayout(signed(man_bits_a), lanes))
+    b : In(ArrayLayout(signed(packed_bits), lanes)) — the packed column operands
+    ctrl : In(ctrl_layout)
+    rd_win : In(range(windows)) — selects the accumulator shown on ``acc``
+    acc : Out(ArrayLayout(signed(acc_bits), n))
+    """
+
+    def __init__(self, cfg: MacArrayConfig, *, n: int = 1):
+        if not isinstance(cfg, MacArrayConfig):
+            raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
+        if not isinstance(n, int) or not 1 <= n <= max(1, cfg.pack):
+            raise ValueError(f"n={n!r} is out of range; accepted range is [1, {cfg.pack}]")
+        self.cfg, self.n = cfg, n
+        super().__init__({
+            "a": In(data.ArrayLayout(signed(cfg.man_bits_a), cfg.lanes)),
+            "b": In(data.ArrayLayout(signed(packed_bits(cfg, n)), cfg.lanes)),
+            "ctrl": In(ctrl_layout(cfg)),
+            "rd_win": In(range(cfg.windows)),
+            "acc": Out(data.ArrayLayout(signed(cfg.acc_bits), n)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, n, L = self.cfg, self.n, self.cfg.lanes
+        cl = ctrl_layout(cfg)
+        pb = packed_bits(cfg, n)
+        # s0: input registers
+        a0 = Signal(data.ArrayLayout(signed(cfg.man_bits_a), L))
+        b0 = Signal(data.ArrayLayout(signed(pb), L))
+        c0 = Signal(cl)
+        m.d.sync += [a0.eq(self.a), b0.eq(self.b), c0.eq(self.ctrl)]
+        # s1: multipliers
+        pw = cfg.man_bits_a + pb
+        prods = [Signal(signed(pw), name=f"prod{l}") for l in range(L)]
+        c1 = Signal(cl)
+        for l in range(L):
+            if cfg.mapping == "lut":
+                m.d.sync += prods[l].eq(lut_multiply(a0[l], b0[l], cfg.man_bits_a, pb))
+            else:
+                m.d.sync += prods[l].eq(a0[l] * b0[l])
+        m.d.sync += c1.eq(c0)
+        # s2: unpack fields, sum over lanes
+        p = cfg.prod_bits
+        sums = [Signal(signed(cfg.psum_bits), name=f"psum{j}") for j in range(n)]
+        c2 = Signal(cl)
+        for j in range(n):
+            terms = []
+            for l in range(L):
+                if n == 1:
+                    terms.append(prods[l])
+                else:
+                    hi = pw if j == n - 1 else (j + 1) * p
+                    f = prods[l][j * p:hi]
+                    if j > 0:
+                        f = (f + prods[l][j * p - 1])[:hi - j * p]
+                    terms.append(f.as_signed())
+            m.d.sync += sums[j].eq(_tree(terms))
+        m.d.sync += c2.eq(c1)
+        # s3: block dot product over k steps
+        pr = [Signal(signed(cfg.psum_bits), name=f"P{j}") for j in range(n)]
+        c3 = Signal(cl)
+        for j in range(n):
+            with m.If(c2.valid):
+                m.d.sync += pr[j].eq(Mux(c2.first_k, sums[j], pr[j] + sums[j]))
+        m.d.sync += c3.eq(c2)
+        # s4: align and accumulate
+        for j in range(n):
+            accs = Array(Signal(signed(cfg.acc_bits), name=f"acc{j}_w{w}")
+                         for w in range(cfg.windows))
+            aligned = Signal(signed(cfg.acc_bits), name=f"aligned{j}")
+            m.d.comb += aligned.eq((pr[j] << cfg.guard_bits) >> c3.shift)
+            with m.If(c3.valid & c3.last_k):
+                m.d.sync += accs[c3.win].eq(
+                    Mux(c3.first_tile, 0, accs[c3.win]) + aligned)
+            m.d.comb += self.acc[j].eq(accs[self.rd_win])
+        return m

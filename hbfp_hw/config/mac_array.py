@@ -1,0 +1,210 @@
+"""Configuration of the BFP MAC array (:mod:`hbfp_hw.gateware.mac_array`).
+
+One :class:`MacArrayConfig` fixes every width of the array; the gateware, the
+testbenches and the manifest derive from it. Operands are HyperBlock tensors: one
+shared exponent per ``tile x tile`` 2-D block, so the block length along the reduction
+axis ``K`` is ``tile`` for both operands and either orientation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..formats import BFPFormat
+from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
+
+__all__ = ["MULTIPLIER_MAPPINGS", "DSP_WIDTH", "MacArrayConfig"]
+
+#: How the mantissa multipliers are built: ``lut`` (explicit shift-add partial
+#: products, never inferred as DSP), ``dsp`` (one ``*`` per product, inferred as
+#: MULT18X18D / SB_MAC16), ``dsp-packed`` (several products sharing the row operand in
+#: one 18x18 multiplier where the widths allow it).
+MULTIPLIER_MAPPINGS = ("lut", "dsp", "dsp-packed")
+#: Signed operand width of the target DSP multiplier (ECP5 MULT18X18D).
+DSP_WIDTH = 18
+#: The golden model converts the accumulator through float64.
+MAX_ACC_BITS = 53
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class MacArrayConfig:
+    """An immutable, validated MAC-array configuration.
+
+    Parameters
+    ----------
+    rows, cols
+        PE array shape, each in ``[1, 64]``; both must divide ``tile``.
+    lanes
+        Elements each PE multiplies per cycle (block dot-product width), in ``[1, 64]``;
+        must divide ``tile``.
+    tile
+        HyperBlock tile edge ``T`` in ``[1, 64]``: operands carry one exponent per
+        ``T x T`` tile, the K block length is ``T``.
+    man_bits_a, man_bits_b
+        Mantissa widths (sign included) of the two operands, in ``[2, 16]``.
+    exp_bits
+        Shared-exponent width of both operands, in ``[2, 10]``.
+    k_max
+        Largest reduction length the accumulator is sized for, in ``[1, 2**24]``.
+    guard_bits
+        Accumulator guard bits ``G`` in ``[0, 24]`` (see :func:`hbfp_hw.bfp_matmul`).
+    mapping
+        One of :data:`MULTIPLIER_MAPPINGS`.
+    """
+
+    rows: int = 4
+    cols: int = 4
+    lanes: int = 4
+    tile: int = 8
+    man_bits_a: int = 8
+    man_bits_b: int = 8
+    exp_bits: int = 8
+    k_max: int = 1024
+    guard_bits: int = DEFAULT_GUARD_BITS
+    mapping: str = "dsp"
+
+    def __post_init__(self) -> None:
+        _check_int("rows", self.rows, 1, 64)
+        _check_int("cols", self.cols, 1, 64)
+        _check_int("lanes", self.lanes, 1, 64)
+        _check_int("tile", self.tile, 1, 64)
+        for name in ("rows", "cols", "lanes"):
+            v = getattr(self, name)
+            if self.tile % v:
+                divs = [d for d in range(1, self.tile + 1) if self.tile % d == 0]
+                raise ValueError(f"{name}={v} must divide tile={self.tile}; accepted values "
+                                 f"are {divs}")
+        _check_int("man_bits_a", self.man_bits_a, 2, 16)
+        _check_int("man_bits_b", self.man_bits_b, 2, 16)
+        _check_int("exp_bits", self.exp_bits, 2, 10)
+        _check_int("k_max", self.k_max, 1, 2**24)
+        _check_int("guard_bits", self.guard_bits, 0, 24)
+        if self.mapping not in MULTIPLIER_MAPPINGS:
+            raise ValueError(f"mapping={self.mapping!r} is not supported; accepted values are "
+                             f"{', '.join(MULTIPLIER_MAPPINGS)}")
+        if self.acc_bits > MAX_ACC_BITS:
+            raise ValueError(
+                f"accumulator of {self.acc_bits} bits (man_bits {self.man_bits_a}x"
+                f"{self.man_bits_b}, tile {self.tile}, k_max={self.k_max}, guard_bits="
+                f"{self.guard_bits}) is out of range; accepted range is [2, {MAX_ACC_BITS}]: "
+                f"reduce k_max or guard_bits")
+
+    # -- derived constants --------------------------------------------------------
+    @property
+    def frac_a(self) -> int:
+        return self.man_bits_a - 2
+
+    @property
+    def frac_b(self) -> int:
+        return self.man_bits_b - 2
+
+    @property
+    def mmax_a(self) -> int:
+        return 2 ** (self.man_bits_a - 1) - 1
+
+    @property
+    def mmax_b(self) -> int:
+        return 2 ** (self.man_bits_b - 1) - 1
+
+    @property
+    def prod_bits(self) -> int:
+        """Signed width of one mantissa product (symmetric ranges)."""
+        return (self.mmax_a * self.mmax_b).bit_length() + 1
+
+    @property
+    def psum_bits(self) -> int:
+        """Signed width of a block dot product ``P`` over ``tile`` elements."""
+        return (self.tile * self.mmax_a * self.mmax_b).bit_length() + 1
+
+    @property
+    def acc_bits(self) -> int:
+        """Accumulator width: :func:`hbfp_hw.gemm.accumulator_bits` of this config."""
+        return accumulator_bits(self.man_bits_a, self.man_bits_b, self.tile, self.k_max,
+                                self.guard_bits)
+
+    @property
+    def shift_max(self) -> int:
+        """Alignment shifts are clamped here: ``>> shift_max`` leaves only the sign."""
+        return self.acc_bits
+
+    @property
+    def shift_bits(self) -> int:
+        return self.shift_max.bit_length()
+
+    @property
+    def exp_bias(self) -> int:
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def exp_invalid_code(self) -> int:
+        return 2**self.exp_bits - 1
+
+    @property
+    def windows(self) -> int:
+        """Accumulators per PE: output ``rows x cols`` windows in a ``tile x tile`` tile."""
+        return (self.tile // self.rows) * (self.tile // self.cols)
+
+    @property
+    def k_steps(self) -> int:
+        """Cycles per block dot product (``tile / lanes``)."""
+        return self.tile // self.lanes
+
+    @property
+    def pack(self) -> int:
+        """Products per multiplier: ``n`` fields of ``prod_bits`` sharing the row operand,
+        the packed column operand ``(n-1)*prod_bits + man_bits_b`` fitting 18 bits signed.
+        """
+        if self.mapping != "dsp-packed":
+            return 1
+        n = 1 + (DSP_WIDTH - self.man_bits_b) // self.prod_bits
+        return max(1, min(n, self.cols))
+
+    @property
+    def macs_per_cycle(self) -> int:
+        return self.rows * self.cols * self.lanes
+
+    @property
+    def multipliers(self) -> int:
+        """Hardware multipliers (DSPs for the dsp mappings)."""
+        groups = -(-self.cols // self.pack)
+        return self.rows * groups * self.lanes
+
+    @property
+    def cycles_per_tile_pair(self) -> int:
+        """Compute cycles per (A tile, B tile) pair: ``windows * tile / lanes``."""
+        return self.windows * self.k_steps
+
+    def format_a(self) -> BFPFormat:
+        """The HyperBlock format of a stored operand feeding port ``a``."""
+        return BFPFormat(man_bits=self.man_bits_a, exp_bits=self.exp_bits,
+                         block_shape=(self.tile, self.tile), block_axes=(0, 1), name="A")
+
+    def format_b(self) -> BFPFormat:
+        return BFPFormat(man_bits=self.man_bits_b, exp_bits=self.exp_bits,
+                         block_shape=(self.tile, self.tile), block_axes=(0, 1), name="B")
+
+    def replace(self, **changes: object) -> "MacArrayConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["derived"] = dict(
+            acc_bits=self.acc_bits, prod_bits=self.prod_bits, psum_bits=self.psum_bits,
+            shift_bits=self.shift_bits, windows=self.windows, k_steps=self.k_steps,
+            pack=self.pack, macs_per_cycle=self.macs_per_cycle, multipliers=self.multipliers,
+            exp_bias=self.exp_bias, exp_invalid_code=self.exp_invalid_code)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MacArrayConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
