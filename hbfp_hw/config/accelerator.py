@@ -1,0 +1,210 @@
+"""Configuration of a whole accelerator: formats, array, on-chip buffers, link.
+
+:class:`AcceleratorConfig` is the one object the accelerator top, the wire protocol's
+buffer map (:func:`hbfp_hw.protocol.buffer_map`), the device emulator and the host
+driver derive from. It is exported to JSON (``to_dict``) into the manifest and
+returned by the device's INFO command, so the host checks the build it talks to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..formats import HBFP8, BFPFormat
+from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
+
+__all__ = ["AcceleratorConfig", "BAUD_RATE_RANGE", "ARRAY_DIM_RANGE", "DEPTH_RANGE",
+           "K_MAX_RANGE", "GUARD_BITS_RANGE", "MAX_FORMATS", "MAX_ACCUMULATOR_BITS"]
+
+ARRAY_DIM_RANGE = (1, 64)
+TILE_RANGE = (1, 256)
+DEPTH_RANGE = (16, 1 << 22)
+OPERAND_BUFFERS_RANGE = (2, 8)
+K_MAX_RANGE = (1, 1 << 20)
+GUARD_BITS_RANGE = (0, 16)
+BAUD_RATE_RANGE = (9600, 12_000_000)
+CLOCK_HZ_RANGE = (1_000_000, 1_000_000_000)
+MAX_FORMATS = 8
+#: The golden model converts accumulators exactly through float64 (53 bits).
+MAX_ACCUMULATOR_BITS = 53
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
+    return value
+
+
+def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
+    """Block extent (rows, cols) of ``fmt`` on a 2-D tensor."""
+    block = [1, 1]
+    for a, b in zip(fmt.block_axes, fmt.block_shape):
+        block[a % 2] = b
+    return block[0], block[1]
+
+
+@dataclass(frozen=True)
+class AcceleratorConfig:
+    """An immutable, validated accelerator configuration.
+
+    Parameters
+    ----------
+    formats
+        The BFP formats the on-chip quantizer implements, one per *format slot*
+        (1 to 8). Commands name a format by its slot index. Block axes must lie within a
+        2-D tensor (``-2, -1, 0, 1``), ``man_bits <= 16``, ``exp_bits <= 10``.
+    array_rows, array_cols
+        MAC array dimensions, each in ``[1, 64]``.
+    tile
+        Edge of the output tile the array computes per pass, in ``[1, 256]``; a
+        multiple of ``array_rows`` and ``array_cols``.
+    operand_buffers
+        Number of BFP operand buffers (``op0`` ...), in ``[2, 8]``; three hold the
+        HyperBlock trio X, W, dY at once.
+    operand_depth
+        Mantissas per operand buffer, in ``[16, 2**22]``.
+    input_depth
+        FP32 words in the quantizer's input staging buffer ``fp_in``.
+    output_depth
+        FP32 words in the result buffer ``out``.
+    k_max
+        Largest reduction length the accumulators are sized for, in ``[1, 2**20]``.
+    guard_bits
+        Accumulator guard bits (see :mod:`hbfp_hw.gemm`), in ``[0, 16]``.
+    baud_rate
+        UART link rate in bit/s (8N1: 10 bits per byte), in ``[9600, 12000000]``.
+    clock_hz
+        Design clock frequency, in ``[1e6, 1e9]``.
+    name
+        Label used in reports and as the Verilog top name suffix.
+    """
+
+    formats: tuple[BFPFormat, ...] = (HBFP8,)
+    array_rows: int = 8
+    array_cols: int = 8
+    tile: int = 16
+    operand_buffers: int = 3
+    operand_depth: int = 65536
+    input_depth: int = 16384
+    output_depth: int = 16384
+    k_max: int = 4096
+    guard_bits: int = DEFAULT_GUARD_BITS
+    baud_rate: int = 3_000_000
+    clock_hz: int = 50_000_000
+    name: str = "hbfp"
+
+    def __post_init__(self) -> None:
+        fmts = self.formats
+        if isinstance(fmts, BFPFormat):
+            fmts = (fmts,)
+        fmts = tuple(fmts)
+        object.__setattr__(self, "formats", fmts)
+        if not 1 <= len(fmts) <= MAX_FORMATS:
+            raise ValueError(f"formats has {len(fmts)} entries; accepted range is "
+                             f"[1, {MAX_FORMATS}]")
+        for i, f in enumerate(fmts):
+            if not isinstance(f, BFPFormat):
+                raise ValueError(f"formats[{i}] must be a BFPFormat, got {type(f).__name__}")
+            for a in f.block_axes:
+                if a not in (-2, -1, 0, 1):
+                    raise ValueError(
+                        f"formats[{i}].block_axes={f.block_axes}: axis {a} is outside a 2-D "
+                        f"tensor; accepted axes are -2, -1, 0, 1")
+            if len({a % 2 for a in f.block_axes}) != len(f.block_axes):
+                raise ValueError(f"formats[{i}].block_axes={f.block_axes} name an axis twice")
+        _check_int("array_rows", self.array_rows, *ARRAY_DIM_RANGE)
+        _check_int("array_cols", self.array_cols, *ARRAY_DIM_RANGE)
+        _check_int("tile", self.tile, *TILE_RANGE)
+        for n, d in (("array_rows", self.array_rows), ("array_cols", self.array_cols)):
+            if self.tile % d:
+                raise ValueError(f"tile={self.tile} must be a multiple of {n}={d}")
+        _check_int("operand_buffers", self.operand_buffers, *OPERAND_BUFFERS_RANGE)
+        for n in ("operand_depth", "input_depth", "output_depth"):
+            _check_int(n, getattr(self, n), *DEPTH_RANGE)
+        for i, f in enumerate(fmts):
+            if f.block_size > self.operand_depth:
+                raise ValueError(
+                    f"formats[{i}] block size {f.block_size} exceeds operand_depth="
+                    f"{self.operand_depth}; accepted range is [1, {self.operand_depth}]")
+        _check_int("k_max", self.k_max, *K_MAX_RANGE)
+        _check_int("guard_bits", self.guard_bits, *GUARD_BITS_RANGE)
+        _check_int("baud_rate", self.baud_rate, *BAUD_RATE_RANGE)
+        _check_int("clock_hz", self.clock_hz, *CLOCK_HZ_RANGE)
+        acc = self.accumulator_bits
+        if acc > MAX_ACCUMULATOR_BITS:
+            raise ValueError(
+                f"k_max={self.k_max} with guard_bits={self.guard_bits} needs a "
+                f"{acc}-bit accumulator; accepted range is [1, {MAX_ACCUMULATOR_BITS}] bits "
+                f"(reduce k_max or guard_bits)")
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"name={self.name!r} must be a non-empty identifier")
+
+    # -- derived constants ---------------------------------------------------------
+    @property
+    def man_bits_max(self) -> int:
+        """Widest mantissa over all format slots (operand buffer element width)."""
+        return max(f.man_bits for f in self.formats)
+
+    @property
+    def exp_bits_max(self) -> int:
+        """Widest exponent over all format slots (exponent buffer element width)."""
+        return max(f.exp_bits for f in self.formats)
+
+    @property
+    def min_block_size(self) -> int:
+        """Smallest block over all format slots (sizes the exponent buffers)."""
+        return min(f.block_size for f in self.formats)
+
+    @property
+    def exponent_depth(self) -> int:
+        """Exponent codes per operand buffer: one per block of the smallest format."""
+        return -(-self.operand_depth // self.min_block_size)
+
+    @property
+    def accumulator_bits(self) -> int:
+        """Accumulator width (sign included): no overflow for any slot pair up to k_max."""
+        width = 0
+        for fa in self.formats:
+            for fb in self.formats:
+                for L in {1, *fa.block_shape, *fb.block_shape}:
+                    width = max(width, accumulator_bits(fa.man_bits, fb.man_bits, L,
+                                                        self.k_max, self.guard_bits))
+        return width
+
+    @property
+    def link_bytes_per_second(self) -> float:
+        """Raw UART byte rate (8N1: 10 bit times per byte)."""
+        return self.baud_rate / 10.0
+
+    def block_2d(self, slot: int) -> tuple[int, int]:
+        """Block extent ``(rows, cols)`` of format slot ``slot`` on a 2-D tensor."""
+        return _block_2d(self.formats[slot])
+
+    def replace(self, **changes: object) -> "AcceleratorConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable description (manifest, INFO)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["formats"] = [f.to_dict() for f in self.formats]
+        d["accumulator_bits"] = self.accumulator_bits
+        d["exponent_depth"] = self.exponent_depth
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AcceleratorConfig":
+        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "formats" in kw:
+            kw["formats"] = tuple(BFPFormat.from_dict(f) for f in kw["formats"])
+        return cls(**kw)
+
+    @classmethod
+    def default(cls) -> "AcceleratorConfig":
+        """The default accelerator: HBFP8 16x16 tiles, 8x8 array, 64 Ki-element buffers."""
+        return cls()

@@ -1,0 +1,393 @@
+"""The host <-> accelerator wire protocol, defined once.
+
+The host codec (:mod:`hbfp_hw.host.codec`), the device emulator
+(:mod:`hbfp_hw.host.emulator`) and the gateware command decoder
+(:mod:`hbfp_hw.gateware.cmd_decoder`) all take opcodes, field layouts, limits, error
+codes and the buffer map from this module; :func:`protocol_json` exports it for the
+manifest.
+
+Frame (all multi-byte integers little endian)::
+
+    +------+------+---------+-----+----+-----------------+---------+
+    | 0xA5 | 0x5A | LEN u16 | SEQ | OP | PAYLOAD (LEN B) | CRC u32 |
+    +------+------+---------+-----+----+-----------------+---------+
+      sync (2)      length    tag  code  0..MAX_PAYLOAD    CRC-32
+
+* ``LEN`` counts payload bytes only; a frame with ``LEN > MAX_PAYLOAD`` is rejected
+  while scanning for the next sync.
+* ``SEQ`` is chosen by the host (incremented per new request, kept on retries); the
+  response echoes it.
+* ``OP`` is an :class:`Op` for requests, ``op | RESPONSE_FLAG`` for responses and
+  :data:`ERROR_OPCODE` for error frames.
+* ``CRC`` is CRC-32/ISO-HDLC (the Ethernet / zlib CRC: reflected polynomial
+  0xEDB88320, init 0xFFFFFFFF, final XOR 0xFFFFFFFF) over ``LEN, SEQ, OP, PAYLOAD``
+  (everything after the sync bytes). In hardware it is a 32-flop register updated one
+  byte per clock by an XOR network (:func:`crc32_update`); 32 bits keep the chance of
+  an undetected corrupted frame at 2**-32.
+
+Reliability: the device remembers the last request (``SEQ`` and CRC) and its response;
+a retransmitted request is answered from that record without executing it again, so
+retries of non-idempotent commands (accumulating GEMMs, RESET) are safe. A partial
+frame is dropped after the line has been idle (:data:`IDLE_TIMEOUT_BYTES` byte times).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config.accelerator import AcceleratorConfig
+
+__all__ = [
+    "PROTOCOL_VERSION", "SYNC", "HEADER_BYTES", "CRC_BYTES", "FRAME_OVERHEAD", "MAX_DATA",
+    "MAX_PAYLOAD", "RESPONSE_FLAG", "ERROR_OPCODE", "IDLE_TIMEOUT_BYTES", "Op", "ErrorCode",
+    "QuantizeFlag", "GemmFlag", "StatsFlag", "Field", "Layout", "REQUESTS", "RESPONSES",
+    "ERROR_LAYOUT", "BufferKind", "BufferSpec", "buffer_map", "crc32", "crc32_update",
+    "encode_frame", "device_description", "device_hash", "protocol_json", "manifest_extra",
+    "NO_INDEX",
+]
+
+PROTOCOL_VERSION = 1
+#: Start-of-frame marker.
+SYNC = b"\xA5\x5A"
+#: Sync, LEN, SEQ, OP.
+HEADER_BYTES = 6
+CRC_BYTES = 4
+FRAME_OVERHEAD = HEADER_BYTES + CRC_BYTES
+#: Largest bulk data block in one frame (WRITE data, READ / QUANTIZE / INFO answers).
+MAX_DATA = 4096
+#: Largest payload: bulk data plus the largest command header.
+MAX_PAYLOAD = MAX_DATA + 64
+#: Set in the opcode of every response frame.
+RESPONSE_FLAG = 0x80
+#: Opcode of an error frame.
+ERROR_OPCODE = 0xFF
+#: The device drops a partial frame after this many byte times without a byte.
+IDLE_TIMEOUT_BYTES = 1024
+#: "No such index" value of 32-bit index fields.
+NO_INDEX = 0xFFFFFFFF
+
+
+class Op(IntEnum):
+    """Request opcodes."""
+
+    INFO = 0x01        #: read the device description (config + protocol) and its hash
+    WRITE = 0x02       #: write elements into a buffer
+    READ = 0x03        #: read elements from a buffer
+    QUANTIZE = 0x04    #: FP32 from fp_in -> BFP into an operand buffer (optionally returned)
+    GEMM = 0x05        #: BFP operand buffers -> accumulators (-> FP32 into out)
+    READ_STATS = 0x06  #: online min/max of the stored GEMM outputs
+    RESET = 0x07       #: clear buffers, accumulators, statistics
+
+
+class ErrorCode(IntEnum):
+    """Codes carried by error frames (``detail`` is a 32-bit code-specific value)."""
+
+    BAD_CRC = 1         #: frame CRC mismatch (detail: received LEN)
+    UNKNOWN_OPCODE = 2  #: opcode not in :class:`Op` (detail: opcode)
+    BAD_LENGTH = 3      #: payload length wrong for the opcode (detail: LEN)
+    BAD_BUFFER = 4      #: buffer id unknown or of the wrong kind (detail: id)
+    OUT_OF_RANGE = 5    #: address/length outside the buffer (detail: first bad element)
+    BAD_ARGUMENT = 6    #: shape, format slot, flags or orientation invalid (detail: field #)
+    INVALID_DATA = 7    #: an operand block is flagged invalid (detail: operand<<31 | block)
+    DATA_RANGE = 8      #: a mantissa or exponent code is outside its format (detail: index)
+    K_OVERFLOW = 9      #: accumulated reduction length exceeds k_max (detail: K total)
+    BUSY = 10           #: the device cannot accept the command now
+
+
+class QuantizeFlag(IntFlag):
+    RETURN = 0x01  #: also return exponent codes and mantissas in the response
+
+
+class GemmFlag(IntFlag):
+    TRANS_A = 0x01        #: use operand A transposed (stored tensor is (K, M))
+    TRANS_B = 0x02        #: use operand B transposed (stored tensor is (N, K))
+    ACCUMULATE = 0x04     #: add to the accumulators instead of clearing them
+    STORE = 0x08          #: convert accumulators to FP32 into ``out`` at out_offset
+    EXT_EREF = 0x10       #: take reference exponents from the ``eref`` buffer
+    ALLOW_INVALID = 0x20  #: compute with invalid blocks (their outputs are NaN)
+
+
+class StatsFlag(IntFlag):
+    CLEAR = 0x01  #: clear the statistics after reading them
+
+
+# ---------------------------------------------------------------------------------------
+# Payload layouts
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Field:
+    """One fixed-size payload field: unsigned little-endian integer, f32 or raw bytes."""
+
+    name: str
+    size: int
+    kind: str = "u"  # "u", "f32", "bytes"
+
+    @property
+    def struct_code(self) -> str:
+        if self.kind == "f32":
+            return "f"
+        if self.kind == "bytes":
+            return f"{self.size}s"
+        return {1: "B", 2: "H", 4: "I"}[self.size]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A payload: fixed fields, optionally followed by variable-length bulk data."""
+
+    fields: tuple[Field, ...]
+    data: bool = False
+
+    @property
+    def header_size(self) -> int:
+        return sum(f.size for f in self.fields)
+
+    @property
+    def _struct(self) -> struct.Struct:
+        return struct.Struct("<" + "".join(f.struct_code for f in self.fields))
+
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of every field (the gateware decoder's field map)."""
+        out, pos = {}, 0
+        for f in self.fields:
+            out[f.name] = pos
+            pos += f.size
+        return out
+
+    def pack(self, data: bytes = b"", **values: Any) -> bytes:
+        names = [f.name for f in self.fields]
+        missing = set(names) - set(values)
+        extra = set(values) - set(names)
+        if missing or extra:
+            raise ValueError(f"fields {sorted(missing)} missing / {sorted(extra)} unknown; "
+                             f"layout has {names}")
+        if data and not self.data:
+            raise ValueError("this layout carries no bulk data")
+        for f in self.fields:
+            v = values[f.name]
+            if f.kind == "u" and not 0 <= int(v) < 1 << (8 * f.size):
+                raise ValueError(f"field {f.name}={v} is out of range; accepted range is "
+                                 f"[0, {(1 << (8 * f.size)) - 1}]")
+        return self._struct.pack(*(values[n] for n in names)) + bytes(data)
+
+    def unpack(self, payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """``(fields, data)``; raises ``ValueError`` on a wrong length."""
+        n = self.header_size
+        if len(payload) < n or (not self.data and len(payload) != n):
+            raise ValueError(f"payload of {len(payload)} bytes; layout needs "
+                             f"{n}{'+' if self.data else ''}")
+        vals = self._struct.unpack_from(payload, 0)
+        return dict(zip((f.name for f in self.fields), vals)), bytes(payload[n:])
+
+    def to_json(self) -> dict:
+        return {"fields": [{"name": f.name, "size": f.size, "kind": f.kind,
+                            "offset": o} for f, o in zip(self.fields, self.offsets().values())],
+                "data": self.data}
+
+
+def _L(*fields: tuple, data: bool = False) -> Layout:
+    return Layout(tuple(Field(*f) for f in fields), data)
+
+
+#: Request payload layouts.
+REQUESTS: dict[Op, Layout] = {
+    Op.INFO: _L(("offset", 4)),
+    Op.WRITE: _L(("buffer", 1), ("offset", 4), data=True),
+    Op.READ: _L(("buffer", 1), ("offset", 4), ("count", 2)),
+    Op.QUANTIZE: _L(("slot", 1), ("dst", 1), ("flags", 1), ("rows", 2), ("cols", 2),
+                    ("src_offset", 4), ("rounding", 1), ("seed", 4)),
+    Op.GEMM: _L(("a", 1), ("b", 1), ("flags", 1), ("slot_a", 1), ("slot_b", 1),
+                ("a_rows", 2), ("a_cols", 2), ("b_rows", 2), ("b_cols", 2),
+                ("out_offset", 4)),
+    Op.READ_STATS: _L(("flags", 1)),
+    Op.RESET: _L(),
+}
+
+#: Response payload layouts (opcode ``op | RESPONSE_FLAG``).
+RESPONSES: dict[Op, Layout] = {
+    Op.INFO: _L(("version", 2), ("hash", 32, "bytes"), ("total", 4), data=True),
+    Op.WRITE: _L(("count", 4)),
+    Op.READ: _L(data=True),
+    Op.QUANTIZE: _L(("n_invalid", 4), ("first_invalid", 4), data=True),
+    Op.GEMM: _L(("k_total", 4)),
+    Op.READ_STATS: _L(("count", 4), ("n_nonfinite", 4), ("min", 4, "f32"), ("max", 4, "f32")),
+    Op.RESET: _L(),
+}
+
+#: Error frame payload layout (opcode :data:`ERROR_OPCODE`).
+ERROR_LAYOUT = _L(("code", 1), ("opcode", 1), ("detail", 4))
+
+
+# ---------------------------------------------------------------------------------------
+# CRC and frames
+# ---------------------------------------------------------------------------------------
+CRC32_POLY_REFLECTED = 0xEDB88320
+
+
+def crc32(data: bytes, crc: int = 0) -> int:
+    """CRC-32/ISO-HDLC of ``data`` (same as :func:`zlib.crc32`)."""
+    return zlib.crc32(data, crc) & 0xFFFFFFFF
+
+
+def crc32_update(state: int, byte: int) -> int:
+    """One byte of the CRC register as hardware computes it (pre-inverted state).
+
+    Start from ``0xFFFFFFFF``; the CRC is ``state ^ 0xFFFFFFFF`` after the last byte.
+    """
+    state ^= byte & 0xFF
+    for _ in range(8):
+        state = (state >> 1) ^ (CRC32_POLY_REFLECTED if state & 1 else 0)
+    return state
+
+
+def encode_frame(seq: int, opcode: int, payload: bytes = b"") -> bytes:
+    """A complete frame (sync, header, payload, CRC)."""
+    if not 0 <= seq <= 0xFF:
+        raise ValueError(f"seq={seq} is out of range; accepted range is [0, 255]")
+    if not 0 <= opcode <= 0xFF:
+        raise ValueError(f"opcode={opcode} is out of range; accepted range is [0, 255]")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes; accepted range is "
+                         f"[0, {MAX_PAYLOAD}]")
+    body = struct.pack("<HBB", len(payload), seq, opcode) + bytes(payload)
+    return SYNC + body + struct.pack("<I", crc32(body))
+
+
+# ---------------------------------------------------------------------------------------
+# Buffer map
+# ---------------------------------------------------------------------------------------
+class BufferKind(IntEnum):
+    FP32 = 0      #: IEEE binary32 words
+    MANTISSA = 1  #: signed two's-complement mantissas, block-stream order
+    EXPONENT = 2  #: biased exponent codes, one per block, block-stream order
+    EREF = 3      #: external reference exponent codes: rows then columns
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """One on-chip buffer.
+
+    ``id`` is what WRITE/READ/QUANTIZE/GEMM name; ``base`` is a byte address in a flat
+    map (each buffer aligned to a power of two) for documentation and debug access.
+    ``operand`` groups the mantissa and exponent halves of operand buffer ``opN``.
+    """
+
+    id: int
+    name: str
+    kind: BufferKind
+    depth: int
+    elem_bits: int
+    wire_bytes: int
+    signed: bool
+    base: int
+    operand: int | None = None
+    writable: bool = True
+
+    @property
+    def size_bytes(self) -> int:
+        return self.depth * self.wire_bytes
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "kind": self.kind.name.lower(),
+                "depth": self.depth, "elem_bits": self.elem_bits,
+                "wire_bytes": self.wire_bytes, "signed": self.signed, "base": self.base,
+                "operand": self.operand, "writable": self.writable}
+
+
+def _wire_bytes(bits: int) -> int:
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4
+
+
+def buffer_map(config: "AcceleratorConfig") -> tuple[BufferSpec, ...]:
+    """The on-chip buffers of ``config``, in id order.
+
+    ``fp_in`` (FP32 quantizer input), ``opN.man`` / ``opN.exp`` for each operand
+    buffer, ``out`` (FP32 results) and ``eref`` (external reference exponents, rows
+    first then columns, for GEMMs split along K).
+    """
+    specs: list[tuple] = [("fp_in", BufferKind.FP32, config.input_depth, 32, False, None,
+                           True)]
+    for i in range(config.operand_buffers):
+        specs.append((f"op{i}.man", BufferKind.MANTISSA, config.operand_depth,
+                      config.man_bits_max, True, i, True))
+        specs.append((f"op{i}.exp", BufferKind.EXPONENT, config.exponent_depth,
+                      config.exp_bits_max, False, i, True))
+    specs.append(("out", BufferKind.FP32, config.output_depth, 32, False, None, False))
+    specs.append(("eref", BufferKind.EREF, eref_depth(config), 16, False, None, True))
+    out, base = [], 0
+    for i, (name, kind, depth, bits, signed, operand, writable) in enumerate(specs):
+        wb = _wire_bytes(bits)
+        size = depth * wb
+        align = 1 << max(0, (size - 1).bit_length())
+        base = -(-base // align) * align
+        out.append(BufferSpec(i, name, kind, depth, bits, wb, signed, base, operand, writable))
+        base += size
+    return tuple(out)
+
+
+def eref_depth(config: "AcceleratorConfig") -> int:
+    """Entries of the ``eref`` buffer: row blocks then column blocks of an output tile.
+
+    ``2 * output_depth / tile`` covers any output tile of at least ``tile`` rows and
+    columns; the host shrinks tiles that would need more.
+    """
+    return max(64, 2 * config.output_depth // config.tile)
+
+
+def buffers_by_name(config: "AcceleratorConfig") -> dict[str, BufferSpec]:
+    return {b.name: b for b in buffer_map(config)}
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------
+def protocol_json() -> dict:
+    """The configuration-independent protocol definition."""
+    return {
+        "version": PROTOCOL_VERSION,
+        "sync": list(SYNC),
+        "header_bytes": HEADER_BYTES,
+        "crc": {"name": "CRC-32/ISO-HDLC", "poly_reflected": CRC32_POLY_REFLECTED,
+                "init": 0xFFFFFFFF, "xorout": 0xFFFFFFFF, "bytes": CRC_BYTES,
+                "covers": "LEN SEQ OP PAYLOAD"},
+        "max_data": MAX_DATA,
+        "max_payload": MAX_PAYLOAD,
+        "response_flag": RESPONSE_FLAG,
+        "error_opcode": ERROR_OPCODE,
+        "idle_timeout_bytes": IDLE_TIMEOUT_BYTES,
+        "opcodes": {op.name: int(op) for op in Op},
+        "errors": {e.name: int(e) for e in ErrorCode},
+        "flags": {"quantize": {f.name: int(f) for f in QuantizeFlag},
+                  "gemm": {f.name: int(f) for f in GemmFlag},
+                  "stats": {f.name: int(f) for f in StatsFlag}},
+        "requests": {op.name: REQUESTS[op].to_json() for op in Op},
+        "responses": {op.name: RESPONSES[op].to_json() for op in Op},
+        "error_payload": ERROR_LAYOUT.to_json(),
+    }
+
+
+def device_description(config: "AcceleratorConfig") -> dict:
+    """What INFO returns (as canonical JSON): protocol, config and buffer map."""
+    return {"protocol": protocol_json(), "config": config.to_dict(),
+            "buffers": [b.to_json() for b in buffer_map(config)]}
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def device_hash(config: "AcceleratorConfig") -> bytes:
+    """SHA-256 of the canonical device description (INFO's ``hash`` field)."""
+    return hashlib.sha256(canonical_json(device_description(config))).digest()
+
+
+def manifest_extra(config: "AcceleratorConfig") -> dict:
+    """Keys the accelerator top adds to its manifest (``write_manifest(extra=...)``)."""
+    return {"device": device_description(config), "device_hash": device_hash(config).hex()}

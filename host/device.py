@@ -1,0 +1,701 @@
+"""The ``Device`` API: quantize and multiply on an accelerator through any transport.
+
+``Device`` sits on a :class:`~hbfp_hw.host.codec.HostCodec` and a
+:class:`~hbfp_hw.host.transport.Transport`; it retries on CRC errors and timeouts,
+checks the device's INFO against the expected build, tiles operands larger than the
+on-chip buffers and reassembles results bit-identical to the golden model::
+
+    import numpy as np
+    import hbfp_hw.host as host
+    with host.open("emulate://") as dev:
+        y = dev.matmul(np.ones((40, 70), np.float32), np.ones((70, 30), np.float32))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.formats import BFPFormat
+from hbfp_hw.gemm import k_block_length
+from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout
+
+from .codec import (CrcError, DeviceErrorFrame, HostCodec, Malformed, Oversize, Request,
+                    Response, SequenceMismatch, Truncated)
+from .transport import LoopbackTransport, SerialTransport, Transport
+
+__all__ = ["Device", "DeviceError", "LinkError", "ConfigMismatchError", "FormatMismatchError",
+           "open", "URL_SCHEMES"]
+
+URL_SCHEMES = ("emulate", "sim", "serial")
+_U16 = 0xFFFF
+
+
+class DeviceError(RuntimeError):
+    """The device answered with an error frame."""
+
+    def __init__(self, code: int, opcode: int, detail: int) -> None:
+        try:
+            name = P.ErrorCode(code).name
+        except ValueError:
+            name = f"error code {code}"
+        try:
+            opname = P.Op(opcode).name
+        except ValueError:
+            opname = f"opcode 0x{opcode:02x}"
+        super().__init__(f"device rejected {opname}: {name} (detail {detail})")
+        self.code, self.opcode, self.detail = code, opcode, detail
+
+
+class LinkError(TimeoutError):
+    """No valid answer after all retries (timeouts or corrupted frames)."""
+
+
+class ConfigMismatchError(ValueError):
+    """The device's INFO does not match the expected manifest / configuration."""
+
+
+class FormatMismatchError(ValueError):
+    """A format asked for is not one the device implements."""
+
+
+def _as_real(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real floating-point (or integer) array, got dtype "
+                        f"{a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+    if a.dtype != np.float32:
+        with np.errstate(over="ignore"):
+            a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def _block2(t: BFPTensor) -> tuple[int, int]:
+    b = t.layout.block
+    return int(b[0]), int(b[1])
+
+
+def _slice_q(t: BFPTensor, r0: int, r1: int, c0: int, c1: int) -> BFPTensor:
+    """Sub-tensor ``t[r0:r1, c0:c1]`` cut at block boundaries (no re-quantization)."""
+    br, bc = _block2(t)
+    gr0, gc0 = r0 // br, c0 // bc
+    gr1, gc1 = -(-r1 // br), -(-c1 // bc)
+    man = t.mantissas[gr0 * br: gr1 * br, gc0 * bc: gc1 * bc]
+    return BFPTensor(t.fmt, (r1 - r0, c1 - c0), man, t.exponents[gr0:gr1, gc0:gc1],
+                     t.invalid[gr0:gr1, gc0:gc1])
+
+
+def _nonfinite_error(name: str, grid: tuple[int, ...], flat: int, block: tuple[int, ...],
+                     shape: tuple[int, ...]) -> NonFiniteBlockError:
+    idx = tuple(int(i) for i in np.unravel_index(flat, grid))
+    span = ", ".join(f"{i * b}:{min((i + 1) * b, s)}" for i, b, s in zip(idx, block, shape))
+    nb = int(np.prod(grid))
+    return NonFiniteBlockError(
+        f"tensor {name!r} holds NaN or Inf in block {idx} (block {flat} of {nb} in stream "
+        f"order; elements [{span}]); pass nonfinite='flag' to mark such blocks invalid "
+        f"instead", idx, flat, name)
+
+
+class Device:
+    """An accelerator behind a transport.
+
+    Parameters
+    ----------
+    transport
+        The byte pipe.
+    expected_hash
+        SHA-256 of the device description the host expects (from the manifest); a
+        device answering another hash raises :class:`ConfigMismatchError`.
+    expected_config
+        The configuration the host expects (used for the hash and for a readable diff).
+    timeout
+        Seconds to wait for an answer before retrying (a per-frame transfer allowance at
+        the transport's byte rate is added).
+    retries
+        Retransmissions per request before :class:`LinkError`.
+    progress
+        Show a tqdm bar on transfers over 1 MiB (``None``: only on a terminal).
+    """
+
+    def __init__(self, transport: Transport, *, expected_hash: bytes | None = None,
+                 expected_config: AcceleratorConfig | None = None, timeout: float = 1.0,
+                 retries: int = 8, progress: bool | None = None, seq: int = 0) -> None:
+        if not isinstance(transport, Transport):
+            raise TypeError(f"transport must be a Transport, got {type(transport).__name__}")
+        self.transport = transport
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.progress = progress
+        self.link = Counter()
+        self._codec = HostCodec(seq)
+        self._bar = None
+        self._resident: dict[int, tuple] = {}
+        self._closed = False
+        if expected_config is not None and expected_hash is None:
+            expected_hash = P.device_hash(expected_config)
+        self.description, self.hash = self._read_info()
+        self.config = AcceleratorConfig.from_dict(self.description["config"])
+        if expected_hash is not None and bytes(expected_hash) != self.hash:
+            diff = ""
+            if expected_config is not None:
+                exp, got = expected_config.to_dict(), self.description["config"]
+                keys = sorted(k for k in set(exp) | set(got) if exp.get(k) != got.get(k))
+                diff = "; differing keys: " + ", ".join(
+                    f"{k} (expected {exp.get(k)!r}, device {got.get(k)!r})" for k in keys)
+            raise ConfigMismatchError(
+                f"device description hash {self.hash.hex()[:16]}... does not match the "
+                f"expected {bytes(expected_hash).hex()[:16]}...{diff}")
+        self._specs = {s.name: s for s in P.buffer_map(self.config)}
+        if [s.to_json() for s in self._specs.values()] != self.description["buffers"]:
+            raise ConfigMismatchError("device buffer map differs from the one derived from "
+                                      "its configuration (protocol version skew?)")
+
+    # -- link layer --------------------------------------------------------------------
+    def _call(self, op: P.Op, data: bytes = b"", **fields: Any) -> Response:
+        if self._closed:
+            raise RuntimeError("device is closed")
+        req = Request(op, fields, data)
+        frame = self._codec.encode(req)
+        rate = self.transport.byte_rate
+        timeout = self.timeout + (2 * (len(frame) + P.MAX_PAYLOAD) / rate if rate else 0.0)
+        last = "no answer"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.link["retries"] += 1
+                frame = self._codec.encode(req, retry=True)
+            self.transport.write(frame)
+            self.link["bytes_tx"] += len(frame)
+            self.link["frames_tx"] += 1
+            deadline = time.monotonic() + timeout
+            retry = False
+            while not retry:
+                chunk = self.transport.read(max(0.0, deadline - time.monotonic()))
+                self.link["bytes_rx"] += len(chunk)
+                if chunk:
+                    events = self._codec.feed(chunk)
+                else:
+                    self.link["timeouts"] += 1
+                    last = "timeout"
+                    events = self._codec.idle()
+                    retry = True
+                for ev in events:
+                    if isinstance(ev, Response):
+                        if self._bar is not None:
+                            self._bar.update(len(frame) + len(ev.data))
+                        return ev
+                    if isinstance(ev, DeviceErrorFrame):
+                        if ev.code == P.ErrorCode.BAD_CRC:
+                            self.link["device_crc_errors"] += 1
+                            last = "device saw a bad CRC"
+                            retry = True
+                        else:
+                            raise DeviceError(ev.code, ev.opcode, ev.detail)
+                    elif isinstance(ev, (CrcError, Oversize, Malformed, Truncated)):
+                        self.link[type(ev).__name__] += 1
+                        last = type(ev).__name__
+                        retry = True
+                    elif isinstance(ev, SequenceMismatch):
+                        self.link["stale_frames"] += 1
+        raise LinkError(f"{op.name}: no valid answer after {self.retries} retries "
+                        f"(last problem: {last})")
+
+    @contextmanager
+    def _progress(self, nbytes: int, desc: str) -> Iterator[None]:
+        show = self.progress
+        if show is None:
+            import sys
+            show = nbytes > (1 << 20) and sys.stderr.isatty()
+        if not show or self._bar is not None:
+            yield
+            return
+        from tqdm import tqdm
+        self._bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=desc, leave=False)
+        try:
+            yield
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def _read_info(self) -> tuple[dict, bytes]:
+        blob, off, total, digest = b"", 0, None, b""
+        while total is None or off < total:
+            r = self._call(P.Op.INFO, offset=off)
+            if r.fields["version"] != P.PROTOCOL_VERSION:
+                raise ConfigMismatchError(f"device speaks protocol version "
+                                          f"{r.fields['version']}, host {P.PROTOCOL_VERSION}")
+            total, digest = r.fields["total"], r.fields["hash"]
+            if not r.data and off < total:
+                raise ConfigMismatchError("device INFO answer ended early")
+            blob += r.data
+            off += len(r.data)
+        desc = json.loads(blob)
+        if P.device_hash(AcceleratorConfig.from_dict(desc["config"])) != digest:
+            raise ConfigMismatchError("device INFO hash does not match its own description")
+        return desc, digest
+
+    def _write(self, name: str, offset: int, values: np.ndarray) -> None:
+        s = self._specs[name]
+        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2", 4: "<u4"}
+        raw = np.ascontiguousarray(values).reshape(-1)
+        if s.kind == P.BufferKind.FP32:
+            raw = raw.astype(np.float32).view("<u4")
+        raw = raw.astype(dt[s.wire_bytes]).tobytes()
+        step = P.MAX_DATA // s.wire_bytes * s.wire_bytes
+        for i in range(0, len(raw), step):
+            self._call(P.Op.WRITE, raw[i: i + step], buffer=s.id,
+                       offset=offset + i // s.wire_bytes)
+            self.link["payload_tx"] += len(raw[i: i + step])
+
+    def _read(self, name: str, offset: int, count: int) -> np.ndarray:
+        s = self._specs[name]
+        per = P.MAX_DATA // s.wire_bytes
+        parts = []
+        for i in range(0, count, per):
+            n = min(per, count - i)
+            r = self._call(P.Op.READ, buffer=s.id, offset=offset + i, count=n)
+            if len(r.data) != n * s.wire_bytes:
+                raise LinkError(f"READ of {n} elements returned {len(r.data)} bytes")
+            parts.append(r.data)
+            self.link["payload_rx"] += len(r.data)
+        raw = b"".join(parts)
+        if s.kind == P.BufferKind.FP32:
+            return np.frombuffer(raw, "<f4").astype(np.float32)
+        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2"}[s.wire_bytes]
+        return np.frombuffer(raw, dt)
+
+    # -- public: device ------------------------------------------------------------------
+    def info(self) -> dict:
+        """The device description (protocol, config, buffer map) and its hash."""
+        return {**self.description, "hash": self.hash.hex()}
+
+    def read_stats(self, *, clear: bool = False) -> dict:
+        """Online statistics of the GEMM outputs stored since the last clear/reset."""
+        r = self._call(P.Op.READ_STATS, flags=int(P.StatsFlag.CLEAR) if clear else 0)
+        return dict(r.fields)
+
+    def reset(self) -> None:
+        """Clear the device's buffers, accumulators and statistics."""
+        self._call(P.Op.RESET)
+        self._resident.clear()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- formats ---------------------------------------------------------------------
+    def _quantize_slot(self, fmt: BFPFormat | None, shape: tuple[int, int]) -> int:
+        if fmt is None:
+            return 0
+        if not isinstance(fmt, BFPFormat):
+            raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
+
+        def key(f: BFPFormat) -> tuple:
+            k = (f.man_bits, f.exp_bits, block_layout(shape, f).block)
+            # rounding mode and seed are run-time QUANTIZE fields; sr widths are not
+            return k + ((f.sr_bits, f.sr_lanes) if fmt.rounding == "stochastic" else ())
+
+        for i, f in enumerate(self.config.formats):
+            if key(f) == key(fmt):
+                return i
+        raise FormatMismatchError(
+            f"the device does not implement format {fmt.describe()}; its format slots are: "
+            + "; ".join(f"[{i}] {f.describe()}" for i, f in enumerate(self.config.formats)))
+
+    def _operand_slot(self, t: BFPTensor, name: str) -> tuple[int, bool]:
+        block = _block2(t)
+        for trans in (False, True):
+            want = (t.fmt.man_bits, t.fmt.exp_bits, block[::-1] if trans else block)
+            for i, f in enumerate(self.config.formats):
+                if (f.man_bits, f.exp_bits, self.config.block_2d(i)) == want:
+                    return i, trans
+        raise FormatMismatchError(
+            f"operand {name!r} ({t.fmt.man_bits}-bit mantissas, {t.fmt.exp_bits}-bit "
+            f"exponents, blocks {block}) matches no device format slot: "
+            + "; ".join(f"[{i}] {f.describe()}" for i, f in enumerate(self.config.formats)))
+
+    # -- quantize --------------------------------------------------------------------
+    def _fits_onchip(self, shape: tuple[int, int], slot: int) -> bool:
+        cfg = self.config
+        lay = block_layout(shape, cfg.formats[slot])
+        return (shape[0] * shape[1] <= cfg.input_depth and shape[0] <= _U16
+                and shape[1] <= _U16 and lay.num_blocks * lay.block_size <= cfg.operand_depth
+                and lay.num_blocks <= cfg.exponent_depth)
+
+    def _quantize_tile(self, x: np.ndarray, slot: int, dst: int, fmt: BFPFormat | None, *,
+                       ret: bool):
+        """FP32 tile -> fp_in -> QUANTIZE into operand ``dst``; returns the response."""
+        fmt = fmt or self.config.formats[slot]
+        self._resident.pop(dst, None)
+        self._write("fp_in", 0, x)
+        return self._call(P.Op.QUANTIZE, slot=slot, dst=dst,
+                          flags=int(P.QuantizeFlag.RETURN) if ret else 0,
+                          rows=x.shape[0], cols=x.shape[1], src_offset=0,
+                          rounding=fmt.rounding_code, seed=fmt.seed)
+
+    def quantize(self, x: Any, fmt: BFPFormat | None = None, *, nonfinite: str = "raise",
+                 name: str = "x") -> BFPTensor:
+        """Quantize ``x`` on the device; bit-identical to :func:`hbfp_hw.quantize`.
+
+        Tensors larger than the device's ``fp_in`` buffer are quantized in tiles of
+        whole blocks (stochastic rounding restarts its random stream per QUANTIZE, so a
+        stochastic format needs the tensor to fit in one tile).
+        """
+        if nonfinite not in ("raise", "flag"):
+            raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+        x = _as_real(x, name)
+        slot = self._quantize_slot(fmt, x.shape)
+        dfmt = self.config.formats[slot]
+        fmt = fmt or dfmt
+        lay = block_layout(x.shape, dfmt)
+        br, bc = lay.block
+        R, C = x.shape
+        cfg = self.config
+        cap = min(cfg.input_depth, cfg.operand_depth)
+        Ct = min(-(-C // bc) * bc, _U16 // bc * bc, cap // br // bc * bc)
+        if Ct == 0:
+            raise ValueError(f"one block ({br}x{bc}) does not fit the device buffers")
+        Rt = min(-(-R // br) * br, _U16 // br * br, cap // Ct // br * br)
+        tiles = [(r0, min(R, r0 + Rt), c0, min(C, c0 + Ct))
+                 for r0 in range(0, R, Rt) for c0 in range(0, C, Ct)]
+        if dfmt.rounding == "stochastic" and len(tiles) > 1:
+            raise ValueError(
+                f"tensor {name!r} of shape {x.shape} needs {len(tiles)} QUANTIZE tiles; "
+                f"stochastic rounding restarts its random stream per QUANTIZE, so a "
+                f"stochastic format needs at most {cap} elements")
+        man = np.zeros(lay.padded, dtype=np.int8 if dfmt.man_bits <= 8 else np.int16)
+        codes = np.zeros(lay.grid, dtype=np.int64)
+        first_bad = None
+        mwb, ewb = self._specs["op0.man"].wire_bytes, self._specs["op0.exp"].wire_bytes
+        with self._progress(5 * R * C, f"quantize {name}"):
+            for r0, r1, c0, c1 in tiles:
+                tile = x[r0:r1, c0:c1]
+                tl = block_layout(tile.shape, dfmt)
+                n, nb = tl.num_blocks * tl.block_size, tl.num_blocks
+                ret = n * mwb + nb * ewb <= P.MAX_DATA
+                r = self._quantize_tile(tile, slot, 0, fmt, ret=ret)
+                if ret:
+                    tc = np.frombuffer(r.data[: nb * ewb], "u1" if ewb == 1 else "<u2")
+                    tm = np.frombuffer(r.data[nb * ewb:], "i1" if mwb == 1 else "<i2")
+                    self.link["payload_rx"] += len(r.data)
+                else:
+                    tc = self._read("op0.exp", 0, nb)
+                    tm = self._read("op0.man", 0, n)
+                tq = BFPTensor.from_stream(dfmt, tile.shape, tc, tm.reshape(nb, -1))
+                gr, gc = r0 // br, c0 // bc
+                man[r0: r0 + tl.padded[0], c0: c0 + tl.padded[1]] = tq.mantissas
+                codes[gr: gr + tl.grid[0], gc: gc + tl.grid[1]] = tc.reshape(tl.grid)
+                if r.fields["n_invalid"]:
+                    li = np.unravel_index(r.fields["first_invalid"], tl.grid)
+                    flat = int(np.ravel_multi_index((gr + li[0], gc + li[1]), lay.grid))
+                    first_bad = flat if first_bad is None else min(first_bad, flat)
+        if first_bad is not None and nonfinite == "raise":
+            raise _nonfinite_error(name, lay.grid, first_bad, lay.block, x.shape)
+        invalid = codes == dfmt.exp_invalid_code
+        exps = np.where(invalid, dfmt.emin, codes - dfmt.exp_bias).astype(np.int16)
+        return BFPTensor(fmt, tuple(x.shape), man, exps, invalid)
+
+    # -- GEMM ------------------------------------------------------------------------
+    def _load_operand(self, buf: int, t: BFPTensor, trans: bool, key: tuple) -> tuple:
+        """Write tile ``t`` (stored transposed if ``trans``) into operand ``buf``."""
+        stored = t.T if trans else t
+        if self._resident.get(buf) != key:
+            codes, man = stored.stream()
+            self._resident.pop(buf, None)
+            self._write(f"op{buf}.exp", 0, codes)
+            self._write(f"op{buf}.man", 0, man)
+            self._resident[buf] = key
+        return stored.shape
+
+    def _gemm(self, a: int, a_shape, ta: bool, slot_a: int, b: int, b_shape, tb: bool,
+              slot_b: int, flags: int) -> int:
+        G = P.GemmFlag
+        flags |= (G.TRANS_A if ta else 0) | (G.TRANS_B if tb else 0)
+        r = self._call(P.Op.GEMM, a=a, b=b, flags=int(flags), slot_a=slot_a, slot_b=slot_b,
+                       a_rows=a_shape[0], a_cols=a_shape[1], b_rows=b_shape[0],
+                       b_cols=b_shape[1], out_offset=0)
+        return r.fields["k_total"]
+
+    def _check_operands(self, a_q: BFPTensor, b_q: BFPTensor, allow_invalid: bool,
+                        names=("a", "b")) -> None:
+        for t, n in ((a_q, names[0]), (b_q, names[1])):
+            if not isinstance(t, BFPTensor):
+                raise TypeError(f"{n} must be a BFPTensor (use matmul() for float arrays), "
+                                f"got {type(t).__name__}")
+            if t.ndim != 2:
+                raise ValueError(f"{n} must be 2-D, got shape {t.shape}")
+        if a_q.shape[1] != b_q.shape[0]:
+            raise ValueError(f"shape mismatch: {names[0]} is {a_q.shape}, {names[1]} is "
+                             f"{b_q.shape}; inner dimensions must be equal")
+        k_block_length(a_q, b_q)
+        if a_q.shape[1] > self.config.k_max:
+            raise ValueError(f"K={a_q.shape[1]} exceeds the device's k_max="
+                             f"{self.config.k_max}; accepted range is [1, {self.config.k_max}]")
+        if not allow_invalid:
+            for t, n in ((a_q, names[0]), (b_q, names[1])):
+                bad = np.flatnonzero(t.invalid.reshape(-1))
+                if len(bad):
+                    raise _nonfinite_error(n, t.layout.grid, int(bad[0]), t.layout.block,
+                                           t.shape)
+
+    def matmul_q(self, a_q: BFPTensor, b_q: BFPTensor, *, allow_invalid: bool = False,
+                 names: tuple[str, str] = ("a", "b")) -> np.ndarray:
+        """``a_q @ b_q`` on the device, bit-identical to :func:`hbfp_hw.gemm.bfp_matmul`.
+
+        Operands of any size are tiled over the operand and output buffers; a reduction
+        longer than a buffer holds is split along K with the reference exponents of the
+        whole K passed through ``eref``, so the result is still bit-identical.
+        """
+        self._check_operands(a_q, b_q, allow_invalid, names)
+        sa, ta = self._operand_slot(a_q, names[0])
+        sb, tb = self._operand_slot(b_q, names[1])
+        cfg = self.config
+        M, K = a_q.shape
+        N = b_q.shape[1]
+        bm, L = _block2(a_q)
+        bn = _block2(b_q)[1]
+        Mp, Kp, Np = -(-M // bm) * bm, -(-K // L) * L, -(-N // bn) * bn
+        D, O = cfg.operand_depth, cfg.output_depth
+        eref_n = self._specs["eref"].depth
+        kcap = min(D // bm, D // bn, _U16) // L * L
+        if kcap == 0 or bm * bn > O:
+            raise ValueError(f"blocks {bm}x{L} / {L}x{bn} do not fit the device buffers")
+        Kt = Kp if Kp <= kcap else kcap
+        Nt = min(Np, D // Kt, O // bm, _U16) // bn * bn
+        Mt = min(Mp, D // Kt, O // Nt, _U16) // bm * bm
+        nK = -(-K // Kt)
+        while nK > 1 and Mt // bm + Nt // bn > eref_n:
+            if Nt > bn:
+                Nt -= bn
+            else:
+                Mt -= bm
+        y = np.empty((M, N), dtype=np.float32)
+        G = P.GemmFlag
+        base = G.STORE | (G.ALLOW_INVALID if allow_invalid else 0)
+        lo = -(1 << 14)
+        if nK > 1:
+            row = np.where(a_q.invalid, lo, a_q.exponents.astype(np.int64)).max(axis=1)
+            col = np.where(b_q.invalid, lo, b_q.exponents.astype(np.int64)).max(axis=0)
+            row = np.maximum(row, a_q.fmt.emin) + a_q.fmt.exp_bias
+            col = np.maximum(col, b_q.fmt.emin) + b_q.fmt.exp_bias
+        nbytes = (M * K * (nK > 1 and 1 or -(-N // Nt)) + K * N * (
+            -(-M // Mt) if nK > 1 else 1) + 4 * M * N)
+        with self._progress(nbytes, "matmul"):
+            for n0 in range(0, N, Nt):
+                n1 = min(N, n0 + Nt)
+                for m0 in range(0, M, Mt):
+                    m1 = min(M, m0 + Mt)
+                    if nK > 1:
+                        self._write("eref", 0, np.concatenate(
+                            [row[m0 // bm: -(-m1 // bm)], col[n0 // bn: -(-n1 // bn)]]))
+                    for ik, k0 in enumerate(range(0, K, Kt)):
+                        k1 = min(K, k0 + Kt)
+                        at = _slice_q(a_q, m0, m1, k0, k1)
+                        bt = _slice_q(b_q, k0, k1, n0, n1)
+                        ash = self._load_operand(0, at, ta, (id(a_q), a_q, m0, m1, k0, k1, ta))
+                        bsh = self._load_operand(1, bt, tb, (id(b_q), b_q, k0, k1, n0, n1, tb))
+                        flags = G.ACCUMULATE if ik else 0
+                        if nK > 1:
+                            flags |= G.EXT_EREF
+                        if k1 == K:
+                            flags |= base
+                        else:
+                            flags |= base & ~G.STORE
+                        k_total = self._gemm(0, ash, ta, sa, 1, bsh, tb, sb, flags)
+                        if k_total != k1:
+                            raise LinkError(f"device accumulated K={k_total}, expected {k1}")
+                    y[m0:m1, n0:n1] = self._read("out", 0, (m1 - m0) * (n1 - n0)).reshape(
+                        m1 - m0, n1 - n0)
+        return y
+
+    def _onchip_ok(self, shapes_slots, out_shapes, ks) -> bool:
+        cfg = self.config
+        return (all(self._fits_onchip(s, slot) for s, slot in shapes_slots)
+                and all(m * n <= cfg.output_depth for m, n in out_shapes)
+                and max(ks) <= cfg.k_max and len(shapes_slots) <= cfg.operand_buffers)
+
+    def _quantize_into(self, x: np.ndarray, slot: int, dst: int, fmt: BFPFormat | None,
+                       name: str, nonfinite: str) -> None:
+        r = self._quantize_tile(x, slot, dst, fmt, ret=False)
+        if r.fields["n_invalid"] and nonfinite == "raise":
+            lay = block_layout(x.shape, self.config.formats[slot])
+            raise _nonfinite_error(name, lay.grid, r.fields["first_invalid"], lay.block,
+                                   x.shape)
+        self._resident[dst] = ("onchip", name, x.shape, slot)
+
+    def _gemm_onchip(self, a: int, a_shape, ta: bool, slot_a: int, b: int, b_shape, tb: bool,
+                     slot_b: int, out_shape, allow_invalid: bool) -> np.ndarray:
+        G = P.GemmFlag
+        self._gemm(a, a_shape, ta, slot_a, b, b_shape, tb, slot_b,
+                   G.STORE | (G.ALLOW_INVALID if allow_invalid else 0))
+        return self._read("out", 0, out_shape[0] * out_shape[1]).reshape(out_shape)
+
+    def matmul(self, a: Any, b: Any, fmt_a: BFPFormat | None = None,
+               fmt_b: BFPFormat | None = None, *, nonfinite: str = "raise") -> np.ndarray:
+        """Quantize ``a`` and ``b`` on the device and multiply them, any sizes.
+
+        Bit-identical to ``bfp_matmul(quantize(a, fmt_a), quantize(b, fmt_b))`` (format
+        slot 0 when a format is not given). ``nonfinite="flag"`` lets NaN/Inf blocks
+        through as NaN outputs instead of raising.
+        """
+        a = _as_real(a, "a")
+        b = _as_real(b, "b")
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"shape mismatch: a is {a.shape}, b is {b.shape}; inner "
+                             f"dimensions must be equal")
+        sa = self._quantize_slot(fmt_a, a.shape)
+        sb = self._quantize_slot(fmt_b, b.shape)
+        fa, fb = self.config.formats[sa], self.config.formats[sb]
+        if block_layout(a.shape, fa).block[1] != block_layout(b.shape, fb).block[0]:
+            raise ValueError(f"a's block length along K ({block_layout(a.shape, fa).block}) "
+                             f"differs from b's ({block_layout(b.shape, fb).block})")
+        allow = nonfinite == "flag"
+        if self._onchip_ok([(a.shape, sa), (b.shape, sb)], [(a.shape[0], b.shape[1])],
+                           [a.shape[1]]):
+            self._quantize_into(a, sa, 0, fmt_a, "a", nonfinite)
+            self._quantize_into(b, sb, 1, fmt_b, "b", nonfinite)
+            return self._gemm_onchip(0, a.shape, False, sa, 1, b.shape, False, sb,
+                                     (a.shape[0], b.shape[1]), allow)
+        a_q = self.quantize(a, fmt_a, nonfinite=nonfinite, name="a")
+        b_q = self.quantize(b, fmt_b, nonfinite=nonfinite, name="b")
+        return self.matmul_q(a_q, b_q, allow_invalid=allow)
+
+    def train_step(self, x: Any, w: Any, dy: Any, fmt: BFPFormat | None = None, *,
+                   nonfinite: str = "raise") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The HyperBlock trio of a linear layer ``Y = X Wᵀ``: ``(Y, dX, dW)``.
+
+        X ``(B, I)``, W ``(O, I)`` and dY ``(B, O)`` are each quantized once (2-D tiles)
+        and feed every GEMM they take part in: ``Y = X·Wᵀ``, ``dX = dY·W``,
+        ``dW = dYᵀ·X``. Bit-identical to the golden model on ``quantize(x)``,
+        ``quantize(w)``, ``quantize(dy)`` and their transposes.
+        """
+        x = _as_real(x, "x")
+        w = _as_real(w, "w")
+        dy = _as_real(dy, "dy")
+        B, In = x.shape
+        if w.shape[1] != In or dy.shape != (B, w.shape[0]):
+            raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, dy {dy.shape}; "
+                             f"expected w (O, {In}) and dy ({B}, O)")
+        Out = w.shape[0]
+        slots = [self._quantize_slot(fmt, t.shape) for t in (x, w, dy)]
+        f = self.config.formats[slots[0]]
+        br, bc = self.config.block_2d(slots[0])
+        if br != bc:
+            raise ValueError(f"train_step needs square 2-D tiles so every tensor serves both "
+                             f"orientations; format {f.describe()} has blocks {br}x{bc}")
+        allow = nonfinite == "flag"
+        s = slots[0]
+        if self._onchip_ok([(x.shape, s), (w.shape, s), (dy.shape, s)],
+                           [(B, Out), (B, In), (Out, In)], [In, Out, B]):
+            self._quantize_into(x, s, 0, fmt, "x", nonfinite)
+            self._quantize_into(w, s, 1, fmt, "w", nonfinite)
+            self._quantize_into(dy, s, 2, fmt, "dy", nonfinite)
+            y = self._gemm_onchip(0, x.shape, False, s, 1, w.shape, True, s, (B, Out), allow)
+            dx = self._gemm_onchip(2, dy.shape, False, s, 1, w.shape, False, s, (B, In), allow)
+            dw = self._gemm_onchip(2, dy.shape, True, s, 0, x.shape, False, s, (Out, In), allow)
+            return y, dx, dw
+        xq = self.quantize(x, fmt, nonfinite=nonfinite, name="x")
+        wq = self.quantize(w, fmt, nonfinite=nonfinite, name="w")
+        dyq = self.quantize(dy, fmt, nonfinite=nonfinite, name="dy")
+        y = self.matmul_q(xq, wq.T, allow_invalid=allow, names=("x", "w.T"))
+        dx = self.matmul_q(dyq, wq, allow_invalid=allow, names=("dy", "w"))
+        dw = self.matmul_q(dyq.T, xq, allow_invalid=allow, names=("dy.T", "x"))
+        return y, dx, dw
+
+
+# -- URLs ----------------------------------------------------------------------------------
+def _load_manifest(manifest: str | Path | dict) -> dict:
+    if isinstance(manifest, dict):
+        return manifest
+    data = json.loads(Path(manifest).read_text())
+    if "device_hash" not in data:
+        raise ConfigMismatchError(f"{manifest}: manifest has no device_hash (not an "
+                                  f"accelerator manifest?)")
+    return data
+
+
+def open(url: str, *, config: AcceleratorConfig | None = None,
+         manifest: str | Path | dict | None = None, timeout: float | None = None,
+         retries: int = 8, progress: bool | None = None) -> Device:
+    """Open a device by URL.
+
+    * ``emulate://`` -- the golden-model device (:class:`~hbfp_hw.host.emulator.Emulator`)
+      over an in-process loopback: the whole codec path runs;
+    * ``serial:///dev/ttyUSB0?baud=3000000`` -- a board through pyserial;
+    * ``sim://`` -- the generated RTL in a simulator (needs the accelerator top).
+
+    ``config`` / ``manifest`` give the expected build: INFO must match it. For
+    ``emulate://`` they also configure the emulated device (default config otherwise).
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a string, got {type(url).__name__}")
+    u = urllib.parse.urlsplit(url)
+    q = {k: v[-1] for k, v in urllib.parse.parse_qs(u.query).items()}
+    man = _load_manifest(manifest) if manifest is not None else None
+    expected_hash = bytes.fromhex(man["device_hash"]) if man else None
+    if man is not None and config is None and "config" in man:
+        try:
+            config_for_model = AcceleratorConfig.from_dict(man["config"])
+        except (TypeError, ValueError):
+            config_for_model = None
+    else:
+        config_for_model = config
+    kw = dict(expected_hash=expected_hash, expected_config=config, retries=retries,
+              progress=progress)
+    if u.scheme == "emulate":
+        from .emulator import Emulator
+        transport = LoopbackTransport(Emulator(config_for_model))
+        return Device(transport, timeout=0.0 if timeout is None else timeout, **kw)
+    if u.scheme == "serial":
+        port = (u.netloc + u.path) or q.get("port", "")
+        if not port:
+            raise ValueError(f"{url!r}: no port; expected serial:///dev/ttyUSB0?baud=3000000")
+        try:
+            baud = int(q.get("baud", 3_000_000))
+        except ValueError:
+            raise ValueError(f"{url!r}: baud={q['baud']!r} is not an integer") from None
+        tmo = float(q.get("timeout", 1.0)) if timeout is None else timeout
+        transport = SerialTransport(port, baud)
+        try:
+            return Device(transport, timeout=tmo, **kw)
+        except BaseException:
+            transport.close()
+            raise
+    if u.scheme == "sim":
+        try:
+            import importlib
+            top = importlib.import_module("hbfp_hw.gateware.top")
+        except ModuleNotFoundError as e:
+            if e.name not in ("hbfp_hw.gateware.top",):
+                raise
+            raise RuntimeError(
+                "sim:// needs the accelerator top (hbfp_hw.gateware.top), which is not "
+                "available in this build; use emulate:// for the golden device model") from None
+        factory = getattr(top, "sim_transport", None)
+        if factory is None:
+            raise RuntimeError("sim:// needs hbfp_hw.gateware.top.sim_transport(config) "
+                               "returning a Transport to the simulated RTL; the top does "
+                               "not provide it yet")
+        cfg = config_for_model or AcceleratorConfig.default()
+        return Device(factory(cfg), timeout=10.0 if timeout is None else timeout, **kw)
+    raise ValueError(f"unsupported device URL {url!r}; accepted schemes are "
+                     + ", ".join(f"{s}://" for s in URL_SCHEMES))

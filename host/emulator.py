@@ -1,0 +1,377 @@
+"""A device model that speaks the wire protocol byte for byte and computes with the
+golden model (:func:`hbfp_hw.quantize.quantize`, :func:`hbfp_hw.gemm.bfp_matmul`).
+
+It is what ``emulate://`` talks to, over a :class:`~hbfp_hw.host.transport.LoopbackTransport`,
+so the whole host path (codec, retries, tiling) runs without RTL. It behaves as the
+accelerator top is specified to:
+
+* every field is range-checked against the buffer map before anything is touched; a
+  request the device cannot honour gets an error frame and changes nothing;
+* a frame with a bad CRC gets a ``BAD_CRC`` error frame; a repeated request (same
+  sequence tag and bytes as the last one) is answered from the last response without
+  executing it again;
+* GEMM accumulators persist across GEMMs with ``ACCUMULATE`` so a reduction split
+  along K (with reference exponents supplied through ``eref``) is bit-identical to
+  the unsplit golden GEMM.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.formats import ROUNDING_MODES
+from hbfp_hw.gemm import bfp_matmul, k_block_length
+from hbfp_hw.quantize import BFPTensor, block_layout, quantize
+
+from .codec import CrcError, Frame, FrameParser
+
+__all__ = ["Emulator", "GUARD_ELEMENTS"]
+
+#: Sentinel elements kept before and after every buffer (tests check they never change).
+GUARD_ELEMENTS = 16
+_SENTINEL = 0x5A
+
+
+class _DevError(Exception):
+    def __init__(self, code: P.ErrorCode, detail: int = 0) -> None:
+        super().__init__(code.name)
+        self.code = code
+        self.detail = int(detail) & 0xFFFFFFFF
+
+
+def _np_dtype(spec: P.BufferSpec) -> np.dtype:
+    if spec.kind == P.BufferKind.FP32:
+        return np.dtype("<u4")
+    return np.dtype({(1, True): "i1", (2, True): "<i2", (1, False): "u1",
+                     (2, False): "<u2"}[(spec.wire_bytes, spec.signed)])
+
+
+class Emulator:
+    """Golden-model accelerator speaking the protocol.
+
+    Parameters
+    ----------
+    config
+        The accelerator configuration (default :meth:`AcceleratorConfig.default`).
+    """
+
+    def __init__(self, config: AcceleratorConfig | None = None) -> None:
+        self.config = config or AcceleratorConfig.default()
+        self.specs = P.buffer_map(self.config)
+        self._backing: list[np.ndarray] = []
+        self.buffers: list[np.ndarray] = []
+        for s in self.specs:
+            dt = _np_dtype(s)
+            back = np.empty(s.depth + 2 * GUARD_ELEMENTS, dtype=dt)
+            back.view(np.uint8)[:] = _SENTINEL
+            self._backing.append(back)
+            self.buffers.append(back[GUARD_ELEMENTS: GUARD_ELEMENTS + s.depth])
+        self._info = P.canonical_json(P.device_description(self.config))
+        self._hash = P.device_hash(self.config)
+        self._parser = FrameParser()
+        self._last: tuple[int, int, bytes, bytes] | None = None
+        self.counters: Counter = Counter()
+        self._reset_state()
+
+    # -- byte interface --------------------------------------------------------------
+    def feed(self, data: bytes) -> bytes:
+        """Bytes from the host -> bytes to the host."""
+        return b"".join(self._handle(e) for e in self._parser.feed(data))
+
+    def idle(self) -> bytes:
+        """The line went idle: drop a partial frame (and answer frames found in it)."""
+        return b"".join(self._handle(e) for e in self._parser.idle())
+
+    def guards_intact(self) -> bool:
+        """True if no byte around any buffer was ever written."""
+        for back in self._backing:
+            raw = back.view(np.uint8)
+            g = GUARD_ELEMENTS * back.itemsize
+            if not (np.all(raw[:g] == _SENTINEL) and np.all(raw[-g:] == _SENTINEL)):
+                return False
+        return True
+
+    # -- dispatch --------------------------------------------------------------------
+    def _handle(self, ev) -> bytes:
+        if isinstance(ev, CrcError):
+            self.counters["bad_crc"] += 1
+            return self._error(ev.seq, ev.opcode, P.ErrorCode.BAD_CRC, ev.length)
+        if not isinstance(ev, Frame):
+            return b""
+        if self._last is not None and self._last[:3] == (ev.seq, ev.opcode, ev.payload):
+            self.counters["replayed"] += 1
+            return self._last[3]
+        out = self._execute(ev)
+        self._last = (ev.seq, ev.opcode, ev.payload, out)
+        return out
+
+    def _error(self, seq: int, opcode: int, code: P.ErrorCode, detail: int = 0) -> bytes:
+        self.counters[f"error_{code.name}"] += 1
+        payload = P.ERROR_LAYOUT.pack(code=int(code), opcode=opcode & 0xFF, detail=detail)
+        return P.encode_frame(seq, P.ERROR_OPCODE, payload)
+
+    def _execute(self, fr: Frame) -> bytes:
+        try:
+            op = P.Op(fr.opcode)
+        except ValueError:
+            return self._error(fr.seq, fr.opcode, P.ErrorCode.UNKNOWN_OPCODE, fr.opcode)
+        try:
+            fields, data = P.REQUESTS[op].unpack(fr.payload)
+        except ValueError:
+            return self._error(fr.seq, fr.opcode, P.ErrorCode.BAD_LENGTH, len(fr.payload))
+        try:
+            handler = getattr(self, f"_op_{op.name.lower()}")
+            rfields, rdata = handler(fields, data)
+        except _DevError as e:
+            return self._error(fr.seq, fr.opcode, e.code, e.detail)
+        self.counters[op.name] += 1
+        payload = P.RESPONSES[op].pack(rdata, **rfields)
+        return P.encode_frame(fr.seq, op | P.RESPONSE_FLAG, payload)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self._acc: np.ndarray | None = None
+        self._acc_eref: np.ndarray | None = None
+        self._acc_bad: np.ndarray | None = None
+        self._acc_meta: tuple | None = None
+        self._k_total = 0
+        self._stats = [0, 0, np.float32(np.inf), np.float32(-np.inf)]
+
+    def _spec(self, buf: int, *, writable: bool = False) -> P.BufferSpec:
+        if buf >= len(self.specs):
+            raise _DevError(P.ErrorCode.BAD_BUFFER, buf)
+        s = self.specs[buf]
+        if writable and not s.writable:
+            raise _DevError(P.ErrorCode.BAD_BUFFER, buf)
+        return s
+
+    def _operand_specs(self, i: int) -> tuple[P.BufferSpec, P.BufferSpec]:
+        if i >= self.config.operand_buffers:
+            raise _DevError(P.ErrorCode.BAD_BUFFER, i)
+        man = next(s for s in self.specs if s.kind == P.BufferKind.MANTISSA and s.operand == i)
+        exp = next(s for s in self.specs if s.kind == P.BufferKind.EXPONENT and s.operand == i)
+        return man, exp
+
+    def _by_kind(self, kind: P.BufferKind, name: str) -> P.BufferSpec:
+        return next(s for s in self.specs if s.kind == kind and s.name == name)
+
+    def _slot(self, slot: int, field_no: int):
+        if slot >= len(self.config.formats):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, field_no)
+        return self.config.formats[slot]
+
+    @staticmethod
+    def _check_flags(flags: int, enum, field_no: int) -> None:
+        allowed = 0
+        for f in enum:
+            allowed |= int(f)
+        if flags & ~allowed:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, field_no)
+
+    def _layout_fits(self, shape: tuple[int, int], fmt) -> object:
+        if shape[0] == 0 or shape[1] == 0:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, 0)
+        lay = block_layout(shape, fmt)
+        n = lay.num_blocks * lay.block_size
+        if n > self.config.operand_depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, n)
+        if lay.num_blocks > self.config.exponent_depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, lay.num_blocks)
+        return lay
+
+    # -- commands --------------------------------------------------------------------
+    def _op_info(self, f, data):
+        off = f["offset"]
+        if off > len(self._info):
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, off)
+        chunk = self._info[off: off + P.MAX_DATA]
+        return {"version": P.PROTOCOL_VERSION, "hash": self._hash,
+                "total": len(self._info)}, chunk
+
+    def _op_write(self, f, data):
+        s = self._spec(f["buffer"], writable=True)
+        if len(data) % s.wire_bytes or len(data) > P.MAX_DATA:
+            raise _DevError(P.ErrorCode.BAD_LENGTH, len(data))
+        n = len(data) // s.wire_bytes
+        off = f["offset"]
+        if off + n > s.depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, s.depth))
+        self.buffers[s.id][off: off + n] = np.frombuffer(data, dtype=self.buffers[s.id].dtype)
+        return {"count": n}, b""
+
+    def _op_read(self, f, data):
+        s = self._spec(f["buffer"])
+        n, off = f["count"], f["offset"]
+        if n * s.wire_bytes > P.MAX_DATA:
+            raise _DevError(P.ErrorCode.BAD_LENGTH, n)
+        if off + n > s.depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, s.depth))
+        return {}, self.buffers[s.id][off: off + n].tobytes()
+
+    def _op_quantize(self, f, data):
+        fmt = self._slot(f["slot"], 0)
+        if f["rounding"] >= len(ROUNDING_MODES):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, 7)
+        fmt = fmt.replace(rounding=ROUNDING_MODES[f["rounding"]], seed=f["seed"])
+        man_s, exp_s = self._operand_specs(f["dst"])
+        self._check_flags(f["flags"], P.QuantizeFlag, 2)
+        rows, cols, src = f["rows"], f["cols"], f["src_offset"]
+        lay = self._layout_fits((rows, cols), fmt)
+        fp_in = self._by_kind(P.BufferKind.FP32, "fp_in")
+        if src + rows * cols > fp_in.depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(src, fp_in.depth))
+        n = lay.num_blocks * lay.block_size
+        ret = bool(f["flags"] & P.QuantizeFlag.RETURN)
+        if ret and n * man_s.wire_bytes + lay.num_blocks * exp_s.wire_bytes > P.MAX_DATA:
+            raise _DevError(P.ErrorCode.BAD_LENGTH, n)
+        x = self.buffers[fp_in.id][src: src + rows * cols].view(np.float32).reshape(rows, cols)
+        q = quantize(x, fmt, nonfinite="flag")
+        codes, man = q.stream()
+        self.buffers[man_s.id][:n] = man.reshape(-1)
+        self.buffers[exp_s.id][: lay.num_blocks] = codes
+        bad = np.flatnonzero(q.invalid.reshape(-1))
+        out = b""
+        if ret:
+            out = (codes.astype(self.buffers[exp_s.id].dtype).tobytes()
+                   + man.reshape(-1).astype(self.buffers[man_s.id].dtype).tobytes())
+        return {"n_invalid": len(bad),
+                "first_invalid": int(bad[0]) if len(bad) else P.NO_INDEX}, out
+
+    def _load(self, buf: int, slot: int, rows: int, cols: int, which: int,
+              field_no: int) -> BFPTensor:
+        fmt = self._slot(slot, field_no)
+        man_s, exp_s = self._operand_specs(buf)
+        lay = self._layout_fits((rows, cols), fmt)
+        n = lay.num_blocks * lay.block_size
+        man = self.buffers[man_s.id][:n]
+        codes = self.buffers[exp_s.id][: lay.num_blocks].astype(np.int64)
+        big = np.flatnonzero(np.abs(man.astype(np.int32)) > fmt.mmax)
+        if len(big):
+            raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+        big = np.flatnonzero(codes > fmt.exp_invalid_code)
+        if len(big):
+            raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+        return BFPTensor.from_stream(fmt, (rows, cols), codes, man.reshape(lay.num_blocks, -1))
+
+    def _op_gemm(self, f, data):
+        cfg = self.config
+        flags = f["flags"]
+        self._check_flags(flags, P.GemmFlag, 2)
+        G = P.GemmFlag
+        a = self._load(f["a"], f["slot_a"], f["a_rows"], f["a_cols"], 0, 3)
+        b = self._load(f["b"], f["slot_b"], f["b_rows"], f["b_cols"], 1, 4)
+        if not flags & G.ALLOW_INVALID:
+            for which, t in ((0, a), (1, b)):
+                bad = np.flatnonzero(t.invalid.reshape(-1))
+                if len(bad):
+                    raise _DevError(P.ErrorCode.INVALID_DATA, (which << 31) | int(bad[0]))
+        if flags & G.TRANS_A:
+            a = a.T
+        if flags & G.TRANS_B:
+            b = b.T
+        try:
+            L = k_block_length(a, b)
+        except ValueError:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, 5) from None
+        M, K = a.shape
+        N = b.shape[1]
+        lay_a, lay_b = a.layout, b.layout
+        Mp, Np = lay_a.padded[0], lay_b.padded[1]
+        out_s = self._by_kind(P.BufferKind.FP32, "out")
+        if flags & G.STORE and f["out_offset"] + M * N > out_s.depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(f["out_offset"], out_s.depth))
+        acc_meta = (Mp, Np, lay_a.block[0], lay_b.block[1], a.fmt.frac_bits, b.fmt.frac_bits)
+        accumulate = bool(flags & G.ACCUMULATE)
+        if accumulate and (self._acc is None or self._acc_meta != acc_meta):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, 2)
+        k_total = (self._k_total if accumulate else 0) + K
+        if k_total > cfg.k_max:
+            raise _DevError(P.ErrorCode.K_OVERFLOW, k_total)
+
+        gm, gn = lay_a.grid[0], lay_b.grid[1]
+        if flags & G.EXT_EREF:
+            eref_s = self._by_kind(P.BufferKind.EREF, "eref")
+            if gm + gn > eref_s.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, gm + gn)
+            codes = self.buffers[eref_s.id][: gm + gn].astype(np.int64)
+            row = codes[:gm] - a.fmt.exp_bias
+            col = codes[gm:] - b.fmt.exp_bias
+            lo = -(1 << 14)
+            own_r = np.where(a.invalid, lo, a.exponents.astype(np.int64)).max(axis=1)
+            own_c = np.where(b.invalid, lo, b.exponents.astype(np.int64)).max(axis=0)
+            if np.any(row < own_r) or np.any(col < own_c):
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, 6)
+            a, b = _with_reference_block(a, b, row, col, L)
+        _, acc, e_ref = bfp_matmul(a, b, guard_bits=cfg.guard_bits, return_acc=True)
+        bad = (np.repeat(a.invalid.any(axis=1), lay_a.block[0])[:, None]
+               | np.repeat(b.invalid.any(axis=0), lay_b.block[1])[None, :])
+        if accumulate:
+            if not np.array_equal(e_ref, self._acc_eref):
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, 6)
+            self._acc = self._acc + acc
+            self._acc_bad = self._acc_bad | bad
+        else:
+            self._acc, self._acc_eref, self._acc_bad = acc, e_ref, bad
+            self._acc_meta = acc_meta
+        self._k_total = k_total
+        if flags & G.STORE:
+            y = _acc_to_f32(self._acc, self._acc_eref, cfg.guard_bits, acc_meta[4],
+                            acc_meta[5], self._acc_bad)[:M, :N]
+            off = f["out_offset"]
+            self.buffers[out_s.id][off: off + M * N] = y.reshape(-1).view(np.uint32)
+            fin = y[np.isfinite(y)]
+            st = self._stats
+            st[0] += int(fin.size)
+            st[1] += int(y.size - fin.size)
+            if fin.size:
+                st[2] = min(st[2], fin.min())
+                st[3] = max(st[3], fin.max())
+        return {"k_total": k_total}, b""
+
+    def _op_read_stats(self, f, data):
+        self._check_flags(f["flags"], P.StatsFlag, 0)
+        count, nonfin, lo, hi = self._stats
+        if count == 0:
+            lo, hi = np.float32(0), np.float32(0)
+        out = {"count": count, "n_nonfinite": nonfin, "min": float(lo), "max": float(hi)}
+        if f["flags"] & P.StatsFlag.CLEAR:
+            self._stats = [0, 0, np.float32(np.inf), np.float32(-np.inf)]
+        return out, b""
+
+    def _op_reset(self, f, data):
+        for back in self._backing:
+            back[GUARD_ELEMENTS: len(back) - GUARD_ELEMENTS] = 0
+        self._reset_state()
+        return {}, b""
+
+
+def _with_reference_block(a: BFPTensor, b: BFPTensor, row: np.ndarray, col: np.ndarray,
+                          L: int) -> tuple[BFPTensor, BFPTensor]:
+    """Append one all-zero K block whose exponents are the reference exponents.
+
+    Zero mantissas add nothing to any accumulator, and the golden model's reference
+    exponent (row max of ``a`` plus column max of ``b``) becomes exactly ``row + col``.
+    """
+    Mp, Kp = a.layout.padded
+    Np = b.layout.padded[1]
+    am = np.concatenate([a.mantissas, np.zeros((Mp, L), a.mantissas.dtype)], axis=1)
+    ae = np.concatenate([a.exponents, row.astype(np.int16)[:, None]], axis=1)
+    ai = np.concatenate([a.invalid, np.zeros((ae.shape[0], 1), bool)], axis=1)
+    bm = np.concatenate([b.mantissas, np.zeros((L, Np), b.mantissas.dtype)], axis=0)
+    be = np.concatenate([b.exponents, col.astype(np.int16)[None, :]], axis=0)
+    bi = np.concatenate([b.invalid, np.zeros((1, be.shape[1]), bool)], axis=0)
+    return (BFPTensor(a.fmt, (a.shape[0], Kp + L), am, ae, ai),
+            BFPTensor(b.fmt, (Kp + L, b.shape[1]), bm, be, bi))
+
+
+def _acc_to_f32(acc: np.ndarray, e_ref: np.ndarray, guard_bits: int, fa: int, fb: int,
+                bad: np.ndarray) -> np.ndarray:
+    """Step 4 and 5 of :mod:`hbfp_hw.gemm`: accumulator -> FP32 (flush, RNE, NaN)."""
+    v = np.ldexp(acc.astype(np.float64), (e_ref - guard_bits - fa - fb).astype(np.int32))
+    with np.errstate(over="ignore"):
+        out = np.where(np.abs(v) < 2.0**-126, 0.0, v).astype(np.float32)
+    return np.where(bad, np.float32(np.nan), out)
