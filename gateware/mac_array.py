@@ -191,8 +191,9 @@ class MacArray(wiring.Component):
         shift = Signal(cfg.shift_bits)
         m.d.comb += shift.eq(Mux(tile_inv | (diff >= cfg.shift_max), cfg.shift_max,
                                  Mux(diff < 0, 0, diff)))
+        # stage d2: register the shift (it fans out to every PE) and the operands
         ctrl_pe = Signal(cl)
-        m.d.comb += [ctrl_pe.eq(c1), ctrl_pe.shift.eq(shift)]
+        m.d.sync += [ctrl_pe.eq(c1), ctrl_pe.shift.eq(shift)]
 
         # ---- PE array ----------------------------------------------------------
         n = cfg.pack
@@ -202,21 +203,26 @@ class MacArray(wiring.Component):
         packed = {}
         for g0, gn in groups:
             for lane in range(L):
-                packed[g0, lane] = pack_operand(
-                    m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
+                pk = pack_operand(m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
+                packed[g0, lane] = Signal.like(pk, name=f"bpk_{g0}_{lane}")
+                m.d.sync += packed[g0, lane].eq(pk)
+        a_reg = [[Signal(signed(cfg.man_bits_a), name=f"areg_{r}_{lane}") for lane in range(L)]
+                 for r in range(R)]
+        m.d.sync += [a_reg[r][lane].eq(buf_a.rd_data[r][lane])
+                     for r in range(R) for lane in range(L)]
         for r in range(R):
             for g0, gn in groups:
                 pe = PE(cfg, n=gn)
                 m.submodules[f"pe_{r}_{g0}"] = pe
                 m.d.comb += [pe.ctrl.eq(ctrl_pe), pe.rd_win.eq(rd_win)]
                 for lane in range(L):
-                    m.d.comb += [pe.a[lane].eq(buf_a.rd_data[r][lane]),
+                    m.d.comb += [pe.a[lane].eq(a_reg[r][lane]),
                                  pe.b[lane].eq(packed[g0, lane])]
                 for j in range(gn):
                     accs[r][g0 + j] = pe.acc[j]
 
         # ---- drain: accumulators -> FP32 -> output FIFO ------------------------------
-        wait_cycles = PE_LATENCY + 2
+        wait_cycles = PE_LATENCY + 3
         wait = Signal(range(wait_cycles + 1))
         d_active = Signal()
         d_win = Signal(range(cfg.windows))
