@@ -132,10 +132,15 @@ class Device:
 
     def __init__(self, transport: Transport, *, expected_hash: bytes | None = None,
                  expected_config: AcceleratorConfig | None = None, timeout: float = 1.0,
-                 retries: int = 8, progress: bool | None = None, seq: int = 0) -> None:
+                 retries: int = 8, progress: bool | None = None, seq: int = 0,
+                 chunk: int = P.MAX_DATA) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(f"transport must be a Transport, got {type(transport).__name__}")
         self.transport = transport
+        if not isinstance(chunk, int) or not 4 <= chunk <= P.MAX_DATA:
+            raise ValueError(f"chunk={chunk!r} is out of range; accepted range is "
+                             f"[4, {P.MAX_DATA}] bytes")
+        self.chunk = chunk
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.progress = progress
@@ -253,7 +258,7 @@ class Device:
         if s.kind == P.BufferKind.FP32:
             raw = raw.astype(np.float32).view("<u4")
         raw = raw.astype(dt[s.wire_bytes]).tobytes()
-        step = P.MAX_DATA // s.wire_bytes * s.wire_bytes
+        step = self.chunk // s.wire_bytes * s.wire_bytes
         for i in range(0, len(raw), step):
             self._call(P.Op.WRITE, raw[i: i + step], buffer=s.id,
                        offset=offset + i // s.wire_bytes)
@@ -261,7 +266,7 @@ class Device:
 
     def _read(self, name: str, offset: int, count: int) -> np.ndarray:
         s = self._specs[name]
-        per = P.MAX_DATA // s.wire_bytes
+        per = self.chunk // s.wire_bytes
         parts = []
         for i in range(0, count, per):
             n = min(per, count - i)
@@ -377,7 +382,7 @@ class Device:
         Rt = min(-(-R // br) * br, _U16 // br * br, cap // Ct // br * br)
         tiles = [(r0, min(R, r0 + Rt), c0, min(C, c0 + Ct))
                  for r0 in range(0, R, Rt) for c0 in range(0, C, Ct)]
-        if dfmt.rounding == "stochastic" and len(tiles) > 1:
+        if fmt.rounding == "stochastic" and len(tiles) > 1:
             raise ValueError(
                 f"tensor {name!r} of shape {x.shape} needs {len(tiles)} QUANTIZE tiles; "
                 f"stochastic rounding restarts its random stream per QUANTIZE, so a "
@@ -391,7 +396,7 @@ class Device:
                 tile = x[r0:r1, c0:c1]
                 tl = block_layout(tile.shape, dfmt)
                 n, nb = tl.num_blocks * tl.block_size, tl.num_blocks
-                ret = n * mwb + nb * ewb <= P.MAX_DATA
+                ret = n * mwb + nb * ewb <= self.chunk
                 r = self._quantize_tile(tile, slot, 0, fmt, ret=ret)
                 if ret:
                     tc = np.frombuffer(r.data[: nb * ewb], "u1" if ewb == 1 else "<u2")
@@ -652,14 +657,15 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
     q = {k: v[-1] for k, v in urllib.parse.parse_qs(u.query).items()}
     man = _load_manifest(manifest) if manifest is not None else None
     expected_hash = bytes.fromhex(man["device_hash"]) if man else None
-    if man is not None and config is None and "config" in man:
+    man_config = None
+    if man is not None and "config" in man:
         try:
-            config_for_model = AcceleratorConfig.from_dict(man["config"])
+            man_config = AcceleratorConfig.from_dict(man["config"])
         except (TypeError, ValueError):
-            config_for_model = None
-    else:
-        config_for_model = config
-    kw = dict(expected_hash=expected_hash, expected_config=config, retries=retries,
+            man_config = None
+    config_for_model = config if config is not None else man_config
+    kw = dict(expected_hash=expected_hash,
+              expected_config=man_config if man is not None else config, retries=retries,
               progress=progress)
     if u.scheme == "emulate":
         from .emulator import Emulator

@@ -70,6 +70,7 @@ class Emulator:
             back.view(np.uint8)[:] = _SENTINEL
             self._backing.append(back)
             self.buffers.append(back[GUARD_ELEMENTS: GUARD_ELEMENTS + s.depth])
+            self.buffers[-1][:] = 0
         self._info = P.canonical_json(P.device_description(self.config))
         self._hash = P.device_hash(self.config)
         self._parser = FrameParser()

@@ -1,0 +1,214 @@
+"""End-to-end: the Device API against the golden model, on every device URL.
+
+Every test takes ``url`` from :data:`URLS`; adding ``"sim://"`` there runs the same
+functions against the RTL once the accelerator top provides a simulation transport.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hbfp_hw.host as host
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.formats import HBFP4, HBFP8, MXINT8
+from hbfp_hw.gemm import bfp_matmul
+from hbfp_hw.manifest import write_manifest
+from hbfp_hw.quantize import NonFiniteBlockError, quantize
+
+URLS = ["emulate://"]
+
+#: Small buffers so modest shapes already need tiling and K splits.
+SMALL = AcceleratorConfig(formats=(HBFP8, HBFP4, MXINT8), operand_depth=2048,
+                          input_depth=1024, output_depth=512, k_max=2048)
+
+
+@pytest.fixture(params=URLS)
+def url(request) -> str:
+    return request.param
+
+
+def _open(url, cfg=SMALL, **kw):
+    return host.open(url, config=cfg, **kw)
+
+
+def _rand(rng, shape, scale_spread=True):
+    x = rng.standard_normal(shape).astype(np.float32)
+    if scale_spread:  # different magnitudes per row block exercise the exponents
+        x *= np.exp2(rng.integers(-20, 20, size=(shape[0], 1))).astype(np.float32)
+    return x
+
+
+def test_info_matches_config(url):
+    with _open(url) as dev:
+        info = dev.info()
+        assert info["hash"] == P.device_hash(SMALL).hex()
+        assert dev.config == SMALL
+        assert info["protocol"]["opcodes"]["GEMM"] == P.Op.GEMM
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16), (37, 53), (100, 90)])
+@pytest.mark.parametrize("fmt", [HBFP8, HBFP4, MXINT8.replace(rounding="stochastic", seed=7)])
+def test_quantize_bit_exact(url, rng, shape, fmt):
+    x = _rand(rng, shape)
+    with _open(url) as dev:
+        if fmt.rounding == "stochastic" and x.size > SMALL.input_depth:
+            with pytest.raises(ValueError, match="stochastic"):
+                dev.quantize(x, fmt)
+            return
+        q = dev.quantize(x, fmt)
+    assert q.equal(quantize(x, fmt))
+
+
+def test_matmul_random_shapes_incl_larger_than_buffers(url, rng):
+    shapes = [(1, 1, 1), (3, 5, 7), (16, 16, 16), (40, 70, 30)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 120, 3)) for _ in range(3)]
+    shapes += [(70, 600, 20), (130, 40, 150)]   # K split (16*608 > 2048) / many tiles
+    with _open(url) as dev:
+        for M, K, N in shapes:
+            a, b = _rand(rng, (M, K)), _rand(rng, (K, N))
+            y = dev.matmul(a, b)
+            ref = bfp_matmul(quantize(a, HBFP8), quantize(b, HBFP8))
+            assert y.dtype == np.float32 and y.shape == (M, N)
+            assert np.array_equal(y, ref), (M, K, N)
+
+
+@pytest.mark.parametrize("fa,fb", [(HBFP8, HBFP4), (HBFP4, HBFP4)])
+def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
+    a_q = quantize(_rand(rng, (50, 80)), fa)
+    b_q = quantize(_rand(rng, (30, 80)), fb).T          # stored (30, 80), used transposed
+    c_q = quantize(_rand(rng, (80, 200)), fb)
+    with _open(url) as dev:
+        assert np.array_equal(dev.matmul_q(a_q, b_q), bfp_matmul(a_q, b_q))
+        assert np.array_equal(dev.matmul_q(a_q.T.T, c_q), bfp_matmul(a_q, c_q))
+        assert np.array_equal(dev.matmul_q(c_q.T, a_q.T), bfp_matmul(c_q.T, a_q.T))
+
+
+def test_matmul_q_mxint8_rows_and_columns(url, rng):
+    a_q = quantize(_rand(rng, (20, 100)), MXINT8)                    # blocks along K
+    b_q = quantize(_rand(rng, (40, 100)), MXINT8).T                  # (100, 40) along K
+    with _open(url) as dev:
+        assert np.array_equal(dev.matmul_q(a_q, b_q), bfp_matmul(a_q, b_q))
+
+
+@pytest.mark.parametrize("B,I,O", [(20, 40, 30), (64, 96, 48)])
+def test_train_step_trio(url, rng, B, I, O):
+    x, w, dy = _rand(rng, (B, I)), _rand(rng, (O, I), False), _rand(rng, (B, O))
+    xq, wq, dyq = (quantize(t, HBFP8) for t in (x, w, dy))
+    with _open(url) as dev:
+        y, dx, dw = dev.train_step(x, w, dy)
+    assert np.array_equal(y, bfp_matmul(xq, wq.T))
+    assert np.array_equal(dx, bfp_matmul(dyq, wq))
+    assert np.array_equal(dw, bfp_matmul(dyq.T, xq))
+
+
+def test_train_step_quantizes_each_operand_once(url, rng):
+    with _open(url, cfg=AcceleratorConfig.default()) as dev:
+        emu = dev.transport.device
+        dev.train_step(_rand(rng, (32, 48)), _rand(rng, (16, 48)), _rand(rng, (32, 16)))
+        assert emu.counters["QUANTIZE"] == 3 and emu.counters["GEMM"] == 3
+        # operands never travel back: only 3 results come back besides INFO
+        assert dev.link["payload_rx"] == 4 * (32 * 16 + 32 * 48 + 16 * 48)
+
+
+def test_read_stats_and_reset(url, rng):
+    a, b = _rand(rng, (24, 40)), _rand(rng, (40, 24))
+    with _open(url) as dev:
+        dev.reset()
+        y1 = dev.matmul(a, b)
+        y2 = dev.matmul(-a, b)
+        st = dev.read_stats(clear=True)
+        both = np.concatenate([y1.ravel(), y2.ravel()])
+        assert st["count"] == both.size and st["n_nonfinite"] == 0
+        assert st["min"] == both.min() and st["max"] == both.max()
+        assert dev.read_stats()["count"] == 0
+        dev.matmul(a, b)
+        dev.reset()
+        assert dev.read_stats()["count"] == 0
+
+
+def test_nonfinite_named(url, rng):
+    x = _rand(rng, (40, 40))
+    x[21, 37] = np.nan
+    with _open(url) as dev:
+        with pytest.raises(NonFiniteBlockError, match=r"tensor 'a' holds NaN or Inf in block "
+                                                      r"\(1, 2\)") as ei:
+            dev.matmul(x, _rand(rng, (40, 8)))
+        assert ei.value.block_index == (1, 2) and ei.value.tensor == "a"
+        with pytest.raises(NonFiniteBlockError, match=r"tensor 'w'"):
+            dev.train_step(_rand(rng, (8, 40)), x, _rand(rng, (8, 40)))
+        big = _rand(rng, (100, 100))
+        big[90, 5] = np.inf
+        with pytest.raises(NonFiniteBlockError, match=r"block \(5, 0\)"):
+            dev.quantize(big, name="big")
+        q = dev.quantize(big, nonfinite="flag")
+        assert q.equal(quantize(big, HBFP8, nonfinite="flag"))
+        y = dev.matmul(x, _rand(rng, (40, 8)), nonfinite="flag")
+        ref = bfp_matmul(quantize(x, HBFP8, nonfinite="flag"),
+                         quantize(_rand(np.random.default_rng(0), (40, 8)), HBFP8))
+        assert np.isnan(y[16:32]).all() and not np.isnan(y[:16]).any()
+        assert np.isnan(ref[16:32]).all()
+
+
+def test_bad_input_errors(url, rng):
+    with _open(url) as dev:
+        with pytest.raises(TypeError, match="dtype complex64"):
+            dev.matmul(np.ones((4, 4), np.complex64), np.ones((4, 4)))
+        with pytest.raises(TypeError, match="dtype <U1"):
+            dev.quantize(np.array([["a"]]))
+        with pytest.raises(ValueError, match=r"shape mismatch: a is \(4, 5\), b is \(4, 5\)"):
+            dev.matmul(np.ones((4, 5)), np.ones((4, 5)))
+        with pytest.raises(ValueError, match=r"must be 2-D, got shape \(3,\)"):
+            dev.matmul(np.ones(3), np.ones((3, 1)))
+        with pytest.raises(ValueError, match=r"shape mismatch: x"):
+            dev.train_step(np.ones((4, 5)), np.ones((3, 5)), np.ones((4, 4)))
+        with pytest.raises(ValueError, match=r"K=4096 exceeds the device's k_max=2048"):
+            dev.matmul(np.ones((1, 4096)), np.ones((4096, 1)))
+        with pytest.raises(TypeError, match="must be a BFPTensor"):
+            dev.matmul_q(np.ones((2, 2)), np.ones((2, 2)))
+        with pytest.raises(host.FormatMismatchError, match="does not implement format"):
+            dev.quantize(np.ones((4, 4)), HBFP8.replace(man_bits=6))
+        with pytest.raises(host.FormatMismatchError, match="matches no device format slot"):
+            q6 = quantize(np.ones((16, 16)), HBFP8.replace(man_bits=6))
+            dev.matmul_q(q6, q6)
+        with pytest.raises(ValueError, match="nonfinite='x'"):
+            dev.quantize(np.ones((2, 2)), nonfinite="x")
+
+
+def test_manifest_mismatch_is_reported(url, tmp_path):
+    good = write_manifest(tmp_path / "good.json", kind="accelerator", top="hbfp_top",
+                          config=SMALL.to_dict(), ports={}, extra=P.manifest_extra(SMALL))
+    with host.open(url, manifest=good) as dev:
+        assert dev.config == SMALL
+    other = SMALL.replace(k_max=1024)
+    bad = write_manifest(tmp_path / "other.json", kind="accelerator", top="hbfp_top",
+                         config=other.to_dict(), ports={}, extra=P.manifest_extra(other))
+    with pytest.raises(host.ConfigMismatchError, match=r"k_max \(expected 1024, device 2048\)"):
+        host.open(url, config=SMALL, manifest=bad)
+
+
+def test_urls_errors():
+    with pytest.raises(ValueError, match="accepted schemes are emulate://, sim://, serial://"):
+        host.open("tcp://localhost")
+    with pytest.raises(host.TransportError, match=r"cannot open serial port "
+                                                  r"'/dev/does-not-exist-hbfp'"):
+        host.open("serial:///dev/does-not-exist-hbfp?baud=3000000")
+    with pytest.raises(ValueError, match="baud='fast' is not an integer"):
+        host.open("serial:///dev/ttyUSB0?baud=fast")
+    try:
+        import hbfp_hw.gateware.top as top  # noqa: F401
+        has_sim = hasattr(top, "sim_transport")
+    except ModuleNotFoundError:
+        has_sim = False
+    if not has_sim:
+        with pytest.raises(RuntimeError, match=r"sim:// needs"):
+            host.open("sim://")
+
+
+def test_serial_transport_through_pyserial_loop():
+    """The serial path end to end over pyserial's loop:// (echo): INFO times out cleanly."""
+    t = host.SerialTransport("loop://", 3_000_000)
+    with pytest.raises(host.LinkError, match="no valid answer after 2 retries"):
+        host.Device(t, timeout=0.01, retries=2)
+    t.close()
