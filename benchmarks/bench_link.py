@@ -1,0 +1,89 @@
+"""End-to-end GEMM over the wire protocol: throughput per transport, bytes on the wire
+versus the minimum, link efficiency, and the link-limited bound of the 3 Mbaud UART.
+
+    .venv/bin/python benchmarks/bench_link.py [--sizes 64 128 256] [--url emulate://]
+
+*Minimum* bytes for an M x K x N GEMM: the two BFP operands once (mantissas at their
+wire width plus one exponent code per block) and the FP32 results once. *Wire* bytes
+count everything both ways: frame headers, CRCs, command headers, acknowledgements,
+retries. Link efficiency = minimum / wire. The serial bound is the time the wire bytes
+take at the configured baud rate (8N1, stop-and-wait: both directions added), i.e. the
+best a board on that link can do with this protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import hbfp_hw.host as host
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.gemm import bfp_matmul
+from hbfp_hw.quantize import quantize
+
+
+def bfp_bytes(q, specs) -> int:
+    man = specs["op0.man"].wire_bytes
+    exp = specs["op0.exp"].wire_bytes
+    return q.layout.num_blocks * (q.layout.block_size * man + exp)
+
+
+def run(url: str, sizes: list[int], repeats: int) -> list[dict]:
+    cfg = AcceleratorConfig.default()
+    fmt = cfg.formats[0]
+    specs = {s.name: s for s in P.buffer_map(cfg)}
+    rows = []
+    rng = np.random.default_rng(0)
+    with host.open(url, config=cfg, progress=False) as dev:
+        for n in sizes:
+            a = rng.standard_normal((n, n)).astype(np.float32)
+            b = rng.standard_normal((n, n)).astype(np.float32)
+            for mode in ("matmul_q", "matmul"):
+                aq, bq = quantize(a, fmt), quantize(b, fmt)
+                ref = bfp_matmul(aq, bq)
+                best = float("inf")
+                for _ in range(repeats):
+                    dev.reset()
+                    before = dict(dev.link)
+                    t = time.perf_counter()
+                    y = dev.matmul_q(aq, bq) if mode == "matmul_q" else dev.matmul(a, b)
+                    best = min(best, time.perf_counter() - t)
+                    assert np.array_equal(y, ref), "result differs from the golden model"
+                wire = sum(dev.link[k] - before.get(k, 0) for k in ("bytes_tx", "bytes_rx"))
+                if mode == "matmul_q":
+                    minimum = bfp_bytes(aq, specs) + bfp_bytes(bq, specs) + 4 * n * n
+                else:  # FP32 operands in once, results once
+                    minimum = 4 * n * n * 3
+                serial_s = wire / cfg.link_bytes_per_second
+                rows.append(dict(url=url, mode=mode, n=n, seconds=best, wire=wire,
+                                 minimum=minimum, eff=minimum / wire, serial_s=serial_s,
+                                 gops=2 * n**3 / best / 1e9,
+                                 serial_gops=2 * n**3 / serial_s / 1e9))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--url", action="append", default=None,
+                    help="device URL (repeatable); default emulate://")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = AcceleratorConfig.default()
+    print(f"config: {cfg.formats[0].describe()}; buffers {cfg.operand_depth} mantissas x "
+          f"{cfg.operand_buffers}, out {cfg.output_depth} words; link {cfg.baud_rate} baud")
+    print("| transport | call | M=K=N | wall ms | GOP/s | wire B | min B | link eff. | "
+          "3 Mbaud bound ms | bound GOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for url in args.url or ["emulate://"]:
+        for r in run(url, args.sizes, args.repeats):
+            print(f"| {r['url']} | {r['mode']} | {r['n']} | {1e3 * r['seconds']:.1f} | "
+                  f"{r['gops']:.3f} | {r['wire']} | {r['minimum']} | {100 * r['eff']:.1f}% | "
+                  f"{1e3 * r['serial_s']:.0f} | {r['serial_gops']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
