@@ -1,0 +1,163 @@
+"""Byte-stream frame parser and CRC checker for the wire protocol (Amaranth 0.5).
+
+Everything comes from :mod:`hbfp_hw.protocol`: the sync bytes, the header layout, the
+payload limit and the CRC (the byte-wide CRC-32 update is derived as a GF(2) matrix
+from :func:`hbfp_hw.protocol.crc32_update`, not written by hand).
+
+Ports
+-----
+``i``: ``In(stream.Signature(8))``
+    Received bytes (from the UART PHY or the simulation byte port).
+``o``: ``Out(stream.Signature(8))``
+    Payload bytes of the current frame, in order. The CRC is known only after the last
+    one, so the consumer stages them and commits on ``frame_ok``.
+``frame_ok`` / ``frame_bad``: ``Out(1)``
+    One-cycle strobes after the CRC: good frame / CRC mismatch. ``oversize`` strobes
+    on a header whose length exceeds ``MAX_PAYLOAD``, ``abort`` when a partial frame
+    is abandoned after the idle timeout: the consumer drops what it staged.
+``seq``, ``opcode``, ``length``: ``Out``
+    Header of the current frame, valid from the payload on and at the strobe.
+
+A partial frame is abandoned after ``idle_cycles`` clocks without an input byte
+(the protocol's line-idle timeout). Unlike the host parser, the hardware does not
+rescan a bad frame's bytes for a hidden sync: it resumes the search at the next byte,
+and the host's retry recovers.
+"""
+
+
+from amaranth import Module, Signal, Cat, Const
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hbfp_hw import protocol as P
+
+__all__ = ["FrameDecoder", "crc32_byte_matrix"]
+
+
+def crc32_byte_matrix() -> list[tuple[int, int]]:
+    """For each of the 32 next-state bits: (mask over state bits, mask over byte bits).
+
+    ``crc32_update`` is linear over GF(2) in (state, byte), so bit ``j`` of the next
+    state is the parity of ``state & smask[j]`` and ``byte & bmask[j]``.
+    """
+    s_img = [P.crc32_update(1 << i, 0) for i in range(32)]
+    b_img = [P.crc32_update(0, 1 << i) for i in range(8)]
+    out = []
+    for j in range(32):
+        sm = sum(1 << i for i in range(32) if s_img[i] >> j & 1)
+        bm = sum(1 << i for i in range(8) if b_img[i] >> j & 1)
+        out.append((sm, bm))
+    return out
+
+
+class FrameDecoder(wiring.Component):
+    """Frame parser: sync search, header, payload pass-through, CRC-32 check."""
+
+    i: In(stream.Signature(8))
+    o: Out(stream.Signature(8))
+    frame_ok: Out(1)
+    frame_bad: Out(1)
+    oversize: Out(1)
+    abort: Out(1)
+    seq: Out(8)
+    opcode: Out(8)
+    length: Out(16)
+
+    def __init__(self, *, idle_cycles: int = 1 << 16) -> None:
+        if not isinstance(idle_cycles, int) or not 1 <= idle_cycles <= 1 << 30:
+            raise ValueError(f"idle_cycles={idle_cycles!r} is out of range; accepted range "
+                             f"is [1, {1 << 30}]")
+        self.idle_cycles = idle_cycles
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        crc = Signal(32, init=0xFFFFFFFF)
+        crc_next = Signal(32)
+        byte = self.i.payload
+        for j, (sm, bm) in enumerate(crc32_byte_matrix()):
+            terms = [crc[i] for i in range(32) if sm >> i & 1]
+            terms += [byte[i] for i in range(8) if bm >> i & 1]
+            acc = Const(0, 1)
+            for t in terms:
+                acc = acc ^ t
+            m.d.comb += crc_next[j].eq(acc)
+
+        count = Signal(16)
+        rx_crc = Signal(32)
+        idle = Signal(range(self.idle_cycles + 1))
+        take = Signal()  # a byte is consumed this cycle
+
+        m.d.comb += take.eq(self.i.valid & self.i.ready)
+        m.d.sync += [self.frame_ok.eq(0), self.frame_bad.eq(0), self.oversize.eq(0),
+                     self.abort.eq(0)]
+
+        with m.If(take):
+            m.d.sync += idle.eq(0)
+        with m.Elif(idle != self.idle_cycles):
+            m.d.sync += idle.eq(idle + 1)
+
+        with m.FSM():
+            with m.State("SYNC0"):
+                m.d.comb += self.i.ready.eq(1)
+                with m.If(take & (byte == P.SYNC[0])):
+                    m.next = "SYNC1"
+            with m.State("SYNC1"):
+                m.d.comb += self.i.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += crc.eq(0xFFFFFFFF)
+                    with m.If(byte == P.SYNC[1]):
+                        m.next = "LEN0"
+                    with m.Elif(byte != P.SYNC[0]):
+                        m.next = "SYNC0"
+            for state, nxt, target in (("LEN0", "LEN1", None), ("LEN1", "SEQ", None),
+                                       ("SEQ", "OP", self.seq), ("OP", "PAYLOAD", self.opcode)):
+                with m.State(state):
+                    m.d.comb += self.i.ready.eq(1)
+                    with m.If(take):
+                        m.d.sync += crc.eq(crc_next)
+                        if state == "LEN0":
+                            m.d.sync += self.length[:8].eq(byte)
+                        elif state == "LEN1":
+                            m.d.sync += self.length[8:].eq(byte)
+                        else:
+                            m.d.sync += target.eq(byte)
+                        m.next = nxt
+                        if state == "LEN1":
+                            with m.If(Cat(self.length[:8], byte) > P.MAX_PAYLOAD):
+                                m.d.sync += self.oversize.eq(1)
+                                m.next = "SYNC0"
+                        if state == "OP":
+                            m.d.sync += count.eq(0)
+                            with m.If(self.length == 0):
+                                m.next = "CRC"
+                    with m.Elif(idle == self.idle_cycles):
+                        m.d.sync += self.abort.eq(1)
+                        m.next = "SYNC0"
+            with m.State("PAYLOAD"):
+                m.d.comb += [self.o.payload.eq(byte), self.o.valid.eq(self.i.valid),
+                             self.i.ready.eq(self.o.ready)]
+                with m.If(take):
+                    m.d.sync += [crc.eq(crc_next), count.eq(count + 1)]
+                    with m.If(count + 1 == self.length):
+                        m.d.sync += count.eq(0)
+                        m.next = "CRC"
+                with m.Elif(idle == self.idle_cycles):
+                    m.d.sync += self.abort.eq(1)
+                    m.next = "SYNC0"
+            with m.State("CRC"):
+                m.d.comb += self.i.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [rx_crc.eq(Cat(rx_crc[8:], byte)), count.eq(count + 1)]
+                    with m.If(count == P.CRC_BYTES - 1):
+                        m.next = "CHECK"
+                with m.Elif(idle == self.idle_cycles):
+                    m.d.sync += self.abort.eq(1)
+                    m.next = "SYNC0"
+            with m.State("CHECK"):
+                with m.If(rx_crc == (crc ^ 0xFFFFFFFF)):
+                    m.d.sync += self.frame_ok.eq(1)
+                with m.Else():
+                    m.d.sync += self.frame_bad.eq(1)
+                m.next = "SYNC0"
+        return m
