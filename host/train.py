@@ -177,10 +177,12 @@ def run_grid(models, formats, seeds, cfg: TrainConfig, progress: bool = True):
         for f in formats:
             for s in range(seeds):
                 r = train_one(m, f, s, cfg, data, progress)
+                msg = f"{m:>3} {f:<8} seed {s}: test acc {r.final:6.2f}%  ({r.seconds:.1f} s)"
                 if progress:
                     from tqdm import tqdm
-                    tqdm.write(f"{m:>3} {f:<8} seed {s}: test acc {r.final:6.2f}%  "
-                               f"({r.seconds:.1f} s)")
+                    tqdm.write(msg)
+                else:
+                    print(msg, flush=True)
                 out.append(r)
     return out
 

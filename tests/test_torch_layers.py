@@ -292,16 +292,23 @@ def _host_open():
                     reason="hbfp_hw.host.open (host driver, issue 5) is not in this tree yet; "
                            "the Device-API routing is covered by "
                            "test_device_api_backend_equals_emulate with a golden device")
-def test_emulate_url_backend_equals_emulate(rng):
-    x = torch.from_numpy(rng.random((32, 1, 8, 8), dtype=np.float32))
-    y = torch.from_numpy(rng.integers(0, 10, 32))
+@pytest.mark.parametrize("batch,sr", [(16, True), (32, False)])
+def test_emulate_url_backend_equals_emulate(batch, sr, rng):
+    """The host driver's emulate:// device (codec, tiling, K-split) against the
+    in-process golden model, for a few training steps. With stochastic rounding every
+    tensor must fit one QUANTIZE (input_depth elements: the random stream restarts per
+    QUANTIZE), hence batch 16 there; batch 32 exercises the device's tiling."""
+    x = torch.from_numpy(rng.random((batch, 1, 8, 8), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, batch))
     torch.manual_seed(1)
     base = _tiny_cnn()
-    l1, p1 = _train_steps("emulate", base, x, y, fmt=HBFP8, grad_stochastic=True)
-    l2, p2 = _train_steps("emulate://", base, x, y, fmt=HBFP8, grad_stochastic=True)
+    be = DeviceBackend("emulate://")
+    l1, p1 = _train_steps("emulate", base, x, y, fmt=HBFP8, grad_stochastic=sr)
+    l2, p2 = _train_steps(be, base, x, y, fmt=HBFP8, grad_stochastic=sr)
     assert l1 == l2
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
+    assert be.calls["quantize"] == 3 * 9 and be.calls["matmul"] == 3 * 8
 
 
 # -- validation ------------------------------------------------------------------------
