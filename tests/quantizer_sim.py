@@ -18,7 +18,7 @@ from hbfp_hw.gateware.quantizer import Quantizer
 def golden_stream(cfg: QuantizerConfig, bits: np.ndarray, *, rounding: str | None = None,
                   seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(codes[nb], mantissas[nb, block])`` of the golden model for raw FP32 ``bits``."""
-    fmt = cfg.golden_format(rounding=rounding, seed=seed)
+    fmt = cfg.golden_format(rounding=rounding, seed=seed if cfg.has_stochastic else None)
     x = np.ascontiguousarray(bits, dtype=np.uint32).view(np.float32).reshape(-1)
     t = golden_quantize(x, fmt, nonfinite="flag")
     return t.stream()
@@ -44,7 +44,7 @@ def simulate(cfg: QuantizerConfig, bits: np.ndarray, *, rng: np.random.Generator
     async def driver(ctx):
         if cfg.runtime_rounding:
             ctx.set(dut.rounding, ROUNDING_MODES.index(rounding or cfg.format.rounding))
-        if seed is not None:
+        if seed is not None and cfg.has_stochastic:
             ctx.set(dut.seed, seed)
             ctx.set(dut.reseed, 1)
             await ctx.tick()
