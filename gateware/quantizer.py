@@ -199,13 +199,17 @@ class ElementQuantizer(wiring.Component):
                 for md in self.modes:
                     with m.Case(ROUNDING_MODES.index(md)):
                         m.d.comb += inc.eq(incs[md])
-        q = Signal(mb)
+        # One adder does increment and sign: -(I + inc) == ~I + (1 - inc). Saturation
+        # (I + inc > mmax) happens only when I is all ones and inc is set.
         mmax = 2 ** (mb - 1) - 1
-        m.d.comb += q.eq(s2_int + inc)
-        mag = Signal(mb - 1)
-        m.d.comb += mag.eq(Mux(s2_zero, 0, Mux(s2_sat | (q > mmax), mmax, q)))
+        smask = s2_sign.replicate(mb)
+        signed_q = Signal(signed(mb))
+        m.d.comb += signed_q.eq((Cat(s2_int, Const(0, 1)) ^ smask)
+                                + Cat(inc ^ s2_sign, Const(0, mb - 1)))
+        sat = s2_sat | (s2_int.all() & inc)
         with m.If(self.en):
-            m.d.sync += self.m.eq(Mux(s2_sign, -mag, mag))
+            m.d.sync += self.m.eq(Mux(s2_zero, 0,
+                                      Mux(sat, Mux(s2_sign, -mmax, mmax), signed_q)))
         return m
 
 
@@ -233,7 +237,7 @@ class Quantizer(wiring.Component):
         After reset they hold the sequence of ``format.seed``.
     """
 
-    def __init__(self, config: QuantizerConfig, *, tree_levels_per_stage: int = 2):
+    def __init__(self, config: QuantizerConfig, *, tree_levels_per_stage: int = 1):
         if not isinstance(config, QuantizerConfig):
             raise TypeError(f"config must be a QuantizerConfig, got {type(config).__name__}")
         self.config = cfg = config
