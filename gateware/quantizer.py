@@ -245,8 +245,8 @@ class Quantizer(wiring.Component):
         self.beats = cfg.beats_per_block
         self.tree = MaxTree(width=8, n=cfg.lanes, levels_per_stage=tree_levels_per_stage)
         self.banks = 2 + -(-(self.tree.latency + 1) // self.beats)
-        #: Cycles from an input beat's acceptance to its output beat (no stalls),
-        #: for the last beat of a block.
+        #: Cycles from the acceptance of a block's last input beat to the block's first
+        #: output beat (no stalls).
         self.latency = self.tree.latency + 2 + 1 + 3
         members = {
             "i": In(stream.Signature(fp32_beat_layout(cfg.lanes))),
