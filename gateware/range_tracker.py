@@ -9,22 +9,24 @@ the EMA that fixes the next step's quantization range (:mod:`hbfp_hw.host.ranges
 Elements are either signed integers (e.g. accumulator words) or IEEE-754 binary32 bit
 patterns (the MAC array's FP32 outputs). Floats are compared through the order-
 preserving key ``k = b ^ 0x7FFFFFFF if b < 0 else b`` (``b`` the bits as a signed
-int32): ``-Inf < ... < -0.0 < +0.0 < ... < +Inf``. NaN elements are skipped and flagged
-in ``nan_seen``.
+int32), so ``-0.0 < +0.0``. Non-finite elements (NaN, +-Inf) are not folded into the
+range; they are counted in ``n_nonfinite``. ``count`` counts the finite elements. This is
+exactly what the READ_STATS answer holds (``count, n_nonfinite, min, max``; min = max =
+0 while ``count`` is 0), as the host emulator (:mod:`hbfp_hw.host.emulator`) computes it.
 
 Clear: ``clear`` empties the statistics at the next clock edge; an element transferred
 in the same cycle as ``clear`` is the first element of the new window (nothing is lost
 between reading and clearing).
 
 Integration (for the accelerator top): connect ``i`` to the producer's output stream
-and ``o`` to the consumer, drive ``clear`` from the command decoder when a new tensor
-starts (or from READ_STATS with clear-on-read), and return ``min``, ``max``, ``count``,
-``seen`` and ``nan_seen`` in the READ_STATS answer.
+and ``o`` to the consumer (the FP32 converter's output towards the output buffer), drive
+``clear`` from READ_STATS with the CLEAR flag (and from RESET), and return ``count``,
+``n_nonfinite``, ``min`` and ``max`` in the READ_STATS answer.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -49,7 +51,7 @@ class RangeTracker(wiring.Component):
     fp32 : bool
         Elements are binary32 bit patterns (else signed integers).
     count_bits : int
-        Width of the saturating beat counter (1..48).
+        Width of the saturating element counters (1..48).
 
     Ports
     -----
@@ -57,9 +59,9 @@ class RangeTracker(wiring.Component):
     o : Out(stream) the same stream, passed through combinationally
     clear : In(1)   empty the statistics
     min, max : Out(width) extreme elements (raw encoding: signed int or float bits)
-    seen : Out(1)   at least one (non-NaN) element since the last clear
-    nan_seen : Out(1) a NaN element was transferred since the last clear (fp32 only)
-    count : Out(count_bits) beats transferred since the last clear (saturating)
+    seen : Out(1)   at least one finite element since the last clear
+    count : Out(count_bits) finite elements transferred since the last clear (saturating)
+    n_nonfinite : Out(count_bits) NaN/Inf elements since the last clear (fp32 only)
     """
 
     def __init__(self, *, width: int = 32, lanes: int = 1, fp32: bool = False,
@@ -84,8 +86,8 @@ class RangeTracker(wiring.Component):
             "o": Out(stream.Signature(layout)),
             "clear": In(1),
             "min": Out(elem), "max": Out(elem),
-            "seen": Out(1), "nan_seen": Out(1),
-            "count": Out(count_bits),
+            "seen": Out(1),
+            "count": Out(count_bits), "n_nonfinite": Out(count_bits),
         })
 
     def elaborate(self, platform):
@@ -110,7 +112,7 @@ class RangeTracker(wiring.Component):
             if self.fp32:
                 m.d.comb += [
                     key.eq(Mux(raw < 0, raw ^ 0x7FFFFFFF, raw)),
-                    nan.eq((raw[23:31] == 0xFF) & (raw[:23] != 0)),
+                    nan.eq(raw[23:31] == 0xFF),          # NaN or +-Inf
                 ]
             else:
                 m.d.comb += [key.eq(raw), nan.eq(0)]
@@ -137,43 +139,46 @@ class RangeTracker(wiring.Component):
             return vals[0]
 
         beat_lo, beat_hi = tree(lo_keys, True), tree(hi_keys, False)
-        any_num = Signal()
-        any_nan = Signal()
-        m.d.comb += [any_num.eq(Cat(*[~n for n in nans]).any()),
-                     any_nan.eq(Cat(*nans).any())]
+        cbits = self.count_bits
+        n_bad = Signal(range(self.lanes + 1))
+        m.d.comb += n_bad.eq(sum(nans))
+        n_good = Signal(range(self.lanes + 1))
+        m.d.comb += n_good.eq(self.lanes - n_bad)
+        cmax = (1 << cbits) - 1
+
+        def sat_add(c, n):
+            t = Signal(cbits + 8)
+            m.d.comb += t.eq(c + n)
+            return Mux(t > cmax, cmax, t)
 
         lo_r = Signal(kshape, init=kmax)
         hi_r = Signal(kshape, init=kmin)
-        seen_r, nan_r = Signal(), Signal()
-        cnt = Signal(self.count_bits)
+        cnt, bad = Signal(cbits), Signal(cbits)
         # the state the current beat is folded into: empty when clearing
         lo_b = Signal(kshape)
         hi_b = Signal(kshape)
-        seen_b, nan_b = Signal(), Signal()
-        cnt_b = Signal(self.count_bits)
+        cnt_b, bad_b = Signal(cbits), Signal(cbits)
         m.d.comb += [
             lo_b.eq(Mux(self.clear, kmax, lo_r)), hi_b.eq(Mux(self.clear, kmin, hi_r)),
-            seen_b.eq(Mux(self.clear, 0, seen_r)), nan_b.eq(Mux(self.clear, 0, nan_r)),
-            cnt_b.eq(Mux(self.clear, 0, cnt)),
+            cnt_b.eq(Mux(self.clear, 0, cnt)), bad_b.eq(Mux(self.clear, 0, bad)),
         ]
         with m.If(fire):
             m.d.sync += [
                 lo_r.eq(Mux(beat_lo < lo_b, beat_lo, lo_b)),
                 hi_r.eq(Mux(beat_hi > hi_b, beat_hi, hi_b)),
-                seen_r.eq(seen_b | any_num),
-                nan_r.eq(nan_b | any_nan),
-                cnt.eq(Mux(cnt_b == (1 << self.count_bits) - 1, cnt_b, cnt_b + 1)),
+                cnt.eq(sat_add(cnt_b, n_good)),
+                bad.eq(sat_add(bad_b, n_bad)),
             ]
         with m.Else():
-            m.d.sync += [lo_r.eq(lo_b), hi_r.eq(hi_b), seen_r.eq(seen_b), nan_r.eq(nan_b),
-                         cnt.eq(cnt_b)]
+            m.d.sync += [lo_r.eq(lo_b), hi_r.eq(hi_b), cnt.eq(cnt_b), bad.eq(bad_b)]
 
+        seen = cnt != 0
         if self.fp32:
             m.d.comb += [
-                self.min.eq(Mux(lo_r < 0, lo_r ^ 0x7FFFFFFF, lo_r)),
-                self.max.eq(Mux(hi_r < 0, hi_r ^ 0x7FFFFFFF, hi_r)),
+                self.min.eq(Mux(seen, Mux(lo_r < 0, lo_r ^ 0x7FFFFFFF, lo_r), 0)),
+                self.max.eq(Mux(seen, Mux(hi_r < 0, hi_r ^ 0x7FFFFFFF, hi_r), 0)),
             ]
         else:
-            m.d.comb += [self.min.eq(lo_r), self.max.eq(hi_r)]
-        m.d.comb += [self.seen.eq(seen_r), self.nan_seen.eq(nan_r), self.count.eq(cnt)]
+            m.d.comb += [self.min.eq(Mux(seen, lo_r, 0)), self.max.eq(Mux(seen, hi_r, 0))]
+        m.d.comb += [self.seen.eq(seen), self.count.eq(cnt), self.n_nonfinite.eq(bad)]
         return m

@@ -390,6 +390,11 @@ class BFPLayerMixin:
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed!r} is out of range; accepted range is [0, 2**32-1]")
         self.backend = get_backend(backend)
+        if self._mode == "uniform" and not isinstance(self.backend, EmulateBackend):
+            raise ValueError(
+                f"per-tensor int quantizers run on the emulate backend only (backend "
+                f"{self.backend.name!r}): the accelerator's datapath is BFP; its range "
+                "tracker (READ_STATS) is not wired to an int8 path yet")
         self.grad_stochastic = bool(grad_stochastic)
         self.seed = seed
         self.layer_id = int(layer_id)

@@ -326,6 +326,10 @@ def test_format_validation():
     with pytest.raises(TypeError, match="BFPFormat or UniformQuantizer"):
         BFPLinear(32, 16, act_fmt="hbfp8")
     assert isinstance(LOSSLESS, BFPFormat)
+    from hbfp_hw.host.ranges import hindsight_int8
+    with pytest.raises(ValueError, match="run on the emulate backend only"):
+        BFPLinear(32, 16, weight_fmt=hindsight_int8(), act_fmt=hindsight_int8(),
+                  grad_fmt=hindsight_int8(), backend=DeviceBackend(GoldenDevice()))
 
 
 # -- a short training run --------------------------------------------------------------
