@@ -99,6 +99,7 @@ class ErrorCode(IntEnum):
     DATA_RANGE = 8      #: a mantissa or exponent code is outside its format (detail: index)
     K_OVERFLOW = 9      #: accumulated reduction length exceeds k_max (detail: K total)
     BUSY = 10           #: the device cannot accept the command now
+    UNSUPPORTED = 11    #: this build does not implement the command/option (detail: field #)
 
 
 class QuantizeFlag(IntFlag):

@@ -1,0 +1,965 @@
+"""The accelerator top: byte stream -> frame decoder -> command executor -> buffers ->
+MAC array -> response encoder (Amaranth 0.5). See ``docs/accelerator.md``.
+
+Everything protocol-related (opcodes, field offsets, error codes, buffer map, CRC) comes
+from :mod:`hbfp_hw.protocol`; every width from the :class:`AcceleratorConfig`. The
+command semantics are those of the golden device model
+(:class:`hbfp_hw.host.emulator.Emulator`), checked field by field in the same order so
+error frames carry the same code and detail.
+
+What the RTL implements and what it answers with ``UNSUPPORTED`` is listed in
+:data:`UNSUPPORTED` (also returned by INFO under the ``"gateware"`` key, outside the
+hashed device description).
+
+Ports
+-----
+``i`` / ``o``: byte streams (``stream.Signature(8)``) to and from the host.
+``busy``: high while a command executes or a response is being sent.
+:class:`UartAccelerator` wraps the top with the UART PHY for boards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.back import verilog
+from amaranth.lib import fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.config.mac_array import MacArrayConfig
+from hbfp_hw.formats import BFPFormat
+
+from .cmd_decoder import FrameDecoder, crc32_byte_matrix
+from .mac_array import MacArray
+
+__all__ = ["Accelerator", "UartAccelerator", "UNSUPPORTED", "gemm_slots", "info_blob",
+           "mac_config", "sim_transport", "SimTransport", "generate", "register_cli",
+           "SIM_CONFIG"]
+
+G = P.GemmFlag
+#: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``.
+UNSUPPORTED = {
+    "ops": ["QUANTIZE"],
+    "gemm_flags": ["ACCUMULATE", "EXT_EREF"],
+    "gemm_slots": "only format slots whose format is the MAC array's (square tile x tile "
+                  "HyperBlock blocks, man_bits_max, exp_bits_max); others: detail 3 / 4",
+}
+
+#: A small configuration for ``sim://`` (the Amaranth simulator is slow).
+SIM_CONFIG = AcceleratorConfig(
+    formats=(BFPFormat(man_bits=8, exp_bits=8, block_shape=(8, 8), block_axes=(-2, -1),
+                       name="HBFP8T8"),),
+    array_rows=2, array_cols=2, tile=8, operand_buffers=3, operand_depth=1024,
+    input_depth=256, output_depth=1024, k_max=256, name="hbfp_sim")
+
+_INFO_FIXED = P.RESPONSES[P.Op.INFO].header_size  # version, hash, total
+
+
+def mac_config(cfg: AcceleratorConfig) -> MacArrayConfig:
+    """The MAC array configuration of an accelerator (tile = ``cfg.tile``)."""
+    T = cfg.tile
+    lanes = next(n for n in (4, 2, 1) if T % n == 0)
+    return MacArrayConfig(rows=cfg.array_rows, cols=cfg.array_cols, lanes=lanes, tile=T,
+                          man_bits_a=cfg.man_bits_max, man_bits_b=cfg.man_bits_max,
+                          exp_bits=cfg.exp_bits_max, k_max=cfg.k_max,
+                          guard_bits=cfg.guard_bits, mapping="dsp")
+
+
+def gemm_slots(cfg: AcceleratorConfig) -> list[int]:
+    """Format slots the MAC array computes with (bit-exactly as the golden model)."""
+    mc = mac_config(cfg)
+    ref = mc.format_a()
+    out = []
+    for i, f in enumerate(cfg.formats):
+        if (cfg.block_2d(i) == (cfg.tile, cfg.tile) and f.man_bits == ref.man_bits
+                and f.exp_bits == ref.exp_bits and f.exp_bias == ref.exp_bias
+                and f.exp_invalid_code == ref.exp_invalid_code and f.emin == ref.emin
+                and f.emax == ref.emax):
+            out.append(i)
+    return out
+
+
+def info_blob(cfg: AcceleratorConfig) -> bytes:
+    """INFO's answer stream: fixed fields then the canonical description JSON.
+
+    The JSON is the device description plus a ``"gateware"`` key (the unsupported
+    features); the hash covers the description only, so it equals the manifest's.
+    """
+    desc = P.device_description(cfg)
+    desc["gateware"] = {"unsupported": UNSUPPORTED, "gemm_slots": gemm_slots(cfg)}
+    js = P.canonical_json(desc)
+    fixed = P.RESPONSES[P.Op.INFO].pack(version=P.PROTOCOL_VERSION,
+                                        hash=P.device_hash(cfg), total=len(js))
+    return fixed + js
+
+
+def _crc_next(m: Module, crc: Signal, byte) -> Signal:
+    out = Signal(32)
+    for j, (sm, bm) in enumerate(crc32_byte_matrix()):
+        acc = Const(0, 1)
+        for i in range(32):
+            if sm >> i & 1:
+                acc = acc ^ crc[i]
+        for i in range(8):
+            if bm >> i & 1:
+                acc = acc ^ byte[i]
+        m.d.comb += out[j].eq(acc)
+    return out
+
+
+def _f32_key(bits):
+    """FP32 bit pattern -> signed integer with the same order (for finite values)."""
+    mag = Cat(bits[:31], Const(0, 1)).as_signed()
+    return Mux(bits[31], -mag, mag)
+
+
+class Accelerator(wiring.Component):
+    """The accelerator top for ``config`` with a plain byte-stream host port.
+
+    Parameters
+    ----------
+    config
+        The :class:`AcceleratorConfig` (``tile`` a power of two dividing
+        ``operand_depth``).
+    idle_cycles
+        Partial-frame timeout in clocks (default: the protocol's
+        ``IDLE_TIMEOUT_BYTES`` byte times at the config's baud rate and clock).
+    """
+
+    def __init__(self, config: AcceleratorConfig | None = None, *,
+                 idle_cycles: int | None = None) -> None:
+        cfg = config or AcceleratorConfig.default()
+        if not isinstance(cfg, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
+        T = cfg.tile
+        if T & (T - 1) or cfg.operand_depth % T:
+            raise ValueError(f"tile={T} must be a power of two dividing operand_depth="
+                             f"{cfg.operand_depth} for the accelerator top")
+        self.config = cfg
+        self.mac = mac_config(cfg)
+        self.specs = P.buffer_map(cfg)
+        self.info = info_blob(cfg)
+        if idle_cycles is None:
+            idle_cycles = P.IDLE_TIMEOUT_BYTES * 10 * cfg.clock_hz // cfg.baud_rate
+        self.idle_cycles = idle_cycles
+        super().__init__({"i": In(stream.Signature(8)), "o": Out(stream.Signature(8)),
+                          "busy": Out(1)})
+
+    # ------------------------------------------------------------------------------
+    def elaborate(self, platform):
+        m = Module()
+        cfg, specs, mc = self.config, self.specs, self.mac
+        T = cfg.tile
+        tsh = T.bit_length() - 1
+        nbuf = len(specs)
+        rom_id = nbuf  # the INFO ROM is "buffer" nbuf for the response encoder
+
+        # ---- frame decoder and request staging -------------------------------------
+        m.submodules.dec = dec = FrameDecoder(idle_cycles=self.idle_cycles)
+        state_idle = Signal()
+        m.d.comb += [dec.i.payload.eq(self.i.payload),
+                     dec.i.valid.eq(self.i.valid & state_idle),
+                     self.i.ready.eq(dec.i.ready & state_idle),
+                     dec.o.ready.eq(1)]
+        HDR = max(L.header_size for L in P.REQUESTS.values())
+        hdr = Signal(8 * HDR)
+        pcount = Signal(16)
+        pcrc = Signal(32, init=0xFFFFFFFF)
+        pcrc_n = _crc_next(m, pcrc, dec.o.payload)
+        m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[])
+        st_w = stage.write_port()
+        st_r = stage.read_port()
+        m.d.comb += [st_w.addr.eq(pcount), st_w.data.eq(dec.o.payload),
+                     st_w.en.eq(dec.o.valid)]
+        with m.If(dec.o.valid):
+            m.d.sync += [pcount.eq(pcount + 1), pcrc.eq(pcrc_n)]
+            for k in range(HDR):
+                with m.If(pcount == k):
+                    m.d.sync += hdr[8 * k: 8 * k + 8].eq(dec.o.payload)
+        with m.If(dec.frame_ok | dec.frame_bad | dec.abort | dec.oversize):
+            m.d.sync += [pcount.eq(0), pcrc.eq(0xFFFFFFFF)]
+        # the header of the frame being executed
+        seq = Signal(8)
+        opc = Signal(8)
+        length = Signal(16)
+        fcrc = Signal(32)
+
+        def fld(op: P.Op, name: str):
+            lay = P.REQUESTS[op]
+            off = lay.offsets()[name]
+            size = next(f.size for f in lay.fields if f.name == name)
+            return hdr[8 * off: 8 * (off + size)]
+
+        # ---- buffers ----------------------------------------------------------------
+        mems, rps, wps = [], [], []
+        rd_elem = Signal(32)   # element address presented to the read ports
+        rd_word = Signal(32)   # word address for the mantissa buffers
+        for s in specs:
+            w = 8 * s.wire_bytes
+            if s.kind == P.BufferKind.MANTISSA:
+                mem = memory.Memory(shape=unsigned(w * T), depth=s.depth // T, init=[])
+                wp = mem.write_port(granularity=w)
+                rp = mem.read_port()
+                m.d.comb += rp.addr.eq(rd_word)
+            else:
+                mem = memory.Memory(shape=unsigned(w), depth=s.depth, init=[])
+                wp = mem.write_port()
+                rp = mem.read_port()
+                m.d.comb += rp.addr.eq(rd_elem)
+            m.submodules[f"buf_{s.name.replace('.', '_')}"] = mem
+            mems.append(mem)
+            rps.append(rp)
+            wps.append(wp)
+        m.submodules.info_rom = rom = memory.Memory(shape=8, depth=len(self.info),
+                                                    init=list(self.info))
+        rom_r = rom.read_port()
+        m.d.comb += rom_r.addr.eq(rd_elem)
+        lane = Signal(tsh if tsh else 1)  # lane of a mantissa element being read
+
+        def elem_data(i: int):
+            s = specs[i]
+            if s.kind == P.BufferKind.MANTISSA:
+                w = 8 * s.wire_bytes
+                words = [rps[i].data[w * k: w * (k + 1)] for k in range(T)]
+                sel = Signal(w, name=f"lane_{i}")
+                with m.Switch(lane):
+                    for k in range(T):
+                        with m.Case(k):
+                            m.d.comb += sel.eq(words[k])
+                return sel
+            return rps[i].data
+
+        # per-buffer constants selected by a run-time id
+        def by_id(idx, values: list[int], width: int, name: str):
+            out = Signal(width, name=name)
+            with m.Switch(idx):
+                for k, v in enumerate(values):
+                    with m.Case(k):
+                        m.d.comb += out.eq(v)
+            return out
+
+        man_ids = [s.id for s in specs if s.kind == P.BufferKind.MANTISSA]
+        exp_ids = [s.id for s in specs if s.kind == P.BufferKind.EXPONENT]
+        out_spec = next(s for s in specs if s.name == "out")
+        man_spec, exp_spec = specs[man_ids[0]], specs[exp_ids[0]]
+        mw, ew = 8 * man_spec.wire_bytes, 8 * exp_spec.wire_bytes
+
+        # ---- response descriptor (and the replay record) ------------------------------
+        r_seq = Signal(8)
+        r_op = Signal(8)
+        r_fix = Signal(128)
+        r_nfix = Signal(5)
+        r_src = Signal(range(nbuf + 1))
+        r_addr = Signal(32)
+        r_count = Signal(16)
+        r_info = Signal()
+        r_len = Signal(16)
+        desc = Cat(r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_info, r_len)
+        saved = Signal(len(desc))
+        last_valid = Signal()
+        last_key = Signal(8 + 8 + 16 + 32)
+
+        def respond(op: int, fix=None, nfix: int = 0, src=None, addr=0, count=0,
+                    info=False, wire_bytes=1):
+            stmts = [r_seq.eq(seq), r_op.eq(op), r_nfix.eq(nfix), r_info.eq(int(info)),
+                     r_addr.eq(addr), r_count.eq(count),
+                     r_src.eq(src if src is not None else 0),
+                     r_fix.eq(fix if fix is not None else 0)]
+            if src is None:
+                stmts.append(r_len.eq(nfix))
+            else:
+                stmts.append(r_len.eq(nfix + (_INFO_FIXED if info else 0)
+                                      + (count * wire_bytes if isinstance(wire_bytes, int)
+                                         else count * wire_bytes)))
+            m.d.sync += stmts
+            m.next = "SEND"
+
+        def error(code: P.ErrorCode, detail):
+            if isinstance(detail, int):
+                detail = Const(detail, 32)
+            fix = Cat(Const(int(code), 8), opc, Cat(detail, Const(0, 32))[:32])
+            respond(P.ERROR_OPCODE, fix=fix, nfix=P.ERROR_LAYOUT.header_size)
+
+        # ---- statistics ---------------------------------------------------------------
+        st_count = Signal(32)
+        st_nonfin = Signal(32)
+        st_min = Signal(32, init=0x7F800000)
+        st_max = Signal(32, init=0xFF800000)
+        st_clear = Signal()
+        with m.If(st_clear):
+            m.d.sync += [st_count.eq(0), st_nonfin.eq(0), st_min.eq(0x7F800000),
+                         st_max.eq(0xFF800000)]
+
+        # ---- MAC array ----------------------------------------------------------------
+        m.submodules.mac = mac = MacArray(mc)
+
+        # ---- GEMM operands (registered at dispatch) ----------------------------------
+        g_flags = Signal(8)
+        g_a = Signal(8)
+        g_b = Signal(8)
+        nb_a = Signal(32)   # blocks of the stored operands
+        nb_b = Signal(32)
+        gM = Signal(16)
+        gN = Signal(16)
+        gK = Signal(16)
+        mt = Signal(16)     # output tile grid and K tiles
+        nt = Signal(16)
+        nk = Signal(16)
+        g_off = Signal(32)
+        ta = g_flags[0]
+        tb = g_flags[1]
+
+        # ---- shared read address control ---------------------------------------------
+        ea = Signal(32)        # response encoder element address
+        ea_next = Signal(32)
+        sc = Signal(32)        # scan address
+        sc_next = Signal(32)
+        sq_word = Signal(32)   # sequencer addresses
+        sq_elem = Signal(32)
+        mode = Signal(2)       # 0: encoder, 1: scan, 2: sequencer, 3: write/reset
+        m.d.comb += [ea_next.eq(ea), sc_next.eq(sc)]
+        m.d.sync += [ea.eq(ea_next), sc.eq(sc_next)]
+        with m.Switch(mode):
+            with m.Case(0):
+                m.d.comb += [rd_elem.eq(ea_next), rd_word.eq(ea_next >> tsh),
+                             lane.eq(ea)]
+            with m.Case(1):
+                m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
+            with m.Case(2):
+                m.d.comb += [rd_elem.eq(sq_elem), rd_word.eq(sq_word)]
+
+        # ---- command executor ---------------------------------------------------------
+        b_id = Signal(8)
+        b_wb = by_id(b_id, [s.wire_bytes for s in specs], 3, "b_wb")
+        b_depth = by_id(b_id, [s.depth for s in specs], 32, "b_depth")
+        b_writable = by_id(b_id, [int(s.writable) for s in specs], 1, "b_writable")
+        b_wsh = by_id(b_id, [s.wire_bytes.bit_length() - 1 for s in specs], 2, "b_wsh")
+        w_off = Signal(32)
+        w_n = Signal(32)
+        w_e = Signal(32)
+        w_bi = Signal(2)
+        w_acc = Signal(32)
+        clr = Signal(32)
+        max_depth = max(s.depth for s in specs)
+        k_cnt = Signal(8)  # generic small counter (scan phase)
+        bad_idx = Signal(32)
+
+        op_valid = Signal()
+        len_ok = Signal()
+        m.d.comb += op_valid.eq(0)
+        with m.Switch(opc):
+            for op in P.Op:
+                with m.Case(int(op)):
+                    lay = P.REQUESTS[op]
+                    m.d.comb += op_valid.eq(1)
+                    if lay.data:
+                        m.d.comb += len_ok.eq(length >= lay.header_size)
+                    else:
+                        m.d.comb += len_ok.eq(length == lay.header_size)
+
+        # write-port defaults: element write from w_* or clearing
+        wr_en = Signal()
+        wr_data = Signal(32)
+        wr_addr = Signal(32)
+        clearing = Signal()
+        for i, s in enumerate(specs):
+            wp = wps[i]
+            if s.kind == P.BufferKind.MANTISSA:
+                m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr >> tsh)),
+                             wp.data.eq(Mux(clearing, 0, wr_data[:8 * s.wire_bytes].replicate(T)))]
+                with m.If(clearing):
+                    m.d.comb += wp.en.eq(Mux(clr < s.depth // T, (1 << T) - 1, 0))
+                with m.Elif(wr_en & (b_id == i)):
+                    m.d.comb += wp.en.eq(1 << wr_addr[:tsh] if tsh else 1)
+            else:
+                m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr)),
+                             wp.data.eq(Mux(clearing, 0, wr_data))]
+                if s.name == "out":
+                    continue  # driven by the GEMM drain below
+                m.d.comb += wp.en.eq(Mux(clearing, clr < s.depth, wr_en & (b_id == i)))
+        out_wp = wps[out_spec.id]
+        drain_en = Signal()
+        drain_addr = Signal(32)
+        drain_data = Signal(32)
+        with m.If(clearing):
+            m.d.comb += out_wp.en.eq(clr < out_spec.depth)
+        with m.Else():
+            m.d.comb += [out_wp.en.eq(drain_en), out_wp.addr.eq(drain_addr),
+                         out_wp.data.eq(drain_data)]
+
+        # scan machinery (GEMM operand checks)
+        scan_buf = Signal(8)    # operand buffer index
+        scan_kind = Signal(2)   # 0 mantissa range, 1 exponent range, 2 invalid flag
+        scan_n = Signal(32)
+        scan_which = Signal()
+        man_word = Signal(mw * T)
+        exp_code = Signal(ew)
+        with m.Switch(scan_buf):
+            for k in range(cfg.operand_buffers):
+                with m.Case(k):
+                    m.d.comb += [man_word.eq(rps[man_ids[k]].data),
+                                 exp_code.eq(rps[exp_ids[k]].data)]
+        mref = mc.format_a()
+        man_bad = Signal(T)
+        for k in range(T):
+            v = man_word[mw * k: mw * (k + 1)].as_signed()
+            m.d.comb += man_bad[k].eq((v > mref.mmax) | (v < -mref.mmax))
+        man_bad_lane = Signal(range(T + 1))
+        for k in reversed(range(T)):
+            with m.If(man_bad[k]):
+                m.d.comb += man_bad_lane.eq(k)
+        exp_range_bad = exp_code > mref.exp_invalid_code
+        exp_inv = exp_code == mref.exp_invalid_code
+        slots_ok = gemm_slots(cfg)
+
+        def slot_supported(slot):
+            return Cat(*[slot == s for s in slots_ok]).any() if slots_ok else Const(0)
+
+        seq_done = Signal()
+        drain_done = Signal()
+        seq_start = Signal()
+
+        m.d.comb += state_idle.eq(0)
+        enc_states = self._encoder(m, r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count,
+                                   r_info, r_len, ea, ea_next, elem_data, rom_r, nbuf, specs)
+        with m.FSM(name="exec"):
+            with m.State("IDLE"):
+                m.d.comb += state_idle.eq(1)
+                with m.If(dec.frame_ok):
+                    m.d.sync += [seq.eq(dec.seq), opc.eq(dec.opcode), length.eq(dec.length),
+                                 fcrc.eq(pcrc)]
+                    m.next = "DECODE"
+                with m.Elif(dec.frame_bad):
+                    m.d.sync += [r_seq.eq(dec.seq), r_op.eq(P.ERROR_OPCODE),
+                                 r_fix.eq(Cat(Const(int(P.ErrorCode.BAD_CRC), 8),
+                                              dec.opcode, dec.length, Const(0, 16))),
+                                 r_nfix.eq(P.ERROR_LAYOUT.header_size), r_info.eq(0),
+                                 r_count.eq(0), r_len.eq(P.ERROR_LAYOUT.header_size)]
+                    m.next = "SEND_NOSAVE"
+            with m.State("DECODE"):
+                key = Cat(seq, opc, length, fcrc)
+                with m.If(last_valid & (key == last_key)):
+                    m.d.sync += desc.eq(saved)
+                    m.next = "SEND_NOSAVE"
+                with m.Else():
+                    m.d.sync += [last_valid.eq(1), last_key.eq(key)]
+                    with m.If(~op_valid):
+                        error(P.ErrorCode.UNKNOWN_OPCODE, opc)
+                    with m.Elif(~len_ok):
+                        error(P.ErrorCode.BAD_LENGTH, length)
+                    with m.Else():
+                        m.next = "EXEC"
+            with m.State("EXEC"):
+                with m.Switch(opc):
+                    with m.Case(P.Op.INFO):
+                        off = fld(P.Op.INFO, "offset")
+                        total = len(self.info) - _INFO_FIXED
+                        with m.If(off > total):
+                            error(P.ErrorCode.OUT_OF_RANGE, off)
+                        with m.Else():
+                            rest = Signal(32)
+                            m.d.comb += rest.eq(total - off)
+                            respond(P.Op.INFO | P.RESPONSE_FLAG, src=rom_id,
+                                    addr=off + _INFO_FIXED,
+                                    count=Mux(rest > P.MAX_DATA, P.MAX_DATA, rest), info=True)
+                    with m.Case(P.Op.WRITE):
+                        m.d.comb += b_id.eq(fld(P.Op.WRITE, "buffer"))
+                        dlen = Signal(16)
+                        m.d.comb += dlen.eq(length - P.REQUESTS[P.Op.WRITE].header_size)
+                        off = fld(P.Op.WRITE, "offset")
+                        n = Signal(32)
+                        m.d.comb += n.eq(dlen >> b_wsh)
+                        with m.If((b_id >= nbuf) | ~b_writable):
+                            error(P.ErrorCode.BAD_BUFFER, b_id)
+                        with m.Elif(((dlen & (b_wb - 1)) != 0) | (dlen > P.MAX_DATA)):
+                            error(P.ErrorCode.BAD_LENGTH, dlen)
+                        with m.Elif(off + n > b_depth):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(off > b_depth, off, b_depth))
+                        with m.Else():
+                            m.d.sync += [w_off.eq(off), w_n.eq(n), w_e.eq(0), w_bi.eq(0),
+                                         w_acc.eq(0)]
+                            m.d.comb += st_r.addr.eq(P.REQUESTS[P.Op.WRITE].header_size)
+                            m.next = "WCOPY"
+                    with m.Case(P.Op.READ):
+                        m.d.comb += b_id.eq(fld(P.Op.READ, "buffer"))
+                        off = fld(P.Op.READ, "offset")
+                        n = fld(P.Op.READ, "count")
+                        with m.If(b_id >= nbuf):
+                            error(P.ErrorCode.BAD_BUFFER, b_id)
+                        with m.Elif((n << b_wsh) > P.MAX_DATA):
+                            error(P.ErrorCode.BAD_LENGTH, n)
+                        with m.Elif(off + n > b_depth):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(off > b_depth, off, b_depth))
+                        with m.Else():
+                            respond(P.Op.READ | P.RESPONSE_FLAG, src=b_id, addr=off,
+                                    count=n, wire_bytes=b_wb)
+                    with m.Case(P.Op.READ_STATS):
+                        fl = fld(P.Op.READ_STATS, "flags")
+                        with m.If((fl & (0xFF & ~int(P.StatsFlag.CLEAR))) != 0):
+                            error(P.ErrorCode.BAD_ARGUMENT, 0)
+                        with m.Else():
+                            empty = st_count == 0
+                            respond(P.Op.READ_STATS | P.RESPONSE_FLAG,
+                                    fix=Cat(st_count, st_nonfin, Mux(empty, 0, st_min),
+                                            Mux(empty, 0, st_max)),
+                                    nfix=P.RESPONSES[P.Op.READ_STATS].header_size)
+                            with m.If(fl & int(P.StatsFlag.CLEAR)):
+                                m.d.comb += st_clear.eq(1)
+                    with m.Case(P.Op.RESET):
+                        m.d.sync += clr.eq(0)
+                        m.next = "CLEAR"
+                    with m.Case(P.Op.QUANTIZE):
+                        error(P.ErrorCode.UNSUPPORTED, 0)
+                    with m.Case(P.Op.GEMM):
+                        m.next = "G_CHECK_A"
+                        m.d.sync += g_flags.eq(fld(P.Op.GEMM, "flags"))
+            # -- WRITE: staged payload -> buffer ------------------------------------
+            with m.State("WCOPY"):
+                m.d.comb += b_id.eq(fld(P.Op.WRITE, "buffer"))
+                hs = P.REQUESTS[P.Op.WRITE].header_size
+                byte = st_r.data
+                # present the next staged byte address (data of this cycle = addr of last)
+                nxt = Signal(16)
+                m.d.comb += [nxt.eq(hs + (w_e << b_wsh) + w_bi + 1), st_r.addr.eq(nxt)]
+                full = Signal(32)
+                m.d.comb += full.eq(Mux(b_wb == 1, byte,
+                                        Mux(b_wb == 2, Cat(w_acc[:8], byte),
+                                            Cat(w_acc[:24], byte))))
+                with m.If(w_e == w_n):
+                    respond(P.Op.WRITE | P.RESPONSE_FLAG, fix=w_n,
+                            nfix=P.RESPONSES[P.Op.WRITE].header_size)
+                with m.Else():
+                    for k in range(3):
+                        with m.If(w_bi == k):
+                            m.d.sync += w_acc[8 * k: 8 * k + 8].eq(byte)
+                    with m.If(w_bi == b_wb - 1):
+                        m.d.comb += [wr_en.eq(1), wr_addr.eq(w_off + w_e), wr_data.eq(full)]
+                        m.d.sync += [w_e.eq(w_e + 1), w_bi.eq(0)]
+                    with m.Else():
+                        m.d.sync += w_bi.eq(w_bi + 1)
+            # -- RESET: clear every buffer, the statistics and the record -------------
+            with m.State("CLEAR"):
+                m.d.comb += clearing.eq(1)
+                m.d.sync += clr.eq(clr + 1)
+                with m.If(clr == max_depth - 1):
+                    m.d.comb += st_clear.eq(1)
+                    respond(P.Op.RESET | P.RESPONSE_FLAG)
+            # -- GEMM -------------------------------------------------------------------
+            fl = fld(P.Op.GEMM, "flags")
+            allowed = 0
+            for f in G:
+                allowed |= int(f)
+            for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_CHECK_B"),
+                                                      ("G_CHECK_B", "G_SCAN_INIT"))):
+                name = "ab"[which]
+                slot = fld(P.Op.GEMM, f"slot_{name}")
+                buf = fld(P.Op.GEMM, name)
+                rows = fld(P.Op.GEMM, f"{name}_rows")
+                cols = fld(P.Op.GEMM, f"{name}_cols")
+                gr = (rows + T - 1) >> tsh
+                gc = (cols + T - 1) >> tsh
+                nb = Signal(32, name=f"nb_{name}")
+                with m.State(st):
+                    m.d.comb += nb.eq(gr * gc)
+                    with m.If((which == 0) & ((fl & ~allowed & 0xFF) != 0)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 2)
+                    with m.Elif((which == 0) & ((fl & int(G.ACCUMULATE | G.EXT_EREF)) != 0)):
+                        error(P.ErrorCode.UNSUPPORTED, 2)
+                    with m.Elif(slot >= len(cfg.formats)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 3 + which)
+                    with m.Elif(~slot_supported(slot)):
+                        error(P.ErrorCode.UNSUPPORTED, 3 + which)
+                    with m.Elif(buf >= cfg.operand_buffers):
+                        error(P.ErrorCode.BAD_BUFFER, buf)
+                    with m.Elif((rows == 0) | (cols == 0)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 0)
+                    with m.Elif((nb << (2 * tsh)) > cfg.operand_depth):
+                        error(P.ErrorCode.OUT_OF_RANGE, nb << (2 * tsh))
+                    with m.Elif(nb > cfg.exponent_depth):
+                        error(P.ErrorCode.OUT_OF_RANGE, nb)
+                    with m.Else():
+                        m.d.sync += [(nb_a if which == 0 else nb_b).eq(nb)]
+                        m.next = nxt_state
+            with m.State("G_SCAN_INIT"):
+                m.d.sync += [g_a.eq(fld(P.Op.GEMM, "a")), g_b.eq(fld(P.Op.GEMM, "b")),
+                             k_cnt.eq(0), g_off.eq(fld(P.Op.GEMM, "out_offset"))]
+                m.next = "G_SCAN_SET"
+            # scan phases: A mantissas, A codes, B mantissas, B codes, A invalid, B invalid
+            with m.State("G_SCAN_SET"):
+                m.d.comb += sc_next.eq(0)
+                m.d.comb += mode.eq(1)
+                with m.Switch(k_cnt):
+                    for ph, (which, kind) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1),
+                                                        (0, 2), (1, 2))):
+                        with m.Case(ph):
+                            nbx = nb_a if which == 0 else nb_b
+                            m.d.sync += [scan_buf.eq(g_a if which == 0 else g_b),
+                                         scan_kind.eq(kind), scan_which.eq(which),
+                                         scan_n.eq(nbx << tsh if kind == 0 else nbx)]
+                            if kind == 2:
+                                with m.If(g_flags & int(G.ALLOW_INVALID)):
+                                    m.d.sync += scan_n.eq(0)
+                    with m.Default():
+                        m.next = "G_SHAPE"
+                with m.If(k_cnt < 6):
+                    m.next = "G_SCAN"
+            with m.State("G_SCAN"):
+                m.d.comb += mode.eq(1)
+                with m.If(sc == scan_n):
+                    m.d.sync += k_cnt.eq(k_cnt + 1)
+                    m.d.comb += sc_next.eq(0)
+                    m.next = "G_SCAN_SET"
+                with m.Else():
+                    m.d.comb += sc_next.eq(sc + 1)
+                    with m.Switch(scan_kind):
+                        with m.Case(0):
+                            with m.If(man_bad.any()):
+                                error(P.ErrorCode.DATA_RANGE, (sc << tsh) + man_bad_lane)
+                        with m.Case(1):
+                            with m.If(exp_range_bad):
+                                error(P.ErrorCode.DATA_RANGE, sc)
+                        with m.Case(2):
+                            with m.If(exp_inv):
+                                error(P.ErrorCode.INVALID_DATA, Cat(sc[:31], scan_which))
+            with m.State("G_SHAPE"):
+                a_rows, a_cols = fld(P.Op.GEMM, "a_rows"), fld(P.Op.GEMM, "a_cols")
+                b_rows, b_cols = fld(P.Op.GEMM, "b_rows"), fld(P.Op.GEMM, "b_cols")
+                Ka = Mux(ta, a_rows, a_cols)
+                Kb = Mux(tb, b_cols, b_rows)
+                M = Mux(ta, a_cols, a_rows)
+                N = Mux(tb, b_rows, b_cols)
+                mn = Signal(32)
+                m.d.comb += mn.eq(M * N)
+                with m.If(Ka != Kb):
+                    error(P.ErrorCode.BAD_ARGUMENT, 5)
+                with m.Elif((g_flags & int(G.STORE)).any() & (g_off + mn > out_spec.depth)):
+                    error(P.ErrorCode.OUT_OF_RANGE,
+                          Mux(g_off > out_spec.depth, g_off, out_spec.depth))
+                with m.Elif(Ka > cfg.k_max):
+                    error(P.ErrorCode.K_OVERFLOW, Ka)
+                with m.Else():
+                    m.d.sync += [gM.eq(M), gN.eq(N), gK.eq(Ka),
+                                 mt.eq((M + T - 1) >> tsh), nt.eq((N + T - 1) >> tsh),
+                                 nk.eq((Ka + T - 1) >> tsh)]
+                    with m.If((g_flags & int(G.STORE)).any()):
+                        m.d.comb += seq_start.eq(1)
+                        m.next = "G_RUN"
+                    with m.Else():
+                        m.next = "G_DONE"
+            with m.State("G_RUN"):
+                m.d.comb += mode.eq(2)
+                with m.If(seq_done & drain_done):
+                    m.next = "G_DONE"
+            with m.State("G_DONE"):
+                respond(P.Op.GEMM | P.RESPONSE_FLAG, fix=gK,
+                        nfix=P.RESPONSES[P.Op.GEMM].header_size)
+            # -- response encoder ---------------------------------------------------------
+            for st, save in (("SEND", True), ("SEND_NOSAVE", False)):
+                with m.State(st):
+                    if save:
+                        m.d.sync += saved.eq(desc)
+                    m.d.sync += [ea.eq(Mux(r_info, 0, r_addr))]
+                    m.next = "E_HDR"
+            enc_states(m)
+
+        # ---- GEMM sequencer: operand beats to the MAC array -------------------------
+        it = Signal(16)
+        jt = Signal(16)
+        kk = Signal(16)
+        rr = Signal(range(T + 1))
+        sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
+        issued = Signal()
+        running = Signal()
+        blk_a = Signal(32)
+        blk_b = Signal(32)
+        m.d.comb += [blk_a.eq(Mux(ta, kk * mt + it, it * nk + kk)),
+                     blk_b.eq(Mux(tb, jt * nk + kk, kk * nt + jt))]
+        is_b = sph[0]
+        blk = Mux(is_b, blk_b, blk_a)
+        m.d.comb += [sq_elem.eq(blk), sq_word.eq((blk << tsh) + rr)]
+        op_man = Signal(mw * T)
+        op_exp = Signal(ew)
+        op_buf = Mux(is_b, g_b, g_a)
+        with m.Switch(op_buf):
+            for k in range(cfg.operand_buffers):
+                with m.Case(k):
+                    m.d.comb += [op_man.eq(rps[man_ids[k]].data),
+                                 op_exp.eq(rps[exp_ids[k]].data)]
+        with m.If(seq_start):
+            m.d.sync += [it.eq(0), jt.eq(0), kk.eq(0), rr.eq(0), sph.eq(0), issued.eq(0),
+                         running.eq(1)]
+        m.d.comb += seq_done.eq(~running)
+        for port, which in ((mac.a, 0), (mac.b, 1)):
+            p = port.payload
+            m.d.comb += [p.exp.eq(op_exp), p.transpose.eq(tb if which else ta),
+                         p.header.eq(~sph[1]), p.last.eq(kk == nk - 1)]
+            for k in range(T):
+                m.d.comb += p.data[k].eq(op_man[mw * k: mw * k + mc.man_bits_a])
+            m.d.comb += port.valid.eq(running & issued & (is_b == which))
+        accepted = Mux(is_b, mac.b.ready, mac.a.ready) & issued & running
+        with m.If(running & ~issued):
+            m.d.sync += issued.eq(1)
+        with m.If(accepted):
+            m.d.sync += issued.eq(0)
+            with m.If(~sph[1]):  # header beats
+                with m.If(kk == nk - 1):
+                    m.d.sync += [kk.eq(0), sph.eq(sph + 1)]
+                with m.Else():
+                    m.d.sync += kk.eq(kk + 1)
+            with m.Else():
+                with m.If(rr == T - 1):
+                    m.d.sync += rr.eq(0)
+                    with m.If(sph == 2):
+                        m.d.sync += sph.eq(3)
+                    with m.Elif(kk != nk - 1):
+                        m.d.sync += [sph.eq(2), kk.eq(kk + 1)]
+                    with m.Else():
+                        m.d.sync += [sph.eq(0), kk.eq(0)]
+                        with m.If(jt == nt - 1):
+                            m.d.sync += jt.eq(0)
+                            with m.If(it == mt - 1):
+                                m.d.sync += running.eq(0)
+                            with m.Else():
+                                m.d.sync += it.eq(it + 1)
+                        with m.Else():
+                            m.d.sync += jt.eq(jt + 1)
+                with m.Else():
+                    m.d.sync += rr.eq(rr + 1)
+
+        # ---- output drain: MAC results -> out buffer + statistics -------------------
+        R, C = mc.rows, mc.cols
+        d_it = Signal(16)
+        d_jt = Signal(16)
+        d_rg = Signal(range(T // R + 1))
+        d_cg = Signal(range(T // C + 1))
+        d_r = Signal(range(R + 1))
+        d_c = Signal(range(C + 1))
+        d_run = Signal()
+        with m.If(seq_start):
+            m.d.sync += [d_it.eq(0), d_jt.eq(0), d_rg.eq(0), d_cg.eq(0), d_r.eq(0),
+                         d_c.eq(0), d_run.eq(1)]
+        m.d.comb += drain_done.eq(~d_run)
+        di = Signal(16)
+        dj = Signal(16)
+        m.d.comb += [di.eq((d_it << tsh) + d_rg * R + d_r), dj.eq((d_jt << tsh) + d_cg * C + d_c)]
+        val = Signal(32)
+        with m.Switch(d_c):
+            for k in range(C):
+                with m.Case(k):
+                    m.d.comb += val.eq(mac.o.payload.data[k])
+        in_range = (di < gM) & (dj < gN)
+        m.d.comb += [drain_addr.eq(g_off + di * gN + dj), drain_data.eq(val)]
+        finite = val[23:31] != 0xFF
+        with m.If(d_run & mac.o.valid):
+            with m.If(in_range):
+                m.d.comb += drain_en.eq(1)
+                with m.If(finite):
+                    m.d.sync += st_count.eq(st_count + 1)
+                    with m.If(_f32_key(val) < _f32_key(st_min)):
+                        m.d.sync += st_min.eq(val)
+                    with m.If(_f32_key(val) > _f32_key(st_max)):
+                        m.d.sync += st_max.eq(val)
+                with m.Else():
+                    m.d.sync += st_nonfin.eq(st_nonfin + 1)
+            with m.If(d_c == C - 1):
+                m.d.comb += mac.o.ready.eq(1)
+                m.d.sync += d_c.eq(0)
+                with m.If(d_r == R - 1):
+                    m.d.sync += d_r.eq(0)
+                    with m.If(d_cg == T // C - 1):
+                        m.d.sync += d_cg.eq(0)
+                        with m.If(d_rg == T // R - 1):
+                            m.d.sync += d_rg.eq(0)
+                            with m.If(d_jt == nt - 1):
+                                m.d.sync += d_jt.eq(0)
+                                with m.If(d_it == mt - 1):
+                                    m.d.sync += d_run.eq(0)
+                                with m.Else():
+                                    m.d.sync += d_it.eq(d_it + 1)
+                            with m.Else():
+                                m.d.sync += d_jt.eq(d_jt + 1)
+                        with m.Else():
+                            m.d.sync += d_rg.eq(d_rg + 1)
+                    with m.Else():
+                        m.d.sync += d_cg.eq(d_cg + 1)
+                with m.Else():
+                    m.d.sync += d_r.eq(d_r + 1)
+            with m.Else():
+                m.d.sync += d_c.eq(d_c + 1)
+        m.d.comb += self.busy.eq(~state_idle)
+        return m
+
+    # ------------------------------------------------------------------------------
+    def _encoder(self, m, r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_info, r_len,
+                 ea, ea_next, elem_data, rom_r, nbuf, specs):
+        """Response encoder: set-up now, returns a function adding its FSM states."""
+        crc = Signal(32)
+        byte = Signal(8)
+        crc_n = _crc_next(m, crc, byte)
+        idx = Signal(16)
+        bi = Signal(2)
+        rem = Signal(17)
+        seg = Signal()
+        src_wb = Signal(3)
+        src_byte = Signal(8)
+        with m.Switch(Mux(seg, r_src, nbuf)):
+            for i, s in enumerate(specs):
+                with m.Case(i):
+                    d = elem_data(i)
+                    m.d.comb += src_wb.eq(s.wire_bytes)
+                    m.d.comb += src_byte.eq(d.word_select(bi, 8) if s.wire_bytes > 1 else d)
+            with m.Case(nbuf):
+                m.d.comb += [src_wb.eq(1), src_byte.eq(rom_r.data)]
+        take = self.o.ready
+        hdr_bytes = Cat(Const(P.SYNC[0], 8), Const(P.SYNC[1], 8), r_len, r_seq, r_op)
+        return lambda m: self._encoder_states(m, locals_=dict(
+            crc=crc, byte=byte, crc_n=crc_n, idx=idx, bi=bi, rem=rem, seg=seg, src_wb=src_wb,
+            src_byte=src_byte, take=take, hdr_bytes=hdr_bytes, r_info=r_info,
+            r_count=r_count, r_fix=r_fix, r_nfix=r_nfix, r_addr=r_addr, ea=ea,
+            ea_next=ea_next))
+
+    def _encoder_states(self, m, locals_):
+        crc, byte, crc_n, idx, bi, rem, seg, src_wb, src_byte, take, hdr_bytes = (
+            locals_[k] for k in ("crc", "byte", "crc_n", "idx", "bi", "rem", "seg", "src_wb",
+                                 "src_byte", "take", "hdr_bytes"))
+        r_info, r_count, r_fix, r_nfix, r_addr, ea, ea_next = (
+            locals_[k] for k in ("r_info", "r_count", "r_fix", "r_nfix", "r_addr", "ea",
+                                 "ea_next"))
+        with m.State("E_HDR"):
+            m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:3], 8)), self.o.valid.eq(1),
+                         self.o.payload.eq(byte)]
+            with m.If(take):
+                with m.If(idx >= 2):
+                    m.d.sync += crc.eq(crc_n)
+                with m.Else():
+                    m.d.sync += crc.eq(0xFFFFFFFF)
+                m.d.sync += idx.eq(idx + 1)
+                with m.If(idx == 5):
+                    m.d.sync += [idx.eq(0), seg.eq(~r_info), bi.eq(0),
+                                 rem.eq(Mux(r_info, _INFO_FIXED, r_count))]
+                    m.next = "E_FIX"
+        with m.State("E_FIX"):
+            m.d.comb += [byte.eq(r_fix.word_select(idx[:4], 8)), self.o.payload.eq(byte)]
+            with m.If(idx == r_nfix):
+                m.d.sync += idx.eq(0)
+                m.next = "E_DATA"
+            with m.Else():
+                m.d.comb += self.o.valid.eq(1)
+                with m.If(take):
+                    m.d.sync += [crc.eq(crc_n), idx.eq(idx + 1)]
+        with m.State("E_DATA"):
+            m.d.comb += [byte.eq(src_byte), self.o.payload.eq(byte)]
+            with m.If(rem == 0):
+                with m.If(~seg):
+                    m.d.sync += [seg.eq(1), rem.eq(r_count)]
+                    m.d.comb += ea_next.eq(r_addr)
+                with m.Else():
+                    m.next = "E_CRC"
+            with m.Else():
+                m.d.comb += self.o.valid.eq(1)
+                with m.If(take):
+                    m.d.sync += crc.eq(crc_n)
+                    with m.If(bi == src_wb - 1):
+                        m.d.sync += [bi.eq(0), rem.eq(rem - 1)]
+                        m.d.comb += ea_next.eq(ea + 1)
+                    with m.Else():
+                        m.d.sync += bi.eq(bi + 1)
+        with m.State("E_CRC"):
+            final = crc ^ 0xFFFFFFFF
+            m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(final.word_select(idx[:2], 8))]
+            with m.If(take):
+                m.d.sync += idx.eq(idx + 1)
+                with m.If(idx == P.CRC_BYTES - 1):
+                    m.d.sync += idx.eq(0)
+                    m.next = "IDLE"
+
+
+# ---------------------------------------------------------------------------------------
+# sim:// -- the top in the Amaranth simulator, as a host Transport
+# ---------------------------------------------------------------------------------------
+from hbfp_hw.host.transport import Transport  # noqa: E402
+
+
+class SimTransport(Transport):
+    """The accelerator top running in Amaranth's simulator, in process.
+
+    ``write`` queues bytes; ``read`` clocks the design (one byte per clock on the byte
+    port, no back-pressure on the output) until the input is consumed and the device has
+    been idle for a few clocks, then returns what it sent. When nothing is pending,
+    ``read`` clocks the partial-frame timeout (the line is idle).
+
+    ``cycles`` counts simulated clocks; ``sim_seconds`` the wall time spent simulating.
+    """
+
+    byte_rate = None
+
+    def __init__(self, config: AcceleratorConfig | None = None, *,
+                 idle_cycles: int = 2048) -> None:
+        from amaranth.sim import Simulator
+        self.config = config or SIM_CONFIG
+        self.dut = Accelerator(self.config, idle_cycles=idle_cycles)
+        self.idle_cycles = idle_cycles
+        self._tx = bytearray()
+        self._rx = bytearray()
+        self.cycles = 0
+        self.sim_seconds = 0.0
+        self._quiet = 0
+        self._target = 0
+        self._sim = Simulator(self.dut)
+        self._sim.add_clock(1.0 / self.config.clock_hz)
+        self._sim.add_testbench(self._bench, background=True)
+        self._period = 1.0 / self.config.clock_hz
+
+    async def _bench(self, ctx) -> None:
+        dut = self.dut
+        ctx.set(dut.o.ready, 1)
+        while True:
+            if self._tx:
+                ctx.set(dut.i.valid, 1)
+                ctx.set(dut.i.payload, self._tx[0])
+            else:
+                ctx.set(dut.i.valid, 0)
+            _, _, iv, ir, ov, od, busy = await ctx.tick().sample(
+                dut.i.valid, dut.i.ready, dut.o.valid, dut.o.payload, dut.busy)
+            self.cycles += 1
+            if iv and ir:
+                del self._tx[0]
+            if ov:
+                self._rx.append(od)
+            self._quiet = 0 if (busy or ov or self._tx) else self._quiet + 1
+
+    def _run(self, max_cycles: int, quiet: int) -> None:
+        t0 = time.perf_counter()
+        start = self.cycles
+        while self.cycles - start < max_cycles:
+            self._sim.advance()
+            if self._quiet >= quiet and not self._tx:
+                break
+        self.sim_seconds += time.perf_counter() - t0
+
+    def write(self, data: bytes) -> None:
+        self._tx += bytes(data)
+        self._quiet = 0
+        self._run(1 << 40, 8)
+
+    def read(self, timeout: float) -> bytes:
+        if not self._rx:
+            # the line is idle: let a partial frame time out
+            self._quiet = 0
+            self._run(self.idle_cycles + 16, self.idle_cycles + 8)
+        data = bytes(self._rx)
+        self._rx.clear()
+        return data
+
+    def close(self) -> None:
+        self._tx.clear()
+
+
+def sim_transport(config: AcceleratorConfig | None = None) -> SimTransport:
+    """``sim://``: a :class:`SimTransport` for ``config`` (default :data:`SIM_CONFIG`)."""
+    return SimTransport(config)
