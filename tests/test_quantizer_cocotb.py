@@ -11,13 +11,32 @@ from pathlib import Path
 
 import pytest
 
-from hbfp_hw.cli import main as cli_main
+import argparse
+
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import BFPFormat
 from hbfp_hw.gateware.quantizer import generate
 from hbfp_hw.sim.runner import available_simulators, run_cocotb, setup_verilator_env
 
 SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
+
+
+def cli_main(argv: list[str]) -> int:
+    """``hbfp-hw`` restricted to this unit's subcommand (same error handling as
+    :func:`hbfp_hw.cli.main`), so other units' CLI modules cannot break this test."""
+    import sys
+
+    from hbfp_hw.gateware.quantizer import register_cli
+    parser = argparse.ArgumentParser(prog="hbfp-hw")
+    sub = parser.add_subparsers(dest="command")
+    gen = sub.add_parser("generate")
+    register_cli(sub, gen.add_subparsers(dest="unit"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hbfp-hw: error: {e}", file=sys.stderr)
+        return 2
 
 
 @contextlib.contextmanager
