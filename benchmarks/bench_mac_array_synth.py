@@ -54,12 +54,12 @@ class NaiveArray(wiring.Component):
 
 ECP5_CONFIGS = [
     # (label, config)
-    ("4b lut 8x8x8", MacArrayConfig(rows=8, cols=8, lanes=8, tile=8, man_bits_a=4,
-                                    man_bits_b=4, k_max=1024, mapping="lut")),
     ("4b dsp-packed", MacArrayConfig(rows=4, cols=4, lanes=4, tile=8, man_bits_a=4,
                                      man_bits_b=4, k_max=1024, mapping="dsp-packed")),
     ("8b dsp", MacArrayConfig(rows=4, cols=4, lanes=4, tile=8, man_bits_a=8, man_bits_b=8,
                               k_max=1024, mapping="dsp")),
+    ("4b lut 8x8x8", MacArrayConfig(rows=8, cols=8, lanes=8, tile=8, man_bits_a=4,
+                                    man_bits_b=4, k_max=1024, mapping="lut")),
 ]
 ICE40_CONFIGS = [
     ("4b dsp 2x2x2", MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=4,
@@ -93,7 +93,11 @@ def main(argv=None) -> int:
     for label, cfg in configs:
         d = out / label.replace(" ", "_")
         v, _ = generate(cfg, d, name="mac_array")
-        res = synth_ecp5(v, "mac_array", workdir=d / "ecp5", freq_mhz=args.freq)
+        try:
+            res = synth_ecp5(v, "mac_array", workdir=d / "ecp5", freq_mhz=args.freq)
+        except SynthError as e:
+            print(f"ecp5-85  {label:16} failed: {str(e).splitlines()[0]}", flush=True)
+            continue
         print(row("ecp5-85", label, cfg.rows, cfg.cols, cfg.lanes, cfg.tile,
                   f"{cfg.man_bits_a}", cfg.mapping, res, cfg.macs_per_cycle), flush=True)
     for label, cfg in ([] if args.quick else ICE40_CONFIGS):
