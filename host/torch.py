@@ -105,10 +105,8 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     # truncation happens and acc = 2**G * (A' @ B') with A' = ma * 2**-sa,
     # B' = mb * 2**-sb (s = sa + sb is separable). Every product and partial sum is a
     # multiple of 2**-G below 2**(53-G): one float64 GEMM is exact in any order.
-    nz_a = torch.from_numpy(
-        (a.mantissas.reshape(gm, bm, nkb, L) != 0).any(axis=(1, 3)))          # (gm, nkb)
-    nz_b = torch.from_numpy(
-        (b.mantissas.reshape(nkb, L, gn, bn) != 0).any(axis=(1, 3)))          # (nkb, gn)
+    nz_a = _nonzero_blocks(a, ea, (gm, bm, nkb, L))                             # (gm, nkb)
+    nz_b = _nonzero_blocks(b, eb, (nkb, L, gn, bn))                             # (nkb, gn)
     live = nz_a.T[:, :, None] & nz_b[:, None, :]                                # (nkb, gm, gn)
     if not bool((s[live] > guard_bits).any()):
         sa = torch.where(nz_a, ea_row[:, None] - ea, 0).to(torch.float64)
@@ -142,10 +140,22 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     return _to_fp32(acc, e_ref - guard_bits - fa - fb, a, b, Mp, Np, bm, bn)
 
 
+def _nonzero_blocks(t: BFPTensor, e: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Blocks holding a non-zero mantissa. With ``emin < -126`` (``exp_bits >= 8``) a
+    block has ``E == emin`` exactly when it is all zero (FP32 normals have exponents
+    >= -126, subnormals are flushed), so the exponents tell; otherwise look."""
+    if t.fmt.emin < -126:
+        return e > t.fmt.emin
+    return torch.from_numpy((t.mantissas.reshape(shape) != 0).any(axis=(1, 3)))
+
+
 def _to_fp32(acc, scale_exp, a, b, Mp, Np, bm, bn) -> np.ndarray:
     """``acc * 2**scale_exp`` (per tile) to float32 as the golden model converts it."""
-    v = torch.ldexp(acc, scale_exp[:, None, :, None].to(torch.float64)).reshape(Mp, Np)
-    v = torch.where(v.abs() < 2.0**-126, torch.zeros((), dtype=torch.float64), v)
+    # acc * 2**k is exact in float64 (|k| < 400), so a multiply by the tile's power of
+    # two equals ldexp.
+    scale = torch.ldexp(torch.ones(scale_exp.shape, dtype=torch.float64), scale_exp)
+    v = (acc * scale[:, None, :, None]).reshape(Mp, Np)
+    v.masked_fill_(v.abs() < 2.0**-126, 0.0)
     out = v.to(torch.float32)
     if a.invalid.any() or b.invalid.any():
         bad = (torch.from_numpy(np.repeat(a.invalid.any(axis=1), bm))[:, None]
