@@ -20,7 +20,6 @@ weights). See ``docs/training.md``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
