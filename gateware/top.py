@@ -408,12 +408,16 @@ class Accelerator(wiring.Component):
         man_bad = Signal(T)
         for k in range(T):
             v = man_word[mw * k: mw * (k + 1)].as_signed()
-            m.d.comb += man_bad[k].eq((v > mref.mmax) | (v < -mref.mmax))
+            if mref.mmax >= 2 ** (mw - 1) - 1:   # only the most negative code is out
+                m.d.comb += man_bad[k].eq(v == -(2 ** (mw - 1)))
+            else:
+                m.d.comb += man_bad[k].eq((v > mref.mmax) | (v < -mref.mmax))
         man_bad_lane = Signal(range(T + 1))
         for k in reversed(range(T)):
             with m.If(man_bad[k]):
                 m.d.comb += man_bad_lane.eq(k)
-        exp_range_bad = exp_code > mref.exp_invalid_code
+        exp_range_bad = (exp_code > mref.exp_invalid_code if mref.exp_invalid_code < 2 ** ew - 1
+                         else Const(0))
         exp_inv = exp_code == mref.exp_invalid_code
         slots_ok = gemm_slots(cfg)
 
@@ -963,3 +967,87 @@ class SimTransport(Transport):
 def sim_transport(config: AcceleratorConfig | None = None) -> SimTransport:
     """``sim://``: a :class:`SimTransport` for ``config`` (default :data:`SIM_CONFIG`)."""
     return SimTransport(config)
+
+
+# ---------------------------------------------------------------------------------------
+# Board wrapper, generation, CLI
+# ---------------------------------------------------------------------------------------
+class UartAccelerator(wiring.Component):
+    """The top behind the UART PHY (``rx``/``tx`` pins), for boards.
+
+    A 64-byte receive FIFO absorbs the bytes arriving while the executor is busy (the
+    host sends the next request only after the answer, so this is slack, not flow
+    control).
+    """
+
+    def __init__(self, config: AcceleratorConfig | None = None) -> None:
+        from .uart import uart_divisor
+        self.config = config or AcceleratorConfig.default()
+        self.divisor = uart_divisor(self.config.clock_hz, self.config.baud_rate)
+        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "busy": Out(1)})
+
+    def elaborate(self, platform):
+        from .uart import UartRx, UartTx
+        m = Module()
+        m.submodules.core = core = Accelerator(self.config)
+        m.submodules.urx = urx = UartRx(self.divisor)
+        m.submodules.utx = utx = UartTx(self.divisor)
+        m.submodules.rxq = q = fifo.SyncFIFOBuffered(width=8, depth=64)
+        m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx), self.busy.eq(core.busy),
+                     q.w_data.eq(urx.o.payload), q.w_en.eq(urx.o.valid),
+                     urx.o.ready.eq(q.w_rdy),
+                     core.i.payload.eq(q.r_data), core.i.valid.eq(q.r_rdy),
+                     q.r_en.eq(core.i.ready)]
+        wiring.connect(m, core.o, utx.i)
+        return m
+
+
+def generate(config: AcceleratorConfig, outdir: str | Path, *, uart: bool = False,
+             name: str | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.v`` and ``<name>.json`` (manifest with the device description)."""
+    from hbfp_hw.manifest import write_manifest
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    name = name or f"{config.name}_accel"
+    top = UartAccelerator(config) if uart else Accelerator(config)
+    text = verilog.convert(top, name=name, emit_src=False)
+    vpath = outdir / f"{name}.v"
+    vpath.write_text(text)
+    mpath = write_manifest(outdir / f"{name}.json", kind="accelerator", top=name,
+                           config=config.to_dict(), ports=_port_map(uart),
+                           extra=P.manifest_extra(config))
+    return vpath, mpath
+
+
+def _port_map(uart: bool) -> dict:
+    if uart:
+        return {"rx": {"dir": "in", "width": 1}, "tx": {"dir": "out", "width": 1},
+                "busy": {"dir": "out", "width": 1}}
+    return {"i": {"dir": "in", "stream": 8}, "o": {"dir": "out", "stream": 8},
+            "busy": {"dir": "out", "width": 1}}
+
+
+def _cli_generate(args) -> int:
+    import json
+    if args.config:
+        src = Path(args.config)
+        d = json.loads(src.read_text()) if src.exists() else json.loads(args.config)
+        cfg = AcceleratorConfig.from_dict(d.get("config", d))
+    else:
+        cfg = SIM_CONFIG if args.sim else AcceleratorConfig.default()
+    v, mf = generate(cfg, args.output, uart=args.uart, name=args.name)
+    print(f"wrote {v} and {mf} (device hash {P.device_hash(cfg).hex()[:16]}...)")
+    return 0
+
+
+def register_cli(subparsers, generate_subparsers) -> None:
+    p = generate_subparsers.add_parser(
+        "accelerator", help="the accelerator top (byte-stream port, or UART with --uart)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="AcceleratorConfig JSON (file or literal; a manifest "
+                                    "works too); default: the default accelerator")
+    p.add_argument("--sim", action="store_true", help="use the small sim:// configuration")
+    p.add_argument("--uart", action="store_true", help="wrap the top in the UART PHY")
+    p.add_argument("--name", default=None, help="top module name")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=_cli_generate)
