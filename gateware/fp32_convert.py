@@ -3,7 +3,7 @@
 ``v = acc * 2**scale``; ``|v| < 2**-126`` (including ``acc == 0``) gives ``+0.0``;
 otherwise the magnitude is rounded to a 24-bit significand, nearest-even, and becomes
 ``+-Inf`` if it reaches ``2**128``; ``nan`` gives the quiet NaN ``0x7FC00000``.
-Three pipeline stages (no stall: the caller reserves output space before issuing).
+Four pipeline stages (no stall: the caller reserves output space before issuing).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Fp32Convert(wiring.Component):
         Signed width of ``acc`` (2..64).
     """
 
-    LATENCY = 3
+    LATENCY = 4
 
     def __init__(self, *, acc_bits: int):
         if not isinstance(acc_bits, int) or not 2 <= acc_bits <= 64:
@@ -59,7 +59,7 @@ class Fp32Convert(wiring.Component):
         e2 = Signal(signed(SCALE_BITS + 1))
         m.d.sync += [v2.eq(v1), s2.eq(s1), nan2.eq(nan1), zero2.eq(mag1 == 0),
                      norm2.eq((mag1 << lz)[:W]), e2.eq(sc1 + pos)]
-        # stage 3: round to 24 bits (RNE), flush / overflow, pack
+        # stage 3: round to 24 bits (RNE)
         wn = max(W, 26)
         n = Signal(wn)
         m.d.comb += n.eq(norm2 << (wn - W))
@@ -67,21 +67,23 @@ class Fp32Convert(wiring.Component):
         guard = n[wn - 25]
         sticky = n[:wn - 25].any()
         up = guard & (sticky | sig[0])
-        sig_r = Signal(25)
-        m.d.comb += sig_r.eq(sig + up)
+        v3, s3, nan3, flush3 = Signal(), Signal(), Signal(), Signal()
+        sig3 = Signal(25)
+        e3 = Signal(signed(SCALE_BITS + 1))
+        m.d.sync += [v3.eq(v2), s3.eq(s2), nan3.eq(nan2), flush3.eq(zero2 | (e2 < -126)),
+                     sig3.eq(sig + up), e3.eq(e2)]
+        # stage 4: carry into the exponent, overflow, pack
         e_r = Signal(signed(SCALE_BITS + 2))
-        m.d.comb += e_r.eq(e2 + sig_r[24])
-        frac = Mux(sig_r[24], 0, sig_r[:23])
-        flush = zero2 | (e2 < -126)
-        inf = e_r >= 128
+        m.d.comb += e_r.eq(e3 + sig3[24])
+        frac = Mux(sig3[24], 0, sig3[:23])
         bits = Signal(32)
-        with m.If(nan2):
+        with m.If(nan3):
             m.d.comb += bits.eq(FP32_NAN)
-        with m.Elif(flush):
+        with m.Elif(flush3):
             m.d.comb += bits.eq(0)
-        with m.Elif(inf):
-            m.d.comb += bits.eq(Cat(Const(0, 23), Const(0xFF, 8), s2))
+        with m.Elif(e_r >= 128):
+            m.d.comb += bits.eq(Cat(Const(0, 23), Const(0xFF, 8), s3))
         with m.Else():
-            m.d.comb += bits.eq(Cat(frac, (e_r + 127)[:8], s2))
-        m.d.sync += [self.o_valid.eq(v2), self.bits.eq(bits)]
+            m.d.comb += bits.eq(Cat(frac, (e_r + 127)[:8], s3))
+        m.d.sync += [self.o_valid.eq(v3), self.bits.eq(bits)]
         return m
