@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from amaranth.back import verilog
-from amaranth.hdl import Const, Module, Mux, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -417,7 +417,8 @@ def port_map(cfg: MacArrayConfig) -> dict:
     }
 
 
-def generate(cfg: MacArrayConfig, outdir: str | Path, *, name: str = "mac_array") -> tuple[Path, Path]:
+def generate(cfg: MacArrayConfig, outdir: str | Path, *,
+             name: str = "mac_array") -> tuple[Path, Path]:
     """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``outdir``."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module, Signal, Value, signed
+from amaranth.hdl import Module, Signal, signed
 from amaranth.sim import Simulator
 
 from hbfp_hw.config.mac_array import MacArrayConfig
