@@ -84,7 +84,7 @@ def run_cocotb(*, verilog_sources: list[str | Path], toplevel: str, test_module:
     if simulator == "verilator":
         os.environ["MAKEFLAGS"] = ((saved_mf or "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
     try:
-        runner.build(verilog_sources=[str(p) for p in verilog_sources], hdl_toplevel=toplevel,
+        runner.build(sources=[str(p) for p in verilog_sources], hdl_toplevel=toplevel,
                      build_dir=build_dir, build_args=build_args, always=True,
                      timescale=("1ns", "1ps"), waves=waves)
     finally:
