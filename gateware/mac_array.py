@@ -176,20 +176,20 @@ class MacArray(wiring.Component):
 
         # ---- stage d1: aligned with the registered tile-buffer read ---------------
         c1 = Signal(cl)
-        ea1, eb1 = Signal(cfg.exp_bits), Signal(cfg.exp_bits)
+        te1, tinv1 = Signal(signed(EXP_SUM_BITS)), Signal()     # tile exponent Ea + Eb
         esum1, inv1, first1 = Signal(signed(EXP_SUM_BITS)), Signal(), Signal()
-        m.d.sync += [c1.eq(issue), ea1.eq(ea_i), eb1.eq(eb_i), esum1.eq(esum_i),
-                     inv1.eq(inv_i), first1.eq(first_i)]
+        m.d.sync += [c1.eq(issue), esum1.eq(esum_i), inv1.eq(inv_i), first1.eq(first_i),
+                     te1.eq(ea_i + eb_i - 2 * cfg.exp_bias),
+                     tinv1.eq((ea_i == cfg.exp_invalid_code) | (eb_i == cfg.exp_invalid_code))]
         job_eref = Signal(signed(EXP_SUM_BITS))
         job_nan = Signal()
         with m.If(c1.valid & first1):
             m.d.sync += [job_eref.eq(esum1), job_nan.eq(inv1)]
         eref = Mux(first1, esum1, job_eref)
-        tile_inv = (ea1 == cfg.exp_invalid_code) | (eb1 == cfg.exp_invalid_code)
         diff = Signal(signed(EXP_SUM_BITS + 1))
-        m.d.comb += diff.eq(eref - (ea1 - cfg.exp_bias) - (eb1 - cfg.exp_bias))
+        m.d.comb += diff.eq(eref - te1)
         shift = Signal(cfg.shift_bits)
-        m.d.comb += shift.eq(Mux(tile_inv | (diff >= cfg.shift_max), cfg.shift_max,
+        m.d.comb += shift.eq(Mux(tinv1 | (diff >= cfg.shift_max), cfg.shift_max,
                                  Mux(diff < 0, 0, diff)))
         # stage d2: register the shift (it fans out to every PE) and the operands
         ctrl_pe = Signal(cl)
