@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/bench_train.py [--steps 60] [--threads 1] [--formats hbfp8,hb4,mxint8]
+    python benchmarks/bench_train.py [--steps 30] [--threads 1] [--formats hbfp8,hb4,mxint8]
 
-For each model (the digits MLP and CNN of ``hbfp-hw train`` at batch 32, plus a wider
-MLP at batch 256 where GEMMs dominate), times forward + backward + SGD step in FP32 and
+For each model (the digits MLP and CNN of ``hbfp-hw train`` at batch 32, plus two wider
+MLPs where the GEMMs dominate), times forward + backward + SGD step in FP32 and
 in each BFP format with the emulate backend, interleaved in one run (warm-up steps
 excluded, median of the timed steps), and prints the ratio. Target: <= 2x.
 """
@@ -28,12 +28,15 @@ from hbfp_hw.host.train import format_kwargs, make_model
 def _models():
     wide = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                          nn.Linear(512, 10))
+    wider = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                          nn.Linear(1024, 10))
     return [("mlp (digits), batch 32", make_model("mlp"), (1, 8, 8), 32),
             ("cnn (digits), batch 32", make_model("cnn"), (1, 8, 8), 32),
-            ("mlp 256-512-512-10, batch 256", wide, (256,), 256)]
+            ("mlp 256-512-512-10, batch 256", wide, (256,), 256),
+            ("mlp 1024-1024-1024-10, batch 512", wider, (1024,), 512)]
 
 
-def _step_times(model, x, y, steps: int, warmup: int = 5) -> list[float]:
+def _step_times(model, x, y, steps: int, warmup: int = 2) -> list[float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
     for i in range(warmup + steps):
@@ -49,7 +52,7 @@ def _step_times(model, x, y, steps: int, warmup: int = 5) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--formats", default="hbfp8,hb4,mxint8")
     args = ap.parse_args(argv)

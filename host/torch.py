@@ -327,10 +327,10 @@ class _BFPGemm(torch.autograd.Function):
             wq = layer._quant(wn, _along(layer.weight_fmt, 1), "weight")
             y = be.matmul(xq, wq.T)
             ctx.saved = (xn, wn)
-        else:  # uniform: fake-quantized values, FP32 GEMM
-            xq = layer._uquant(xn, layer.act_fmt, "act")
-            wq = layer._uquant(wn, layer.weight_fmt, "weight")
-            y = xq @ wq.T
+        else:  # uniform: fake-quantized values, FP32 GEMM (in torch: one thread)
+            xq = torch.from_numpy(layer._uquant(xn, layer.act_fmt, "act"))
+            wq = torch.from_numpy(layer._uquant(wn, layer.weight_fmt, "weight"))
+            y = (xq @ wq.T).numpy()
             ctx.saved = (xq, wq)
         ctx.has_bias = bias is not None
         out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
@@ -360,9 +360,9 @@ class _BFPGemm(torch.autograd.Function):
                                layer._quant(xn, _along(layer.act_fmt, 0), "act"))
         else:
             xq, wq = ctx.saved
-            gq = layer._uquant(dyn, gfmt, "grad")
-            dx = gq @ wq if ctx.needs_input_grad[0] else None
-            dw = gq.T @ xq if ctx.needs_input_grad[1] else None
+            gq = torch.from_numpy(layer._uquant(dyn, gfmt, "grad"))
+            dx = (gq @ wq).numpy() if ctx.needs_input_grad[0] else None
+            dw = (gq.T @ xq).numpy() if ctx.needs_input_grad[1] else None
         layer._step += 1
         ctx.saved = None
 

@@ -266,7 +266,16 @@ def _run(args) -> int:
     if seeds < 1:
         raise ValueError(f"--seeds={seeds}; accepted range is >= 1")
     t0 = time.perf_counter()
-    results = run_grid(models, formats, seeds, cfg, progress=not args.no_progress)
+    try:  # NumPy's BLAS threads too (scikit-learn brings threadpoolctl)
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(max(1, args.threads))
+    except ImportError:  # pragma: no cover
+        limits = None
+    try:
+        results = run_grid(models, formats, seeds, cfg, progress=not args.no_progress)
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
     print()
     print(f"final test accuracy on digits (360 test images), {cfg.epochs} epochs, "
           f"backend {cfg.backend}, seeds 0..{seeds - 1}:")
