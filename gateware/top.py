@@ -32,19 +32,23 @@ from amaranth.lib.wiring import In, Out
 from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.config.mac_array import MacArrayConfig
-from hbfp_hw.formats import BFPFormat
+from hbfp_hw.config.quantizer import QuantizerConfig
+from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
 from .cmd_decoder import FrameDecoder, crc32_byte_matrix
 from .mac_array import MacArray
+from .quantizer import Quantizer
 
-__all__ = ["Accelerator", "UartAccelerator", "UNSUPPORTED", "gemm_slots", "info_blob",
+__all__ = ["Accelerator", "UartAccelerator", "UNSUPPORTED", "unsupported", "gemm_slots",
+           "quant_lanes", "quant_rounding", "info_blob",
            "mac_config", "sim_transport", "SimTransport", "generate", "register_cli",
            "SIM_CONFIG"]
 
 G = P.GemmFlag
-#: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``.
+#: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``
+#: (configuration-dependent gaps are added by :func:`unsupported`).
 UNSUPPORTED = {
-    "ops": ["QUANTIZE"],
+    "ops": [],
     "gemm_flags": ["ACCUMULATE", "EXT_EREF"],
     "gemm_slots": "only format slots whose format is the MAC array's (square tile x tile "
                   "HyperBlock blocks, man_bits_max, exp_bits_max); others: detail 3 / 4",
@@ -84,14 +88,50 @@ def gemm_slots(cfg: AcceleratorConfig) -> list[int]:
     return out
 
 
-def info_blob(cfg: AcceleratorConfig) -> bytes:
+def quant_lanes(fmt: BFPFormat) -> tuple[int, bool]:
+    """Quantizer lanes for a format slot and whether stochastic rounding can be built.
+
+    Stochastic rounding draws element ``n`` of the block stream from generator
+    ``n % fmt.sr_lanes``, so the unit needs ``lanes = sr_lanes`` (a divisor of the block
+    size, at most the unit's lane limit); other slots get one lane and no stochastic mode.
+    """
+    from hbfp_hw.config.quantizer import LANES_RANGE
+    L = fmt.sr_lanes
+    if L <= LANES_RANGE[1] and fmt.block_size % L == 0:
+        return L, True
+    return 1, False
+
+
+def quant_rounding(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> list[list[int]]:
+    """Rounding modes (indices in ``ROUNDING_MODES``) QUANTIZE implements, per slot."""
+    out = []
+    for f in cfg.formats:
+        _, sto = quant_lanes(f)
+        modes = range(len(ROUNDING_MODES)) if runtime_rounding else [f.rounding_code]
+        out.append([r for r in modes if sto or ROUNDING_MODES[r] != "stochastic"])
+    return out
+
+
+def unsupported(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> dict:
+    """:data:`UNSUPPORTED` plus the QUANTIZE rounding modes missing for ``cfg``."""
+    out = dict(UNSUPPORTED)
+    miss = {str(i): [ROUNDING_MODES[r] for r in range(len(ROUNDING_MODES)) if r not in ok]
+            for i, ok in enumerate(quant_rounding(cfg, runtime_rounding))}
+    miss = {k: v for k, v in miss.items() if v}
+    if miss:
+        out["quantize_rounding"] = miss   # slot -> modes answered UNSUPPORTED (detail 7)
+    return out
+
+
+def info_blob(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> bytes:
     """INFO's answer stream: fixed fields then the canonical description JSON.
 
     The JSON is the device description plus a ``"gateware"`` key (the unsupported
     features); the hash covers the description only, so it equals the manifest's.
     """
     desc = P.device_description(cfg)
-    desc["gateware"] = {"unsupported": UNSUPPORTED, "gemm_slots": gemm_slots(cfg)}
+    desc["gateware"] = {"unsupported": unsupported(cfg, runtime_rounding),
+                        "gemm_slots": gemm_slots(cfg)}
     js = P.canonical_json(desc)
     fixed = P.RESPONSES[P.Op.INFO].pack(version=P.PROTOCOL_VERSION,
                                         hash=P.device_hash(cfg), total=len(js))
@@ -129,10 +169,14 @@ class Accelerator(wiring.Component):
     idle_cycles
         Partial-frame timeout in clocks (default: the protocol's
         ``IDLE_TIMEOUT_BYTES`` byte times at the config's baud rate and clock).
+    runtime_rounding
+        Build every rounding mode into each slot's quantizer (QUANTIZE's ``rounding``
+        field selects it, as in the emulator). ``False`` builds only the slot format's
+        own mode; other modes are answered ``UNSUPPORTED`` (detail 7).
     """
 
     def __init__(self, config: AcceleratorConfig | None = None, *,
-                 idle_cycles: int | None = None) -> None:
+                 idle_cycles: int | None = None, runtime_rounding: bool = True) -> None:
         cfg = config or AcceleratorConfig.default()
         if not isinstance(cfg, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
@@ -143,7 +187,13 @@ class Accelerator(wiring.Component):
         self.config = cfg
         self.mac = mac_config(cfg)
         self.specs = P.buffer_map(cfg)
-        self.info = info_blob(cfg)
+        self.runtime_rounding = bool(runtime_rounding)
+        self.info = info_blob(cfg, self.runtime_rounding)
+        self.quant = []
+        for f in cfg.formats:
+            lanes, _ = quant_lanes(f)
+            self.quant.append(QuantizerConfig(format=f, lanes=lanes,
+                                              runtime_rounding=self.runtime_rounding))
         if idle_cycles is None:
             idle_cycles = P.IDLE_TIMEOUT_BYTES * 10 * cfg.clock_hz // cfg.baud_rate
         self.idle_cycles = idle_cycles
@@ -257,25 +307,32 @@ class Accelerator(wiring.Component):
         r_src = Signal(range(nbuf + 1))
         r_addr = Signal(32)
         r_count = Signal(16)
-        r_info = Signal()
+        r_src0 = Signal(range(nbuf + 1))   # first data segment (from element 0), if any
+        r_c0 = Signal(16)
         r_len = Signal(16)
-        desc = Cat(r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_info, r_len)
+        desc = Cat(r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_src0, r_c0, r_len)
         saved = Signal(len(desc))
         last_valid = Signal()
         last_key = Signal(8 + 8 + 16 + 32)
 
         def respond(op: int, fix=None, nfix: int = 0, src=None, addr=0, count=0,
-                    info=False, wire_bytes=1):
-            stmts = [r_seq.eq(seq), r_op.eq(op), r_nfix.eq(nfix), r_info.eq(int(info)),
+                    info=False, wire_bytes=1, src0=None, count0=0, wire_bytes0=1):
+            """Fixed fields, then ``count0`` elements of ``src0`` from element 0 (INFO:
+            the ROM's fixed fields), then ``count`` elements of ``src`` from ``addr``."""
+            if info:
+                src0, count0, wire_bytes0 = rom_id, _INFO_FIXED, 1
+            stmts = [r_seq.eq(seq), r_op.eq(op), r_nfix.eq(nfix),
                      r_addr.eq(addr), r_count.eq(count),
                      r_src.eq(src if src is not None else 0),
+                     r_src0.eq(src0 if src0 is not None else 0),
+                     r_c0.eq(count0 if src0 is not None else 0),
                      r_fix.eq(fix if fix is not None else 0)]
-            if src is None:
-                stmts.append(r_len.eq(nfix))
-            else:
-                stmts.append(r_len.eq(nfix + (_INFO_FIXED if info else 0)
-                                      + (count * wire_bytes if isinstance(wire_bytes, int)
-                                         else count * wire_bytes)))
+            ln = nfix
+            if src0 is not None:
+                ln = ln + count0 * wire_bytes0
+            if src is not None:
+                ln = ln + count * wire_bytes
+            stmts.append(r_len.eq(ln))
             m.d.sync += stmts
             m.next = "SEND"
 
@@ -321,6 +378,7 @@ class Accelerator(wiring.Component):
         sc_next = Signal(32)
         sq_word = Signal(32)   # sequencer addresses
         sq_elem = Signal(32)
+        q_rd = Signal(32)      # QUANTIZE: fp_in element address
         mode = Signal(2)       # 0: encoder, 1: scan, 2: sequencer, 3: write/reset
         m.d.comb += [ea_next.eq(ea), sc_next.eq(sc)]
         m.d.sync += [ea.eq(ea_next), sc.eq(sc_next)]
@@ -332,6 +390,8 @@ class Accelerator(wiring.Component):
                 m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
             with m.Case(2):
                 m.d.comb += [rd_elem.eq(sq_elem), rd_word.eq(sq_word)]
+            with m.Case(3):
+                m.d.comb += [rd_elem.eq(q_rd)]
 
         # ---- command executor ---------------------------------------------------------
         b_id = Signal(8)
@@ -367,15 +427,35 @@ class Accelerator(wiring.Component):
         wr_data = Signal(32)
         wr_addr = Signal(32)
         clearing = Signal()
+        # QUANTIZE results: one mantissa (and at a block's end its exponent code) per clock
+        q_dst = Signal(8)
+        q_men = Signal()
+        q_maddr = Signal(32)
+        q_mdata = Signal(mw)
+        q_een = Signal()
+        q_eaddr = Signal(32)
+        q_edata = Signal(ew)
         for i, s in enumerate(specs):
             wp = wps[i]
             if s.kind == P.BufferKind.MANTISSA:
-                m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr >> tsh)),
-                             wp.data.eq(Mux(clearing, 0, wr_data[:8 * s.wire_bytes].replicate(T)))]
+                qsel = q_men & (q_dst == s.operand)
+                m.d.comb += [wp.addr.eq(Mux(clearing, clr,
+                                            Mux(qsel, q_maddr >> tsh, wr_addr >> tsh))),
+                             wp.data.eq(Mux(clearing, 0,
+                                            Mux(qsel, q_mdata.replicate(T),
+                                                wr_data[:8 * s.wire_bytes].replicate(T))))]
                 with m.If(clearing):
                     m.d.comb += wp.en.eq(Mux(clr < s.depth // T, (1 << T) - 1, 0))
+                with m.Elif(qsel):
+                    m.d.comb += wp.en.eq(1 << q_maddr[:tsh] if tsh else 1)
                 with m.Elif(wr_en & (b_id == i)):
                     m.d.comb += wp.en.eq(1 << wr_addr[:tsh] if tsh else 1)
+            elif s.kind == P.BufferKind.EXPONENT:
+                qsel = q_een & (q_dst == s.operand)
+                m.d.comb += [wp.addr.eq(Mux(clearing, clr, Mux(qsel, q_eaddr, wr_addr))),
+                             wp.data.eq(Mux(clearing, 0, Mux(qsel, q_edata, wr_data)))]
+                m.d.comb += wp.en.eq(Mux(clearing, clr < s.depth,
+                                         qsel | (wr_en & (b_id == i))))
             else:
                 m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr)),
                              wp.data.eq(Mux(clearing, 0, wr_data))]
@@ -428,9 +508,93 @@ class Accelerator(wiring.Component):
         drain_done = Signal()
         seq_start = Signal()
 
+        # ---- QUANTIZE engine (fp_in -> slot quantizer -> operand buffer) ---------------
+        QF = lambda name: fld(P.Op.QUANTIZE, name)  # noqa: E731
+        fp_id = next(s.id for s in specs if s.name == "fp_in")
+        fp_depth = specs[fp_id].depth
+        q_slot = Signal(8)
+        q_rnd = Signal(2)
+        q_seed = Signal(32)
+        q_rok = Signal()          # the rounding mode is built for the slot
+        q_bh = Signal(16)         # block rows / cols / size of the slot's format
+        q_bw = Signal(16)
+        q_bsz = Signal(32)
+        q_gr = Signal(17)         # block grid
+        q_gc = Signal(17)
+        q_nb = Signal(34)         # blocks, elements
+        q_n = Signal(64)
+        q_init = Signal()         # Q_INIT: counters to 0, reseed
+        q_run = Signal()          # Q_RUN: feeding and draining
+        # feed: element position in block-stream order (block row/col origin, offsets)
+        q_r0, q_c0, q_r, q_c = (Signal(17, name=f"q_{n}") for n in ("r0", "c0", "r", "c"))
+        n_r0, n_c0, n_r, n_c = (Signal(17, name=f"qn_{n}") for n in ("r0", "c0", "r", "c"))
+        q_fdone = Signal()
+        f_ready = Signal()        # the selected quantizer's input gatherer takes an element
+        f_valid = Signal()
+        f_data = Signal(32)
+        f_cap = Signal()
+        q_rows, q_cols = QF("rows"), QF("cols")
+        pad = Signal()
+        m.d.comb += [pad.eq(((q_r0 + q_r) >= q_rows) | ((q_c0 + q_c) >= q_cols)),
+                     f_valid.eq(q_run & ~q_fdone),
+                     f_data.eq(Mux(pad, 0, rps[fp_id].data)),
+                     f_cap.eq(f_valid & f_ready),
+                     n_r0.eq(q_r0), n_c0.eq(q_c0), n_r.eq(q_r), n_c.eq(q_c),
+                     q_rd.eq(QF("src_offset") + (n_r0 + n_r) * q_cols + n_c0 + n_c)]
+        m.d.sync += [q_r0.eq(n_r0), q_c0.eq(n_c0), q_r.eq(n_r), q_c.eq(n_c)]
+        with m.If(q_init):
+            m.d.comb += [n_r0.eq(0), n_c0.eq(0), n_r.eq(0), n_c.eq(0)]
+            m.d.sync += q_fdone.eq(0)
+        with m.Elif(f_cap):
+            with m.If(q_c == q_bw - 1):
+                m.d.comb += n_c.eq(0)
+                with m.If(q_r == q_bh - 1):
+                    m.d.comb += n_r.eq(0)
+                    with m.If(q_c0 + q_bw >= q_cols):
+                        m.d.comb += n_c0.eq(0)
+                        with m.If(q_r0 + q_bh >= q_rows):
+                            m.d.sync += q_fdone.eq(1)
+                        with m.Else():
+                            m.d.comb += n_r0.eq(q_r0 + q_bh)
+                    with m.Else():
+                        m.d.comb += n_c0.eq(q_c0 + q_bw)
+                with m.Else():
+                    m.d.comb += n_r.eq(q_r + 1)
+            with m.Else():
+                m.d.comb += n_c.eq(q_c + 1)
+        # drain: one element per clock from the selected quantizer's output serialiser
+        d_valid = Signal()
+        d_man = Signal(signed(mw))
+        d_exp = Signal(ew)
+        d_inv = Signal()
+        d_blast = Signal()        # last element of a block
+        q_on = Signal(34)
+        q_ob = Signal(34)
+        q_ninv = Signal(32)
+        q_finv = Signal(32)
+        m.d.comb += [q_maddr.eq(q_on), q_mdata.eq(d_man), q_eaddr.eq(q_ob), q_edata.eq(d_exp)]
+        with m.If(q_init):
+            m.d.sync += [q_on.eq(0), q_ob.eq(0), q_ninv.eq(0), q_finv.eq(P.NO_INDEX)]
+        with m.Elif(q_run & d_valid):
+            m.d.comb += q_men.eq(1)
+            m.d.sync += q_on.eq(q_on + 1)
+            with m.If(d_blast):
+                m.d.comb += q_een.eq(1)
+                m.d.sync += q_ob.eq(q_ob + 1)
+                with m.If(d_inv):
+                    m.d.sync += q_ninv.eq(q_ninv + 1)
+                    with m.If(q_ninv == 0):
+                        m.d.sync += q_finv.eq(q_ob)
+        q_ok = quant_rounding(cfg, self.runtime_rounding)
+
+        def cdiv(x, d: int):
+            if d & (d - 1) == 0:
+                return (x + d - 1) >> (d.bit_length() - 1)
+            return (x + d - 1) // d
+
         m.d.comb += state_idle.eq(0)
         enc_states = self._encoder(m, r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count,
-                                   r_info, r_len, ea, ea_next, elem_data, rom_r, nbuf, specs)
+                                   r_src0, r_c0, r_len, ea, ea_next, elem_data, rom_r, nbuf, specs)
         with m.FSM(name="exec"):
             with m.State("IDLE"):
                 m.d.comb += state_idle.eq(1)
@@ -442,7 +606,7 @@ class Accelerator(wiring.Component):
                     m.d.sync += [r_seq.eq(dec.seq), r_op.eq(P.ERROR_OPCODE),
                                  r_fix.eq(Cat(Const(int(P.ErrorCode.BAD_CRC), 8),
                                               dec.opcode, dec.length, Const(0, 16))),
-                                 r_nfix.eq(P.ERROR_LAYOUT.header_size), r_info.eq(0),
+                                 r_nfix.eq(P.ERROR_LAYOUT.header_size), r_c0.eq(0),
                                  r_count.eq(0), r_len.eq(P.ERROR_LAYOUT.header_size)]
                     m.next = "SEND_NOSAVE"
             with m.State("DECODE"):
@@ -518,7 +682,7 @@ class Accelerator(wiring.Component):
                         m.d.sync += clr.eq(0)
                         m.next = "CLEAR"
                     with m.Case(P.Op.QUANTIZE):
-                        error(P.ErrorCode.UNSUPPORTED, 0)
+                        m.next = "Q_CHECK"
                     with m.Case(P.Op.GEMM):
                         m.next = "G_CHECK_A"
                         m.d.sync += g_flags.eq(fld(P.Op.GEMM, "flags"))
@@ -662,14 +826,124 @@ class Accelerator(wiring.Component):
             with m.State("G_DONE"):
                 respond(P.Op.GEMM | P.RESPONSE_FLAG, fix=gK,
                         nfix=P.RESPONSES[P.Op.GEMM].header_size)
+            # -- QUANTIZE ---------------------------------------------------------------
+            with m.State("Q_CHECK"):   # per-slot constants and grid (slot checked next)
+                rnd = QF("rounding")
+                with m.Switch(QF("slot")):
+                    for k, f in enumerate(cfg.formats):
+                        bh, bw = cfg.block_2d(k)
+                        with m.Case(k):
+                            m.d.sync += [q_bh.eq(bh), q_bw.eq(bw), q_bsz.eq(f.block_size),
+                                         q_gr.eq(cdiv(q_rows, bh)), q_gc.eq(cdiv(q_cols, bw)),
+                                         q_rok.eq(Cat(*[rnd == r for r in q_ok[k]]).any()
+                                                  if q_ok[k] else 0)]
+                m.d.sync += [q_slot.eq(QF("slot")), q_rnd.eq(rnd[:2]), q_seed.eq(QF("seed")),
+                             q_dst.eq(QF("dst"))]
+                m.next = "Q_CHECK2"
+            with m.State("Q_CHECK2"):   # the emulator's checks, in its order
+                nb = Signal(34)
+                n = Signal(64)
+                src_end = Signal(34)
+                ret_bytes = Signal(64)
+                m.d.comb += [nb.eq(q_gr * q_gc), n.eq(nb * q_bsz),
+                             src_end.eq(QF("src_offset") + q_rows * q_cols),
+                             ret_bytes.eq(n * man_spec.wire_bytes + nb * exp_spec.wire_bytes)]
+                src = QF("src_offset")
+                with m.If(QF("slot") >= len(cfg.formats)):
+                    error(P.ErrorCode.BAD_ARGUMENT, 0)
+                with m.Elif(QF("rounding") >= len(ROUNDING_MODES)):
+                    error(P.ErrorCode.BAD_ARGUMENT, 7)
+                with m.Elif(QF("dst") >= cfg.operand_buffers):
+                    error(P.ErrorCode.BAD_BUFFER, QF("dst"))
+                with m.Elif((QF("flags") & (0xFF & ~int(P.QuantizeFlag.RETURN))) != 0):
+                    error(P.ErrorCode.BAD_ARGUMENT, 2)
+                with m.Elif((q_rows == 0) | (q_cols == 0)):
+                    error(P.ErrorCode.BAD_ARGUMENT, 0)
+                with m.Elif(n > cfg.operand_depth):
+                    error(P.ErrorCode.OUT_OF_RANGE, n[:32])
+                with m.Elif(nb > cfg.exponent_depth):
+                    error(P.ErrorCode.OUT_OF_RANGE, nb[:32])
+                with m.Elif(src_end > fp_depth):
+                    error(P.ErrorCode.OUT_OF_RANGE, Mux(src > fp_depth, src, fp_depth))
+                with m.Elif((QF("flags") & int(P.QuantizeFlag.RETURN)).any()
+                            & (ret_bytes > P.MAX_DATA)):
+                    error(P.ErrorCode.BAD_LENGTH, n[:32])
+                with m.Elif(~q_rok):
+                    error(P.ErrorCode.UNSUPPORTED, 7)
+                with m.Else():
+                    m.d.sync += [q_nb.eq(nb), q_n.eq(n)]
+                    m.next = "Q_INIT"
+            with m.State("Q_INIT"):
+                m.d.comb += [mode.eq(3), q_init.eq(1)]
+                m.next = "Q_RUN"
+            with m.State("Q_RUN"):
+                m.d.comb += [mode.eq(3), q_run.eq(1)]
+                with m.If(q_ob == q_nb):
+                    m.next = "Q_DONE"
+            with m.State("Q_DONE"):
+                fix = Cat(q_ninv, q_finv)
+                nfix = P.RESPONSES[P.Op.QUANTIZE].header_size
+                with m.Switch(q_dst):
+                    for k in range(cfg.operand_buffers):
+                        with m.Case(k):
+                            with m.If((QF("flags") & int(P.QuantizeFlag.RETURN)).any()):
+                                respond(P.Op.QUANTIZE | P.RESPONSE_FLAG, fix=fix, nfix=nfix,
+                                        src0=exp_ids[k], count0=q_nb[:16],
+                                        wire_bytes0=exp_spec.wire_bytes,
+                                        src=man_ids[k], addr=0, count=q_n[:16],
+                                        wire_bytes=man_spec.wire_bytes)
+                            with m.Else():
+                                respond(P.Op.QUANTIZE | P.RESPONSE_FLAG, fix=fix, nfix=nfix)
             # -- response encoder ---------------------------------------------------------
             for st, save in (("SEND", True), ("SEND_NOSAVE", False)):
                 with m.State(st):
                     if save:
                         m.d.sync += saved.eq(desc)
-                    m.d.sync += [ea.eq(Mux(r_info, 0, r_addr))]
+                    m.d.sync += [ea.eq(Mux(r_c0 != 0, 0, r_addr))]
                     m.next = "E_HDR"
             enc_states(m)
+
+        # ---- slot quantizers: element stream <-> lanes-wide beats -------------------
+        for k, qcfg in enumerate(self.quant):
+            qz = Quantizer(qcfg)
+            m.submodules[f"quant{k}"] = qz
+            L = qcfg.lanes
+            sel = q_slot == k
+            beat = Signal(32 * L, name=f"q{k}_beat")
+            full = Signal(name=f"q{k}_full")
+            li = Signal(range(max(L, 2)), name=f"q{k}_li")
+            ol = Signal(range(max(L, 2)), name=f"q{k}_ol")
+            m.d.comb += [qz.i.payload.eq(beat), qz.i.valid.eq(full)]
+            with m.If(full & qz.i.ready):
+                m.d.sync += full.eq(0)
+            with m.If(sel):
+                m.d.comb += f_ready.eq(~full | qz.i.ready)
+            with m.If(sel & f_cap):
+                if L == 1:
+                    m.d.sync += [beat.eq(f_data), full.eq(1)]
+                else:
+                    m.d.sync += beat.word_select(li, 32).eq(f_data)
+                    with m.If(li == L - 1):
+                        m.d.sync += [li.eq(0), full.eq(1)]
+                    with m.Else():
+                        m.d.sync += li.eq(li + 1)
+            if qcfg.runtime_rounding:
+                m.d.comb += qz.rounding.eq(q_rnd)
+            if qcfg.has_stochastic:
+                m.d.comb += [qz.seed.eq(q_seed), qz.reseed.eq(q_init & sel)]
+            po = qz.o.payload
+            lane_last = (ol == L - 1) if L > 1 else Const(1)
+            m.d.comb += qz.o.ready.eq(lane_last)
+            with m.If(qz.o.valid):
+                if L > 1:
+                    m.d.sync += ol.eq(Mux(lane_last, 0, ol + 1))
+            with m.If(sel):
+                m.d.comb += [d_valid.eq(qz.o.valid), d_exp.eq(po.exp), d_inv.eq(po.invalid),
+                             d_blast.eq(po.last & lane_last)]
+                with m.Switch(ol if L > 1 else Const(0)):
+                    for j in range(L):
+                        with m.Case(j):
+                            m.d.comb += d_man.eq(po.man[j])
 
         # ---- GEMM sequencer: operand beats to the MAC array -------------------------
         it = Signal(16)
@@ -799,7 +1073,8 @@ class Accelerator(wiring.Component):
         return m
 
     # ------------------------------------------------------------------------------
-    def _encoder(self, m, r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_info, r_len,
+    def _encoder(self, m, r_seq, r_op, r_fix, r_nfix, r_src, r_addr, r_count, r_src0, r_c0,
+                 r_len,
                  ea, ea_next, elem_data, rom_r, nbuf, specs):
         """Response encoder: set-up now, returns a function adding its FSM states."""
         crc = Signal(32)
@@ -811,7 +1086,7 @@ class Accelerator(wiring.Component):
         seg = Signal()
         src_wb = Signal(3)
         src_byte = Signal(8)
-        with m.Switch(Mux(seg, r_src, nbuf)):
+        with m.Switch(Mux(seg, r_src, r_src0)):
             for i, s in enumerate(specs):
                 with m.Case(i):
                     d = elem_data(i)
@@ -823,7 +1098,7 @@ class Accelerator(wiring.Component):
         hdr_bytes = Cat(Const(P.SYNC[0], 8), Const(P.SYNC[1], 8), r_len, r_seq, r_op)
         return lambda m: self._encoder_states(m, locals_=dict(
             crc=crc, byte=byte, crc_n=crc_n, idx=idx, bi=bi, rem=rem, seg=seg, src_wb=src_wb,
-            src_byte=src_byte, take=take, hdr_bytes=hdr_bytes, r_info=r_info,
+            src_byte=src_byte, take=take, hdr_bytes=hdr_bytes, r_c0=r_c0,
             r_count=r_count, r_fix=r_fix, r_nfix=r_nfix, r_addr=r_addr, ea=ea,
             ea_next=ea_next))
 
@@ -831,8 +1106,8 @@ class Accelerator(wiring.Component):
         crc, byte, crc_n, idx, bi, rem, seg, src_wb, src_byte, take, hdr_bytes = (
             locals_[k] for k in ("crc", "byte", "crc_n", "idx", "bi", "rem", "seg", "src_wb",
                                  "src_byte", "take", "hdr_bytes"))
-        r_info, r_count, r_fix, r_nfix, r_addr, ea, ea_next = (
-            locals_[k] for k in ("r_info", "r_count", "r_fix", "r_nfix", "r_addr", "ea",
+        r_c0, r_count, r_fix, r_nfix, r_addr, ea, ea_next = (
+            locals_[k] for k in ("r_c0", "r_count", "r_fix", "r_nfix", "r_addr", "ea",
                                  "ea_next"))
         with m.State("E_HDR"):
             m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:3], 8)), self.o.valid.eq(1),
@@ -844,8 +1119,8 @@ class Accelerator(wiring.Component):
                     m.d.sync += crc.eq(0xFFFFFFFF)
                 m.d.sync += idx.eq(idx + 1)
                 with m.If(idx == 5):
-                    m.d.sync += [idx.eq(0), seg.eq(~r_info), bi.eq(0),
-                                 rem.eq(Mux(r_info, _INFO_FIXED, r_count))]
+                    m.d.sync += [idx.eq(0), seg.eq(r_c0 == 0), bi.eq(0),
+                                 rem.eq(Mux(r_c0 != 0, r_c0, r_count))]
                     m.next = "E_FIX"
         with m.State("E_FIX"):
             m.d.comb += [byte.eq(r_fix.word_select(idx[:4], 8)), self.o.payload.eq(byte)]
@@ -903,10 +1178,11 @@ class SimTransport(Transport):
     byte_rate = None
 
     def __init__(self, config: AcceleratorConfig | None = None, *,
-                 idle_cycles: int = 2048) -> None:
+                 idle_cycles: int = 2048, runtime_rounding: bool = True) -> None:
         from amaranth.sim import Simulator
         self.config = config or SIM_CONFIG
-        self.dut = Accelerator(self.config, idle_cycles=idle_cycles)
+        self.dut = Accelerator(self.config, idle_cycles=idle_cycles,
+                               runtime_rounding=runtime_rounding)
         self.idle_cycles = idle_cycles
         self._tx = bytearray()
         self._rx = bytearray()

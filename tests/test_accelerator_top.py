@@ -119,14 +119,178 @@ def test_gemm_error_frames_identical(pair):
 def test_unsupported_features_answer_error_frames(pair):
     emu, sim = pair
     G = P.GemmFlag
-    for fr in (_req(P.Op.QUANTIZE, 50, slot=0, dst=0, flags=0, rows=8, cols=8, src_offset=0,
-                    rounding=0, seed=0),
-               _req(P.Op.GEMM, 51, a=0, b=1, flags=int(G.STORE | G.ACCUMULATE), slot_a=0,
-                    slot_b=0, a_rows=8, a_cols=8, b_rows=8, b_cols=8, out_offset=0)):
-        sim.write(fr)
-        out = sim.read(0.0)
-        assert out[5] == P.ERROR_OPCODE
-        assert out[P.HEADER_BYTES] == P.ErrorCode.UNSUPPORTED
+    fr = _req(P.Op.GEMM, 51, a=0, b=1, flags=int(G.STORE | G.ACCUMULATE), slot_a=0,
+              slot_b=0, a_rows=8, a_cols=8, b_rows=8, b_cols=8, out_offset=0)
+    sim.write(fr)
+    out = sim.read(0.0)
+    assert out[5] == P.ERROR_OPCODE
+    assert out[P.HEADER_BYTES] == P.ErrorCode.UNSUPPORTED
+
+
+# ---------------------------------------------------------------------------------------
+# QUANTIZE
+# ---------------------------------------------------------------------------------------
+def _edge_images() -> list[np.ndarray]:
+    """Two 16x16 FP32 tensors (four 8x8 blocks each) of edge cases for HBFP8T8.
+
+    Image 0: an all-zero block; a block of subnormals next to the smallest normals
+    (they must be flushed, else they would round to non-zero mantissas); a block with
+    a NaN; a block of ties at the block scale (E=0: steps of 2**-6) of both parities
+    and signs. Image 1: a block whose largest values round up past the mantissa range
+    (saturation); a block with +Inf; a block with -Inf; a block mixing FLT_MAX-scale
+    and tiny values (everything but the large ones rounds to 0).
+    """
+    rng = np.random.default_rng(42)
+    blocks0 = [np.zeros((8, 8), np.float32)]
+    sub = np.float32(2.0**-126) * rng.choice([0.0, 0.3, 0.75, 1.0, 1.5, 1.99], (8, 8))
+    sub[0, :4] = np.frombuffer(np.array([1, 0x7FFFFF, 0x400000, 0x80400000], np.uint32)
+                               .tobytes(), np.float32)    # subnormals of both signs
+    blocks0.append(sub.astype(np.float32))
+    nan = rng.standard_normal((8, 8)).astype(np.float32)
+    nan[3, 5] = np.nan
+    blocks0.append(nan)
+    k = rng.integers(-63, 63, (8, 8))
+    ties = ((k + 0.5) / 64.0).astype(np.float32)
+    ties[0, 0] = 1.0                                       # E = 0
+    blocks0.append(ties)
+    sat = rng.uniform(-1.999, 1.999, (8, 8)).astype(np.float32)
+    sat[0, :4] = [1.999, -1.999, 1.9921875, -1.99609375]   # y = 127.9, 127.5, 127.75
+    inf = rng.standard_normal((8, 8)).astype(np.float32)
+    inf[7, 7] = np.inf
+    ninf = rng.standard_normal((8, 8)).astype(np.float32)
+    ninf[0, 1] = -np.inf
+    big = (rng.standard_normal((8, 8)) * 1e-30).astype(np.float32)
+    big[2, 2], big[4, 4] = np.float32(3.0e38), np.float32(-1.7e38)
+    out = []
+    for b4 in (blocks0, [sat, inf, ninf, big]):
+        out.append(np.block([[b4[0], b4[1]], [b4[2], b4[3]]]).astype(np.float32))
+    return out
+
+
+def _quantize_req(seq, **kw):
+    f = dict(slot=0, dst=0, flags=int(P.QuantizeFlag.RETURN), rows=8, cols=8, src_offset=0,
+             rounding=0, seed=0)
+    f.update(kw)
+    return _req(P.Op.QUANTIZE, seq, **f)
+
+
+def _read_all(pair, seq, dst, n_man, n_exp):
+    for name, n in ((f"op{dst}.man", n_man), (f"op{dst}.exp", n_exp)):
+        e, s = _both(pair, _req(P.Op.READ, seq, buffer=B[name].id, offset=0, count=n))
+        assert s == e, f"{name} after QUANTIZE: sim {s.hex()} != emulator {e.hex()}"
+
+
+def test_quantize_edge_values_identical(pair):
+    """Every rounding mode on the edge-value tensors: responses and stored BFP match."""
+    seq = 60
+    for img in _edge_images():
+        _both(pair, _req(P.Op.WRITE, seq, img.tobytes(), buffer=B["fp_in"].id, offset=0))
+        for rnd in range(4):
+            ret = (1, 0) if rnd % 2 else (0, 1)   # the stored copy is READ back below
+            for rows, cols, src, flags in ((13, 11, 37, ret[0]), (16, 16, 0, ret[1])):
+                seq = (seq + 1) & 0xFF
+                fr = _quantize_req(seq, rows=rows, cols=cols, src_offset=src, flags=flags,
+                                   rounding=rnd, seed=1000 + seq, dst=rnd % 3)
+                e, s = _both(pair, fr)
+                assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
+                assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+            _read_all(pair, seq, rnd % 3, 256, 4)
+    # the NaN / Inf blocks were reported: image 1 (last written) has 2 invalid blocks
+    n_inv, first = struct.unpack_from("<II", e, P.HEADER_BYTES)
+    assert (n_inv, first) == (2, 1)
+
+
+def test_quantize_random_tensors_identical(pair, rng):
+    seq = 120
+    for _ in range(4):
+        rows, cols = (int(v) for v in rng.integers(1, 20, 2))
+        src = int(rng.integers(0, CFG.input_depth - rows * cols + 1))
+        x = (rng.standard_normal(CFG.input_depth)
+             * np.exp2(rng.integers(-40, 40, CFG.input_depth))).astype(np.float32)
+        _both(pair, _req(P.Op.WRITE, seq, x.tobytes(), buffer=B["fp_in"].id, offset=0))
+        rnd = int(rng.integers(0, 4))
+        seq += 1
+        fr = _quantize_req(seq, rows=rows, cols=cols, src_offset=src, rounding=rnd,
+                           seed=int(rng.integers(0, 2**32)), dst=int(rng.integers(0, 3)))
+        e, s = _both(pair, fr)
+        assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
+        seq += 1
+
+
+def test_quantize_error_frames_and_replay_identical(pair):
+    D = CFG.input_depth
+    cases = [dict(slot=1), dict(rounding=4), dict(dst=3), dict(flags=2), dict(rows=0),
+             dict(cols=0), dict(rows=40, cols=40),           # 25 blocks > operand depth
+             dict(rows=16, cols=16, src_offset=1),           # past the end of fp_in
+             dict(rows=1, cols=1, src_offset=D),
+             dict(rows=1, cols=1, src_offset=0xFFFFFFFF),
+             dict(rows=65535, cols=65535),                    # 2**32 elements (detail 0)
+             dict(rows=32, cols=32)]
+    E = P.ErrorCode
+    expected = [(E.BAD_ARGUMENT, 0), (E.BAD_ARGUMENT, 7), (E.BAD_BUFFER, 3),
+                (E.BAD_ARGUMENT, 2), (E.BAD_ARGUMENT, 0), (E.BAD_ARGUMENT, 0),
+                (E.OUT_OF_RANGE, 25 * 64), (E.OUT_OF_RANGE, D), (E.OUT_OF_RANGE, D),
+                (E.OUT_OF_RANGE, 0xFFFFFFFF), (E.OUT_OF_RANGE, 0), (E.OUT_OF_RANGE, D)]
+    for k, (kw, want) in enumerate(zip(cases, expected)):
+        e, s = _both(pair, _quantize_req(70 + k, **kw))
+        assert s == e, f"{kw}: sim {s.hex()} != emulator {e.hex()}"
+        assert e[5] == P.ERROR_OPCODE
+        assert struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (want[0], P.Op.QUANTIZE,
+                                                                 want[1]), kw
+    # a retransmitted QUANTIZE is answered from the record (same bytes, stochastic too)
+    fr = _quantize_req(90, rows=9, cols=7, rounding=3, seed=5)
+    first = _both(pair, fr)
+    assert first[0] == first[1] and _both(pair, fr) == first
+
+
+def test_quantize_mixed_slots_identical():
+    """Narrow mantissas/exponents in wider buffers, 1-D and column blocks, non-power-of-two
+    blocks and several SR lanes (quantizer lanes = ``sr_lanes``), every rounding mode."""
+    from hbfp_hw.formats import BFPFormat
+    cfg = CFG.replace(formats=CFG.formats + (
+        BFPFormat(man_bits=4, exp_bits=6, block_shape=(12,), block_axes=(-1,), sr_lanes=4,
+                  sr_bits=6),
+        BFPFormat(man_bits=6, exp_bits=8, block_shape=(3,), block_axes=(0,), sr_lanes=3)),
+        operand_depth=8192, input_depth=512)
+    bm = {s.name: s for s in P.buffer_map(cfg)}
+    pair2 = Emulator(cfg), SimTransport(cfg)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(cfg.input_depth)
+         * np.exp2(rng.integers(-30, 30, cfg.input_depth))).astype(np.float32)
+    x[40], x[3], x[4] = np.inf, 1e-40, -1e-41
+    _both(pair2, _req(P.Op.WRITE, 1, x.tobytes(), buffer=bm["fp_in"].id, offset=0))
+    seq = 2
+    for slot in (1, 2):
+        for rnd in range(4):
+            rows, cols, src = ((7, 13, 0), (4, 12, 30), (9, 5, 2))[(slot + rnd) % 3]
+            seq += 1
+            fr = _quantize_req(seq, slot=slot, dst=rnd % 3, rows=rows, cols=cols,
+                               src_offset=src, rounding=rnd, seed=77 * seq)
+            e, s = _both(pair2, fr)
+            assert s == e, f"slot {slot} rounding {rnd}: sim {s.hex()} != emulator {e.hex()}"
+    # 64 blocks of 64 mantissas + 64 codes do not fit one answer: BAD_LENGTH (detail n)
+    e, s = _both(pair2, _quantize_req(20, rows=1, cols=512))
+    assert s == e and struct.unpack_from("<BI", s, P.HEADER_BYTES + 1) == (
+        P.Op.QUANTIZE, 4096) and s[P.HEADER_BYTES] == P.ErrorCode.BAD_LENGTH
+
+
+def test_quantize_fixed_rounding_build():
+    """Built without run-time rounding: the slot's own mode works, others are
+    UNSUPPORTED (detail 7), and INFO lists them."""
+    import json
+    emu, sim = Emulator(CFG), SimTransport(CFG, runtime_rounding=False)
+    x = np.linspace(-3, 3, 64, dtype=np.float32)
+    _both((emu, sim), _req(P.Op.WRITE, 1, x.tobytes(), buffer=B["fp_in"].id, offset=0))
+    e, s = _both((emu, sim), _quantize_req(2, rounding=FMT.rounding_code))
+    assert s == e
+    other = (FMT.rounding_code + 1) % 4
+    sim.write(_quantize_req(3, rounding=other))
+    out = sim.read(0.0)
+    assert out[5] == P.ERROR_OPCODE
+    assert struct.unpack_from("<BBI", out, P.HEADER_BYTES) == (P.ErrorCode.UNSUPPORTED,
+                                                               P.Op.QUANTIZE, 7)
+    js = json.loads(sim.dut.info[P.RESPONSES[P.Op.INFO].header_size:])
+    assert len(js["gateware"]["unsupported"]["quantize_rounding"]["0"]) == 3
 
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
