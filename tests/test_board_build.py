@@ -199,6 +199,8 @@ def test_plan_script_invokes_tools_through_environment(fake_build):
         assert a in pnr
     assert pnr[pnr.index("--package") + 1] == "CABGA381"
     assert "--compress" in calls[2]
+    ys = (bdir / "hbfp_sim_ulx3s.ys").read_text()
+    assert f"synth_ecp5 {B.SYNTH_OPTS} -top hbfp_sim_ulx3s" in ys
 
 
 def test_plan_constraints_match_platform_pins(fake_build):
@@ -254,7 +256,7 @@ def test_failed_tool_names_stage_and_log(tmp_path, monkeypatch):
     real = B.tool_environment
     monkeypatch.setattr(B, "tool_environment", lambda: {**real(), **env})
     with pytest.raises(B.BuildError, match=r"(?s)during place and route \(nextpnr\); see "
-                                           r".*build\.log.*no BELs remaining"):
+                                           r".*build\.log and .*\.tim.*no BELs remaining"):
         B.build_board("ulx3s", "85F", TINY, tmp_path / "out", progress=None)
 
 
