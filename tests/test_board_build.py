@@ -200,7 +200,15 @@ def test_plan_script_invokes_tools_through_environment(fake_build):
     assert pnr[pnr.index("--package") + 1] == "CABGA381"
     assert "--compress" in calls[2]
     ys = (bdir / "hbfp_sim_ulx3s.ys").read_text()
-    assert f"synth_ecp5 {B.SYNTH_OPTS} -top hbfp_sim_ulx3s" in ys
+    # classic ABC LUT mapping between the two halves of synth_ecp5 (see gateware/build.py)
+    assert re.search(r"synth_ecp5 -run :map_luts -top hbfp_sim_ulx3s\s*\n.*abc -lut 4:7 "
+                     r"-dress; clean; synth_ecp5 -top hbfp_sim_ulx3s -run map_cells:\s*\n"
+                     r"write_json hbfp_sim_ulx3s.json", ys)
+
+
+def test_mapper_validation():
+    with pytest.raises(ValueError, match=r"mapper='abc10'; accepted values are abc, abc9"):
+        B.build_plan(config=TINY, mapper="abc10")
 
 
 def test_plan_constraints_match_platform_pins(fake_build):
