@@ -8,8 +8,10 @@ command semantics are those of the golden device model
 error frames carry the same code and detail.
 
 What the RTL implements and what it answers with ``UNSUPPORTED`` is listed in
-:data:`UNSUPPORTED` (also returned by INFO under the ``"gateware"`` key, outside the
-hashed device description).
+:data:`UNSUPPORTED` / :func:`unsupported` (also returned by INFO under the
+``"gateware"`` key, outside the hashed device description). QUANTIZE streams ``fp_in``
+through one :class:`~hbfp_hw.gateware.quantizer.Quantizer` per format slot into the
+operand buffers (see ``docs/accelerator.md``).
 
 Ports
 -----
