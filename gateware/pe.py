@@ -11,7 +11,8 @@ s0    input registers (operands and control)
 s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered
 s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
 s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
-s4    ``acc[win] = (first_tile ? 0 : acc[win]) + ((P << G) >>> shift)``
+s4    ``(P << G) >>> shift`` (alignment), registered
+s5    ``acc[win] = (first_tile ? 0 : acc[win]) + aligned``
 ====  ==========================================================================
 """
 
@@ -25,7 +26,7 @@ from ..config.mac_array import MacArrayConfig
 
 __all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "lut_multiply"]
 
-LATENCY = 5  # s0..s4: cycles from the inputs to the accumulator update
+LATENCY = 6  # s0..s5: cycles from the inputs to the accumulator update
 
 
 def ctrl_layout(cfg: MacArrayConfig) -> data.StructLayout:
@@ -156,14 +157,16 @@ class PE(wiring.Component):
             with m.If(c2.valid):
                 m.d.sync += pr[j].eq(Mux(c2.first_k, sums[j], pr[j] + sums[j]))
         m.d.sync += c3.eq(c2)
-        # s4: align and accumulate
+        # s4: align (registered); s5: accumulate
+        c4 = Signal(cl)
+        m.d.sync += c4.eq(c3)
         for j in range(n):
             accs = Array(Signal(signed(cfg.acc_bits), name=f"acc{j}_w{w}")
                          for w in range(cfg.windows))
             aligned = Signal(signed(cfg.acc_bits), name=f"aligned{j}")
-            m.d.comb += aligned.eq((pr[j] << cfg.guard_bits) >> c3.shift)
-            with m.If(c3.valid & c3.last_k):
-                m.d.sync += accs[c3.win].eq(
-                    Mux(c3.first_tile, 0, accs[c3.win]) + aligned)
+            m.d.sync += aligned.eq((pr[j] << cfg.guard_bits) >> c3.shift)
+            with m.If(c4.valid & c4.last_k):
+                m.d.sync += accs[c4.win].eq(
+                    Mux(c4.first_tile, 0, accs[c4.win]) + aligned)
             m.d.comb += self.acc[j].eq(accs[self.rd_win])
         return m
