@@ -454,7 +454,13 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
             tlog = builddir / started[-1]
             tail += "".join(tlog.read_text(errors="replace").splitlines(True)[-10:])
             log = f"{log} and {tlog}"
-        raise BuildError(f"board build failed (exit {rc}) during {stage}; see {log}\n{tail}")
+        hint = ""
+        if "no BELs remaining" in tail:
+            hint = ("\nthe design does not fit this device: use a larger variant or a smaller "
+                    "config (array_rows/array_cols set the multipliers, the buffer depths "
+                    "the block RAMs)")
+        raise BuildError(f"board build failed (exit {rc}) during {stage}; see {log}\n"
+                         f"{tail}{hint}")
 
 
 def build_board(board: str = "ulx3s", variant: str | None = None,
