@@ -98,19 +98,25 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     ea_row = ea.max(dim=1).values                                               # (gm,)
     eb_col = eb.max(dim=0).values                                               # (gn,)
     e_ref = ea_row[:, None] + eb_col[None, :]                                   # (gm, gn)
-    e = ea.T[:, :, None] + eb[:, None, :]                                       # (nkb, gm, gn)
-    s = torch.clamp(e_ref[None] - e, max=62)
+    # shift of block pair (i, kb, j): s = e_ref - e = (ea_row[i] - ea[i, kb])
+    #                                              + (eb_col[j] - eb[kb, j]) = sa + sb
+    sa_i = ea_row[:, None] - ea                                                 # (gm, nkb)
+    sb_i = eb_col[None, :] - eb                                                 # (nkb, gn)
 
     # Exact shortcut: if no pair of non-zero blocks is shifted by more than G bits, no
     # truncation happens and acc = 2**G * (A' @ B') with A' = ma * 2**-sa,
-    # B' = mb * 2**-sb (s = sa + sb is separable). Every product and partial sum is a
-    # multiple of 2**-G below 2**(53-G): one float64 GEMM is exact in any order.
+    # B' = mb * 2**-sb. Every product and partial sum is a multiple of 2**-G below
+    # 2**(53-G): one float64 GEMM is exact in any order. Both the shift and the
+    # "both blocks non-zero" condition are separable, so the test is per K-block:
+    # max over live rows of sa + max over live columns of sb <= G.
     nz_a = _nonzero_blocks(a, ea, (gm, bm, nkb, L))                             # (gm, nkb)
     nz_b = _nonzero_blocks(b, eb, (nkb, L, gn, bn))                             # (nkb, gn)
-    live = nz_a.T[:, :, None] & nz_b[:, None, :]                                # (nkb, gm, gn)
-    if not bool((s[live] > guard_bits).any()):
-        sa = torch.where(nz_a, ea_row[:, None] - ea, 0).to(torch.float64)
-        sb = torch.where(nz_b, eb_col[None, :] - eb, 0).to(torch.float64)
+    neg = torch.tensor(-(1 << 20), dtype=torch.int64)
+    worst = (torch.where(nz_a, sa_i, neg).max(dim=0).values
+             + torch.where(nz_b, sb_i, neg).max(dim=1).values)                  # (nkb,)
+    if not bool((worst > guard_bits).any()):
+        sa = torch.where(nz_a, sa_i, 0).to(torch.float64)
+        sb = torch.where(nz_b, sb_i, 0).to(torch.float64)
         one = torch.ones((), dtype=torch.float64)
         ap = (torch.from_numpy(a.mantissas).to(torch.float64).view(gm, bm, nkb, L)
               * torch.ldexp(one, -sa)[:, None, :, None]).reshape(Mp, Kp)
@@ -119,6 +125,7 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
         acc = (ap @ bp).view(gm, bm, gn, bn)
         return _to_fp32(acc, e_ref - fa - fb, a, b, Mp, Np, bm, bn)
 
+    s = torch.clamp(sa_i.T[:, :, None] + sb_i[:, None, :], max=62)              # (nkb, gm, gn)
     factor = torch.ldexp(torch.ones(s.shape, dtype=torch.float64), guard_bits - s)
 
     # Block products in float32 when they are exact there (|P| <= L*mmax_a*mmax_b < 2**24,

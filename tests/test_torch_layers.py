@@ -51,6 +51,25 @@ def test_fast_matmul_is_bit_identical(fa, fb, mkn, rng):
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("spread", [0, 3, 12, 40])
+def test_fast_matmul_random_shapes_and_spreads(spread, rng):
+    """Small exponent spreads take the single-GEMM shortcut, large ones truncate."""
+    for trial in range(24):
+        M, K, N = (int(v) for v in rng.integers(1, 70, 3))
+        fmt = (HBFP8, HBFP4, MXINT8)[trial % 3]
+        a = rng.standard_normal((M, K)) * np.exp2(rng.integers(-spread, spread + 1, (M, K)))
+        b = rng.standard_normal((K, N)) * np.exp2(rng.integers(-spread, spread + 1, (K, N)))
+        a[rng.random((M, K)) < 0.3] = 0.0
+        aq = quantize(a.astype(np.float32), fmt)
+        if fmt is MXINT8:
+            bq = quantize(b.astype(np.float32), fmt.replace(block_axes=(0,)))
+        else:
+            bq = quantize(b.T.astype(np.float32), fmt).T
+        ref, got = bfp_matmul(aq, bq), fast_bfp_matmul(aq, bq)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
+                                      err_msg=f"trial {trial}: {fmt.name} {M}x{K}x{N}")
+
+
 def test_fast_matmul_mx_and_invalid(rng):
     a = rng.standard_normal((20, 96)).astype(np.float32)
     b = rng.standard_normal((96, 7)).astype(np.float32)
