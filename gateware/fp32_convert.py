@@ -3,7 +3,7 @@
 ``v = acc * 2**scale``; ``|v| < 2**-126`` (including ``acc == 0``) gives ``+0.0``;
 otherwise the magnitude is rounded to a 24-bit significand, nearest-even, and becomes
 ``+-Inf`` if it reaches ``2**128``; ``nan`` gives the quiet NaN ``0x7FC00000``.
-Four pipeline stages (no stall: the caller reserves output space before issuing).
+Five pipeline stages (no stall: the caller reserves output space before issuing).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Fp32Convert(wiring.Component):
         Signed width of ``acc`` (2..64).
     """
 
-    LATENCY = 4
+    LATENCY = 5
 
     def __init__(self, *, acc_bits: int):
         if not isinstance(acc_bits, int) or not 2 <= acc_bits <= 64:
@@ -48,17 +48,23 @@ class Fp32Convert(wiring.Component):
         m.d.sync += [v1.eq(self.i_valid), s1.eq(self.acc[-1]),
                      mag1.eq(Mux(self.acc[-1], -self.acc, self.acc)[:W]),
                      sc1.eq(self.scale), nan1.eq(self.nan)]
-        # stage 2: leading one, normalise so the leading one is bit W-1
+        # stage 2a: leading-one position
         pos = Signal(range(W))
         lz = Signal(range(W))          # W - 1 - pos
         for i in range(W):
             with m.If(mag1[i]):
                 m.d.comb += [pos.eq(i), lz.eq(W - 1 - i)]
+        va, sa, nana, zeroa = Signal(), Signal(), Signal(), Signal()
+        maga, lza = Signal(W), Signal(range(W))
+        ea = Signal(signed(SCALE_BITS + 1))
+        m.d.sync += [va.eq(v1), sa.eq(s1), nana.eq(nan1), zeroa.eq(mag1 == 0), maga.eq(mag1),
+                     lza.eq(lz), ea.eq(sc1 + pos)]
+        # stage 2b: normalise so the leading one is bit W-1
         v2, s2, nan2, zero2 = Signal(), Signal(), Signal(), Signal()
         norm2 = Signal(W)
         e2 = Signal(signed(SCALE_BITS + 1))
-        m.d.sync += [v2.eq(v1), s2.eq(s1), nan2.eq(nan1), zero2.eq(mag1 == 0),
-                     norm2.eq((mag1 << lz)[:W]), e2.eq(sc1 + pos)]
+        m.d.sync += [v2.eq(va), s2.eq(sa), nan2.eq(nana), zero2.eq(zeroa),
+                     norm2.eq((maga << lza)[:W]), e2.eq(ea)]
         # stage 3: round to 24 bits (RNE)
         wn = max(W, 26)
         n = Signal(wn)
