@@ -567,6 +567,9 @@ class Device:
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"shape mismatch: a is {a.shape}, b is {b.shape}; inner "
                              f"dimensions must be equal")
+        if a.shape[1] > self.config.k_max:  # before any transfer, not after quantizing
+            raise ValueError(f"K={a.shape[1]} exceeds the device's k_max="
+                             f"{self.config.k_max}; accepted range is [1, {self.config.k_max}]")
         sa = self._quantize_slot(fmt_a, a.shape)
         sb = self._quantize_slot(fmt_b, b.shape)
         fa, fb = self.config.formats[sa], self.config.formats[sb]
