@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Literal
+from .validate import check_int as _check_int
 
 __all__ = [
     "ROUNDING_MODES",
@@ -48,14 +49,6 @@ BLOCK_SIZE_MAX = 65536
 SR_BITS_RANGE = (1, 24)
 SEED_RANGE = (0, 2**32 - 1)
 SR_LANES_RANGE = (1, 256)
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
-    return value
 
 
 @dataclass(frozen=True)

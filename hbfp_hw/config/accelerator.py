@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..formats import HBFP8, BFPFormat
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
+from ..validate import check_int as _check_int
 
 __all__ = ["AcceleratorConfig", "BAUD_RATE_RANGE", "ARRAY_DIM_RANGE", "DEPTH_RANGE",
            "K_MAX_RANGE", "GUARD_BITS_RANGE", "MAX_FORMATS", "MAX_ACCUMULATOR_BITS"]
@@ -28,14 +29,6 @@ CLOCK_HZ_RANGE = (1_000_000, 1_000_000_000)
 MAX_FORMATS = 8
 #: The golden model converts accumulators exactly through float64 (53 bits).
 MAX_ACCUMULATOR_BITS = 53
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
-    return value
 
 
 def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
