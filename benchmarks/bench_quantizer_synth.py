@@ -2,7 +2,8 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_quantizer_synth.py [--freq 150] [--quick] [-o build/bench_quantizer]
+    .venv/bin/python benchmarks/bench_quantizer_synth.py [--freq 150] [--quick] \
+        [-o build/bench_quantizer]
 
 Each configuration is generated with :func:`hbfp_hw.gateware.quantizer.generate` and
 measured out of context (:func:`hbfp_hw.gateware.synth.synth_ecp5`): registered core,

@@ -409,7 +409,6 @@ class Accelerator(wiring.Component):
         clr = Signal(32)
         max_depth = max(s.depth for s in specs)
         k_cnt = Signal(8)  # generic small counter (scan phase)
-        bad_idx = Signal(32)
 
         op_valid = Signal()
         len_ok = Signal()

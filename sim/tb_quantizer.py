@@ -167,7 +167,8 @@ class Checker:
         what, b, name, bits = self.context.popleft()
         if beat != exp and len(self.errors) < 5:
             self.errors.append(
-                f"{what}: block {b} ({name}) beat mismatch\n  input bits={[hex(int(v)) for v in bits]}"
+                f"{what}: block {b} ({name}) beat mismatch\n"
+                f"  input bits={[hex(int(v)) for v in bits]}"
                 f"\n  expected (code, invalid, man, first, last)={exp}\n  got={beat}")
             self.log.error(self.errors[-1])
         elif beat != exp:

@@ -22,7 +22,7 @@ def test_crc_matrix_matches_reference(rng):
 
 def _run(stream: bytes, rng, idle_cycles=1 << 16, gaps=True, pause_at=None, pause=0):
     dut = FrameDecoder(idle_cycles=idle_cycles)
-    got, events = [], []
+    events = []
 
     async def tb(ctx):
         cur = bytearray()
