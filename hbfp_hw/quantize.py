@@ -296,8 +296,6 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
     xv_all = x.reshape(lay.interleaved)
     man = np.empty(lay.padded, dtype=_man_dtype(fmt))
     man_all = man.reshape(lay.interleaved)
-    exps_all = np.empty(lay.grid, dtype=np.int16)
-    invalid_all = np.empty(lay.grid, dtype=bool)
     u_all = None
     if fmt.rounding == "stochastic":
         u = random_bits(fmt.seed, fmt.sr_lanes, lay.num_blocks * lay.block_size, fmt.sr_bits)
@@ -305,38 +303,48 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
             lay.interleaved)
     baxes = tuple(range(1, 2 * x.ndim, 2))
 
+    chunks = _chunks(lay)
+
+    # Phase 1 (per chunk): the largest |x| bit pattern of every block.
+    amax = np.zeros(lay.grid, np.uint32)
+
+    def block_stats(r0: int, r1: int) -> None:
+        absbits = np.bitwise_and(xv_all[r0:r1].view(np.uint32), _ABS_MASK)
+        amax[r0:r1] = _block_max(absbits, baxes)
+
+    if x.size:
+        _run_chunks(block_stats, chunks)
+
+    # Phase 2 (whole grid): shared exponents, flags, scale factors.
+    invalid_all = amax >= _INF_BITS
+    field = (amax >> np.uint32(23)).astype(np.int32)
+    exps = np.clip(np.where(field == 0, fmt.emin, field - 127), fmt.emin, fmt.emax)
+    exps[invalid_all] = fmt.emin
+    exps_all = exps.astype(np.int16)
+    any_invalid = bool(invalid_all.any())
+    # Subnormal inputs only matter (could round to a non-zero mantissa) in blocks with a
+    # very small exponent; flush them explicitly only then.
+    need_flush = bool(exps.size) and int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits
+    # y = x * 2**k, k = frac_bits - E: exact power-of-two multiplies, each factor
+    # inside float32's normal range.
+    k = fmt.frac_bits - np.maximum(exps, -150)
+    k1 = np.clip(k, -126, 126)
+    s1 = lay.grid_view(_pow2_f32(k1))
+    s2 = lay.grid_view(_pow2_f32(k - k1)) if np.any(k != k1) else None
+    inv_v = lay.grid_view(invalid_all)
+
+    # Phase 3 (per chunk): scale, round, saturate, store.
     def work(r0: int, r1: int) -> None:
         rows = slice(r0, r1)
         xv = xv_all[rows]
-        sub_grid = (r1 - r0,) + lay.grid[1:]
-        gshape: list[int] = []
-        for g in sub_grid:
-            gshape += [g, 1]
-
-        absbits = np.bitwise_and(xv.view(np.uint32), _ABS_MASK)
-        amax = _block_max(absbits, baxes) if absbits.size else np.zeros(sub_grid, np.uint32)
-        invalid = amax >= _INF_BITS
-        field = (amax >> np.uint32(23)).astype(np.int32)
-        exps = np.clip(np.where(field == 0, fmt.emin, field - 127), fmt.emin, fmt.emax)
-        exps[invalid] = fmt.emin
-        exps_all[rows] = exps
-        invalid_all[rows] = invalid
-        if invalid.any():
-            xv = np.where(invalid.reshape(gshape), np.float32(0), xv)
-        # Subnormal inputs only matter (could round to a non-zero mantissa) in blocks
-        # with a very small exponent; flush them explicitly only then.
-        if exps.size and int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits:
+        if any_invalid:
+            xv = np.where(inv_v[rows], np.float32(0), xv)
+        if need_flush:
             sub = np.bitwise_and(xv.view(np.uint32), _ABS_MASK) < _MIN_NORMAL_BITS
             xv = np.where(sub, np.float32(0), xv)
-
-        # y = x * 2**k, k = frac_bits - E: exact power-of-two multiplies, each factor
-        # inside float32's normal range.
-        k = fmt.frac_bits - np.maximum(exps, -150)
-        k1 = np.clip(k, -126, 126)
-        y = np.multiply(xv, _pow2_f32(k1).reshape(gshape))
-        if np.any(k != k1):
-            y *= _pow2_f32(k - k1).reshape(gshape)
-
+        y = np.multiply(xv, s1[rows])
+        if s2 is not None:
+            y *= s2[rows]
         mmax = fmt.mmax
         if fmt.rounding == "nearest_even":
             q = np.rint(y, out=y)
@@ -356,8 +364,7 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         np.clip(q, -mmax, mmax, out=q)
         man_all[rows] = q
 
-    _run_chunks(work, _chunks(lay))
-    if nonfinite == "raise" and invalid_all.any():
+    if nonfinite == "raise" and any_invalid:
         idx = tuple(int(i) for i in np.argwhere(invalid_all)[0])
         flat = int(np.ravel_multi_index(idx, lay.grid))
         span = ", ".join(f"{i * b}:{min((i + 1) * b, s)}"
@@ -367,6 +374,7 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
             f"{what} holds NaN or Inf in block {idx} (block {flat} of {lay.num_blocks} in "
             f"stream order; elements [{span}]); pass nonfinite='flag' to mark such blocks "
             f"invalid instead", idx, flat, name)
+    _run_chunks(work, chunks)
     return BFPTensor(fmt, tuple(lay.shape), man, exps_all, invalid_all)
 
 
