@@ -2,6 +2,7 @@
 versus the minimum, link efficiency, and the link-limited bound of the 3 Mbaud UART.
 
     .venv/bin/python benchmarks/bench_link.py [--sizes 64 128 256] [--url emulate://]
+        [--sim-sizes 16 32]
 
 *Minimum* bytes for an M x K x N GEMM: the two BFP operands once (mantissas at their
 wire width plus one exponent code per block) and the FP32 results once. *Wire* bytes
@@ -31,8 +32,16 @@ def bfp_bytes(q, specs) -> int:
     return q.layout.num_blocks * (q.layout.block_size * man + exp)
 
 
+def config_for(url: str) -> AcceleratorConfig:
+    """The default accelerator; for sim:// the top's small simulation config."""
+    if url.startswith("sim://"):
+        from hbfp_hw.gateware.top import SIM_CONFIG
+        return SIM_CONFIG
+    return AcceleratorConfig.default()
+
+
 def run(url: str, sizes: list[int], repeats: int) -> list[dict]:
-    cfg = AcceleratorConfig.default()
+    cfg = config_for(url)
     fmt = cfg.formats[0]
     specs = {s.name: s for s in P.buffer_map(cfg)}
     rows = []
@@ -69,17 +78,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--url", action="append", default=None,
-                    help="device URL (repeatable); default emulate://")
+                    help="device URL (repeatable); default emulate:// and sim://")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sim-sizes", type=int, nargs="+", default=[16, 32],
+                    help="sizes for sim:// (the simulated RTL runs ~1-3k cycles/s)")
     args = ap.parse_args()
-    cfg = AcceleratorConfig.default()
-    print(f"config: {cfg.formats[0].describe()}; buffers {cfg.operand_depth} mantissas x "
-          f"{cfg.operand_buffers}, out {cfg.output_depth} words; link {cfg.baud_rate} baud")
+    for url in args.url or ["emulate://", "sim://"]:
+        cfg = config_for(url)
+        print(f"{url} config: {cfg.formats[0].describe()}; buffers {cfg.operand_depth} "
+              f"mantissas x {cfg.operand_buffers}, out {cfg.output_depth} words; "
+              f"link {cfg.baud_rate} baud")
     print("| transport | call | M=K=N | wall ms | GOP/s | wire B | min B | link eff. | "
           "3 Mbaud bound ms | bound GOP/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for url in args.url or ["emulate://"]:
-        for r in run(url, args.sizes, args.repeats):
+    for url in args.url or ["emulate://", "sim://"]:
+        sizes = args.sim_sizes if url.startswith("sim://") else args.sizes
+        for r in run(url, sizes, 1 if url.startswith("sim://") else args.repeats):
             print(f"| {r['url']} | {r['mode']} | {r['n']} | {1e3 * r['seconds']:.1f} | "
                   f"{r['gops']:.3f} | {r['wire']} | {r['minimum']} | {100 * r['eff']:.1f}% | "
                   f"{1e3 * r['serial_s']:.0f} | {r['serial_gops']:.4f} |")
