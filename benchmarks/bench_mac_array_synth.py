@@ -2,7 +2,8 @@
 
 Prints, per configuration: rows, cols, lanes, tile, mantissa bits, multiplier mapping,
 LUT/FF/DSP/BRAM use, Fmax, peak GMAC/s (= MACs per cycle x Fmax), LUTs per MAC and
-MACs per DSP, next to a naive baseline measured in the same run (an 8x8 array of
+MACs per DSP (DSP mappings with ``primitives="ecp5"``: MULT18X18D with its input,
+pipeline and output registers), next to a naive baseline measured in the same run (an 8x8 array of
 registered 4x4 MACs, ``acc += a*b``, one MAC per PE per cycle).
 
 Run: ``.venv/bin/python benchmarks/bench_mac_array_synth.py [--quick] [--out DIR]``
@@ -86,13 +87,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the naive DSP baseline and "
                     "the smallest array")
     ap.add_argument("--freq", type=float, default=125.0, help="P&R target MHz")
+    ap.add_argument("--only", action="append", default=None, metavar="LABEL",
+                    help="run only the designs whose label contains LABEL (repeatable)")
     args = ap.parse_args(argv)
+
+    def keep(label: str) -> bool:
+        return args.only is None or any(o in label for o in args.only)
+
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_mac_array_"))
     print(HEADER, flush=True)
     configs = ECP5_CONFIGS[1:2] if args.quick else ECP5_CONFIGS
-    for label, cfg in configs:
+    for label, cfg in [c for c in configs if keep(c[0])]:
         d = out / label.replace(" ", "_")
-        v, _ = generate(cfg, d, name="mac_array")
+        v, _ = generate(cfg, d, name="mac_array", primitives="ecp5")
         try:
             res = synth_ecp5(v, "mac_array", workdir=d / "ecp5", freq_mhz=args.freq)
         except SynthError as e:
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
             continue
         print(row("ecp5-85", label, cfg.rows, cfg.cols, cfg.lanes, cfg.tile,
                   f"{cfg.man_bits_a}", cfg.mapping, res, cfg.macs_per_cycle), flush=True)
-    for label, cfg in ([] if args.quick else ICE40_CONFIGS):
+    for label, cfg in [c for c in ([] if args.quick else ICE40_CONFIGS) if keep(c[0])]:
         d = out / ("ice40_" + label.replace(" ", "_"))
         v, _ = generate(cfg, d, name="mac_array")
         try:
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     base = [("naive dsp", False), ("naive lut", True)]
     if args.quick:
         base = base[:1]
-    for label, lut in base:
+    for label, lut in [b for b in base if keep(b[0])]:
         d = out / label.replace(" ", "_")
         d.mkdir(parents=True, exist_ok=True)
         v = d / "naive.v"

@@ -39,8 +39,7 @@ from ..config.mac_array import MULTIPLIER_MAPPINGS, MacArrayConfig
 from ..manifest import write_manifest
 from ..quantize import BFPTensor
 from .fp32_convert import SCALE_BITS, Fp32Convert
-from .pe import LATENCY as PE_LATENCY
-from .pe import PE, ctrl_layout, pack_operand
+from .pe import PE, PRIMITIVES, ctrl_layout, pack_operand
 from .tile_buffer import TileBuffer
 
 __all__ = ["MacArray", "operand_layout", "output_layout", "gemm_beats", "assemble_output",
@@ -115,10 +114,13 @@ class MacArray(wiring.Component):
     Peak throughput ``rows * cols * lanes`` MACs per cycle.
     """
 
-    def __init__(self, cfg: MacArrayConfig):
+    def __init__(self, cfg: MacArrayConfig, *, primitives: str | None = None):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        if primitives not in PRIMITIVES:
+            raise ValueError(f"primitives={primitives!r}; accepted values are "
+                             f"{', '.join(map(repr, PRIMITIVES))}")
+        self.cfg, self.primitives = cfg, primitives
         super().__init__({
             "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a))),
             "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b))),
@@ -212,7 +214,7 @@ class MacArray(wiring.Component):
                      for r in range(R) for lane in range(L)]
         for r in range(R):
             for g0, gn in groups:
-                pe = PE(cfg, n=gn)
+                pe = PE(cfg, n=gn, primitives=self.primitives)
                 m.submodules[f"pe_{r}_{g0}"] = pe
                 m.d.comb += [pe.ctrl.eq(ctrl_pe), pe.rd_win.eq(rd_win)]
                 for lane in range(L):
@@ -222,7 +224,7 @@ class MacArray(wiring.Component):
                     accs[r][g0 + j] = pe.acc[j]
 
         # ---- drain: accumulators -> FP32 -> output FIFO ------------------------------
-        wait_cycles = PE_LATENCY + 3
+        wait_cycles = cfg.pe_latency + 3
         wait = Signal(range(wait_cycles + 1))
         d_active = Signal()
         d_win = Signal(range(cfg.windows))
@@ -417,12 +419,17 @@ def port_map(cfg: MacArrayConfig) -> dict:
     }
 
 
-def generate(cfg: MacArrayConfig, outdir: str | Path, *,
-             name: str = "mac_array") -> tuple[Path, Path]:
-    """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``outdir``."""
+def generate(cfg: MacArrayConfig, outdir: str | Path, *, name: str = "mac_array",
+             primitives: str | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``outdir``.
+
+    ``primitives="ecp5"`` instantiates MULT18X18D (with its registers) for the DSP
+    mappings; simulating that Verilog needs a MULT18X18D model
+    (``sim/models/mult18x18d.v``)."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    text = verilog.convert(MacArray(cfg), name=name, emit_src=False)
+    text = verilog.convert(MacArray(cfg, primitives=primitives), name=name,
+                           emit_src=False)
     vpath = outdir / f"{name}.v"
     vpath.write_text(text)
     mpath = write_manifest(outdir / f"{name}.json", kind="mac_array", top=name,
@@ -436,7 +443,7 @@ def _cli_generate(args) -> int:
                          man_bits_b=args.man_bits_b if args.man_bits_b else args.man_bits_a,
                          exp_bits=args.exp_bits, k_max=args.k_max, guard_bits=args.guard_bits,
                          mapping=args.mapping)
-    v, mf = generate(cfg, args.output, name=args.name)
+    v, mf = generate(cfg, args.output, name=args.name, primitives=args.primitives)
     print(f"wrote {v} and {mf} ({cfg.macs_per_cycle} MACs/cycle, accumulator "
           f"{cfg.acc_bits} bits)")
     return 0
@@ -458,5 +465,8 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--guard-bits", type=int, default=d.guard_bits)
     p.add_argument("--mapping", choices=MULTIPLIER_MAPPINGS, default=d.mapping)
     p.add_argument("--name", default="mac_array", help="top module name")
+    p.add_argument("--primitives", choices=[p for p in PRIMITIVES if p], default=None,
+                   help="instantiate vendor DSP primitives (ecp5: MULT18X18D with its "
+                        "input/pipeline/output registers; needs a model to simulate)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=_cli_generate)

@@ -8,25 +8,37 @@ per column, ``lanes`` column mantissas (already packed into one operand per lane
 
 ====  ==========================================================================
 s0    input registers (operands and control)
-s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered
+s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered;
+      ``config.mult_stages`` registers (2 for the DSP mappings: pipeline + product)
 s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
 s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
 s4    ``(P << G) >>> shift`` (alignment), registered
 s5    ``acc[win] = (first_tile ? 0 : acc[win]) + aligned``
 ====  ==========================================================================
+
+``config.pe_latency`` (``5 + mult_stages``) cycles from the inputs to the accumulator
+update. With ``primitives="ecp5"`` the DSP mappings instantiate MULT18X18D directly,
+its input, pipeline and output registers being s0 (operands) and the two s1 registers:
+yosys maps ``*`` to a combinational MULT18X18D with fabric registers around it, which
+caps the 8-bit array at about 90 MHz. Without ``primitives`` (simulation, other
+FPGAs) the same registers are fabric registers: same cycle behaviour either way.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import (Array, Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal,
+                          Signal, signed)
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config.mac_array import MacArrayConfig
 
-__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "lut_multiply"]
+__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "lut_multiply",
+           "PRIMITIVES", "ecp5_mult18x18d"]
 
-LATENCY = 6  # s0..s5: cycles from the inputs to the accumulator update
+#: Vendor primitives the PE can instantiate: ``None`` (portable, simulatable) or ``"ecp5"``.
+PRIMITIVES = (None, "ecp5")
+ECP5_DSP_WIDTH = 18
 
 
 def ctrl_layout(cfg: MacArrayConfig) -> data.StructLayout:
@@ -78,6 +90,28 @@ def lut_multiply(a, b, a_bits: int, b_bits: int):
     return acc.as_signed()[:w].as_signed()
 
 
+def ecp5_mult18x18d(m: Module, a, b, p: Signal, *, name: str = "mult") -> None:
+    """``p <= a * b`` (signed, ``len(a), len(b) <= 18``) through one ECP5 MULT18X18D with
+    its input, pipeline and output registers on ``sync``: three cycles from ``a, b`` to
+    ``p``, synchronous reset to 0 by the ``sync`` reset."""
+    a18, b18 = Signal(signed(ECP5_DSP_WIDTH)), Signal(signed(ECP5_DSP_WIDTH))
+    p36 = Signal(2 * ECP5_DSP_WIDTH)
+    m.d.comb += [a18.eq(a), b18.eq(b), p.eq(p36[:len(p)])]
+    ports = {f"i_A{i}": a18[i] for i in range(ECP5_DSP_WIDTH)}
+    ports.update({f"i_B{i}": b18[i] for i in range(ECP5_DSP_WIDTH)})
+    ports.update({f"i_C{i}": Const(0, 1) for i in range(ECP5_DSP_WIDTH)})
+    ports.update({f"o_P{i}": p36[i] for i in range(2 * ECP5_DSP_WIDTH)})
+    regs = {}
+    for r in ("INPUTA", "INPUTB", "PIPELINE", "OUTPUT"):
+        regs.update({f"p_REG_{r}_CLK": "CLK0", f"p_REG_{r}_CE": "CE0",
+                     f"p_REG_{r}_RST": "RST0"})
+    m.submodules[name] = Instance(
+        "MULT18X18D", **regs, p_GSR="DISABLED", p_RESETMODE="SYNC",
+        i_SIGNEDA=Const(1, 1), i_SIGNEDB=Const(1, 1), i_SOURCEA=Const(0, 1),
+        i_SOURCEB=Const(0, 1), i_CLK0=ClockSignal("sync"), i_CE0=Const(1, 1),
+        i_RST0=ResetSignal("sync"), **ports)
+
+
 def _tree(values: list):
     while len(values) > 1:
         nxt = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
@@ -99,12 +133,15 @@ class PE(wiring.Component):
     acc : Out(ArrayLayout(signed(acc_bits), n))
     """
 
-    def __init__(self, cfg: MacArrayConfig, *, n: int = 1):
+    def __init__(self, cfg: MacArrayConfig, *, n: int = 1, primitives: str | None = None):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
         if not isinstance(n, int) or not 1 <= n <= max(1, cfg.pack):
             raise ValueError(f"n={n!r} is out of range; accepted range is [1, {cfg.pack}]")
-        self.cfg, self.n = cfg, n
+        if primitives not in PRIMITIVES:
+            raise ValueError(f"primitives={primitives!r}; accepted values are "
+                             f"{', '.join(map(repr, PRIMITIVES))}")
+        self.cfg, self.n, self.primitives = cfg, n, primitives
         super().__init__({
             "a": In(data.ArrayLayout(signed(cfg.man_bits_a), cfg.lanes)),
             "b": In(data.ArrayLayout(signed(packed_bits(cfg, n)), cfg.lanes)),
@@ -118,21 +155,36 @@ class PE(wiring.Component):
         cfg, n, L = self.cfg, self.n, self.cfg.lanes
         cl = ctrl_layout(cfg)
         pb = packed_bits(cfg, n)
-        # s0: input registers
-        a0 = Signal(data.ArrayLayout(signed(cfg.man_bits_a), L))
-        b0 = Signal(data.ArrayLayout(signed(pb), L))
+        # s0: input registers; s1: multipliers (cfg.mult_stages registers)
         c0 = Signal(cl)
-        m.d.sync += [a0.eq(self.a), b0.eq(self.b), c0.eq(self.ctrl)]
-        # s1: multipliers
+        m.d.sync += c0.eq(self.ctrl)
         pw = cfg.man_bits_a + pb
         prods = [Signal(signed(pw), name=f"prod{l}") for l in range(L)]
-        c1 = Signal(cl)
-        for l in range(L):
-            if cfg.mapping == "lut":
-                m.d.sync += prods[l].eq(lut_multiply(a0[l], b0[l], cfg.man_bits_a, pb))
-            else:
-                m.d.sync += prods[l].eq(a0[l] * b0[l])
-        m.d.sync += c1.eq(c0)
+        use_dsp = (self.primitives == "ecp5" and cfg.mapping != "lut"
+                   and max(cfg.man_bits_a, pb) <= ECP5_DSP_WIDTH)
+        if use_dsp:
+            assert cfg.mult_stages == 2
+            for l in range(L):
+                ecp5_mult18x18d(m, self.a[l], self.b[l], prods[l], name=f"mult{l}")
+        else:
+            a0 = Signal(data.ArrayLayout(signed(cfg.man_bits_a), L))
+            b0 = Signal(data.ArrayLayout(signed(pb), L))
+            m.d.sync += [a0.eq(self.a), b0.eq(self.b)]
+            for l in range(L):
+                if cfg.mapping == "lut":
+                    prod = lut_multiply(a0[l], b0[l], cfg.man_bits_a, pb)
+                else:
+                    prod = a0[l] * b0[l]
+                for st in range(cfg.mult_stages - 1):
+                    pipe = Signal(signed(pw), name=f"mult{l}_p{st}")
+                    m.d.sync += pipe.eq(prod)
+                    prod = pipe
+                m.d.sync += prods[l].eq(prod)
+        c1 = c0
+        for st in range(cfg.mult_stages):
+            nxt = Signal(cl, name=f"c1_{st}")
+            m.d.sync += nxt.eq(c1)
+            c1 = nxt
         # s2: unpack fields, sum over lanes
         p = cfg.prod_bits
         sums = [Signal(signed(cfg.psum_bits), name=f"psum{j}") for j in range(n)]

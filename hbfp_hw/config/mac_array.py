@@ -179,6 +179,19 @@ class MacArrayConfig:
         return self.rows * groups * self.lanes
 
     @property
+    def mult_stages(self) -> int:
+        """Registers from the registered multiplier operands to the registered product:
+        1 for ``lut`` (one shift-add level), 2 for the DSP mappings (the multiplier's
+        pipeline register, then the product register; on ECP5 the operand, pipeline and
+        product registers are the MULT18X18D's own input/pipeline/output registers)."""
+        return 1 if self.mapping == "lut" else 2
+
+    @property
+    def pe_latency(self) -> int:
+        """PE pipeline depth: cycles from the PE inputs to the accumulator update."""
+        return 5 + self.mult_stages
+
+    @property
     def cycles_per_tile_pair(self) -> int:
         """Compute cycles per (A tile, B tile) pair: ``windows * tile / lanes``."""
         return self.windows * self.k_steps
@@ -201,6 +214,7 @@ class MacArrayConfig:
             acc_bits=self.acc_bits, prod_bits=self.prod_bits, psum_bits=self.psum_bits,
             shift_bits=self.shift_bits, windows=self.windows, k_steps=self.k_steps,
             pack=self.pack, macs_per_cycle=self.macs_per_cycle, multipliers=self.multipliers,
+            mult_stages=self.mult_stages, pe_latency=self.pe_latency,
             exp_bias=self.exp_bias, exp_invalid_code=self.exp_invalid_code)
         return d
 
