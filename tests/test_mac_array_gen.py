@@ -89,7 +89,8 @@ def _cocotb(tmp_path, monkeypatch, args, simulator, gemms="3", extra_sources=())
     monkeypatch.setenv("MAKEFLAGS", (" ".join(filter(None, [
         os.environ.get("MAKEFLAGS"), "CFG_CXXFLAGS_PCH_I=-include"]))))
     v, mf = _generate(tmp_path, args)
-    run_cocotb(verilog_sources=[v, *extra_sources], toplevel="mac_array", test_module="tb_mac_array",
+    run_cocotb(verilog_sources=[v, *extra_sources], toplevel="mac_array",
+               test_module="tb_mac_array",
                build_dir=tmp_path / f"build_{simulator}", simulator=simulator,
                python_paths=[SIM_DIR],
                extra_env={"HBFP_MANIFEST": str(mf), "HBFP_MAC_GEMMS": gemms})

@@ -61,6 +61,9 @@ def test_ecp5_ooc_and_shift(tmp_path):
     v.write_text(MUL_V)
     r = synth_ecp5(v, "mul8", workdir=tmp_path / "ooc", freq_mhz=100)
     assert r.ffs == 32 and r.dsps == 1 and r.fmax_mhz > 50
+    assert r.mapper == "abc9"          # the default tries ABC9 first
+    rc = synth_ecp5(v, "mul8", workdir=tmp_path / "classic", freq_mhz=100, abc9=False)
+    assert rc.mapper == "abc" and rc.dsps == 1
     assert r.harness == "ooc" and r.harness_ffs == 0
     r2 = synth_ecp5(v, "mul8", workdir=tmp_path / "shift", freq_mhz=100, harness="shift")
     assert r2.ffs > r.ffs and r2.harness_ffs == 48 + 16
