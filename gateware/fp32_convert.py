@@ -12,6 +12,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .fp32 import FP32_EXP_BIAS, FP32_EXP_BITS, FP32_EXP_SPECIAL, FP32_FRAC_BITS
+
 __all__ = ["Fp32Convert", "FP32_NAN"]
 
 FP32_NAN = 0x7FC00000
@@ -87,9 +89,10 @@ class Fp32Convert(wiring.Component):
             m.d.comb += bits.eq(FP32_NAN)
         with m.Elif(flush3):
             m.d.comb += bits.eq(0)
-        with m.Elif(e_r >= 128):
-            m.d.comb += bits.eq(Cat(Const(0, 23), Const(0xFF, 8), s3))
+        with m.Elif(e_r >= FP32_EXP_SPECIAL - FP32_EXP_BIAS):   # 2**128 and above
+            m.d.comb += bits.eq(Cat(Const(0, FP32_FRAC_BITS),
+                                    Const(FP32_EXP_SPECIAL, FP32_EXP_BITS), s3))
         with m.Else():
-            m.d.comb += bits.eq(Cat(frac, (e_r + 127)[:8], s3))
+            m.d.comb += bits.eq(Cat(frac, (e_r + FP32_EXP_BIAS)[:FP32_EXP_BITS], s3))
         m.d.sync += [self.o_valid.eq(v3), self.bits.eq(bits)]
         return m

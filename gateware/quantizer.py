@@ -35,10 +35,10 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hbfp_hw.config.quantizer import QuantizerConfig
-from hbfp_hw.formats import ROUNDING_MODES, BFPFormat, get_format
+from hbfp_hw.formats import ROUNDING_MODES, BFPFormat, get_format, mantissa_max
 from hbfp_hw.manifest import write_manifest
 
-from .fp32 import FP32_EXP_BIAS, FP32Layout
+from .fp32 import FP32_EXP_BIAS, FP32_EXP_SPECIAL, FP32Layout
 from .prng import XorshiftLanes
 
 __all__ = ["MaxTree", "ElementQuantizer", "Quantizer", "bfp_beat_layout", "fp32_beat_layout",
@@ -201,7 +201,7 @@ class ElementQuantizer(wiring.Component):
                         m.d.comb += inc.eq(incs[md])
         # One adder does increment and sign: -(I + inc) == ~I + (1 - inc). Saturation
         # (I + inc > mmax) happens only when I is all ones and inc is set.
-        mmax = 2 ** (mb - 1) - 1
+        mmax = mantissa_max(mb)
         smask = s2_sign.replicate(mb)
         signed_q = Signal(signed(mb))
         m.d.comb += signed_q.eq((Cat(s2_int, Const(0, 1)) ^ smask)
@@ -338,7 +338,7 @@ class Quantizer(wiring.Component):
         e = Signal(signed(12))
         m.d.comb += e.eq(Mux((f == 0) | (e_raw < fmt.emin), fmt.emin,
                              Mux(e_raw > fmt.emax, fmt.emax, e_raw)))
-        inv = f == 0xFF
+        inv = f == FP32_EXP_SPECIAL
 
         ctrl = data.StructLayout({"valid": 1, "first": 1, "last": 1, "inv": 1,
                                   "code": unsigned(fmt.exp_bits), "ep": EP_SHAPE,

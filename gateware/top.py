@@ -37,6 +37,7 @@ from hbfp_hw.config.mac_array import MacArrayConfig
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
+from .fp32 import FP32_EXP_BITS, FP32_EXP_SPECIAL, FP32_FRAC_BITS
 from .cmd_decoder import FrameDecoder, crc32_byte_matrix
 from .mac_array import MacArray
 from .quantizer import Quantizer
@@ -1033,7 +1034,7 @@ class Accelerator(wiring.Component):
                     m.d.comb += val.eq(mac.o.payload.data[k])
         in_range = (di < gM) & (dj < gN)
         m.d.comb += [drain_addr.eq(g_off + di * gN + dj), drain_data.eq(val)]
-        finite = val[23:31] != 0xFF
+        finite = val[FP32_FRAC_BITS:FP32_FRAC_BITS + FP32_EXP_BITS] != FP32_EXP_SPECIAL
         with m.If(d_run & mac.o.valid):
             with m.If(in_range):
                 m.d.comb += drain_en.eq(1)

@@ -26,6 +26,9 @@ from .validate import check_int as _check_int
 
 __all__ = [
     "ROUNDING_MODES",
+    "mantissa_max",
+    "exponent_bias",
+    "exponent_invalid_code",
     "Rounding",
     "BFPFormat",
     "MXINT8",
@@ -49,6 +52,21 @@ BLOCK_SIZE_MAX = 65536
 SR_BITS_RANGE = (1, 24)
 SEED_RANGE = (0, 2**32 - 1)
 SR_LANES_RANGE = (1, 256)
+
+
+def mantissa_max(man_bits: int) -> int:
+    """Largest mantissa magnitude of ``man_bits``-bit symmetric elements."""
+    return 2 ** (man_bits - 1) - 1
+
+
+def exponent_bias(exp_bits: int) -> int:
+    """Bias of the exponent code (``code = E + bias``); also ``emax`` and ``-emin``."""
+    return 2 ** (exp_bits - 1) - 1
+
+
+def exponent_invalid_code(exp_bits: int) -> int:
+    """The reserved all-ones exponent code of an invalid (NaN/Inf) block."""
+    return 2**exp_bits - 1
 
 
 @dataclass(frozen=True)
@@ -133,27 +151,27 @@ class BFPFormat:
     @property
     def emax(self) -> int:
         """Largest shared exponent."""
-        return 2 ** (self.exp_bits - 1) - 1
+        return exponent_bias(self.exp_bits)
 
     @property
     def emin(self) -> int:
         """Smallest shared exponent (also the exponent of an all-zero block)."""
-        return -(2 ** (self.exp_bits - 1) - 1)
+        return -exponent_bias(self.exp_bits)
 
     @property
     def exp_bias(self) -> int:
         """Bias of the exponent code: ``code = E + exp_bias``."""
-        return 2 ** (self.exp_bits - 1) - 1
+        return exponent_bias(self.exp_bits)
 
     @property
     def exp_invalid_code(self) -> int:
         """Reserved exponent code of a block holding NaN or Inf (all ones)."""
-        return 2**self.exp_bits - 1
+        return exponent_invalid_code(self.exp_bits)
 
     @property
     def mmax(self) -> int:
         """Largest mantissa magnitude, ``2**(man_bits-1) - 1``."""
-        return 2 ** (self.man_bits - 1) - 1
+        return mantissa_max(self.man_bits)
 
     @property
     def frac_bits(self) -> int:

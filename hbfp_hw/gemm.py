@@ -46,6 +46,7 @@ import math
 
 import numpy as np
 
+from .formats import mantissa_max
 from .quantize import BFPTensor
 
 __all__ = ["DEFAULT_GUARD_BITS", "accumulator_bits", "bfp_matmul", "matmul_reference",
@@ -67,7 +68,7 @@ def accumulator_bits(man_bits_a: int, man_bits_b: int, block_len: int, k_max: in
         if not isinstance(v, int) or not lo <= v <= hi:
             raise ValueError(f"{name}={v!r} is out of range; accepted range is [{lo}, {hi}]")
     nkb = -(-k_max // block_len)
-    bound = nkb * block_len * (2 ** (man_bits_a - 1) - 1) * (2 ** (man_bits_b - 1) - 1)
+    bound = nkb * block_len * mantissa_max(man_bits_a) * mantissa_max(man_bits_b)
     bound <<= guard_bits
     return bound.bit_length() + 1
 

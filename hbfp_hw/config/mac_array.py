@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..formats import BFPFormat
+from ..formats import BFPFormat, exponent_bias, exponent_invalid_code, mantissa_max
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
+from ..validate import check_int as _check_int
 
 __all__ = ["MULTIPLIER_MAPPINGS", "DSP_WIDTH", "MacArrayConfig"]
 
@@ -25,14 +26,6 @@ MULTIPLIER_MAPPINGS = ("lut", "dsp", "dsp-packed")
 DSP_WIDTH = 18
 #: The golden model converts the accumulator through float64.
 MAX_ACC_BITS = 53
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} is out of range; accepted range is [{lo}, {hi}]")
-    return value
 
 
 @dataclass(frozen=True)
@@ -109,11 +102,11 @@ class MacArrayConfig:
 
     @property
     def mmax_a(self) -> int:
-        return 2 ** (self.man_bits_a - 1) - 1
+        return mantissa_max(self.man_bits_a)
 
     @property
     def mmax_b(self) -> int:
-        return 2 ** (self.man_bits_b - 1) - 1
+        return mantissa_max(self.man_bits_b)
 
     @property
     def prod_bits(self) -> int:
@@ -142,11 +135,11 @@ class MacArrayConfig:
 
     @property
     def exp_bias(self) -> int:
-        return 2 ** (self.exp_bits - 1) - 1
+        return exponent_bias(self.exp_bits)
 
     @property
     def exp_invalid_code(self) -> int:
-        return 2**self.exp_bits - 1
+        return exponent_invalid_code(self.exp_bits)
 
     @property
     def windows(self) -> int:
