@@ -292,3 +292,47 @@ def test_bad_input_errors():
         h.quantize(np.zeros(5, np.float32), h.HBFP8)
     with pytest.raises(ValueError, match="nonfinite='ignore'"):
         h.quantize(np.zeros(5, np.float32), h.MXINT8, nonfinite="ignore")
+
+
+# ------------------------------------------------- large tensors: chunked, two threads
+@pytest.mark.parametrize("fmt", [h.MXINT8, h.HBFP8.replace(rounding="toward_zero")])
+def test_multi_chunk_tensor_matches_scalar_reference(fmt, rng):
+    """A tensor of several processing chunks (run on two threads) with edge cases
+    planted in different chunks: sampled blocks equal the scalar reference, and the
+    first non-finite block in stream order is the one named."""
+    from hbfp_hw.quantize import _CHUNK_ELEMS
+    shape = (2 * _CHUNK_ELEMS // 1000 + 37, 1000)      # ~2 chunks + a partial one
+    x = _normal_tensor(rng, shape, spread=30)
+    rows = [3, shape[0] // 2 + 5, shape[0] - 4]          # one row in each chunk
+    x[rows[0], :64] = 0.0                                # zero blocks
+    x[rows[1], :48] = np.float32(2.0**-127)              # subnormal-only blocks
+    x[rows[1], 64:96] = np.float32(2.0**-126)            # tiny exponent: flush applies
+    x[rows[1], 70] = np.float32(2.0**-127)               # ...to this subnormal (m=32 if kept)
+    x[rows[2], 0:32] = np.float32(2.0**127 * 1.99)       # saturation at the top
+    x[rows[2], 40] = np.float32(-3.0e38)
+    x[rows[2], 200] = np.nan
+    x[rows[1] + 1, 500] = np.inf                         # first bad block in stream order
+    q = h.quantize(x, fmt, nonfinite="flag")
+    lay = q.layout
+    codes, mans = q.stream()
+    xs = lay.to_stream(np.pad(x, [(0, p - s) for s, p in zip(x.shape, lay.padded)]))
+    bw = lay.block[0]                                    # block rows (1 for MXINT8)
+    planted = {int(np.ravel_multi_index((r // bw, c // lay.block[1]), lay.grid))
+               for r in rows + [rows[1] + 1] for c in (0, 40, 64, 70, 200, 500)}
+    sample = planted | set(rng.integers(0, lay.num_blocks, 300).tolist())
+    for b in sorted(sample):
+        E, m, inv = quantize_block([float(v) for v in xs[b]], fmt)
+        assert bool(q.invalid.reshape(-1)[b]) == inv, f"block {b}"
+        if not inv:
+            assert codes[b] == E + fmt.exp_bias, f"block {b}"
+            assert mans[b].tolist() == m, f"block {b}"
+    # dequantize of the chunked path: m * 2**(E - frac_bits), NaN for invalid blocks
+    d = h.dequantize(q)
+    inv_full = np.repeat(np.repeat(q.invalid, lay.block[0], 0), lay.block[1], 1)
+    want = np.where(inv_full, np.nan, q.mantissas * _lsb(q))
+    np.testing.assert_array_equal(d, _crop(want, shape).astype(np.float32))
+    with pytest.raises(h.NonFiniteBlockError) as ei:
+        h.quantize(x, fmt)
+    bad = np.argwhere(q.invalid)[0]
+    assert ei.value.block_index == tuple(int(i) for i in bad)
+    assert ei.value.block_index[0] == (rows[1] + 1) // bw
