@@ -49,6 +49,7 @@ from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
 from hbfp_hw.quantize import BFPTensor, quantize
 
 from .ranges import UniformQuantizer
+from .torch_quant import supports, torch_quantize
 
 __all__ = [
     "Backend",
@@ -114,9 +115,16 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     neg = torch.tensor(-(1 << 20), dtype=torch.int64)
     worst = (torch.where(nz_a, sa_i, neg).max(dim=0).values
              + torch.where(nz_b, sb_i, neg).max(dim=1).values)                  # (nkb,)
-    if not bool((worst > guard_bits).any()):
-        sa = torch.where(nz_a, sa_i, 0).to(torch.float64)
-        sb = torch.where(nz_b, sb_i, 0).to(torch.float64)
+    wmax = int(worst.max()) if nkb else -1
+    if wmax <= guard_bits:
+        sa = torch.where(nz_a, sa_i, 0)
+        sb = torch.where(nz_b, sb_i, 0)
+        if Mp * Kp * Np >= _F32_GEMM_MIN:
+            out = _shortcut_f32(a, b, sa, sb, nz_a, nz_b, max(wmax, 0),
+                                e_ref - fa - fb, (gm, bm, nkb, L, gn, bn))
+            if out is not None:
+                return out
+        sa, sb = sa.to(torch.float64), sb.to(torch.float64)
         one = torch.ones((), dtype=torch.float64)
         ap = (torch.from_numpy(a.mantissas).to(torch.float64).view(gm, bm, nkb, L)
               * torch.ldexp(one, -sa)[:, None, :, None]).reshape(Mp, Kp)
@@ -145,6 +153,51 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     for k in range(1, nkb):
         acc += p[k]
     return _to_fp32(acc, e_ref - guard_bits - fa - fb, a, b, Mp, Np, bm, bn)
+
+
+#: GEMMs at least this large (M*K*N) try the float32 exact path of the shortcut
+_F32_GEMM_MIN = 1 << 21
+
+
+def _pow2_f32(k: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**k`` for integer ``k`` in [-126, 127] (built from the bits)."""
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _shortcut_f32(a, b, sa, sb, nz_a, nz_b, w, scale_exp, dims):
+    """The no-truncation shortcut as one float32 GEMM, when that is provably exact.
+
+    ``A' = ma * 2**-sa`` and ``B' = mb * 2**-sb`` are exact in float32. Every product
+    of two non-zero blocks is an integer multiple of ``2**-w`` (``w`` = the largest
+    ``sa + sb`` of a live block pair), so every partial sum of any summation order is
+    such a multiple, bounded by ``S = max_ij sum_k |a'_ik b'_kj|``; if
+    ``S <= 2**(24 - w)`` all of them are exact in float32 and the float32 GEMM equals
+    the float64 one. ``S`` is bounded by ``max_i ||a'_i||_1 * max|b'|`` and by
+    ``max|a'| * max_j ||b'_j||_1``. The FP32 conversion ``acc * 2**scale`` is then an
+    exact float32 multiply if no live tile's result can leave float32's normal range;
+    otherwise it runs in float64 as the golden model does. Returns None (use float64)
+    when the bound does not hold."""
+    gm, bm, nkb, L, gn, bn = dims
+    Mp, Kp, Np = gm * bm, nkb * L, gn * bn
+    ap = (torch.from_numpy(a.mantissas).view(gm, bm, nkb, L).to(torch.float32)
+          * _pow2_f32(-sa)[:, None, :, None]).view(Mp, Kp)
+    bp = (torch.from_numpy(b.mantissas).view(nkb, L, gn, bn).to(torch.float32)
+          * _pow2_f32(-sb)[:, None, :, None]).view(Kp, Np)
+    aa, ba = ap.abs(), bp.abs()
+    bound = min(float(aa.sum(dim=1, dtype=torch.float64).max()) * float(ba.max()),
+                float(aa.max()) * float(ba.sum(dim=0, dtype=torch.float64).max()))
+    if bound > 2.0 ** (24 - w):
+        return None
+    acc = (ap @ bp).view(gm, bm, gn, bn)
+    live = nz_a.any(dim=1)[:, None] & nz_b.any(dim=0)[None, :]              # (gm, gn)
+    k = torch.where(live, scale_exp, w)
+    if a.invalid.any() or b.invalid.any() or not (
+            int(k.min()) - w >= -126 and int(k.max()) + 24 - w <= 127):
+        return _to_fp32(acc.to(torch.float64), scale_exp, a, b, Mp, Np, bm, bn)
+    # |acc| is 0 or in [2**-w, 2**(24-w)]: acc * 2**k is a normal float32 (or 0),
+    # exact; + 0.0 turns a -0.0 into +0.0 as the integer accumulator would
+    v = acc.mul_(_pow2_f32(k)[:, None, :, None]).add_(0.0).view(Mp, Np)
+    return v[: a.shape[0], : b.shape[1]].numpy()
 
 
 def _nonzero_blocks(t: BFPTensor, e: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -181,15 +234,16 @@ class Backend:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
 
-    def quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
+    def quantize(self, x: Union[torch.Tensor, np.ndarray], fmt: BFPFormat) -> BFPTensor:
+        """Quantize ``x`` (a torch tensor or a NumPy array, cast to float32)."""
         self.calls["quantize"] += 1
-        return self._quantize(np.ascontiguousarray(x, dtype=np.float32), fmt)
+        return self._quantize(x, fmt)
 
     def matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         self.calls["matmul"] += 1
         return self._matmul(a, b)
 
-    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:  # pragma: no cover
+    def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:  # pragma: no cover
         raise NotImplementedError
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:  # pragma: no cover
@@ -200,13 +254,14 @@ class Backend:
 
 
 class EmulateBackend(Backend):
-    """The golden model in-process: :func:`~hbfp_hw.quantize.quantize` and
-    :func:`fast_bfp_matmul` (bit-identical to :func:`~hbfp_hw.gemm.bfp_matmul`)."""
+    """The golden model in-process, in PyTorch: :func:`~hbfp_hw.host.torch_quant.torch_quantize`
+    (bit-identical to :func:`~hbfp_hw.quantize.quantize`) and :func:`fast_bfp_matmul`
+    (bit-identical to :func:`~hbfp_hw.gemm.bfp_matmul`)."""
 
     name = "emulate"
 
-    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
-        return quantize(x, fmt)
+    def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:
+        return torch_quantize(_as_f32_tensor(x), fmt)
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return fast_bfp_matmul(a, b)
@@ -237,11 +292,24 @@ class DeviceBackend(Backend):
             self.name = type(device).__name__
         self.device = device
 
-    def _quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
-        return self.device.quantize(x, fmt)
+    def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:
+        return self.device.quantize(_as_f32_array(x), fmt)
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return np.asarray(self.device.matmul_q(a, b), dtype=np.float32)
+
+
+def _as_f32_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return x if x.dtype == torch.float32 else x.to(torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _as_f32_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def get_backend(backend: Union[str, Backend, None]) -> Backend:
@@ -321,20 +389,20 @@ class _BFPGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias, layer: "BFPLayerMixin"):
         ctx.layer = layer
-        xn = x.detach().cpu().numpy()
-        wn = w.detach().cpu().numpy()
+        xd, wd = x.detach(), w.detach()
         mode, be = layer._mode, layer.backend
         if mode == "hyperblock":
-            xq = layer._quant(xn, layer.act_fmt, "act")
-            wq = layer._quant(wn, layer.weight_fmt, "weight")
+            xq = layer._quant(xd, layer.act_fmt, "act")
+            wq = layer._quant(wd, layer.weight_fmt, "weight")
             y = be.matmul(xq, wq.T)
             ctx.saved = (xq, wq)
         elif mode == "per_gemm":
-            xq = layer._quant(xn, _along(layer.act_fmt, 1), "act")
-            wq = layer._quant(wn, _along(layer.weight_fmt, 1), "weight")
+            xq = layer._quant(xd, _along(layer.act_fmt, 1), "act")
+            wq = layer._quant(wd, _along(layer.weight_fmt, 1), "weight")
             y = be.matmul(xq, wq.T)
-            ctx.saved = (xn, wn)
+            ctx.saved = (xd, wd)
         else:  # uniform: fake-quantized values, FP32 GEMM (in torch: one thread)
+            xn, wn = xd.cpu().numpy(), wd.cpu().numpy()
             xq = torch.from_numpy(layer._uquant(xn, layer.act_fmt, "act"))
             wq = torch.from_numpy(layer._uquant(wn, layer.weight_fmt, "weight"))
             y = (xq @ wq.T).numpy()
@@ -349,7 +417,7 @@ class _BFPGemm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         layer = ctx.layer
         be = layer.backend
-        dyn = dy.detach().cpu().numpy()
+        dyn = dy.detach()
         gfmt = layer._grad_fmt_for_step()
         if layer._mode == "hyperblock":
             xq, wq = ctx.saved
@@ -367,7 +435,7 @@ class _BFPGemm(torch.autograd.Function):
                                layer._quant(xn, _along(layer.act_fmt, 0), "act"))
         else:
             xq, wq = ctx.saved
-            gq = torch.from_numpy(layer._uquant(dyn, gfmt, "grad"))
+            gq = torch.from_numpy(layer._uquant(dyn.cpu().numpy(), gfmt, "grad"))
             dx = (gq @ wq).numpy() if ctx.needs_input_grad[0] else None
             dw = (gq.T @ xq).numpy() if ctx.needs_input_grad[1] else None
         layer._step += 1
@@ -421,7 +489,7 @@ class BFPLayerMixin:
         self.quant_calls: Counter[str] = Counter()
 
     # quantizers ----------------------------------------------------------------------
-    def _quant(self, x: np.ndarray, fmt: BFPFormat, role: str) -> BFPTensor:
+    def _quant(self, x: torch.Tensor, fmt: BFPFormat, role: str) -> BFPTensor:
         self.quant_calls[role] += 1
         return self.backend.quantize(x, fmt)
 
@@ -591,6 +659,9 @@ def round_weights(model: nn.Module) -> None:
         if layer.shadow_fmt is None:
             continue
         w = layer.weight
-        w2d = w.detach().cpu().numpy().reshape(w.shape[0], -1)
-        q = quantize(w2d, layer.shadow_fmt).dequantize()
+        w2d = w.detach().cpu().reshape(w.shape[0], -1)
+        if supports(tuple(w2d.shape), layer.shadow_fmt):
+            q = torch_quantize(w2d, layer.shadow_fmt).dequantize()
+        else:
+            q = quantize(w2d.numpy(), layer.shadow_fmt).dequantize()
         w.copy_(torch.from_numpy(q.reshape(w.shape)))
