@@ -22,6 +22,21 @@ K tile.
 ``o`` (out): payload :func:`output_layout` (``data[cols]`` FP32 bit patterns, ``last``):
 for each output window ``(rg, cg)`` (``rg`` major) and each row ``r`` of the window,
 one beat with ``C[it*T + rg*rows + r, jt*T + cg*cols + c]`` for ``c < cols``.
+
+Two build options serve the accelerator top's K-split GEMMs (``GemmFlag.EXT_EREF`` /
+``ACCUMULATE``); both default off, leaving the ports above unchanged:
+
+``ext_eref=True`` adds the operand fields ``ref`` and ``eref``: a header beat with
+``ref=1`` carries a reference exponent (unbiased, signed, clamped by the sender to
+``[-exp_bias, ref_exponent_limit(cfg)]``) that enters the job's maximum as a valid
+exponent, exactly like the golden model's all-zero reference K block.
+
+``carry=True`` adds a carry stage before the FP32 converters: the accumulators of each
+drain beat are added to ``cin`` (``carry_bits(cfg)`` wide; NaN flags OR-ed with
+``cin_nan``), and the sums leave on ``acc_o`` (``acc_o_valid``, in output-beat order)
+while their FP32 conversion goes to ``o``. ``cin_take`` is high in the cycle a drain beat
+is issued; ``cin``/``cin_nan`` must hold that beat's carry in the next cycle (a memory
+read port addressed by a counter advanced on ``cin_take``).
 """
 
 from __future__ import annotations
@@ -43,24 +58,69 @@ from .pe import PE, PRIMITIVES, ctrl_layout, pack_operand
 from .tile_buffer import TileBuffer
 
 __all__ = ["MacArray", "operand_layout", "output_layout", "gemm_beats", "assemble_output",
-           "generate", "register_cli", "pack_struct", "unpack_struct"]
+           "generate", "register_cli", "pack_struct", "unpack_struct",
+           "ref_exponent_limit", "ref_bits", "carry_bits"]
 
 EXP_SUM_BITS = 13
 
 
-def operand_layout(cfg: MacArrayConfig, man_bits: int) -> data.StructLayout:
-    return data.StructLayout({
+def ref_exponent_limit(cfg: MacArrayConfig) -> int:
+    """Largest reference exponent (one operand, unbiased) that changes any result.
+
+    With ``e_ref >= E_hi = max(2*emax + shift_max, 128 + G + fa + fb)`` every valid
+    tile's alignment shift saturates (each term is 0 or -1) and every non-zero
+    accumulator converts to +-Inf, so all such ``e_ref`` give the same bits. The other
+    operand's reference is at least ``-exp_bias`` (code 0), hence the limit
+    ``E_hi + exp_bias``: a reference clamped to it leaves every output unchanged.
+    """
+    emax = cfg.exp_invalid_code - 1 - cfg.exp_bias
+    e_hi = max(2 * emax + cfg.shift_max, 128 + cfg.guard_bits + cfg.frac_a + cfg.frac_b)
+    return e_hi + cfg.exp_bias
+
+
+def ref_bits(cfg: MacArrayConfig) -> int:
+    """Signed width of a clamped reference exponent (``ref_exponent_limit`` and the
+    front end's ``-2**exp_bits`` "no valid block" value)."""
+    return max(ref_exponent_limit(cfg).bit_length(), cfg.exp_bits) + 1
+
+
+def carry_bits(cfg: MacArrayConfig) -> int:
+    """Signed width of an accumulator carried over several GEMMs (``carry=True``).
+
+    One GEMM's accumulator fits ``acc_bits`` (at most ``ceil(k_max / T)`` K tiles).
+    Over GEMMs whose K add up to at most ``k_max``, each GEMM pads its K to whole tiles,
+    so up to ``k_max`` tiles (one per K element) can contribute:
+    ``|acc| <= k_max * T * mmax_a * mmax_b * 2**G``.
+    """
+    bound = cfg.k_max * cfg.tile * cfg.mmax_a * cfg.mmax_b << cfg.guard_bits
+    return max(cfg.acc_bits, bound.bit_length() + 1)
+
+
+def operand_layout(cfg: MacArrayConfig, man_bits: int,
+                   ext_eref: bool = False) -> data.StructLayout:
+    fields = {
         "data": data.ArrayLayout(signed(man_bits), cfg.tile),
         "exp": cfg.exp_bits, "transpose": 1, "header": 1, "last": 1,
-    })
+    }
+    if ext_eref:
+        fields.update({"ref": 1, "eref": signed(ref_bits(cfg))})
+    return data.StructLayout(fields)
 
 
 def output_layout(cfg: MacArrayConfig) -> data.StructLayout:
     return data.StructLayout({"data": data.ArrayLayout(32, cfg.cols), "last": 1})
 
 
-def _meta_layout(cfg: MacArrayConfig) -> data.StructLayout:
-    return data.StructLayout({"exp": cfg.exp_bits, "emax": signed(cfg.exp_bits + 1),
+def _emax_bits(cfg: MacArrayConfig, ext_eref: bool) -> int:
+    return ref_bits(cfg) if ext_eref else cfg.exp_bits + 1
+
+
+def _esum_bits(cfg: MacArrayConfig, ext_eref: bool) -> int:
+    return max(EXP_SUM_BITS, _emax_bits(cfg, ext_eref) + 2)
+
+
+def _meta_layout(cfg: MacArrayConfig, ext_eref: bool = False) -> data.StructLayout:
+    return data.StructLayout({"exp": cfg.exp_bits, "emax": signed(_emax_bits(cfg, ext_eref)),
                               "inv": 1, "first": 1, "last": 1})
 
 
@@ -68,30 +128,35 @@ class _OperandFrontEnd(wiring.Component):
     """Consumes header beats (running max of valid exponents, invalid flag) and
     forwards row beats to a tile buffer with the job's header in ``meta``."""
 
-    def __init__(self, cfg: MacArrayConfig, man_bits: int):
-        self.cfg = cfg
+    def __init__(self, cfg: MacArrayConfig, man_bits: int, ext_eref: bool = False):
+        self.cfg, self.ext_eref = cfg, ext_eref
         from .tile_buffer import row_layout
         super().__init__({
-            "i": In(stream.Signature(operand_layout(cfg, man_bits))),
-            "o": Out(stream.Signature(row_layout(cfg.tile, man_bits, _meta_layout(cfg)))),
+            "i": In(stream.Signature(operand_layout(cfg, man_bits, ext_eref))),
+            "o": Out(stream.Signature(row_layout(cfg.tile, man_bits,
+                                                 _meta_layout(cfg, ext_eref)))),
         })
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
         lo = -(2 ** cfg.exp_bits)
-        emax = Signal(signed(cfg.exp_bits + 1), init=lo)
+        eb = _emax_bits(cfg, self.ext_eref)
+        emax = Signal(signed(eb), init=lo)
         inv = Signal()
         after_hdr = Signal()
         p = self.i.payload
-        e = Signal(signed(cfg.exp_bits + 1))
-        m.d.comb += e.eq(p.exp - cfg.exp_bias)
+        e = Signal(signed(eb))
+        is_inv = Signal()
+        m.d.comb += [e.eq(p.exp - cfg.exp_bias), is_inv.eq(p.exp == cfg.exp_invalid_code)]
+        if self.ext_eref:   # a reference exponent: valid, enters the maximum
+            with m.If(p.ref):
+                m.d.comb += [e.eq(p.eref), is_inv.eq(0)]
         with m.If(p.header):
             m.d.comb += self.i.ready.eq(1)
             with m.If(self.i.valid):
                 base_max = Mux(after_hdr, emax, lo)
                 base_inv = Mux(after_hdr, inv, 0)
-                is_inv = p.exp == cfg.exp_invalid_code
                 m.d.sync += [emax.eq(Mux(~is_inv & (e > base_max), e, base_max)),
                              inv.eq(base_inv | is_inv), after_hdr.eq(1)]
         with m.Else():
@@ -114,26 +179,36 @@ class MacArray(wiring.Component):
     Peak throughput ``rows * cols * lanes`` MACs per cycle.
     """
 
-    def __init__(self, cfg: MacArrayConfig, *, primitives: str | None = None):
+    def __init__(self, cfg: MacArrayConfig, *, primitives: str | None = None,
+                 ext_eref: bool = False, carry: bool = False):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
         if primitives not in PRIMITIVES:
             raise ValueError(f"primitives={primitives!r}; accepted values are "
                              f"{', '.join(map(repr, PRIMITIVES))}")
         self.cfg, self.primitives = cfg, primitives
-        super().__init__({
-            "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a))),
-            "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b))),
+        self.ext_eref, self.carry = bool(ext_eref), bool(carry)
+        ports = {
+            "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a, self.ext_eref))),
+            "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b, self.ext_eref))),
             "o": Out(stream.Signature(output_layout(cfg))),
-        })
+        }
+        if self.carry:
+            cw = carry_bits(cfg)
+            ports.update({"cin": In(data.ArrayLayout(signed(cw), cfg.cols)), "cin_nan": In(1),
+                          "cin_take": Out(1),
+                          "acc_o": Out(data.ArrayLayout(signed(cw), cfg.cols)),
+                          "acc_o_nan": Out(1), "acc_o_valid": Out(1)})
+        super().__init__(ports)
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
         T, R, C, L = cfg.tile, cfg.rows, cfg.cols, cfg.lanes
-        meta = _meta_layout(cfg)
-        m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a)
-        m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b)
+        meta = _meta_layout(cfg, self.ext_eref)
+        ES = _esum_bits(cfg, self.ext_eref)
+        m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a, self.ext_eref)
+        m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b, self.ext_eref)
         m.submodules.buf_a = buf_a = TileBuffer(tile=T, lanes=L, nvec=R, width=cfg.man_bits_a,
                                                 meta_layout=meta, col_major=False)
         m.submodules.buf_b = buf_b = TileBuffer(tile=T, lanes=L, nvec=C, width=cfg.man_bits_b,
@@ -151,7 +226,7 @@ class MacArray(wiring.Component):
         busy_drain = Signal()            # waiting for / draining the accumulators
         issue = Signal(cl)
         ea_i, eb_i = Signal(cfg.exp_bits), Signal(cfg.exp_bits)
-        esum_i, inv_i, first_i = Signal(signed(EXP_SUM_BITS)), Signal(), Signal()
+        esum_i, inv_i, first_i = Signal(signed(ES)), Signal(), Signal()
         go = ~busy_drain & buf_a.rd_valid & buf_b.rd_valid
         m.d.comb += [buf_a.rd_pos.eq(win // nwc), buf_b.rd_pos.eq(win % nwc),
                      buf_a.rd_k.eq(ks), buf_b.rd_k.eq(ks),
@@ -178,17 +253,17 @@ class MacArray(wiring.Component):
 
         # ---- stage d1: aligned with the registered tile-buffer read ---------------
         c1 = Signal(cl)
-        te1, tinv1 = Signal(signed(EXP_SUM_BITS)), Signal()     # tile exponent Ea + Eb
-        esum1, inv1, first1 = Signal(signed(EXP_SUM_BITS)), Signal(), Signal()
+        te1, tinv1 = Signal(signed(ES)), Signal()     # tile exponent Ea + Eb
+        esum1, inv1, first1 = Signal(signed(ES)), Signal(), Signal()
         m.d.sync += [c1.eq(issue), esum1.eq(esum_i), inv1.eq(inv_i), first1.eq(first_i),
                      te1.eq(ea_i + eb_i - 2 * cfg.exp_bias),
                      tinv1.eq((ea_i == cfg.exp_invalid_code) | (eb_i == cfg.exp_invalid_code))]
-        job_eref = Signal(signed(EXP_SUM_BITS))
+        job_eref = Signal(signed(ES))
         job_nan = Signal()
         with m.If(c1.valid & first1):
             m.d.sync += [job_eref.eq(esum1), job_nan.eq(inv1)]
         eref = Mux(first1, esum1, job_eref)
-        diff = Signal(signed(EXP_SUM_BITS + 1))
+        diff = Signal(signed(ES + 1))
         m.d.comb += diff.eq(eref - te1)
         shift = Signal(cfg.shift_bits)
         m.d.comb += shift.eq(Mux(tinv1 | (diff >= cfg.shift_max), cfg.shift_max,
@@ -230,7 +305,7 @@ class MacArray(wiring.Component):
         d_win = Signal(range(cfg.windows))
         d_row = Signal(range(R))
         olay = output_layout(cfg)
-        depth = Fp32Convert.LATENCY + 4
+        depth = Fp32Convert.LATENCY + 4 + int(self.carry)
         m.submodules.ofifo = ofifo = fifo.SyncFIFOBuffered(width=olay.size, depth=depth)
         inflight = Signal(range(depth + 1))
         can_issue = (ofifo.level + inflight) < depth - 1
@@ -255,7 +330,7 @@ class MacArray(wiring.Component):
                     m.d.sync += d_win.eq(d_win + 1)
             with m.Else():
                 m.d.sync += d_row.eq(d_row + 1)
-        # row select register, then converters
+        # row select register, (carry stage,) then converters
         sel = [Signal(signed(cfg.acc_bits), name=f"sel{c}") for c in range(C)]
         s_valid, s_last = Signal(), Signal()
         for c in range(C):
@@ -266,16 +341,33 @@ class MacArray(wiring.Component):
         m.d.sync += [s_valid.eq(d_issue), s_last.eq(d_last)]
         scale = Signal(signed(SCALE_BITS))
         m.d.comb += scale.eq(job_eref - cfg.guard_bits - cfg.frac_a - cfg.frac_b)
+        conv_acc, conv_valid_i, conv_last, conv_scale, conv_nan = (
+            sel, s_valid, s_last, scale, job_nan)
+        conv_bits = cfg.acc_bits
+        if self.carry:
+            # carry stage: sum = acc + cin (registered with the scale and NaN flag)
+            conv_bits = carry_bits(cfg)
+            csum = [Signal(signed(conv_bits), name=f"csum{c}") for c in range(C)]
+            c_valid, c_last, c_nan = Signal(), Signal(), Signal()
+            c_scale = Signal(signed(SCALE_BITS))
+            m.d.sync += [csum[c].eq(sel[c] + self.cin[c]) for c in range(C)]
+            m.d.sync += [c_valid.eq(s_valid), c_last.eq(s_last), c_scale.eq(scale),
+                         c_nan.eq(job_nan | self.cin_nan)]
+            m.d.comb += [self.cin_take.eq(d_issue), self.acc_o_valid.eq(c_valid),
+                         self.acc_o_nan.eq(c_nan)]
+            m.d.comb += [self.acc_o[c].eq(csum[c]) for c in range(C)]
+            conv_acc, conv_valid_i, conv_last, conv_scale, conv_nan = (
+                csum, c_valid, c_last, c_scale, c_nan)
         last_pipe = [Signal(name=f"last_p{i}") for i in range(Fp32Convert.LATENCY)]
-        m.d.sync += [last_pipe[0].eq(s_last)] + [last_pipe[i].eq(last_pipe[i - 1])
-                                                 for i in range(1, len(last_pipe))]
+        m.d.sync += [last_pipe[0].eq(conv_last)] + [last_pipe[i].eq(last_pipe[i - 1])
+                                                    for i in range(1, len(last_pipe))]
         out_bits = []
         conv_valid = None
         for c in range(C):
-            cv = Fp32Convert(acc_bits=cfg.acc_bits)
+            cv = Fp32Convert(acc_bits=conv_bits)
             m.submodules[f"fp32_{c}"] = cv
-            m.d.comb += [cv.i_valid.eq(s_valid), cv.acc.eq(sel[c]), cv.scale.eq(scale),
-                         cv.nan.eq(job_nan)]
+            m.d.comb += [cv.i_valid.eq(conv_valid_i), cv.acc.eq(conv_acc[c]),
+                         cv.scale.eq(conv_scale), cv.nan.eq(conv_nan)]
             out_bits.append(cv.bits)
             conv_valid = cv.o_valid
         word = Signal(olay)

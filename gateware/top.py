@@ -39,7 +39,7 @@ from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
 from .fp32 import FP32_EXP_BITS, FP32_EXP_SPECIAL, FP32_FRAC_BITS
 from .cmd_decoder import FrameDecoder, crc32_byte_matrix
-from .mac_array import MacArray
+from .mac_array import MacArray, carry_bits, ref_exponent_limit
 from .quantizer import Quantizer
 
 __all__ = ["Accelerator", "UartAccelerator", "UNSUPPORTED", "unsupported", "gemm_slots",
@@ -52,10 +52,13 @@ G = P.GemmFlag
 #: (configuration-dependent gaps are added by :func:`unsupported`).
 UNSUPPORTED = {
     "ops": [],
-    "gemm_flags": ["ACCUMULATE", "EXT_EREF"],
+    "gemm_flags": [],
     "gemm_slots": "only format slots whose format is the MAC array's (square tile x tile "
                   "HyperBlock blocks, man_bits_max, exp_bits_max); others: detail 3 / 4",
 }
+
+#: The "no valid block" row/column maximum of the golden model (``hbfp_hw.gemm``).
+_NO_EXP = -(1 << 14)
 
 #: A small configuration for ``sim://`` (the Amaranth simulator is slow).
 SIM_CONFIG = AcceleratorConfig(
@@ -115,9 +118,21 @@ def quant_rounding(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> lis
     return out
 
 
+def accumulator_capacity(cfg: AcceleratorConfig) -> int:
+    """Outputs (padded to whole tiles) whose accumulators the top keeps between GEMMs.
+
+    A GEMM whose padded ``M x N`` exceeds it runs as usual but keeps no accumulators;
+    ``ACCUMULATE`` onto it is answered ``UNSUPPORTED`` (detail 2) after every emulator
+    check passed. The host driver's K-split tiles never exceed ``output_depth``.
+    """
+    return cfg.output_depth
+
+
 def unsupported(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> dict:
     """:data:`UNSUPPORTED` plus the QUANTIZE rounding modes missing for ``cfg``."""
     out = dict(UNSUPPORTED)
+    out["gemm_accumulate"] = (f"ACCUMULATE onto a GEMM whose padded M*N exceeds "
+                              f"{accumulator_capacity(cfg)} outputs: detail 2")
     miss = {str(i): [ROUNDING_MODES[r] for r in range(len(ROUNDING_MODES)) if r not in ok]
             for i, ok in enumerate(quant_rounding(cfg, runtime_rounding))}
     miss = {k: v for k, v in miss.items() if v}
@@ -356,7 +371,7 @@ class Accelerator(wiring.Component):
                          st_max.eq(0xFF800000)]
 
         # ---- MAC array ----------------------------------------------------------------
-        m.submodules.mac = mac = MacArray(mc)
+        m.submodules.mac = mac = MacArray(mc, ext_eref=True, carry=True)
 
         # ---- GEMM operands (registered at dispatch) ----------------------------------
         g_flags = Signal(8)
@@ -373,6 +388,41 @@ class Accelerator(wiring.Component):
         g_off = Signal(32)
         ta = g_flags[0]
         tb = g_flags[1]
+        store_f = (g_flags & int(G.STORE)) != 0
+        acc_f = (g_flags & int(G.ACCUMULATE)) != 0
+        ext_f = (g_flags & int(G.EXT_EREF)) != 0
+
+        # ---- accumulator state kept between GEMMs (ACCUMULATE / EXT_EREF) -------------
+        # The emulator's acc meta reduces to the output tile grid (mt, nt): every GEMM
+        # slot has tile x tile blocks and the MAC array's mantissa width.
+        acc_valid = Signal()    # a GEMM completed since RESET
+        acc_mt = Signal(16)
+        acc_nt = Signal(16)
+        k_tot = Signal(32)      # K accumulated so far
+        k_new = Signal(32)      # K total after this GEMM
+        g_fit = Signal()        # this GEMM's accumulators fit the accumulator buffer
+        # reference exponents (unbiased) per row block of A and column block of B, two
+        # banks: ``rbank`` holds the stored GEMM's, ``~rbank`` this GEMM's
+        eref_spec = next(s for s in specs if s.kind == P.BufferKind.EREF)
+        RW = 8 * eref_spec.wire_bytes + 2
+        mg_bits = max(1, (max(1, cfg.operand_depth // (T * T)) - 1).bit_length())
+        m.submodules.refm = refm = memory.Memory(shape=signed(RW), depth=4 << mg_bits,
+                                                 init=[])
+        ref_w = refm.write_port()
+        ref_r1 = refm.read_port()   # this GEMM's bank
+        ref_r2 = refm.read_port()   # the stored bank
+        rbank = Signal()
+
+        def ref_addr(bank, which, idx):
+            return Cat(idx[:mg_bits], which, bank)
+
+        # accumulator buffer: one word per output beat of the MAC array
+        CB = carry_bits(mc)
+        acc_cap = accumulator_capacity(cfg)
+        m.submodules.accm = accm = memory.Memory(
+            shape=unsigned(mc.cols * CB + 1), depth=max(1, -(-acc_cap // mc.cols)), init=[])
+        acc_w = accm.write_port()
+        acc_r = accm.read_port()
 
         # ---- shared read address control ---------------------------------------------
         ea = Signal(32)        # response encoder element address
@@ -382,7 +432,8 @@ class Accelerator(wiring.Component):
         sq_word = Signal(32)   # sequencer addresses
         sq_elem = Signal(32)
         q_rd = Signal(32)      # QUANTIZE: fp_in element address
-        mode = Signal(2)       # 0: encoder, 1: scan, 2: sequencer, 3: write/reset
+        x_elem = Signal(32)    # GEMM reference-exponent phases
+        mode = Signal(3)       # 0: encoder, 1: scan, 2: sequencer, 3: quantize, 4: e_ref
         m.d.comb += [ea_next.eq(ea), sc_next.eq(sc)]
         m.d.sync += [ea.eq(ea_next), sc.eq(sc_next)]
         with m.Switch(mode):
@@ -395,6 +446,8 @@ class Accelerator(wiring.Component):
                 m.d.comb += [rd_elem.eq(sq_elem), rd_word.eq(sq_word)]
             with m.Case(3):
                 m.d.comb += [rd_elem.eq(q_rd)]
+            with m.Case(4):
+                m.d.comb += [rd_elem.eq(x_elem)]
 
         # ---- command executor ---------------------------------------------------------
         b_id = Signal(8)
@@ -509,6 +562,83 @@ class Accelerator(wiring.Component):
         seq_done = Signal()
         drain_done = Signal()
         seq_start = Signal()
+
+        # ---- reference exponents (states G_OWN, G_REF) --------------------------------
+        # G_OWN: every exponent code of A (row block major) then of B (column block
+        # major), one per clock; the running maximum over valid blocks (_NO_EXP if none)
+        # of each row/column block goes to this GEMM's bank.
+        x_init, x_go, x_done = Signal(), Signal(), Signal()
+        x_which, x_i, x_k = Signal(), Signal(16), Signal(16)
+        p_v, p_which, p_i, p_first, p_last = (Signal(), Signal(), Signal(16), Signal(),
+                                              Signal())
+        x_blk = Signal(32)
+        m.d.comb += x_blk.eq(Mux(x_which, Mux(tb, x_i * nk + x_k, x_k * nt + x_i),
+                                 Mux(ta, x_k * mt + x_i, x_i * nk + x_k)))
+        m.d.sync += [p_v.eq(x_go), p_which.eq(x_which), p_i.eq(x_i), p_first.eq(x_k == 0),
+                     p_last.eq(x_k == nk - 1)]
+        with m.If(x_go):
+            with m.If(x_k == nk - 1):
+                m.d.sync += x_k.eq(0)
+                with m.If(x_i == Mux(x_which, nt, mt) - 1):
+                    m.d.sync += x_i.eq(0)
+                    with m.If(x_which):
+                        m.d.sync += x_done.eq(1)
+                    with m.Else():
+                        m.d.sync += x_which.eq(1)
+                with m.Else():
+                    m.d.sync += x_i.eq(x_i + 1)
+            with m.Else():
+                m.d.sync += x_k.eq(x_k + 1)
+        x_code = Signal(ew)
+        with m.Switch(Mux(p_which, g_b, g_a)):
+            for k in range(cfg.operand_buffers):
+                with m.Case(k):
+                    m.d.comb += x_code.eq(rps[exp_ids[k]].data)
+        x_e, x_run, x_mx = (Signal(signed(RW), name=f"x_{n}") for n in ("e", "run", "mx"))
+        x_base = Mux(p_first, _NO_EXP, x_run)
+        m.d.comb += [x_e.eq(x_code - mref.exp_bias),
+                     x_mx.eq(Mux((x_code != mref.exp_invalid_code) & (x_e > x_base), x_e,
+                                 x_base))]
+        with m.If(p_v):
+            m.d.sync += x_run.eq(x_mx)
+        # G_REF: per row block of A then column block of B, read the eref code, this
+        # GEMM's own maximum and the stored reference; the reference is the code minus
+        # the bias (EXT_EREF; below the own maximum: BAD_ARGUMENT 6) or the own maximum.
+        # ACCUMULATE: e_ref[i, j] = row[i] + col[j] must equal the stored one for all
+        # (i, j), i.e. row[i] - row_old[i] == d and col[j] - col_old[j] == -d.
+        y_go, y_done = Signal(), Signal()
+        y_which, y_i = Signal(), Signal(16)
+        q_v, q_which, q_i, q_first = Signal(), Signal(), Signal(16), Signal()
+        y_elem = Signal(32)
+        m.d.comb += y_elem.eq(Mux(y_which, mt + y_i, y_i))
+        m.d.sync += [q_v.eq(y_go), q_which.eq(y_which), q_i.eq(y_i),
+                     q_first.eq(~y_which & (y_i == 0))]
+        with m.If(y_go):
+            with m.If(y_i == Mux(y_which, nt, mt) - 1):
+                m.d.sync += y_i.eq(0)
+                with m.If(y_which):
+                    m.d.sync += y_done.eq(1)
+                with m.Else():
+                    m.d.sync += y_which.eq(1)
+            with m.Else():
+                m.d.sync += y_i.eq(y_i + 1)
+        with m.If(x_init):
+            m.d.sync += [x_which.eq(0), x_i.eq(0), x_k.eq(0), x_done.eq(0),
+                         y_which.eq(0), y_i.eq(0), y_done.eq(0)]
+        y_own, y_new = Signal(signed(RW)), Signal(signed(RW))
+        y_diff, y_d0 = Signal(signed(RW + 2)), Signal(signed(RW + 2))
+        y_same = Signal()
+        m.d.comb += [ref_r2.addr.eq(ref_addr(rbank, y_which, y_i)),
+                     y_own.eq(ref_r1.data),
+                     y_new.eq(Mux(ext_f, rps[eref_spec.id].data - mref.exp_bias, y_own)),
+                     y_diff.eq(y_new - ref_r2.data),
+                     y_same.eq(q_first | (y_diff == Mux(q_which, -y_d0, y_d0)))]
+        with m.If(q_v & q_first):
+            m.d.sync += y_d0.eq(y_diff)
+        m.d.comb += [ref_w.en.eq((p_v & p_last) | q_v),
+                     ref_w.addr.eq(Mux(p_v, ref_addr(~rbank, p_which, p_i),
+                                       ref_addr(~rbank, q_which, q_i))),
+                     ref_w.data.eq(Mux(p_v, x_mx, y_new))]
 
         # ---- QUANTIZE engine (fp_in -> slot quantizer -> operand buffer) ---------------
         QF = lambda name: fld(P.Op.QUANTIZE, name)  # noqa: E731
@@ -718,6 +848,7 @@ class Accelerator(wiring.Component):
                 m.d.sync += clr.eq(clr + 1)
                 with m.If(clr == max_depth - 1):
                     m.d.comb += st_clear.eq(1)
+                    m.d.sync += [acc_valid.eq(0), k_tot.eq(0)]
                     respond(P.Op.RESET | P.RESPONSE_FLAG)
             # -- GEMM -------------------------------------------------------------------
             fl = fld(P.Op.GEMM, "flags")
@@ -738,8 +869,6 @@ class Accelerator(wiring.Component):
                     m.d.comb += nb.eq(gr * gc)
                     with m.If((which == 0) & ((fl & ~allowed & 0xFF) != 0)):
                         error(P.ErrorCode.BAD_ARGUMENT, 2)
-                    with m.Elif((which == 0) & ((fl & int(G.ACCUMULATE | G.EXT_EREF)) != 0)):
-                        error(P.ErrorCode.UNSUPPORTED, 2)
                     with m.Elif(slot >= len(cfg.formats)):
                         error(P.ErrorCode.BAD_ARGUMENT, 3 + which)
                     with m.Elif(~slot_supported(slot)):
@@ -758,6 +887,7 @@ class Accelerator(wiring.Component):
             with m.State("G_SCAN_INIT"):
                 m.d.sync += [g_a.eq(fld(P.Op.GEMM, "a")), g_b.eq(fld(P.Op.GEMM, "b")),
                              k_cnt.eq(0), g_off.eq(fld(P.Op.GEMM, "out_offset"))]
+                m.d.comb += x_init.eq(1)
                 m.next = "G_SCAN_SET"
             # scan phases: A mantissas, A codes, B mantissas, B codes, A invalid, B invalid
             with m.State("G_SCAN_SET"):
@@ -804,30 +934,61 @@ class Accelerator(wiring.Component):
                 M = Mux(ta, a_cols, a_rows)
                 N = Mux(tb, b_rows, b_cols)
                 mn = Signal(32)
-                m.d.comb += mn.eq(M * N)
+                mt_c, nt_c = Signal(16), Signal(16)
+                ktot_c = Signal(32)
+                m.d.comb += [mn.eq(M * N), mt_c.eq((M + T - 1) >> tsh),
+                             nt_c.eq((N + T - 1) >> tsh),
+                             ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
                 with m.If(Ka != Kb):
                     error(P.ErrorCode.BAD_ARGUMENT, 5)
-                with m.Elif((g_flags & int(G.STORE)).any() & (g_off + mn > out_spec.depth)):
+                with m.Elif(store_f & (g_off + mn > out_spec.depth)):
                     error(P.ErrorCode.OUT_OF_RANGE,
                           Mux(g_off > out_spec.depth, g_off, out_spec.depth))
-                with m.Elif(Ka > cfg.k_max):
-                    error(P.ErrorCode.K_OVERFLOW, Ka)
+                with m.Elif(acc_f & (~acc_valid | (acc_mt != mt_c) | (acc_nt != nt_c))):
+                    error(P.ErrorCode.BAD_ARGUMENT, 2)
+                with m.Elif(ktot_c > cfg.k_max):
+                    error(P.ErrorCode.K_OVERFLOW, ktot_c)
+                with m.Elif(ext_f & (mt_c + nt_c > eref_spec.depth)):
+                    error(P.ErrorCode.OUT_OF_RANGE, mt_c + nt_c)
                 with m.Else():
-                    m.d.sync += [gM.eq(M), gN.eq(N), gK.eq(Ka),
-                                 mt.eq((M + T - 1) >> tsh), nt.eq((N + T - 1) >> tsh),
-                                 nk.eq((Ka + T - 1) >> tsh)]
-                    with m.If((g_flags & int(G.STORE)).any()):
-                        m.d.comb += seq_start.eq(1)
-                        m.next = "G_RUN"
-                    with m.Else():
-                        m.next = "G_DONE"
+                    m.d.sync += [gM.eq(M), gN.eq(N), gK.eq(Ka), k_new.eq(ktot_c),
+                                 mt.eq(mt_c), nt.eq(nt_c), nk.eq((Ka + T - 1) >> tsh),
+                                 g_fit.eq(((mt_c * nt_c) << (2 * tsh)) <= acc_cap)]
+                    m.next = "G_OWN"
+            # reference exponents: own row maxima of A / column maxima of B (golden
+            # ``_row_col_max``), one exponent code per clock, into this GEMM's bank
+            with m.State("G_OWN"):
+                m.d.comb += [mode.eq(4), x_elem.eq(x_blk), x_go.eq(~x_done)]
+                with m.If(x_done & ~p_v):
+                    m.next = "G_REF"
+            # this GEMM's references (eref buffer or own), checks against own maxima and
+            # (ACCUMULATE) against the stored references: e_ref[i, j] must be unchanged
+            with m.State("G_REF"):
+                m.d.comb += [mode.eq(4), x_elem.eq(y_elem), y_go.eq(~y_done)]
+                with m.If(y_done & ~q_v):
+                    m.next = "G_GO"
+                with m.If(q_v & ext_f & (y_new < y_own)):
+                    error(P.ErrorCode.BAD_ARGUMENT, 6)
+                with m.Elif(q_v & acc_f & ~y_same):
+                    error(P.ErrorCode.BAD_ARGUMENT, 6)
+            with m.State("G_GO"):
+                with m.If(acc_f & ~g_fit):
+                    error(P.ErrorCode.UNSUPPORTED, 2)
+                with m.Elif(store_f | g_fit):
+                    m.d.comb += seq_start.eq(1)
+                    m.next = "G_RUN"
+                with m.Else():
+                    m.next = "G_DONE"
             with m.State("G_RUN"):
                 m.d.comb += mode.eq(2)
                 with m.If(seq_done & drain_done):
                     m.next = "G_DONE"
             with m.State("G_DONE"):
-                respond(P.Op.GEMM | P.RESPONSE_FLAG, fix=gK,
+                respond(P.Op.GEMM | P.RESPONSE_FLAG, fix=k_new,
                         nfix=P.RESPONSES[P.Op.GEMM].header_size)
+                m.d.sync += [acc_valid.eq(1), acc_mt.eq(mt), acc_nt.eq(nt), k_tot.eq(k_new)]
+                with m.If(~acc_f):
+                    m.d.sync += rbank.eq(~rbank)
             # -- QUANTIZE ---------------------------------------------------------------
             with m.State("Q_CHECK"):   # per-slot constants and grid (slot checked next)
                 rnd = QF("rounding")
@@ -962,6 +1123,15 @@ class Accelerator(wiring.Component):
         is_b = sph[0]
         blk = Mux(is_b, blk_b, blk_a)
         m.d.comb += [sq_elem.eq(blk), sq_word.eq((blk << tsh) + rr)]
+        # this GEMM's reference exponent of the job's row / column block (G_REF reads
+        # the same port outside G_RUN); clamped to the largest value that matters
+        in_seq = Signal()
+        m.d.comb += [in_seq.eq(mode == 2),
+                     ref_r1.addr.eq(Mux(in_seq, ref_addr(~rbank, is_b, Mux(is_b, jt, it)),
+                                        ref_addr(~rbank, y_which, y_i)))]
+        r_lim = ref_exponent_limit(mc)
+        ref_val = Mux(ref_r1.data > r_lim, r_lim, ref_r1.data)
+        hdr_last = Mux(ext_f, nk, nk - 1)   # EXT_EREF: one reference header beat more
         op_man = Signal(mw * T)
         op_exp = Signal(ew)
         op_buf = Mux(is_b, g_b, g_a)
@@ -977,7 +1147,8 @@ class Accelerator(wiring.Component):
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = port.payload
             m.d.comb += [p.exp.eq(op_exp), p.transpose.eq(tb if which else ta),
-                         p.header.eq(~sph[1]), p.last.eq(kk == nk - 1)]
+                         p.header.eq(~sph[1]), p.last.eq(kk == nk - 1),
+                         p.ref.eq(ext_f & ~sph[1] & (kk == nk)), p.eref.eq(ref_val)]
             for k in range(T):
                 m.d.comb += p.data[k].eq(op_man[mw * k: mw * k + mc.man_bits_a])
             m.d.comb += port.valid.eq(running & issued & (is_b == which))
@@ -987,7 +1158,7 @@ class Accelerator(wiring.Component):
         with m.If(accepted):
             m.d.sync += issued.eq(0)
             with m.If(~sph[1]):  # header beats
-                with m.If(kk == nk - 1):
+                with m.If(kk == hdr_last):
                     m.d.sync += [kk.eq(0), sph.eq(sph + 1)]
                 with m.Else():
                     m.d.sync += kk.eq(kk + 1)
@@ -1032,7 +1203,7 @@ class Accelerator(wiring.Component):
             for k in range(C):
                 with m.Case(k):
                     m.d.comb += val.eq(mac.o.payload.data[k])
-        in_range = (di < gM) & (dj < gN)
+        in_range = (di < gM) & (dj < gN) & store_f   # out and statistics: STORE only
         m.d.comb += [drain_addr.eq(g_off + di * gN + dj), drain_data.eq(val)]
         finite = val[FP32_FRAC_BITS:FP32_FRAC_BITS + FP32_EXP_BITS] != FP32_EXP_SPECIAL
         with m.If(d_run & mac.o.valid):
@@ -1071,6 +1242,22 @@ class Accelerator(wiring.Component):
                     m.d.sync += d_r.eq(d_r + 1)
             with m.Else():
                 m.d.sync += d_c.eq(d_c + 1)
+        # accumulators kept between GEMMs: read back (ACCUMULATE) and written per beat
+        ac_rd = Signal(32)
+        ac_wr = Signal(32)
+        with m.If(seq_start):
+            m.d.sync += [ac_rd.eq(0), ac_wr.eq(0)]
+        with m.Else():
+            with m.If(mac.cin_take):
+                m.d.sync += ac_rd.eq(ac_rd + 1)
+            with m.If(mac.acc_o_valid):
+                m.d.sync += ac_wr.eq(ac_wr + 1)
+        m.d.comb += [acc_r.addr.eq(ac_rd), acc_w.addr.eq(ac_wr),
+                     acc_w.en.eq(mac.acc_o_valid & g_fit),
+                     acc_w.data.eq(Cat(*[mac.acc_o[c] for c in range(C)], mac.acc_o_nan)),
+                     mac.cin_nan.eq(acc_f & acc_r.data[-1])]
+        for c in range(C):
+            m.d.comb += mac.cin[c].eq(Mux(acc_f, acc_r.data[c * CB:(c + 1) * CB].as_signed(), 0))
         m.d.comb += self.busy.eq(~state_idle)
         return m
 

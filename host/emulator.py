@@ -356,14 +356,16 @@ def _with_reference_block(a: BFPTensor, b: BFPTensor, row: np.ndarray, col: np.n
 
     Zero mantissas add nothing to any accumulator, and the golden model's reference
     exponent (row max of ``a`` plus column max of ``b``) becomes exactly ``row + col``.
+    The exponents are widened to int64: a reference code up to 65535 minus the bias
+    does not fit the int16 exponents of a quantized tensor (it used to wrap).
     """
     Mp, Kp = a.layout.padded
     Np = b.layout.padded[1]
     am = np.concatenate([a.mantissas, np.zeros((Mp, L), a.mantissas.dtype)], axis=1)
-    ae = np.concatenate([a.exponents, row.astype(np.int16)[:, None]], axis=1)
+    ae = np.concatenate([a.exponents.astype(np.int64), row.astype(np.int64)[:, None]], axis=1)
     ai = np.concatenate([a.invalid, np.zeros((ae.shape[0], 1), bool)], axis=1)
     bm = np.concatenate([b.mantissas, np.zeros((L, Np), b.mantissas.dtype)], axis=0)
-    be = np.concatenate([b.exponents, col.astype(np.int16)[None, :]], axis=0)
+    be = np.concatenate([b.exponents.astype(np.int64), col.astype(np.int64)[None, :]], axis=0)
     bi = np.concatenate([b.invalid, np.zeros((1, be.shape[1]), bool)], axis=0)
     return (BFPTensor(a.fmt, (a.shape[0], Kp + L), am, ae, ai),
             BFPTensor(b.fmt, (Kp + L, b.shape[1]), bm, be, bi))
