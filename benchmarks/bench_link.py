@@ -4,8 +4,9 @@ versus the minimum, link efficiency, and the link-limited bound of the 3 Mbaud U
     .venv/bin/python benchmarks/bench_link.py [--sizes 64 128 256] [--url emulate://]
         [--sim-sizes 16 32]
 
-*Minimum* bytes for an M x K x N GEMM: the two BFP operands once (mantissas at their
-wire width plus one exponent code per block) and the FP32 results once. *Wire* bytes
+*Minimum* bytes for an M x K x N GEMM, for every call: the two BFP operands once
+(mantissas at their wire width plus one exponent code per block) and the FP32 results
+once. ``matmul quantize_on=device`` sends FP32 operands, so it cannot reach it. *Wire* bytes
 count everything both ways: frame headers, CRCs, command headers, acknowledgements,
 retries. Link efficiency = minimum / wire. The serial bound is the time the wire bytes
 take at the configured baud rate (8N1, stop-and-wait: both directions added), i.e. the
@@ -24,6 +25,11 @@ from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.gemm import bfp_matmul
 from hbfp_hw.quantize import quantize
+
+
+#: ``matmul_q`` takes BFP operands; ``matmul`` takes FP32 and quantizes it on the device
+#: (FP32 crosses the link) or on the host with the golden model (BFP crosses the link).
+MODES = ("matmul_q", "matmul quantize_on=device", "matmul quantize_on=host")
 
 
 def bfp_bytes(q, specs) -> int:
@@ -50,7 +56,7 @@ def run(url: str, sizes: list[int], repeats: int) -> list[dict]:
         for n in sizes:
             a = rng.standard_normal((n, n)).astype(np.float32)
             b = rng.standard_normal((n, n)).astype(np.float32)
-            for mode in ("matmul_q", "matmul"):
+            for mode in MODES:
                 aq, bq = quantize(a, fmt), quantize(b, fmt)
                 ref = bfp_matmul(aq, bq)
                 best = float("inf")
@@ -58,14 +64,12 @@ def run(url: str, sizes: list[int], repeats: int) -> list[dict]:
                     dev.reset()
                     before = dict(dev.link)
                     t = time.perf_counter()
-                    y = dev.matmul_q(aq, bq) if mode == "matmul_q" else dev.matmul(a, b)
+                    y = (dev.matmul_q(aq, bq) if mode == "matmul_q"
+                         else dev.matmul(a, b, quantize_on=mode.split("=")[1]))
                     best = min(best, time.perf_counter() - t)
                     assert np.array_equal(y, ref), "result differs from the golden model"
                 wire = sum(dev.link[k] - before.get(k, 0) for k in ("bytes_tx", "bytes_rx"))
-                if mode == "matmul_q":
-                    minimum = bfp_bytes(aq, specs) + bfp_bytes(bq, specs) + 4 * n * n
-                else:  # FP32 operands in once, results once
-                    minimum = 4 * n * n * 3
+                minimum = bfp_bytes(aq, specs) + bfp_bytes(bq, specs) + 4 * n * n
                 serial_s = wire / cfg.link_bytes_per_second
                 rows.append(dict(url=url, mode=mode, n=n, seconds=best, wire=wire,
                                  minimum=minimum, eff=minimum / wire, serial_s=serial_s,

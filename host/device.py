@@ -27,7 +27,7 @@ from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.formats import BFPFormat
 from hbfp_hw.gemm import k_block_length
-from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout
+from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout, quantize
 
 from .codec import (CrcError, DeviceErrorFrame, HostCodec, Malformed, Oversize, Request,
                     Response, SequenceMismatch, Truncated)
@@ -107,6 +107,10 @@ def _nonfinite_error(name: str, grid: tuple[int, ...], flat: int, block: tuple[i
         f"tensor {name!r} holds NaN or Inf in block {idx} (block {flat} of {nb} in stream "
         f"order; elements [{span}]); pass nonfinite='flag' to mark such blocks invalid "
         f"instead", idx, flat, name)
+
+
+#: Where :meth:`Device.matmul` and :meth:`Device.train_step` quantize FP32 operands.
+QUANTIZE_ON = ("auto", "device", "host")
 
 
 class Device:
@@ -554,13 +558,36 @@ class Device:
                    G.STORE | (G.ALLOW_INVALID if allow_invalid else 0))
         return self._read("out", 0, out_shape[0] * out_shape[1]).reshape(out_shape)
 
+    def _where_quantize(self, quantize_on: str, onchip: bool) -> str:
+        """Resolve ``quantize_on``: ``"auto"`` quantizes on the device when the operands
+        fit on chip (FP32 crosses the link once and the BFP result stays there) and on
+        the host otherwise (the device path would return the BFP tensor and send it back:
+        FP32 out, BFP back, BFP out again)."""
+        if quantize_on not in QUANTIZE_ON:
+            raise ValueError(f"quantize_on={quantize_on!r}; accepted values are "
+                             f"{', '.join(map(repr, QUANTIZE_ON))}")
+        if quantize_on == "auto":
+            return "device" if onchip else "host"
+        return quantize_on
+
+    def _host_quantize(self, x: np.ndarray, fmt: BFPFormat | None, slot: int,
+                       nonfinite: str, name: str) -> BFPTensor:
+        """The golden model's quantization in the format of ``slot`` (what the device's
+        quantizer computes bit for bit, without sending FP32 over the link)."""
+        return quantize(x, fmt or self.config.formats[slot], nonfinite=nonfinite, name=name)
+
     def matmul(self, a: Any, b: Any, fmt_a: BFPFormat | None = None,
-               fmt_b: BFPFormat | None = None, *, nonfinite: str = "raise") -> np.ndarray:
-        """Quantize ``a`` and ``b`` on the device and multiply them, any sizes.
+               fmt_b: BFPFormat | None = None, *, nonfinite: str = "raise",
+               quantize_on: str = "auto") -> np.ndarray:
+        """Quantize ``a`` and ``b`` and multiply them on the device, any sizes.
 
         Bit-identical to ``bfp_matmul(quantize(a, fmt_a), quantize(b, fmt_b))`` (format
         slot 0 when a format is not given). ``nonfinite="flag"`` lets NaN/Inf blocks
-        through as NaN outputs instead of raising.
+        through as NaN outputs instead of raising. ``quantize_on``: ``"device"`` sends
+        FP32 and quantizes with the device's quantizer; ``"host"`` quantizes with the
+        golden model and sends BFP (about 4x fewer operand bytes; a stochastic format is
+        then one random stream over the whole tensor, with no size limit); ``"auto"``
+        (default) is ``"device"`` when both operands fit on chip, else ``"host"``.
         """
         a = _as_real(a, "a")
         b = _as_real(b, "b")
@@ -577,24 +604,32 @@ class Device:
             raise ValueError(f"a's block length along K ({block_layout(a.shape, fa).block}) "
                              f"differs from b's ({block_layout(b.shape, fb).block})")
         allow = nonfinite == "flag"
-        if self._onchip_ok([(a.shape, sa), (b.shape, sb)], [(a.shape[0], b.shape[1])],
-                           [a.shape[1]]):
+        onchip = self._onchip_ok([(a.shape, sa), (b.shape, sb)], [(a.shape[0], b.shape[1])],
+                                 [a.shape[1]])
+        where = self._where_quantize(quantize_on, onchip)
+        if where == "host":
+            a_q = self._host_quantize(a, fmt_a, sa, nonfinite, "a")
+            b_q = self._host_quantize(b, fmt_b, sb, nonfinite, "b")
+        elif onchip:
             self._quantize_into(a, sa, 0, fmt_a, "a", nonfinite)
             self._quantize_into(b, sb, 1, fmt_b, "b", nonfinite)
             return self._gemm_onchip(0, a.shape, False, sa, 1, b.shape, False, sb,
                                      (a.shape[0], b.shape[1]), allow)
-        a_q = self.quantize(a, fmt_a, nonfinite=nonfinite, name="a")
-        b_q = self.quantize(b, fmt_b, nonfinite=nonfinite, name="b")
+        else:
+            a_q = self.quantize(a, fmt_a, nonfinite=nonfinite, name="a")
+            b_q = self.quantize(b, fmt_b, nonfinite=nonfinite, name="b")
         return self.matmul_q(a_q, b_q, allow_invalid=allow)
 
     def train_step(self, x: Any, w: Any, dy: Any, fmt: BFPFormat | None = None, *,
-                   nonfinite: str = "raise") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   nonfinite: str = "raise", quantize_on: str = "auto",
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The HyperBlock trio of a linear layer ``Y = X Wᵀ``: ``(Y, dX, dW)``.
 
         X ``(B, I)``, W ``(O, I)`` and dY ``(B, O)`` are each quantized once (2-D tiles)
         and feed every GEMM they take part in: ``Y = X·Wᵀ``, ``dX = dY·W``,
         ``dW = dYᵀ·X``. Bit-identical to the golden model on ``quantize(x)``,
-        ``quantize(w)``, ``quantize(dy)`` and their transposes.
+        ``quantize(w)``, ``quantize(dy)`` and their transposes. ``quantize_on`` as in
+        :meth:`matmul`.
         """
         x = _as_real(x, "x")
         w = _as_real(w, "w")
@@ -612,8 +647,10 @@ class Device:
                              f"orientations; format {f.describe()} has blocks {br}x{bc}")
         allow = nonfinite == "flag"
         s = slots[0]
-        if self._onchip_ok([(x.shape, s), (w.shape, s), (dy.shape, s)],
-                           [(B, Out), (B, In), (Out, In)], [In, Out, B]):
+        onchip = self._onchip_ok([(x.shape, s), (w.shape, s), (dy.shape, s)],
+                                 [(B, Out), (B, In), (Out, In)], [In, Out, B])
+        where = self._where_quantize(quantize_on, onchip)
+        if where == "device" and onchip:
             self._quantize_into(x, s, 0, fmt, "x", nonfinite)
             self._quantize_into(w, s, 1, fmt, "w", nonfinite)
             self._quantize_into(dy, s, 2, fmt, "dy", nonfinite)
@@ -621,9 +658,12 @@ class Device:
             dx = self._gemm_onchip(2, dy.shape, False, s, 1, w.shape, False, s, (B, In), allow)
             dw = self._gemm_onchip(2, dy.shape, True, s, 0, x.shape, False, s, (Out, In), allow)
             return y, dx, dw
-        xq = self.quantize(x, fmt, nonfinite=nonfinite, name="x")
-        wq = self.quantize(w, fmt, nonfinite=nonfinite, name="w")
-        dyq = self.quantize(dy, fmt, nonfinite=nonfinite, name="dy")
+        if where == "device":
+            xq, wq, dyq = (self.quantize(t, fmt, nonfinite=nonfinite, name=n)
+                           for t, n in ((x, "x"), (w, "w"), (dy, "dy")))
+        else:
+            xq, wq, dyq = (self._host_quantize(t, fmt, s, nonfinite, n)
+                           for t, n in ((x, "x"), (w, "w"), (dy, "dy")))
         y = self.matmul_q(xq, wq.T, allow_invalid=allow, names=("x", "w.T"))
         dx = self.matmul_q(dyq, wq, allow_invalid=allow, names=("dy", "w"))
         dw = self.matmul_q(dyq.T, xq, allow_invalid=allow, names=("dy.T", "x"))
