@@ -35,8 +35,10 @@ bit-identical); :class:`DeviceBackend` routes every quantization and GEMM throug
 
 from __future__ import annotations
 
+import copy
 import zlib
 from collections import Counter
+from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
@@ -46,7 +48,7 @@ from torch import nn
 
 from hbfp_hw.formats import HBFP8, BFPFormat
 from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
-from hbfp_hw.quantize import BFPTensor, quantize
+from hbfp_hw.quantize import BFPTensor, block_layout, quantize
 
 from .ranges import UniformQuantizer
 from .torch_quant import supports, torch_quantize
@@ -81,13 +83,15 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     (K-block, row tile, column tile) and broadcast, so nothing is materialised at element
     resolution except the products themselves.
     """
-    L = k_block_length(a, b)
+    lay_a, lay_b = _layout(a), _layout(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or (
+            lay_a.block[1] != lay_b.block[0]):
+        k_block_length(a, b)        # raises the golden model's message
+    L = lay_a.block[1]
     fa, fb = a.fmt.frac_bits, b.fmt.frac_bits
-    width = accumulator_bits(a.fmt.man_bits, b.fmt.man_bits, L, max(a.shape[1], 1),
-                             guard_bits)
+    width = _acc_bits(a.fmt.man_bits, b.fmt.man_bits, L, max(a.shape[1], 1), guard_bits)
     if width > 53:
         raise ValueError(f"accumulator of {width} bits exceeds the exact float64 path")
-    lay_a, lay_b = a.layout, b.layout
     Mp, Kp = lay_a.padded
     Np = lay_b.padded[1]
     nkb = Kp // L
@@ -153,6 +157,55 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     for k in range(1, nkb):
         acc += p[k]
     return _to_fp32(acc, e_ref - guard_bits - fa - fb, a, b, Mp, Np, bm, bn)
+
+
+_layouts: dict = {}
+
+
+def _layout(t: BFPTensor):
+    """``t.layout``, cached per (shape, blocking) (``BFPTensor.layout`` recomputes it)."""
+    f = t.fmt
+    key = (t.shape, f.block_axes, f.block_shape)
+    lay = _layouts.get(key)
+    if lay is None:
+        if len(_layouts) > 4096:
+            _layouts.clear()
+        lay = _layouts[key] = block_layout(t.shape, f)
+    return lay
+
+
+_acc_bits = lru_cache(maxsize=1024)(accumulator_bits)
+
+
+@lru_cache(maxsize=256)
+def _transposed_fmt(fmt: BFPFormat, axes: tuple) -> BFPFormat:
+    pairs = sorted((1 - a, b) for a, b in zip(axes, fmt.block_shape))
+    return fmt.replace(block_axes=tuple(a for a, _ in pairs),
+                       block_shape=tuple(b for _, b in pairs))
+
+
+def transpose_q(q: BFPTensor) -> BFPTensor:
+    """``q.T`` (no re-quantization) with the transposed format cached; the same
+    mantissas, exponents and flags as :attr:`BFPTensor.T`."""
+    if q.ndim != 2:
+        return q.T
+    f = q.fmt
+    if f.rounding == "stochastic":          # one cache entry for all seeds
+        fmt = _with_seed(_transposed_fmt(_with_seed(f, 0), _layout(q).axes), f.seed)
+    else:
+        fmt = _transposed_fmt(f, _layout(q).axes)
+    return BFPTensor(fmt, q.shape[::-1], q.mantissas.T.copy(), q.exponents.T.copy(),
+                     q.invalid.T.copy())
+
+
+def _with_seed(fmt: BFPFormat, seed: int) -> BFPFormat:
+    """``fmt.replace(seed=seed)`` without re-running the validation (a valid format with
+    a valid 32-bit seed stays valid)."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} is out of range; accepted range is [0, 2**32-1]")
+    new = copy.copy(fmt)
+    object.__setattr__(new, "seed", seed)
+    return new
 
 
 #: GEMMs at least this large (M*K*N) try the float32 exact path of the shortcut
@@ -343,6 +396,7 @@ def _tile(fmt: BFPFormat) -> tuple[int, int]:
     return d[0], d[1]
 
 
+@lru_cache(maxsize=256)
 def _along(fmt: BFPFormat, axis: int) -> BFPFormat:
     """``fmt`` blocked along one axis of a 2-D operand (per-GEMM re-quantization)."""
     return fmt.replace(block_axes=(axis,), block_shape=(fmt.block_size,))
@@ -394,12 +448,12 @@ class _BFPGemm(torch.autograd.Function):
         if mode == "hyperblock":
             xq = layer._quant(xd, layer.act_fmt, "act")
             wq = layer._quant(wd, layer.weight_fmt, "weight")
-            y = be.matmul(xq, wq.T)
+            y = be.matmul(xq, transpose_q(wq))
             ctx.saved = (xq, wq)
         elif mode == "per_gemm":
             xq = layer._quant(xd, _along(layer.act_fmt, 1), "act")
             wq = layer._quant(wd, _along(layer.weight_fmt, 1), "weight")
-            y = be.matmul(xq, wq.T)
+            y = be.matmul(xq, transpose_q(wq))
             ctx.saved = (xd, wd)
         else:  # uniform: fake-quantized values, FP32 GEMM (in torch: one thread)
             xn, wn = xd.cpu().numpy(), wd.cpu().numpy()
@@ -423,7 +477,7 @@ class _BFPGemm(torch.autograd.Function):
             xq, wq = ctx.saved
             gq = layer._quant(dyn, gfmt, "grad")
             dx = be.matmul(gq, wq) if ctx.needs_input_grad[0] else None
-            dw = be.matmul(gq.T, xq) if ctx.needs_input_grad[1] else None
+            dw = be.matmul(transpose_q(gq), xq) if ctx.needs_input_grad[1] else None
         elif layer._mode == "per_gemm":
             xn, wn = ctx.saved
             dx = dw = None
@@ -431,7 +485,7 @@ class _BFPGemm(torch.autograd.Function):
                 dx = be.matmul(layer._quant(dyn, _along(gfmt, 1), "grad"),
                                layer._quant(wn, _along(layer.weight_fmt, 0), "weight"))
             if ctx.needs_input_grad[1]:
-                dw = be.matmul(layer._quant(dyn, _along(gfmt, 0), "grad").T,
+                dw = be.matmul(transpose_q(layer._quant(dyn, _along(gfmt, 0), "grad")),
                                layer._quant(xn, _along(layer.act_fmt, 0), "act"))
         else:
             xq, wq = ctx.saved
@@ -500,8 +554,10 @@ class BFPLayerMixin:
     def _grad_fmt_for_step(self) -> Quantizer:
         g = self.grad_fmt
         if self.grad_stochastic:
-            g = g.replace(rounding="stochastic",
-                          seed=_mix_seed(self.seed, self.layer_id, self._step))
+            if getattr(self, "_sr_fmt_base", (None,))[0] is not g:
+                self._sr_fmt_base = (g, g.replace(rounding="stochastic"))
+            g = _with_seed(self._sr_fmt_base[1],
+                           _mix_seed(self.seed, self.layer_id, self._step))
         return g
 
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:

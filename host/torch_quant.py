@@ -164,7 +164,8 @@ def torch_quantize(x: torch.Tensor, fmt: BFPFormat) -> BFPTensor:
     # subnormal inputs are flushed; as in the golden model only where they could round
     # to a non-zero mantissa (blocks with a very small exponent), elsewhere they give 0
     xv = x.view(g0, b0, g1, b1)
-    if int(exps.min()) < -126 + fmt.man_bits + fmt.sr_bits:
+    # (all-zero blocks hold no subnormal: they need no flush)
+    if int(torch.where(amax > 0, exps, fmt.emax).min()) < -126 + fmt.man_bits + fmt.sr_bits:
         xv = xv.masked_fill(bits.view(g0, b0, g1, b1) < _MIN_NORMAL, 0.0)
     k = fmt.frac_bits - exps.clamp(min=-150)
     k1 = k.clamp(-126, 126)
