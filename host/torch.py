@@ -668,19 +668,25 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             weight_fmt: Quantizer | None = None, act_fmt: Quantizer | None = None,
             grad_fmt: Quantizer | None = None, backend: Union[str, Backend, None] = "emulate",
             grad_stochastic: bool = False, seed: int = 0,
-            shadow_fmt: BFPFormat | None = None) -> nn.Module:
+            shadow_fmt: BFPFormat | None = None,
+            input_act_fmt: Quantizer | None = None) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
     (in place) with its BFP counterpart, keeping the parameters.
 
-    All converted layers share one backend instance (so its :attr:`Backend.calls`
-    counts the whole model). Returns ``model``.
+    ``input_act_fmt``, if given, is the activation format of the first converted layer
+    (in module order; it quantizes the model input), e.g. 8-bit input data in an
+    otherwise 4-bit model. All converted layers share one backend instance (so its
+    :attr:`Backend.calls` counts the whole model). Returns ``model``.
     """
     be = get_backend(backend)
     counter = [0]
 
     def kw():
         counter[0] += 1
-        return dict(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
+        act = act_fmt
+        if counter[0] == 1 and input_act_fmt is not None:
+            act = input_act_fmt
+        return dict(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act, grad_fmt=grad_fmt,
                     backend=be, grad_stochastic=grad_stochastic, seed=seed,
                     shadow_fmt=shadow_fmt, layer_id=counter[0])
 

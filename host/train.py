@@ -9,6 +9,8 @@ of the learning curves. The formats:
 fp32       PyTorch's own layers
 hbfp8      HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic rounding of G
 hb4        HyperBlock 16x16 tiles, 4-bit mantissas for W/A/G, stochastic rounding of G
+hb4-t8     as hb4 with 8x8 tiles (finer shared exponents)
+hb4-in8    as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
 mxint8     OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
 int8-hs    per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
 int8-dyn   per-tensor asymmetric int8, dynamic (current batch) A/G ranges
@@ -29,7 +31,7 @@ __all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digi
            "make_model", "format_kwargs", "train_one", "run_grid", "summarise",
            "format_table", "plot_curves", "register_cli"]
 
-FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "mxint8", "int8-hs", "int8-dyn")
+FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "mxint8", "int8-hs", "int8-dyn")
 MODEL_NAMES = ("mlp", "cnn")
 
 
@@ -97,6 +99,11 @@ def format_kwargs(name: str) -> dict | None:
         return dict(fmt=HBFP8, grad_stochastic=True)
     if name == "hb4":
         return dict(fmt=HBFP4, grad_stochastic=True)
+    if name == "hb4-t8":
+        return dict(fmt=HBFP4.replace(block_shape=(8, 8), name="HBFP4-8x8"),
+                    grad_stochastic=True)
+    if name == "hb4-in8":
+        return dict(fmt=HBFP4, grad_stochastic=True, input_act_fmt=HBFP8)
     if name == "mxint8":
         return dict(fmt=MXINT8)
     if name in ("int8-hs", "int8-dyn"):
@@ -195,7 +202,8 @@ def summarise(results) -> dict:
             for k, v in groups.items()}
 
 
-_TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
+_TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
+            "hb4-in8": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
 
 
 def format_table(results) -> str:

@@ -360,3 +360,23 @@ def test_short_training_run_reaches_accuracy():
     r = train_one("mlp", "hbfp8", 0, TrainConfig(epochs=5), progress=False)
     assert r.final >= 93.0, r.test_acc
     assert r.test_acc[-1] > r.test_acc[0] or r.test_acc[0] >= 95.0
+
+
+def test_input_act_fmt_quantizes_only_the_model_input_wider(rng):
+    """hb4-in8: the first layer's X in HBFP8, every other operand in HBFP4; the GEMMs
+    with mixed widths equal the golden bfp_matmul of the recorded operands."""
+    be = RecordingBackend()
+    model = convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), HBFP4,
+                    backend=be, input_act_fmt=HBFP8, grad_stochastic=True)
+    first, second = bfp_layers(model)
+    assert first.act_fmt is HBFP8 and second.act_fmt is HBFP4
+    x = torch.from_numpy(rng.random((32, 64), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, 32))
+    _step(model, x, y)
+    widths = [q.fmt.man_bits for q in be.quantized]
+    assert widths == [8, 4, 4, 4, 4, 4]           # X1, W1, X2, W2, dY2, dY1
+    assert be.quantized[0].equal(quantize(x.numpy(), HBFP8))
+    for a, b in be.operands:
+        ref = bfp_matmul(a, b)
+        np.testing.assert_array_equal(fast_bfp_matmul(a, b).view(np.uint32),
+                                      ref.view(np.uint32))

@@ -43,3 +43,16 @@ def test_cli_tiny_run(tmp_path, capsys):
 def test_cli_rejects_unknown_format(capsys):
     assert main(["train", "--formats", "fp32,fp8"]) == 2
     assert "unknown format 'fp8'" in capsys.readouterr().err
+
+
+def test_hb4_variants_differ_from_hb4_only_where_named():
+    from hbfp_hw.formats import HBFP4, HBFP8
+    from hbfp_hw.host.train import FORMAT_NAMES, format_kwargs
+    assert {"hb4", "hb4-t8", "hb4-in8"} <= set(FORMAT_NAMES)
+    base = format_kwargs("hb4")
+    t8 = format_kwargs("hb4-t8")
+    assert t8["fmt"].block_shape == (8, 8) and t8["fmt"].man_bits == 4
+    assert t8["fmt"].replace(block_shape=(16, 16), name=HBFP4.name) == HBFP4
+    in8 = format_kwargs("hb4-in8")
+    assert in8.pop("input_act_fmt") is HBFP8
+    assert in8 == base and t8["grad_stochastic"] is True
