@@ -236,11 +236,14 @@ def _shortcut_f32(a, b, sa, sb, nz_a, nz_b, w, scale_exp, dims):
           * _pow2_f32(-sa)[:, None, :, None]).view(Mp, Kp)
     bp = (torch.from_numpy(b.mantissas).view(nkb, L, gn, bn).to(torch.float32)
           * _pow2_f32(-sb)[:, None, :, None]).view(Kp, Np)
-    aa, ba = ap.abs(), bp.abs()
-    bound = min(float(aa.sum(dim=1, dtype=torch.float64).max()) * float(ba.max()),
-                float(aa.max()) * float(ba.sum(dim=0, dtype=torch.float64).max()))
+    # the format-only bound first (free), then the data-dependent one
+    bound = float(Kp * a.fmt.mmax * b.fmt.mmax)
     if bound > 2.0 ** (24 - w):
-        return None
+        aa, ba = ap.abs(), bp.abs()
+        bound = min(float(aa.sum(dim=1, dtype=torch.float64).max()) * float(ba.max()),
+                    float(aa.max()) * float(ba.sum(dim=0, dtype=torch.float64).max()))
+        if bound > 2.0 ** (24 - w):
+            return None
     acc = (ap @ bp).view(gm, bm, gn, bn)
     live = nz_a.any(dim=1)[:, None] & nz_b.any(dim=0)[None, :]              # (gm, gn)
     k = torch.where(live, scale_exp, w)

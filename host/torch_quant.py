@@ -156,7 +156,7 @@ def torch_quantize(x: torch.Tensor, fmt: BFPFormat) -> BFPTensor:
     else:
         x = x.contiguous()
     bits = x.view(torch.int32) & _ABS
-    amax = bits.view(g0, b0, g1, b1).amax(dim=(1, 3))                # (g0, g1)
+    amax = bits.view(g0, b0, g1, b1).amax(dim=3).amax(dim=1)         # (g0, g1)
     if bool((amax >= _INF).any()):
         return quantize(x[: shape[0], : shape[1]].numpy(), fmt)
     field = amax >> 23
