@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--formats", default="hbfp8,hb4,mxint8")
+    ap.add_argument("--only", default="", help="run only models whose label contains this")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     formats = args.formats.split(",")
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     print("| model | format | FP32 ms/step | emulate ms/step | ratio |")
     print("|---|---|---|---|---|")
     for label, base, shape, batch in _models():
+        if args.only not in label:
+            continue
         x = torch.from_numpy(rng.random((batch, *shape), dtype=np.float32))
         y = torch.from_numpy(rng.integers(0, 10, batch))
         for f in formats:

@@ -173,6 +173,22 @@ def test_f32_shortcut_bit_identical(spread, rng, f32_counter):
     assert f32_counter["f32"] >= 10
 
 
+def test_f64_shortcut_bit_identical(rng, monkeypatch):
+    """The float64 GEMM of the shortcut (taken when the float32 bound fails)."""
+    monkeypatch.setattr(htorch, "_F32_GEMM_MIN", 1 << 62)
+    for trial in range(20):
+        M, K, N = (int(v) for v in rng.integers(1, 90, 3))
+        fmt = (HBFP8, HBFP4, MXINT8)[trial % 3]
+        a = rng.standard_normal((M, K)) * np.exp2(rng.integers(-3, 4, (M, K)))
+        b = rng.standard_normal((K, N)) * np.exp2(rng.integers(-3, 4, (K, N)))
+        aq = quantize(a.astype(np.float32), fmt)
+        bt = fmt.replace(block_axes=(0,)) if fmt is MXINT8 else None
+        bq = quantize(b.astype(np.float32), bt) if bt else quantize(
+            b.T.astype(np.float32), fmt).T
+        ref, got = bfp_matmul(aq, bq), htorch.fast_bfp_matmul(aq, bq)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def test_f32_shortcut_extremes(rng, f32_counter):
     """Tiny and huge exponents (results near float32's limits take the float64
     conversion), long K at 8 bits (the exactness bound fails: float64 GEMM)."""
