@@ -116,15 +116,193 @@ def test_gemm_error_frames_identical(pair):
         assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
 
 
-def test_unsupported_features_answer_error_frames(pair):
-    emu, sim = pair
+def _put(pair, seq, i, q):
+    """Store a quantized tensor in operand buffer ``i`` of both devices."""
+    codes, man = q.stream()
+    for k, (name, data) in enumerate(((f"op{i}.man", man.reshape(-1).astype(np.int8)),
+                                      (f"op{i}.exp", codes.astype(np.uint8)))):
+        e, s = _both(pair, _req(P.Op.WRITE, seq + k, data.tobytes(), buffer=B[name].id,
+                                offset=0))
+        assert s == e
+
+
+def _write_eref(pair, seq, rows, cols):
+    codes = np.concatenate([rows, cols]).astype(np.uint16)
+    e, s = _both(pair, _req(P.Op.WRITE, seq, codes.tobytes(), buffer=B["eref"].id, offset=0))
+    assert s == e
+
+
+def _ksplit_gemm(seq, flags, a=0, b=1, M=16, K=24, N=16, ta=False):
+    f = dict(a=a, b=b, flags=int(flags) | (int(P.GemmFlag.TRANS_A) if ta else 0),
+             slot_a=0, slot_b=0, a_rows=K if ta else M, a_cols=M if ta else K,
+             b_rows=K, b_cols=N, out_offset=0)
+    return _req(P.Op.GEMM, seq, **f)
+
+
+def _reply(frame: bytes) -> tuple[int, int, int]:
+    """(opcode, first 32-bit field, error detail or 0) of a response frame."""
+    op = frame[5]
+    if op == P.ERROR_OPCODE:
+        code, _, detail = struct.unpack_from("<BBI", frame, P.HEADER_BYTES)
+        return op, code, detail
+    return op, struct.unpack_from("<I", frame, P.HEADER_BYTES)[0], 0
+
+
+def _read_out(pair, seq, n):
+    e, s = _both(pair, _req(P.Op.READ, seq, buffer=B["out"].id, offset=0, count=n))
+    assert s == e
+    return np.frombuffer(s[P.HEADER_BYTES + P.RESPONSES[P.Op.READ].header_size:][:4 * n],
+                         dtype=np.float32)
+
+
+def _xs(rng, shape, spread=8):
+    return (rng.standard_normal(shape)
+            * np.exp2(rng.integers(-spread, spread, (shape[0], 1)))).astype(np.float32)
+
+
+def test_ksplit_gemm_identical_and_equal_to_unsplit(pair):
+    """EXT_EREF + ACCUMULATE over three K chunks (one without STORE, one transposed):
+    every response byte-identical to the emulator, the result bit-identical to the
+    unsplit golden GEMM; ACCUMULATE without EXT_EREF onto matching own maxima too."""
     G = P.GemmFlag
-    fr = _req(P.Op.GEMM, 51, a=0, b=1, flags=int(G.STORE | G.ACCUMULATE), slot_a=0,
-              slot_b=0, a_rows=8, a_cols=8, b_rows=8, b_cols=8, out_offset=0)
-    sim.write(fr)
-    out = sim.read(0.0)
-    assert out[5] == P.ERROR_OPCODE
-    assert out[P.HEADER_BYTES] == P.ErrorCode.UNSUPPORTED
+    rng = np.random.default_rng(21)
+    M, N, Ks = 16, 16, (24, 16, 8)
+    xa = [_xs(rng, (M, k)) for k in Ks]
+    xb = [_xs(rng, (k, N)) for k in Ks]
+    qa = [quantize(x, FMT) for x in xa]
+    qb = [quantize(x, FMT) for x in xb]
+    full = bfp_matmul(quantize(np.hstack(xa), FMT), quantize(np.vstack(xb), FMT))
+    # the host's reference exponents: row / column maxima over the whole K
+    qa_full, qb_full = quantize(np.hstack(xa), FMT), quantize(np.vstack(xb), FMT)
+    rows = qa_full.exponents.max(axis=1).astype(np.int64) + FMT.exp_bias
+    cols = qb_full.exponents.max(axis=0).astype(np.int64) + FMT.exp_bias
+    _both(pair, _req(P.Op.RESET, 100))
+    _write_eref(pair, 101, rows, cols)
+    k_done = 0
+    for i, (a, b, K) in enumerate(zip(qa, qb, Ks)):
+        ta = i == 1      # the second chunk's A is stored transposed
+        _put(pair, 110 + 4 * i, 0, quantize(np.ascontiguousarray(xa[i].T), FMT) if ta else a)
+        _put(pair, 112 + 4 * i, 1, b)
+        flags = G.EXT_EREF | (G.ACCUMULATE if i else 0) | (G.STORE if i == 2 else 0)
+        e, s = _both(pair, _ksplit_gemm(130 + i, flags, M=M, K=K, N=N, ta=ta))
+        assert s == e, f"chunk {i}: sim {s.hex()} != emulator {e.hex()}"
+        k_done += K
+        assert _reply(s) == (P.Op.GEMM | P.RESPONSE_FLAG, k_done, 0)
+    y = _read_out(pair, 140, M * N).reshape(M, N)
+    assert np.array_equal(y.view(np.uint32), full.view(np.uint32))
+    e, s = _both(pair, _req(P.Op.READ_STATS, 141, flags=1))
+    assert s == e
+    # ACCUMULATE without EXT_EREF: the same A and B again give e_ref = own maxima; equal
+    # to the stored one only where those are the whole-K maxima -> compare with emulator
+    _put(pair, 150, 0, qa_full)
+    _put(pair, 152, 1, qb_full)
+    _both(pair, _ksplit_gemm(154, 0, M=M, K=sum(Ks), N=N))
+    e, s = _both(pair, _ksplit_gemm(155, G.ACCUMULATE | G.STORE, M=M, K=sum(Ks), N=N))
+    assert s == e and _reply(s) == (P.Op.GEMM | P.RESPONSE_FLAG, 2 * sum(Ks), 0)
+    y2 = _read_out(pair, 156, M * N).reshape(M, N)
+    assert np.array_equal(y2.view(np.uint32), (2 * full).view(np.uint32))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in ldexp:RuntimeWarning")
+def test_ksplit_gemm_error_frames_identical(pair):
+    """ACCUMULATE / EXT_EREF errors: no accumulators (after RESET), mismatched meta,
+    reference below the operand's maximum, changed e_ref, K over k_max; NaN carried
+    over chunks; reference codes far above the exponent range (-Inf / +0 outputs)."""
+    G = P.GemmFlag
+    E = P.ErrorCode
+    rng = np.random.default_rng(22)
+    xa0 = _xs(rng, (16, 24))
+    qa, qb = quantize(xa0, FMT), quantize(_xs(rng, (24, 16)), FMT)
+    rows = qa.exponents.max(axis=1).astype(np.int64) + FMT.exp_bias
+    cols = qb.exponents.max(axis=0).astype(np.int64) + FMT.exp_bias + 2
+    steps = [  # (frame or callable, expected (opcode/code, detail) or None for success)
+        ("reset", None),
+        (_ksplit_gemm(201, G.ACCUMULATE | G.STORE), (E.BAD_ARGUMENT, 2)),
+        ("put", None),
+        (_ksplit_gemm(202, G.STORE), None),
+        (_ksplit_gemm(203, G.ACCUMULATE, M=8), (E.BAD_ARGUMENT, 2)),      # other M tiles
+        (_ksplit_gemm(204, G.ACCUMULATE, N=24), (E.BAD_ARGUMENT, 2)),     # other N tiles
+        (("eref", rows, cols), None),
+        (_ksplit_gemm(205, G.EXT_EREF | G.ACCUMULATE), (E.BAD_ARGUMENT, 6)),  # e_ref moved
+        (_ksplit_gemm(206, G.EXT_EREF), None),
+        (_ksplit_gemm(207, G.ACCUMULATE), (E.BAD_ARGUMENT, 6)),     # own maxima: e_ref moved
+        (("eref", rows + 2, cols - 2), None),                        # same sums, other split
+        (_ksplit_gemm(208, G.EXT_EREF | G.ACCUMULATE | G.STORE), None),
+        (("eref", rows - 1, cols), None),
+        (_ksplit_gemm(209, G.EXT_EREF | G.ACCUMULATE), (E.BAD_ARGUMENT, 6)),  # below own
+        (("eref", rows, cols - 3), None),
+        (_ksplit_gemm(210, G.EXT_EREF), (E.BAD_ARGUMENT, 6)),                 # below own
+    ]
+    # K total over k_max: 24 per GEMM, k_max 256 -> the 11th accumulation overflows
+    steps += [(("eref", rows, cols), None), (_ksplit_gemm(211, G.EXT_EREF), None)]
+    k = 24
+    while k + 24 <= CFG.k_max:
+        steps.append((_ksplit_gemm(212, G.EXT_EREF | G.ACCUMULATE), None))
+        k += 24
+    steps.append((_ksplit_gemm(213, G.EXT_EREF | G.ACCUMULATE), (E.K_OVERFLOW, k + 24)))
+    seq = 220
+    for what, want in steps:
+        if what == "reset":
+            _both(pair, _req(P.Op.RESET, 200))
+            continue
+        if what == "put":
+            _put(pair, 199, 0, qa)
+            _put(pair, 197, 1, qb)
+            continue
+        if isinstance(what, tuple):
+            seq += 1
+            _write_eref(pair, seq, what[1], what[2])
+            continue
+        seq += 1
+        fr = P.encode_frame(seq, P.Op.GEMM, what[P.HEADER_BYTES:-P.CRC_BYTES])
+        e, s = _both(pair, fr)
+        assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
+        op, code, detail = _reply(s)
+        if want is None:
+            assert op == P.Op.GEMM | P.RESPONSE_FLAG, (fr.hex(), s.hex())
+        else:
+            assert op == P.ERROR_OPCODE and (code, detail) == want, (fr.hex(), s.hex())
+    # an invalid block in the first chunk makes its rows NaN after the accumulation
+    xa = xa0.copy()
+    xa[3, 20] = np.inf
+    _write_eref(pair, 239, rows + 1, cols)
+    _put(pair, 240, 0, quantize(xa, FMT, nonfinite="flag"))
+    e, s = _both(pair, _ksplit_gemm(242, G.ALLOW_INVALID | G.EXT_EREF))
+    assert s == e
+    _put(pair, 243, 0, qa)
+    e, s = _both(pair, _ksplit_gemm(245, G.ALLOW_INVALID | G.EXT_EREF | G.ACCUMULATE
+                                    | G.STORE))
+    assert s == e and _reply(s)[0] == P.Op.GEMM | P.RESPONSE_FLAG
+    y = _read_out(pair, 246, 256).reshape(16, 16)
+    assert np.isnan(y[:8]).all() and np.isfinite(y[8:]).all()
+    # reference codes far above the exponent range: every shift saturates -> -Inf / +0
+    for seq, code in ((250, 300), (252, 40000)):
+        _write_eref(pair, seq, np.full_like(rows, code), cols)
+        e, s = _both(pair, _ksplit_gemm(seq + 1, G.EXT_EREF | G.STORE))
+        assert s == e
+        y = _read_out(pair, seq + 2, 256)
+        assert set(np.unique(y).tolist()) == {-np.inf, 0.0}
+
+
+def test_accumulate_beyond_capacity_unsupported(pair):
+    """A GEMM whose padded output exceeds the accumulator buffer keeps no accumulators:
+    ACCUMULATE onto it is UNSUPPORTED (detail 2) on the RTL, after the emulator's checks;
+    INFO no longer lists ACCUMULATE / EXT_EREF."""
+    from hbfp_hw.gateware.top import accumulator_capacity, unsupported
+    G = P.GemmFlag
+    rng = np.random.default_rng(23)
+    M, K, N = 40, 8, 32               # 5 x 4 output tiles of 64 > 1024 outputs
+    assert M * N > accumulator_capacity(CFG)
+    _put(pair, 60, 0, quantize(_xs(rng, (M, K)), FMT))
+    _put(pair, 62, 1, quantize(_xs(rng, (K, N)), FMT))
+    e, s = _both(pair, _ksplit_gemm(64, 0, M=M, K=K, N=N))
+    assert s == e and _reply(s)[0] == P.Op.GEMM | P.RESPONSE_FLAG
+    e, s = _both(pair, _ksplit_gemm(65, G.ACCUMULATE, M=M, K=K, N=N))
+    assert _reply(e) == (P.Op.GEMM | P.RESPONSE_FLAG, 2 * K, 0)
+    assert _reply(s) == (P.ERROR_OPCODE, P.ErrorCode.UNSUPPORTED, 2)
+    e, s = _both(pair, _ksplit_gemm(66, G.ACCUMULATE, M=8, K=K, N=N))   # meta first
+    assert s == e and _reply(s) == (P.ERROR_OPCODE, P.ErrorCode.BAD_ARGUMENT, 2)
+    assert unsupported(CFG)["gemm_flags"] == []
 
 
 # ---------------------------------------------------------------------------------------

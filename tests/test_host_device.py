@@ -4,8 +4,8 @@ Every test takes ``url`` from :data:`URLS`: ``emulate://`` (the golden device mo
 ``sim://`` (the accelerator RTL in Amaranth's simulator, :data:`SIM_SMALL`: SMALL's
 formats and buffers on a 2x2 MAC array). The simulator runs ~1k clocks/s, so sim:// is
 opened once per test process and its tests use small shapes; what needs features the
-RTL answers ``UNSUPPORTED`` (K split over several GEMMs, GEMM on non-HyperBlock slots)
-is skipped on sim:// with the reason.
+RTL answers ``UNSUPPORTED`` (GEMM on non-HyperBlock slots) is skipped on sim:// with
+the reason. K split over several GEMMs (``EXT_EREF`` + ``ACCUMULATE``) runs on both.
 """
 
 from __future__ import annotations
@@ -101,6 +101,26 @@ def test_matmul_random_shapes_incl_larger_than_buffers(url, rng):
             ref = bfp_matmul(quantize(a, HBFP8), quantize(b, HBFP8))
             assert y.dtype == np.float32 and y.shape == (M, N)
             assert np.array_equal(y, ref), (M, K, N)
+
+
+def test_matmul_k_split_bit_exact(url, rng):
+    """K longer than one on-chip GEMM holds: the driver splits K over GEMMs with the
+    whole-K reference exponents in ``eref`` and ACCUMULATE; bit-identical to the unsplit
+    golden GEMM (so sim:// and emulate:// give the same bits), NaN rows carried over."""
+    cfg = _cfg(url)
+    M, K, N = 32, 200, 16
+    assert K > cfg.operand_depth // HBFP8.block_shape[0]   # more than one GEMM's K
+    a, b = _rand(rng, (M, K)), _rand(rng, (K, N))
+    b *= np.exp2(rng.integers(-12, 12, size=(K, 1))).astype(np.float32)   # K-varying
+    a[5, 50] = np.nan                         # an invalid block in the first K chunk
+    a_q = quantize(a, HBFP8, nonfinite="flag")
+    b_q = quantize(b, HBFP8)
+    with _open(url) as dev:
+        y = dev.matmul_q(a_q, b_q, allow_invalid=True)
+    ref = bfp_matmul(a_q, b_q)
+    assert y.shape == (M, N)
+    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+    assert np.isnan(y[:16]).all() and np.isfinite(y[16:]).all()
 
 
 @pytest.mark.parametrize("fa,fb", [(HBFP8, HBFP4), (HBFP4, HBFP4)])
