@@ -107,3 +107,112 @@ def test_sweep_shapes_widths(rows, cols, lanes, tile, ma, mb, mapping, rng):
     ta, tb = (bool(x) for x in rng.integers(0, 2, 2))
     _check(cfg, quantized(cfg, A.T if ta else A), ta, quantized(cfg, B.T if tb else B, "b"),
            tb, rng)
+
+
+def _run_carry_gemm(cfg, sa, sb, row, col, carry):
+    """One GEMM through ``MacArray(ext_eref=True, carry=True)``: a reference header beat
+    (``row[it]`` / ``col[jt]``) after each job's exponent headers, ``carry[n]`` added to
+    output beat ``n`` (None: zeros). Returns (FP32 beats, acc_o beats, acc_o NaN flags)."""
+    from amaranth.hdl import Value
+    from amaranth.sim import Simulator
+
+    from hbfp_hw.gateware.mac_array import (MacArray, carry_bits, gemm_beats, operand_layout,
+                                            output_beats_per_job, output_layout,
+                                            pack_struct, unpack_struct)
+    dut = MacArray(cfg, ext_eref=True, carry=True)
+    a_beats, b_beats, jobs, _ = gemm_beats(cfg, sa, False, sb, False)
+    nk = sa.layout.grid[1]
+    per_job = nk * (1 + cfg.tile)
+
+    def with_ref(beats, refs, idx):
+        out = []
+        for j, (it, jt) in enumerate(jobs):
+            job = beats[j * per_job:(j + 1) * per_job]
+            out += job[:nk] + [dict(header=1, ref=1, eref=int(refs[idx(it, jt)]))] + job[nk:]
+        return out
+
+    a_beats = with_ref(a_beats, row, lambda i, j: i)
+    b_beats = with_ref(b_beats, col, lambda i, j: j)
+    n_out = output_beats_per_job(cfg) * len(jobs)
+    lo = output_layout(cfg)
+    got, accs, nans = [], [], []
+
+    def producer(port, beats, layout):
+        async def tb(ctx):
+            for beat in beats:
+                ctx.set(port.valid, 1)
+                ctx.set(Value.cast(port.payload), pack_struct(layout, **beat))
+                await ctx.tick().until(port.ready)
+            ctx.set(port.valid, 0)
+        return tb
+
+    cw = carry_bits(cfg)
+
+    async def carry_tb(ctx):   # carry of beat n in the cycle after its cin_take
+        n = 0
+        while True:
+            _, _, take, av, an, raw = await ctx.tick().sample(
+                dut.cin_take, dut.acc_o_valid, dut.acc_o_nan, Value.cast(dut.acc_o))
+            if av:
+                f = [(raw >> (c * cw)) & ((1 << cw) - 1) for c in range(cfg.cols)]
+                accs.append([v - (1 << cw) if v >> (cw - 1) else v for v in f])
+                nans.append(an)
+            if take:
+                for c in range(cfg.cols):
+                    ctx.set(dut.cin[c], carry[n][c] if carry else 0)
+                n += 1
+
+    async def consumer(ctx):
+        ctx.set(dut.o.ready, 1)
+        cycles = 0
+        while len(got) < n_out:
+            _, _, valid, payload = await ctx.tick().sample(dut.o.valid,
+                                                           Value.cast(dut.o.payload))
+            if valid:
+                got.append(unpack_struct(lo, payload)["data"])
+            cycles += 1
+            assert cycles < 50_000
+        for _ in range(4):
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(producer(dut.a, a_beats, operand_layout(cfg, cfg.man_bits_a, True)),
+                      background=True)
+    sim.add_testbench(producer(dut.b, b_beats, operand_layout(cfg, cfg.man_bits_b, True)),
+                      background=True)
+    sim.add_testbench(carry_tb, background=True)
+    sim.add_testbench(consumer)
+    sim.run()
+    return got, accs, nans, jobs
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in ldexp:RuntimeWarning")
+def test_ext_eref_and_carry_ports_split_k(rng):
+    """The top's build: K split in two GEMMs with external reference exponents (one
+    above the own maxima, one far above the exponent range) and the first GEMM's
+    accumulators carried into the second: bit-identical to the unsplit golden GEMM with
+    the reference K block appended (the emulator's EXT_EREF definition)."""
+    from hbfp_hw.gateware.mac_array import assemble_output, ref_exponent_limit
+    from hbfp_hw.host.emulator import _with_reference_block
+    cfg = CONFIGS[0]
+    T = cfg.tile
+    M, K1, K2, N = 8, 8, 4, 8
+    A = random_operand(rng, (M, K1 + K2), 3)
+    B = random_operand(rng, (K1 + K2, N), 3)
+    sa, sb = quantized(cfg, A), quantized(cfg, B, "b")
+    row = sa.exponents.max(axis=1).astype(np.int64) + np.array([0, 1])
+    col = sb.exponents.max(axis=0).astype(np.int64)
+    col[1] = 10_000                           # clamped: -Inf / +0 outputs in column tile 1
+    lim = ref_exponent_limit(cfg)
+    a1, a2 = quantized(cfg, A[:, :K1]), quantized(cfg, A[:, K1:])
+    b1, b2 = quantized(cfg, B[:K1], "b"), quantized(cfg, B[K1:], "b")
+    clamp = np.minimum(col, lim)
+    _, acc1, nan1, _ = _run_carry_gemm(cfg, a1, b1, row, clamp, None)
+    assert not any(nan1)
+    got, _, _, jobs = _run_carry_gemm(cfg, a2, b2, row, clamp, acc1)
+    y = assemble_output(cfg, got, jobs, (M, N))
+    ea, eb = _with_reference_block(sa, sb, row, col, T)
+    exp = bfp_matmul(ea, eb, guard_bits=cfg.guard_bits)
+    assert np.array_equal(y.view(np.uint32), exp.view(np.uint32))
+    assert np.isneginf(exp[:, T:]).any() and (exp[:, T:] == 0).any()
