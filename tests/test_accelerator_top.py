@@ -161,9 +161,10 @@ def _xs(rng, shape, spread=8):
 
 
 def test_ksplit_gemm_identical_and_equal_to_unsplit(pair):
-    """EXT_EREF + ACCUMULATE over three K chunks (one without STORE, one transposed):
-    every response byte-identical to the emulator, the result bit-identical to the
-    unsplit golden GEMM; ACCUMULATE without EXT_EREF onto matching own maxima too."""
+    """EXT_EREF + ACCUMULATE over three K chunks (two without STORE, one transposed,
+    one retransmitted): every response byte-identical to the emulator, the result
+    bit-identical to the unsplit golden GEMM; ACCUMULATE without EXT_EREF onto the same
+    own maxima doubles it."""
     G = P.GemmFlag
     rng = np.random.default_rng(21)
     M, N, Ks = 16, 16, (24, 16, 8)
@@ -184,10 +185,13 @@ def test_ksplit_gemm_identical_and_equal_to_unsplit(pair):
         _put(pair, 110 + 4 * i, 0, quantize(np.ascontiguousarray(xa[i].T), FMT) if ta else a)
         _put(pair, 112 + 4 * i, 1, b)
         flags = G.EXT_EREF | (G.ACCUMULATE if i else 0) | (G.STORE if i == 2 else 0)
-        e, s = _both(pair, _ksplit_gemm(130 + i, flags, M=M, K=K, N=N, ta=ta))
+        fr = _ksplit_gemm(130 + i, flags, M=M, K=K, N=N, ta=ta)
+        e, s = _both(pair, fr)
         assert s == e, f"chunk {i}: sim {s.hex()} != emulator {e.hex()}"
         k_done += K
         assert _reply(s) == (P.Op.GEMM | P.RESPONSE_FLAG, k_done, 0)
+        if i == 1:   # a retransmitted ACCUMULATE: answered from the record, not re-added
+            assert _both(pair, fr) == (e, s)
     y = _read_out(pair, 140, M * N).reshape(M, N)
     assert np.array_equal(y.view(np.uint32), full.view(np.uint32))
     e, s = _both(pair, _req(P.Op.READ_STATS, 141, flags=1))
