@@ -7,13 +7,16 @@ Usage::
 For each model (the digits MLP and CNN of ``hbfp-hw train`` at batch 32, plus two wider
 MLPs where the GEMMs dominate), times forward + backward + SGD step in FP32 and
 in each BFP format with the emulate backend, interleaved in one run (warm-up steps
-excluded, median of the timed steps), and prints the ratio. Target: <= 2x.
+excluded; FP32 and emulate steps alternate one by one so machine load affects both
+alike) and prints the medians, the minima (the least disturbed steps on a shared
+machine) and their ratios. Target: <= 2x.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -36,18 +39,28 @@ def _models():
             ("mlp 1024-1024-1024-10, batch 512", wider, (1024,), 512)]
 
 
-def _step_times(model, x, y, steps: int, warmup: int = 2) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for i in range(warmup + steps):
+class _Stepper:
+    """One model with its SGD optimizer; :meth:`step` times one training step."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y = model, x, y
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(self) -> float:
         t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def _step_times(model, x, y, steps: int, warmup: int = 2) -> list[float]:
+    """Times of ``steps`` training steps after ``warmup`` untimed ones."""
+    s = _Stepper(model, x, y)
+    for _ in range(warmup):
+        s.step()
+    return [s.step() for _ in range(steps)]
 
 
 def main(argv=None) -> int:
@@ -60,10 +73,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     formats = args.formats.split(",")
     rng = np.random.default_rng(0)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} timed steps, "
-          f"median per step")
-    print("| model | format | FP32 ms/step | emulate ms/step | ratio |")
-    print("|---|---|---|---|---|")
+          f"median per step; load average {load:.1f} on {os.cpu_count()} CPUs at start")
+    print("| model | format | FP32 ms/step (median) | emulate ms/step (median) | ratio "
+          "| FP32 min | emulate min | ratio of minima |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, base, shape, batch in _models():
         if args.only not in label:
             continue
@@ -74,13 +89,18 @@ def main(argv=None) -> int:
             fp = copy.deepcopy(base)
             bfp = convert(copy.deepcopy(base), backend="emulate", **format_kwargs(f))
             assert bfp_layers(bfp)
-            # interleave the two so machine load affects both alike
-            t_fp, t_bfp = [], []
+            # alternate single steps so machine load affects both alike
+            sf, sb = _Stepper(fp, x, y), _Stepper(bfp, x, y)
             for _ in range(3):
-                t_fp += _step_times(fp, x, y, args.steps // 3)
-                t_bfp += _step_times(bfp, x, y, args.steps // 3)
+                sf.step(), sb.step()
+            t_fp, t_bfp = [], []
+            for _ in range(args.steps):
+                t_fp.append(sf.step())
+                t_bfp.append(sb.step())
             a, b = statistics.median(t_fp) * 1e3, statistics.median(t_bfp) * 1e3
-            print(f"| {label} | {f} | {a:.2f} | {b:.2f} | {b / a:.1f}x |", flush=True)
+            print(f"| {label} | {f} | {a:.2f} | {b:.2f} | {b / a:.1f}x "
+                  f"| {min(t_fp) * 1e3:.2f} | {min(t_bfp) * 1e3:.2f} "
+                  f"| {min(t_bfp) / min(t_fp):.1f}x |", flush=True)
     return 0
 
 
