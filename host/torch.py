@@ -140,19 +140,27 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
         return _to_fp32(acc, e_ref - fa - fb, a, b, Mp, Np, bm, bn)
 
     sa_i, sb_i = torch.from_numpy(sa_i), torch.from_numpy(sb_i)
-    s = torch.clamp(sa_i.T[:, :, None] + sb_i[:, None, :], max=62)              # (nkb, gm, gn)
-    factor = torch.ldexp(torch.ones(s.shape, dtype=torch.float64), guard_bits - s)
-
-    # Block products in float32 when they are exact there (|P| <= L*mmax_a*mmax_b < 2**24,
-    # e.g. 8-bit mantissas and L <= 1040), else float64. Scaling by 2**(G-s) >= 2**-54
-    # and floor stay exact in float32; the sum over K-blocks is done in float64.
-    small = L * a.fmt.mmax * b.fmt.mmax < 2**24
-    dt = torch.float32 if small else torch.float64
-    am = torch.from_numpy(a.mantissas).to(dt).reshape(Mp, nkb, L).transpose(0, 1)
-    bmn = torch.from_numpy(b.mantissas).to(dt).reshape(nkb, L, Np)
+    # Truncating path: per K-block P = ma_kb @ mb_kb, then floor(P * 2**(G - s)) with
+    # s = sa + sb (sa, sb >= 0). The scaling is separable, so it is applied to the
+    # operands before the products: (ma * 2**(G - sa)) @ (mb * 2**-sb) = P * 2**(G - s)
+    # exactly (one power of two per output and K-block). Block products in float32 when
+    # they are exact there (|P| <= L*mmax_a*mmax_b < 2**24, e.g. 8-bit mantissas and
+    # L <= 1040), else float64; the sum over K-blocks is done in float64. sa and sb are
+    # clamped to c, with 2**(G - c) * max|P| < 1: a pair with a clamped shift has both
+    # s and the clamped s' >= c, where floor gives 0 (P >= 0) or -1 (P < 0) either way,
+    # and the factors stay in the normal range.
+    pmax = L * a.fmt.mmax * b.fmt.mmax
+    dt = torch.float32 if pmax < 2**24 else torch.float64
+    c = pmax.bit_length() + guard_bits + 1
+    exact = bool((sa_i.max(dim=0).values + sb_i.max(dim=1).values <= guard_bits).all())
+    one = torch.ones((), dtype=dt)
+    fa_ = torch.ldexp(one, (guard_bits - sa_i.clamp(max=c)).to(dt))            # (gm, nkb)
+    fb_ = torch.ldexp(one, (-sb_i.clamp(max=c)).to(dt))                        # (nkb, gn)
+    am = (torch.from_numpy(a.mantissas).to(dt).view(gm, bm, nkb, L)
+          * fa_[:, None, :, None]).reshape(Mp, nkb, L).transpose(0, 1)
+    bmn = (torch.from_numpy(b.mantissas).to(dt).view(nkb, L, gn, bn)
+           * fb_[:, None, :, None]).reshape(nkb, L, Np)
     p = torch.bmm(am, bmn).view(nkb, gm, bm, gn, bn)
-    exact = bool((s <= guard_bits).all())
-    p.mul_(factor.to(dt)[:, :, None, :, None])
     if not exact:
         p.floor_()
     # sum over K-blocks in float64 (a loop over contiguous slices is the fastest on CPU)

@@ -206,3 +206,21 @@ def test_f32_shortcut_extremes(rng, f32_counter):
         ref, got = bfp_matmul(aq, bq), htorch.fast_bfp_matmul(aq, bq)
         np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
     assert f32_counter["declined"] >= 1 and f32_counter["f32"] >= 2
+
+
+@pytest.mark.parametrize("man_bits", [16, 12, 8])
+def test_truncating_path_bit_identical(man_bits, rng):
+    """Exponent spreads far past the guard bits (the per-K-block truncating path, shift
+    clamping), float64 block products for 16-bit mantissas, negative products that
+    floor to -1, and several shift ranges per row and column."""
+    fmt = HBFP8.replace(man_bits=man_bits, block_shape=(8, 16))
+    for trial in range(6):
+        M, K, N = (int(v) for v in rng.integers(5, 70, 3))
+        spread = (10, 30, 70)[trial % 3]
+        a = rng.standard_normal((M, K)) * np.exp2(rng.integers(-spread, spread + 1, (M, K)))
+        b = rng.standard_normal((K, N)) * np.exp2(rng.integers(-spread, spread + 1, (1, N)))
+        aq = quantize(a.astype(np.float32), fmt)
+        bq = quantize(np.ascontiguousarray(b.T, dtype=np.float32), fmt).T
+        ref, got = bfp_matmul(aq, bq), htorch.fast_bfp_matmul(aq, bq)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
+                                      err_msg=f"{man_bits}b spread {spread} {M}x{K}x{N}")
