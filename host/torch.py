@@ -27,10 +27,11 @@ master copy unless ``shadow_fmt`` is given: then :func:`round_weights` (call it 
 ``optimizer.step()``) stores the weights rounded to that wide BFP format, HBFP's
 "shadow" copy.
 
-Backends: :class:`EmulateBackend` runs the golden model (:func:`hbfp_hw.quantize.quantize`
-and a PyTorch implementation of :func:`hbfp_hw.gemm.bfp_matmul` that the tests prove
-bit-identical); :class:`DeviceBackend` routes every quantization and GEMM through a
-``hbfp_hw.host`` device (``Device.quantize`` / ``Device.matmul_q``).
+Backends: :class:`EmulateBackend` runs the golden model's arithmetic in PyTorch
+(:func:`hbfp_hw.host.torch_quant.torch_quantize` and :func:`fast_bfp_matmul`, which the
+tests prove bit-identical to :func:`hbfp_hw.quantize.quantize` and
+:func:`hbfp_hw.gemm.bfp_matmul`); :class:`DeviceBackend` routes every quantization and
+GEMM through a ``hbfp_hw.host`` device (``Device.quantize`` / ``Device.matmul_q``).
 """
 
 from __future__ import annotations
@@ -74,14 +75,17 @@ Quantizer = Union[BFPFormat, UniformQuantizer]
 
 def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
                     guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
-    """:func:`hbfp_hw.gemm.bfp_matmul`, bit for bit, computed with PyTorch float64.
+    """:func:`hbfp_hw.gemm.bfp_matmul`, bit for bit, computed with PyTorch.
 
-    Every step is exact in float64: the per-K-block products ``P`` are integers below
-    ``2**53`` (the accumulator width check guarantees it), ``P * 2**(G - s)`` is a
-    power-of-two scaling, ``floor`` of it equals the arithmetic shift ``(P << G) >> s``,
-    and the running sum stays an integer below ``2**53``. The shift is computed per
-    (K-block, row tile, column tile) and broadcast, so nothing is materialised at element
-    resolution except the products themselves.
+    Without truncation (no live block pair shifted past the guard bits) the result is
+    one GEMM of pre-shifted mantissas, in float32 when :func:`_shortcut_f32` proves it
+    exact, else in float64. Otherwise (truncating path) every step is exact: the
+    per-K-block products ``P`` are integers below ``2**53`` (the accumulator width check
+    guarantees it; float32 when below ``2**24``), ``P * 2**(G - s)`` is a power-of-two
+    scaling (applied to the operands, as ``s = sa + sb`` is separable), ``floor`` of it
+    equals the arithmetic shift ``(P << G) >> s``, and the running float64 sum stays an
+    integer below ``2**53``. Nothing is materialised at element resolution except the
+    products themselves.
     """
     lay_a, lay_b = _layout(a), _layout(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or (
