@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from hbfp_hw.formats import BFPFormat
-from hbfp_hw.prng import _apply, _powers, _step_cols, lane_seed
+from hbfp_hw.prng import _apply, _powers, _step_cols, lane_seed, xorshift32
 from hbfp_hw.quantize import BFPTensor, quantize
 
 __all__ = ["fast_random_bits", "torch_quantize", "supports"]
@@ -55,6 +55,18 @@ def _inner_tables() -> np.ndarray:
 
 
 _outer_cache: dict[str, np.ndarray] = {}
+
+
+#: above this many segments the segment starts come from the GF(2) jump-ahead over the
+#: starts only (32 passes over ``nseg`` values) instead of ever larger byte tables
+_MAX_TABLE_SEGS = 4096
+
+
+@lru_cache(maxsize=4)
+def _seg_powers(nseg: int) -> np.ndarray:
+    """Columns of ``A**(q*_SEG)`` for ``q < nseg``."""
+    a_seg = _apply(_step_cols(), _powers(_step_cols(), _SEG)[-1])       # A**SEG columns
+    return _powers(a_seg, nseg)
 
 
 def _outer_tables(nseg: int) -> np.ndarray:
@@ -93,7 +105,11 @@ def _random_u32(seed: int, lanes: int, count: int, bits: int) -> np.ndarray:
     s0 = np.array([lane_seed(seed, lane) for lane in range(lanes)], dtype=np.uint32)
     steps = -(-count // lanes)
     nseg = -(-steps // _SEG)
-    starts = _apply_tables(_outer_tables(nseg), s0, nseg)          # (lanes, nseg)
+    if nseg <= _MAX_TABLE_SEGS:
+        starts = _apply_tables(_outer_tables(nseg), s0, nseg)      # (lanes, nseg)
+    else:
+        p = _seg_powers(1 << (nseg - 1).bit_length())[:nseg]
+        starts = _apply(p[None, :, :], xorshift32(s0)[:, None])     # A**(q*SEG) s_1
     c = min(_SEG, steps)
     st = _apply_tables(_inner_tables(), starts, c)                 # (lanes, nseg, c)
     st = st.reshape(lanes, nseg * c)

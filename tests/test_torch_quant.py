@@ -36,7 +36,8 @@ def test_random_bits_match_a_plain_xorshift_loop():
 @pytest.mark.parametrize("seed,lanes,count,bits", [
     (0, 1, 1, 8), (7, 1, 255, 8), (7, 1, 256, 8), (7, 1, 257, 8), (5, 1, 70001, 8),
     (123, 3, 7001, 13), (2**32 - 1, 16, 3000, 24), (0x9E3779B9, 1, 1000, 1),
-    (42, 256, 40000, 8), (3, 1, 600000, 8)])
+    (42, 256, 40000, 8), (3, 1, 600000, 8),
+    (11, 1, 256 * 4097 + 5, 8), (12, 2, 2 * 256 * 4100, 7)])   # beyond the start tables
 def test_random_bits_match_golden(seed, lanes, count, bits):
     got = fast_random_bits(seed, lanes, count, bits)
     assert got.dtype == np.int64
