@@ -9,14 +9,7 @@ returns an ordinary :class:`~hbfp_hw.quantize.BFPTensor` (its arrays share memor
 the torch tensors). Tensors holding NaN/Inf, other ranks and other block layouts are
 handed to the golden model itself, so error reporting is the golden model's.
 
-:func:`fast_random_bits` is :func:`hbfp_hw.prng.random_bits` (the xorshift32 streams of
-stochastic rounding) computed with byte-table jump-ahead: the GF(2) matrix ``A**j``
-applied to a state is the XOR of four 256-entry table lookups, one per state byte.
-With ``c`` consecutive states per segment, the segment starts ``A**(1+q*c) s0`` come
-from one table set and the states inside a segment ``A**j x_q`` (``j < c``) from
-another; both are cached, so a call costs 8 row gathers and XORs instead of 32
-mask-XOR passes over every element. The tests check it against
-:func:`hbfp_hw.prng.random_bits` and a plain sequential xorshift loop.
+The stochastic-rounding bits come from :func:`hbfp_hw.prng.random_bits_u32`.
 """
 
 from __future__ import annotations
@@ -27,95 +20,10 @@ import numpy as np
 import torch
 
 from hbfp_hw.formats import BFPFormat
-from hbfp_hw.prng import _apply, _powers, _step_cols, lane_seed, xorshift32
+from hbfp_hw.prng import random_bits_u32
 from hbfp_hw.quantize import BFPTensor, quantize
 
-__all__ = ["fast_random_bits", "torch_quantize", "supports"]
-
-#: consecutive states computed from one segment start
-_SEG = 256
-
-
-def _byte_tables(cols: np.ndarray) -> np.ndarray:
-    """Byte tables of GF(2) matrices given by columns ``cols[..., 32]``:
-    ``T[..., b, v]`` = the matrix applied to ``v << 8b``. Shape ``(..., 4, 256)``."""
-    lead = cols.shape[:-1]
-    c = cols.reshape(*lead, 4, 8)
-    t = np.zeros((*lead, 4, 256), dtype=np.uint32)
-    for i in range(8):
-        t[..., 1 << i: 2 << i] = t[..., : 1 << i] ^ c[..., i, None]
-    return t
-
-
-@lru_cache(maxsize=1)
-def _inner_tables() -> np.ndarray:
-    """``(4, 256, _SEG)``: entry ``[b, v, j]`` = ``A**j (v << 8b)``, ``j < _SEG``."""
-    p = _powers(_step_cols(), _SEG)                       # (SEG, 32) columns of A**j
-    return np.ascontiguousarray(_byte_tables(p).transpose(1, 2, 0))
-
-
-_outer_cache: dict[str, np.ndarray] = {}
-
-
-#: above this many segments the segment starts come from the GF(2) jump-ahead over the
-#: starts only (32 passes over ``nseg`` values) instead of ever larger byte tables
-_MAX_TABLE_SEGS = 4096
-
-
-@lru_cache(maxsize=4)
-def _seg_powers(nseg: int) -> np.ndarray:
-    """Columns of ``A**(q*_SEG)`` for ``q < nseg``."""
-    a_seg = _apply(_step_cols(), _powers(_step_cols(), _SEG)[-1])       # A**SEG columns
-    return _powers(a_seg, nseg)
-
-
-def _outer_tables(nseg: int) -> np.ndarray:
-    """``(4, 256, >= nseg)``: entry ``[b, v, q]`` = ``A**(1 + q*_SEG) (v << 8b)``."""
-    t = _outer_cache.get("t")
-    if t is None or t.shape[2] < nseg:
-        n = max(nseg, 2 * (0 if t is None else t.shape[2]), 64)
-        a_seg = _apply(_step_cols(), _powers(_step_cols(), _SEG)[-1])   # A**SEG columns
-        p = _powers(a_seg, n)                                          # A**(q*SEG)
-        cols = _apply(p[:, None, :], _step_cols()[None, :])            # A**(q*SEG) * A
-        t = np.ascontiguousarray(_byte_tables(cols).transpose(1, 2, 0))
-        _outer_cache["t"] = t
-    return t
-
-
-def _apply_tables(t: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
-    """``t[b, byte_b(v), :n]`` XORed over the four bytes: shape ``(*v.shape, n)``."""
-    out = t[0, v & 0xFF, :n]
-    for b in range(1, 4):
-        out ^= t[b, (v >> (8 * b)) & 0xFF, :n]
-    return out
-
-
-def fast_random_bits(seed: int, lanes: int, count: int, bits: int) -> np.ndarray:
-    """:func:`hbfp_hw.prng.random_bits`, bit for bit: the ``bits``-bit numbers ``u`` of
-    stream elements ``0 .. count-1`` (element ``n`` uses lane ``n % lanes``). int64."""
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits={bits} is out of range; accepted range is [1, 32]")
-    return _random_u32(seed, lanes, count, bits).astype(np.int64)
-
-
-def _random_u32(seed: int, lanes: int, count: int, bits: int) -> np.ndarray:
-    """:func:`fast_random_bits` as uint32 (no int64 copy)."""
-    if count <= 0:
-        return np.zeros(0, dtype=np.uint32)
-    s0 = np.array([lane_seed(seed, lane) for lane in range(lanes)], dtype=np.uint32)
-    steps = -(-count // lanes)
-    nseg = -(-steps // _SEG)
-    if nseg <= _MAX_TABLE_SEGS:
-        starts = _apply_tables(_outer_tables(nseg), s0, nseg)      # (lanes, nseg)
-    else:
-        p = _seg_powers(1 << (nseg - 1).bit_length())[:nseg]
-        starts = _apply(p[None, :, :], xorshift32(s0)[:, None])     # A**(q*SEG) s_1
-    c = min(_SEG, steps)
-    st = _apply_tables(_inner_tables(), starts, c)                 # (lanes, nseg, c)
-    st = st.reshape(lanes, nseg * c)
-    if lanes > 1:
-        st = st[:, :steps].T
-    return st.reshape(-1)[:count] >> np.uint32(32 - bits)
+__all__ = ["torch_quantize", "supports"]
 
 
 # -- the quantizer ---------------------------------------------------------------------
@@ -207,7 +115,7 @@ def torch_quantize(x: torch.Tensor, fmt: BFPFormat) -> BFPTensor:
         # every value below is an integer < 2**(man_bits + r + 1) (or that times 2**-r
         # before the last floor): exact in float32 when that fits 24 bits
         dt = torch.float32 if fmt.man_bits + r + 1 <= 24 else torch.float64
-        u = _random_u32(fmt.seed, fmt.sr_lanes, mp * np_, r).view(np.int32)  # r <= 24
+        u = random_bits_u32(fmt.seed, fmt.sr_lanes, mp * np_, r).view(np.int32)  # r <= 24
         # stream order: blocks row-major over the grid, elements row-major in a block
         ut = torch.from_numpy(u).view(g0, g1, b0, b1).permute(0, 2, 1, 3).to(
             dt, memory_format=torch.contiguous_format)

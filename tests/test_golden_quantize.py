@@ -58,11 +58,22 @@ def test_matches_scalar_reference(fmt, mode, rng):
         assert mans[b].tolist() == m, f"block {b}"
 
 
-def test_prng_jump_ahead_matches_sequential(rng):
-    for lanes, count, bits in [(1, 5000, 8), (8, 4099, 1), (3, 777, 24), (256, 600, 13)]:
-        seed = int(rng.integers(2**32))
-        got = random_bits(seed, lanes, count, bits)
-        assert got.tolist() == sr_bits_stream(seed, lanes, count, bits)
+@pytest.mark.parametrize("lanes,count,bits", [
+    (1, 5000, 8), (8, 4099, 1), (3, 777, 24), (256, 600, 13), (1, 1, 32), (1, 255, 8),
+    (1, 256, 8), (1, 257, 8), (16, 3000, 24), (256, 40000, 8),
+    (1, 256 * 4097 + 5, 8),           # past the segment-start tables (4096 segments)
+    (2, 2 * 256 * 4100, 7)])
+def test_prng_jump_ahead_matches_sequential(lanes, count, bits, rng):
+    seed = int(rng.integers(2**32))
+    got = random_bits(seed, lanes, count, bits)
+    assert got.dtype == np.int64
+    assert got.tolist() == sr_bits_stream(seed, lanes, count, bits)
+
+
+def test_prng_validation():
+    with pytest.raises(ValueError, match=r"bits=0 is out of range; accepted range is \[1, 32\]"):
+        random_bits(0, 1, 10, 0)
+    assert random_bits(0, 1, 0, 8).size == 0
 
 
 def test_prng_zero_lane_seed_is_replaced():

@@ -12,42 +12,10 @@ torch.set_num_threads(1)
 import hbfp_hw.host.torch as htorch  # noqa: E402
 from hbfp_hw.formats import HBFP4, HBFP8, MXINT8  # noqa: E402
 from hbfp_hw.gemm import bfp_matmul  # noqa: E402
-from hbfp_hw.prng import lane_seed, random_bits, xorshift32  # noqa: E402
 from hbfp_hw.quantize import NonFiniteBlockError, quantize  # noqa: E402
-from hbfp_hw.host.torch_quant import fast_random_bits, supports, torch_quantize  # noqa: E402
+from hbfp_hw.host.torch_quant import supports, torch_quantize  # noqa: E402
 
 SR8 = HBFP8.replace(rounding="stochastic", seed=1234)
-
-
-# -- random bits -----------------------------------------------------------------------
-
-def test_random_bits_match_a_plain_xorshift_loop():
-    """Independent of the golden jump-ahead: step each lane's generator one by one."""
-    for seed, lanes, count, bits in [(0, 1, 600, 8), (99, 3, 1000, 5), (2**32 - 1, 4, 513, 32)]:
-        states = [lane_seed(seed, lane) for lane in range(lanes)]
-        expect = []
-        for n in range(count):
-            lane = n % lanes
-            states[lane] = xorshift32(states[lane])
-            expect.append(states[lane] >> (32 - bits))
-        np.testing.assert_array_equal(fast_random_bits(seed, lanes, count, bits), expect)
-
-
-@pytest.mark.parametrize("seed,lanes,count,bits", [
-    (0, 1, 1, 8), (7, 1, 255, 8), (7, 1, 256, 8), (7, 1, 257, 8), (5, 1, 70001, 8),
-    (123, 3, 7001, 13), (2**32 - 1, 16, 3000, 24), (0x9E3779B9, 1, 1000, 1),
-    (42, 256, 40000, 8), (3, 1, 600000, 8),
-    (11, 1, 256 * 4097 + 5, 8), (12, 2, 2 * 256 * 4100, 7)])   # beyond the start tables
-def test_random_bits_match_golden(seed, lanes, count, bits):
-    got = fast_random_bits(seed, lanes, count, bits)
-    assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, random_bits(seed, lanes, count, bits))
-
-
-def test_random_bits_validation():
-    with pytest.raises(ValueError, match="accepted range is"):
-        fast_random_bits(0, 1, 10, 0)
-    assert fast_random_bits(0, 1, 0, 8).size == 0
 
 
 # -- the quantizer ---------------------------------------------------------------------
