@@ -432,8 +432,7 @@ class Accelerator(wiring.Component):
         sq_word = Signal(32)   # sequencer addresses
         sq_elem = Signal(32)
         q_rd = Signal(32)      # QUANTIZE: fp_in element address
-        x_elem = Signal(32)    # GEMM reference-exponent phases
-        mode = Signal(3)       # 0: encoder, 1: scan, 2: sequencer, 3: quantize, 4: e_ref
+        mode = Signal(2)       # 0: encoder, 1: scan (and G_OWN/G_REF), 2: sequencer, 3: quantize
         m.d.comb += [ea_next.eq(ea), sc_next.eq(sc)]
         m.d.sync += [ea.eq(ea_next), sc.eq(sc_next)]
         with m.Switch(mode):
@@ -446,8 +445,6 @@ class Accelerator(wiring.Component):
                 m.d.comb += [rd_elem.eq(sq_elem), rd_word.eq(sq_word)]
             with m.Case(3):
                 m.d.comb += [rd_elem.eq(q_rd)]
-            with m.Case(4):
-                m.d.comb += [rd_elem.eq(x_elem)]
 
         # ---- command executor ---------------------------------------------------------
         b_id = Signal(8)
@@ -958,13 +955,13 @@ class Accelerator(wiring.Component):
             # reference exponents: own row maxima of A / column maxima of B (golden
             # ``_row_col_max``), one exponent code per clock, into this GEMM's bank
             with m.State("G_OWN"):
-                m.d.comb += [mode.eq(4), x_elem.eq(x_blk), x_go.eq(~x_done)]
+                m.d.comb += [mode.eq(1), sc_next.eq(x_blk), x_go.eq(~x_done)]
                 with m.If(x_done & ~p_v):
                     m.next = "G_REF"
             # this GEMM's references (eref buffer or own), checks against own maxima and
             # (ACCUMULATE) against the stored references: e_ref[i, j] must be unchanged
             with m.State("G_REF"):
-                m.d.comb += [mode.eq(4), x_elem.eq(y_elem), y_go.eq(~y_done)]
+                m.d.comb += [mode.eq(1), sc_next.eq(y_elem), y_go.eq(~y_done)]
                 with m.If(y_done & ~q_v):
                     m.next = "G_GO"
                 with m.If(q_v & ext_f & (y_new < y_own)):
