@@ -9,16 +9,19 @@ per column, ``lanes`` column mantissas (already packed into one operand per lane
 ====  ==========================================================================
 s0    input registers (operands and control)
 s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered;
-      ``config.mult_stages`` registers (2 for the DSP mappings: pipeline + product)
+      ``config.mult_stages`` registers (3 for the DSP mappings: pipeline, product,
+      and a fabric landing register)
 s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
+      (``config.sum_stages`` registers: above 4 lanes the first level of pairs too)
 s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
 s4    ``(P << G) >>> shift`` (alignment), registered
 s5    ``acc[win] = (first_tile ? 0 : acc[win]) + aligned``
 ====  ==========================================================================
 
-``config.pe_latency`` (``5 + mult_stages``) cycles from the inputs to the accumulator
+``config.pe_latency`` (``4 + mult_stages + sum_stages``) cycles from the inputs to the accumulator
 update. With ``primitives="ecp5"`` the DSP mappings instantiate MULT18X18D directly,
-its input, pipeline and output registers being s0 (operands) and the two s1 registers:
+its input, pipeline and output registers being s0 (operands) and the first two s1
+registers, the third a fabric register:
 yosys maps ``*`` to a combinational MULT18X18D with fabric registers around it, which
 caps the 8-bit array at about 90 MHz. Without ``primitives`` (simulation, other
 FPGAs) the same registers are fabric registers: same cycle behaviour either way.
@@ -176,9 +179,11 @@ class PE(wiring.Component):
         use_dsp = (self.primitives == "ecp5" and cfg.mapping != "lut"
                    and max(pa, pb) <= ECP5_DSP_WIDTH)
         if use_dsp:
-            assert cfg.mult_stages == 2
+            assert cfg.mult_stages == 3
             for l in range(L):
-                ecp5_mult18x18d(m, self.a[l], self.b[l], prods[l], name=f"mult{l}")
+                p_dsp = Signal(signed(pw), name=f"mult{l}_p")
+                ecp5_mult18x18d(m, self.a[l], self.b[l], p_dsp, name=f"mult{l}")
+                m.d.sync += prods[l].eq(p_dsp)          # landing register in the fabric
         else:
             a0 = Signal(data.ArrayLayout(signed(pa), L))
             b0 = Signal(data.ArrayLayout(signed(pb), L))
@@ -217,7 +222,19 @@ class PE(wiring.Component):
                     if lo > 0:
                         f = (f + prods[l][lo - 1])[:hi - lo]
                     terms.append(f.as_signed())
+            if cfg.sum_stages == 2:       # register the first level of pairwise sums
+                pairs = []
+                for i in range(0, len(terms), 2):
+                    t = terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+                    r = Signal(signed(len(t)), name=f"pair{k}_{i // 2}")
+                    m.d.sync += r.eq(t)
+                    pairs.append(r)
+                terms = pairs
             m.d.sync += sums[k].eq(_tree(terms))
+        if cfg.sum_stages == 2:
+            c1b = Signal(cl)
+            m.d.sync += c1b.eq(c1)
+            c1 = c1b
         m.d.sync += c2.eq(c1)
         # s3: block dot product over k steps
         pr = [Signal(signed(cfg.psum_bits), name=f"P{j}") for j in range(F)]

@@ -3,6 +3,8 @@ FP32 conversion; configuration validation."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from amaranth.hdl import Module, Signal, signed
@@ -35,15 +37,17 @@ def _pe_reference(cfg, a, b, shifts, wins, first_tiles):
     return acc
 
 
-@pytest.mark.parametrize("mapping,ma,mb,rows,r,n", [
-    ("lut", 4, 4, 1, 1, 1), ("dsp", 8, 8, 1, 1, 1),
-    ("dsp-packed", 4, 4, 1, 1, 2), ("dsp-packed", 3, 6, 1, 1, 2),
-    ("dsp-packed", 4, 4, 2, 2, 2),          # 2x2 block: 4 products per multiplier
-    ("dsp-packed", 4, 4, 2, 2, 1),          # partial group: a gap between row fields
-    ("dsp-packed", 4, 4, 2, 1, 2)])
-def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb, rows, r, n):
-    cfg = MacArrayConfig(rows=rows, cols=4, lanes=2, tile=4, man_bits_a=ma, man_bits_b=mb,
-                         k_max=64, mapping=mapping)
+@pytest.mark.parametrize("mapping,ma,mb,rows,r,n,lanes", [
+    ("lut", 4, 4, 1, 1, 1, 2), ("dsp", 8, 8, 1, 1, 1, 2),
+    ("dsp-packed", 4, 4, 1, 1, 2, 2), ("dsp-packed", 3, 6, 1, 1, 2, 2),
+    ("dsp-packed", 4, 4, 2, 2, 2, 2),       # 2x2 block: 4 products per multiplier
+    ("dsp-packed", 4, 4, 2, 2, 1, 2),       # partial group: a gap between row fields
+    ("dsp-packed", 4, 4, 2, 1, 2, 2),
+    ("dsp-packed", 4, 4, 2, 2, 2, 8), ("lut", 5, 3, 1, 1, 1, 7)])   # 2-stage lane sums
+def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb, rows, r, n, lanes):
+    cfg = MacArrayConfig(rows=rows, cols=4, lanes=lanes, tile=math.lcm(4, lanes),
+                         man_bits_a=ma, man_bits_b=mb, k_max=64, mapping=mapping)
+    assert cfg.sum_stages == (2 if lanes > 4 else 1)
     assert r <= cfg.pack_rows and n <= cfg.pack
     dut = PE(cfg, n=n, r=r)
     ntiles = 6

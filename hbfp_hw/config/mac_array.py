@@ -199,15 +199,25 @@ class MacArrayConfig:
     @property
     def mult_stages(self) -> int:
         """Registers from the registered multiplier operands to the registered product:
-        1 for ``lut`` (one shift-add level), 2 for the DSP mappings (the multiplier's
-        pipeline register, then the product register; on ECP5 the operand, pipeline and
-        product registers are the MULT18X18D's own input/pipeline/output registers)."""
-        return 1 if self.mapping == "lut" else 2
+        1 for ``lut`` (one shift-add level), 3 for the DSP mappings: the multiplier's
+        pipeline and product registers (on ECP5 the MULT18X18D's own pipeline/output
+        registers, its input registers being the operand stage), then a fabric
+        register that lands the product next to the adder tree. The route out of a
+        DSP column is long (5.5 ns of the 14.4 ns critical path of the 8x8x8 array
+        without it)."""
+        return 1 if self.mapping == "lut" else 3
+
+    @property
+    def sum_stages(self) -> int:
+        """Registers in the lane adder tree: 1, or 2 above 4 lanes (the unpacked fields
+        and the first level of pairwise sums are registered; with 8 lanes the one-stage
+        tree was the 10.8 ns critical path of the 8x8x8 array)."""
+        return 1 if self.lanes <= 4 else 2
 
     @property
     def pe_latency(self) -> int:
         """PE pipeline depth: cycles from the PE inputs to the accumulator update."""
-        return 5 + self.mult_stages
+        return 4 + self.mult_stages + self.sum_stages
 
     @property
     def cycles_per_tile_pair(self) -> int:
@@ -233,7 +243,8 @@ class MacArrayConfig:
             shift_bits=self.shift_bits, windows=self.windows, k_steps=self.k_steps,
             pack=self.pack, pack_rows=self.pack_rows, macs_per_cycle=self.macs_per_cycle,
             multipliers=self.multipliers,
-            mult_stages=self.mult_stages, pe_latency=self.pe_latency,
+            mult_stages=self.mult_stages, sum_stages=self.sum_stages,
+            pe_latency=self.pe_latency,
             exp_bias=self.exp_bias, exp_invalid_code=self.exp_invalid_code)
         return d
 
