@@ -61,6 +61,9 @@ ECP5_CONFIGS = [
                               k_max=1024, mapping="dsp")),
     ("4b lut 8x8x8", MacArrayConfig(rows=8, cols=8, lanes=8, tile=8, man_bits_a=4,
                                     man_bits_b=4, k_max=1024, mapping="lut")),
+    # 2x2 products per MULT18X18D: 512 MACs/cycle on 128 DSPs
+    ("4b dsp-packed 8x8x8", MacArrayConfig(rows=8, cols=8, lanes=8, tile=8, man_bits_a=4,
+                                           man_bits_b=4, k_max=1024, mapping="dsp-packed")),
 ]
 ICE40_CONFIGS = [
     ("4b dsp 2x2x2", MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=4,

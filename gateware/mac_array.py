@@ -273,8 +273,9 @@ class MacArray(wiring.Component):
         m.d.sync += [ctrl_pe.eq(c1), ctrl_pe.shift.eq(shift)]
 
         # ---- PE array ----------------------------------------------------------
-        n = cfg.pack
+        n, nr = cfg.pack, cfg.pack_rows
         groups = [(g0, min(n, C - g0)) for g0 in range(0, C, n)]
+        row_groups = [(r0, min(nr, R - r0)) for r0 in range(0, R, nr)]
         rd_win = Signal(range(cfg.windows))
         accs = [[None] * C for _ in range(R)]
         packed = {}
@@ -283,20 +284,24 @@ class MacArray(wiring.Component):
                 pk = pack_operand(m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
                 packed[g0, lane] = Signal.like(pk, name=f"bpk_{g0}_{lane}")
                 m.d.sync += packed[g0, lane].eq(pk)
-        a_reg = [[Signal(signed(cfg.man_bits_a), name=f"areg_{r}_{lane}") for lane in range(L)]
-                 for r in range(R)]
-        m.d.sync += [a_reg[r][lane].eq(buf_a.rd_data[r][lane])
-                     for r in range(R) for lane in range(L)]
-        for r in range(R):
+        a_reg = {}
+        for r0, rn in row_groups:
+            for lane in range(L):
+                pk = pack_operand(m, cfg, [buf_a.rd_data[r0 + i][lane] for i in range(rn)],
+                                  side="a")
+                a_reg[r0, lane] = Signal.like(pk, name=f"areg_{r0}_{lane}")
+                m.d.sync += a_reg[r0, lane].eq(pk)
+        for r0, rn in row_groups:
             for g0, gn in groups:
-                pe = PE(cfg, n=gn, primitives=self.primitives)
-                m.submodules[f"pe_{r}_{g0}"] = pe
+                pe = PE(cfg, n=gn, r=rn, primitives=self.primitives)
+                m.submodules[f"pe_{r0}_{g0}"] = pe
                 m.d.comb += [pe.ctrl.eq(ctrl_pe), pe.rd_win.eq(rd_win)]
                 for lane in range(L):
-                    m.d.comb += [pe.a[lane].eq(a_reg[r][lane]),
+                    m.d.comb += [pe.a[lane].eq(a_reg[r0, lane]),
                                  pe.b[lane].eq(packed[g0, lane])]
-                for j in range(gn):
-                    accs[r][g0 + j] = pe.acc[j]
+                for i in range(rn):
+                    for j in range(gn):
+                        accs[r0 + i][g0 + j] = pe.acc[i * gn + j]
 
         # ---- drain: accumulators -> FP32 -> output FIFO ------------------------------
         wait_cycles = cfg.pe_latency + 3

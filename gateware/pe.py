@@ -9,16 +9,19 @@ per column, ``lanes`` column mantissas (already packed into one operand per lane
 ====  ==========================================================================
 s0    input registers (operands and control)
 s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered;
-      ``config.mult_stages`` registers (2 for the DSP mappings: pipeline + product)
+      ``config.mult_stages`` registers (3 for the DSP mappings: pipeline, product,
+      and a fabric landing register)
 s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
+      (``config.sum_stages`` registers: above 4 lanes the first level of pairs too)
 s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
 s4    ``(P << G) >>> shift`` (alignment), registered
 s5    ``acc[win] = (first_tile ? 0 : acc[win]) + aligned``
 ====  ==========================================================================
 
-``config.pe_latency`` (``5 + mult_stages``) cycles from the inputs to the accumulator
+``config.pe_latency`` (``4 + mult_stages + sum_stages``) cycles from the inputs to the accumulator
 update. With ``primitives="ecp5"`` the DSP mappings instantiate MULT18X18D directly,
-its input, pipeline and output registers being s0 (operands) and the two s1 registers:
+its input, pipeline and output registers being s0 (operands) and the first two s1
+registers, the third a fabric register:
 yosys maps ``*`` to a combinational MULT18X18D with fabric registers around it, which
 caps the 8-bit array at about 90 MHz. Without ``primitives`` (simulation, other
 FPGAs) the same registers are fabric registers: same cycle behaviour either way.
@@ -33,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config.mac_array import MacArrayConfig
 
-__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "lut_multiply",
+__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "packed_bits_a", "lut_multiply",
            "PRIMITIVES", "ecp5_mult18x18d"]
 
 #: Vendor primitives the PE can instantiate: ``None`` (portable, simulatable) or ``"ecp5"``.
@@ -50,29 +53,37 @@ def ctrl_layout(cfg: MacArrayConfig) -> data.StructLayout:
 
 
 def packed_bits(cfg: MacArrayConfig, n: int) -> int:
+    """Width of a packed column operand holding ``n`` fields."""
     return (n - 1) * cfg.prod_bits + cfg.man_bits_b
 
 
-def pack_operand(m: Module, cfg: MacArrayConfig, bs: list) -> Signal:
-    """``sum_i bs[i] * 2**(i*prod_bits)`` as a signed value (concatenation and
-    ``n - 1`` small decrements, no wide adder)."""
-    p = cfg.prod_bits
+def packed_bits_a(cfg: MacArrayConfig, r: int) -> int:
+    """Width of a packed row operand holding ``r`` fields ``pack * prod_bits`` apart."""
+    return (r - 1) * cfg.pack * cfg.prod_bits + cfg.man_bits_a
+
+
+def pack_operand(m: Module, cfg: MacArrayConfig, bs: list, *, side: str = "b") -> Signal:
+    """``sum_i bs[i] * 2**(i*s)`` as a signed value, ``s = prod_bits`` for column
+    operands (``side="b"``) and ``pack * prod_bits`` for row operands (``side="a"``):
+    a concatenation with ``n - 1`` small decrements, no wide adder."""
+    s = cfg.prod_bits if side == "b" else cfg.pack * cfg.prod_bits
+    w = cfg.man_bits_b if side == "b" else cfg.man_bits_a
     n = len(bs)
-    out = Signal(signed(packed_bits(cfg, n)))
+    out = Signal(signed((n - 1) * s + w))
     if n == 1:
         m.d.comb += out.eq(bs[0])
         return out
     fields = []
     borrow = Const(0, 1)
     for i, b in enumerate(bs):
-        f = Signal(signed(cfg.man_bits_b + 1), name=f"pk{i}")
+        f = Signal(signed(w + 1), name=f"pk{side}{i}")
         m.d.comb += f.eq(b - borrow)
         if i < n - 1:
-            ext = Cat(f, *([f[-1]] * max(0, p - len(f))))
-            fields.append(ext[:p])
+            ext = Cat(f, *([f[-1]] * max(0, s - len(f))))
+            fields.append(ext[:s])
             borrow = f[-1]
         else:
-            fields.append(f[:cfg.man_bits_b])
+            fields.append(f[:w])
     m.d.comb += out.eq(Cat(*fields))
     return out
 
@@ -122,57 +133,64 @@ def _tree(values: list):
 
 
 class PE(wiring.Component):
-    """A group of ``n`` PEs (one array row, ``n`` adjacent columns).
+    """A group of ``r x n`` PEs (``r`` adjacent array rows, ``n`` adjacent columns)
+    sharing one multiplier per lane.
 
     Ports
     -----
-    a : In(ArrayLayout(signed(man_bits_a), lanes))
-    b : In(ArrayLayout(signed(packed_bits), lanes)) — the packed column operands
+    a : In(ArrayLayout(signed(packed_bits_a(r)), lanes)) — the packed row operands
+    b : In(ArrayLayout(signed(packed_bits(n)), lanes)) — the packed column operands
     ctrl : In(ctrl_layout)
     rd_win : In(range(windows)) — selects the accumulator shown on ``acc``
-    acc : Out(ArrayLayout(signed(acc_bits), n))
+    acc : Out(ArrayLayout(signed(acc_bits), r * n)) — PE ``(i, j)`` at ``i * n + j``
     """
 
-    def __init__(self, cfg: MacArrayConfig, *, n: int = 1, primitives: str | None = None):
+    def __init__(self, cfg: MacArrayConfig, *, n: int = 1, r: int = 1,
+                 primitives: str | None = None):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
         if not isinstance(n, int) or not 1 <= n <= max(1, cfg.pack):
             raise ValueError(f"n={n!r} is out of range; accepted range is [1, {cfg.pack}]")
+        if not isinstance(r, int) or not 1 <= r <= max(1, cfg.pack_rows):
+            raise ValueError(f"r={r!r} is out of range; accepted range is "
+                             f"[1, {cfg.pack_rows}]")
         if primitives not in PRIMITIVES:
             raise ValueError(f"primitives={primitives!r}; accepted values are "
                              f"{', '.join(map(repr, PRIMITIVES))}")
-        self.cfg, self.n, self.primitives = cfg, n, primitives
+        self.cfg, self.n, self.r, self.primitives = cfg, n, r, primitives
         super().__init__({
-            "a": In(data.ArrayLayout(signed(cfg.man_bits_a), cfg.lanes)),
+            "a": In(data.ArrayLayout(signed(packed_bits_a(cfg, r)), cfg.lanes)),
             "b": In(data.ArrayLayout(signed(packed_bits(cfg, n)), cfg.lanes)),
             "ctrl": In(ctrl_layout(cfg)),
             "rd_win": In(range(cfg.windows)),
-            "acc": Out(data.ArrayLayout(signed(cfg.acc_bits), n)),
+            "acc": Out(data.ArrayLayout(signed(cfg.acc_bits), r * n)),
         })
 
     def elaborate(self, platform):
         m = Module()
         cfg, n, L = self.cfg, self.n, self.cfg.lanes
         cl = ctrl_layout(cfg)
-        pb = packed_bits(cfg, n)
+        pa, pb = packed_bits_a(cfg, self.r), packed_bits(cfg, n)
         # s0: input registers; s1: multipliers (cfg.mult_stages registers)
         c0 = Signal(cl)
         m.d.sync += c0.eq(self.ctrl)
-        pw = cfg.man_bits_a + pb
+        pw = pa + pb
         prods = [Signal(signed(pw), name=f"prod{l}") for l in range(L)]
         use_dsp = (self.primitives == "ecp5" and cfg.mapping != "lut"
-                   and max(cfg.man_bits_a, pb) <= ECP5_DSP_WIDTH)
+                   and max(pa, pb) <= ECP5_DSP_WIDTH)
         if use_dsp:
-            assert cfg.mult_stages == 2
+            assert cfg.mult_stages == 3
             for l in range(L):
-                ecp5_mult18x18d(m, self.a[l], self.b[l], prods[l], name=f"mult{l}")
+                p_dsp = Signal(signed(pw), name=f"mult{l}_p")
+                ecp5_mult18x18d(m, self.a[l], self.b[l], p_dsp, name=f"mult{l}")
+                m.d.sync += prods[l].eq(p_dsp)          # landing register in the fabric
         else:
-            a0 = Signal(data.ArrayLayout(signed(cfg.man_bits_a), L))
+            a0 = Signal(data.ArrayLayout(signed(pa), L))
             b0 = Signal(data.ArrayLayout(signed(pb), L))
             m.d.sync += [a0.eq(self.a), b0.eq(self.b)]
             for l in range(L):
                 if cfg.mapping == "lut":
-                    prod = lut_multiply(a0[l], b0[l], cfg.man_bits_a, pb)
+                    prod = lut_multiply(a0[l], b0[l], pa, pb)
                 else:
                     prod = a0[l] * b0[l]
                 for st in range(cfg.mult_stages - 1):
@@ -185,34 +203,50 @@ class PE(wiring.Component):
             nxt = Signal(cl, name=f"c1_{st}")
             m.d.sync += nxt.eq(c1)
             c1 = nxt
-        # s2: unpack fields, sum over lanes
+        # s2: unpack fields, sum over lanes. Product (i, j) sits in the prod_bits field
+        # starting at (i * pack + j) * prod_bits; the fields below it form a signed
+        # number that borrows its sign bit, added back here.
         p = cfg.prod_bits
-        sums = [Signal(signed(cfg.psum_bits), name=f"psum{j}") for j in range(n)]
+        F = self.r * n
+        starts = [(i * cfg.pack + j) * p for i in range(self.r) for j in range(n)]
+        sums = [Signal(signed(cfg.psum_bits), name=f"psum{k}") for k in range(F)]
         c2 = Signal(cl)
-        for j in range(n):
+        for k, lo in enumerate(starts):
             terms = []
             for l in range(L):
-                if n == 1:
+                if F == 1:
                     terms.append(prods[l])
                 else:
-                    hi = pw if j == n - 1 else (j + 1) * p
-                    f = prods[l][j * p:hi]
-                    if j > 0:
-                        f = (f + prods[l][j * p - 1])[:hi - j * p]
+                    hi = pw if k == F - 1 else lo + p
+                    f = prods[l][lo:hi]
+                    if lo > 0:
+                        f = (f + prods[l][lo - 1])[:hi - lo]
                     terms.append(f.as_signed())
-            m.d.sync += sums[j].eq(_tree(terms))
+            if cfg.sum_stages == 2:       # register the first level of pairwise sums
+                pairs = []
+                for i in range(0, len(terms), 2):
+                    t = terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+                    r = Signal(signed(len(t)), name=f"pair{k}_{i // 2}")
+                    m.d.sync += r.eq(t)
+                    pairs.append(r)
+                terms = pairs
+            m.d.sync += sums[k].eq(_tree(terms))
+        if cfg.sum_stages == 2:
+            c1b = Signal(cl)
+            m.d.sync += c1b.eq(c1)
+            c1 = c1b
         m.d.sync += c2.eq(c1)
         # s3: block dot product over k steps
-        pr = [Signal(signed(cfg.psum_bits), name=f"P{j}") for j in range(n)]
+        pr = [Signal(signed(cfg.psum_bits), name=f"P{j}") for j in range(F)]
         c3 = Signal(cl)
-        for j in range(n):
+        for j in range(F):
             with m.If(c2.valid):
                 m.d.sync += pr[j].eq(Mux(c2.first_k, sums[j], pr[j] + sums[j]))
         m.d.sync += c3.eq(c2)
         # s4: align (registered); s5: accumulate
         c4 = Signal(cl)
         m.d.sync += c4.eq(c3)
-        for j in range(n):
+        for j in range(F):
             accs = Array(Signal(signed(cfg.acc_bits), name=f"acc{j}_w{w}")
                          for w in range(cfg.windows))
             aligned = Signal(signed(cfg.acc_bits), name=f"aligned{j}")

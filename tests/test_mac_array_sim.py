@@ -29,6 +29,9 @@ CONFIGS = [
                    mapping="dsp"),
     MacArrayConfig(rows=1, cols=2, lanes=4, tile=4, man_bits_a=4, man_bits_b=4, k_max=64,
                    mapping="dsp-packed", guard_bits=3),
+    # 2x2 products per multiplier, 8 lanes (two-stage lane sums)
+    MacArrayConfig(rows=2, cols=2, lanes=8, tile=8, man_bits_a=4, man_bits_b=4, k_max=64,
+                   mapping="dsp-packed"),
 ]
 
 

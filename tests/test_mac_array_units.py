@@ -3,6 +3,8 @@ FP32 conversion; configuration validation."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from amaranth.hdl import Module, Signal, signed
@@ -35,18 +37,23 @@ def _pe_reference(cfg, a, b, shifts, wins, first_tiles):
     return acc
 
 
-@pytest.mark.parametrize("mapping,ma,mb", [("lut", 4, 4), ("dsp", 8, 8),
-                                           ("dsp-packed", 4, 4), ("dsp-packed", 3, 6)])
-def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb):
-    cfg = MacArrayConfig(rows=1, cols=4, lanes=2, tile=4, man_bits_a=ma, man_bits_b=mb,
-                         k_max=64, mapping=mapping)
-    n = cfg.pack
-    assert (n > 1) == (mapping == "dsp-packed")
-    dut = PE(cfg, n=n)
+@pytest.mark.parametrize("mapping,ma,mb,rows,r,n,lanes", [
+    ("lut", 4, 4, 1, 1, 1, 2), ("dsp", 8, 8, 1, 1, 1, 2),
+    ("dsp-packed", 4, 4, 1, 1, 2, 2), ("dsp-packed", 3, 6, 1, 1, 2, 2),
+    ("dsp-packed", 4, 4, 2, 2, 2, 2),       # 2x2 block: 4 products per multiplier
+    ("dsp-packed", 4, 4, 2, 2, 1, 2),       # partial group: a gap between row fields
+    ("dsp-packed", 4, 4, 2, 1, 2, 2),
+    ("dsp-packed", 4, 4, 2, 2, 2, 8), ("lut", 5, 3, 1, 1, 1, 7)])   # 2-stage lane sums
+def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb, rows, r, n, lanes):
+    cfg = MacArrayConfig(rows=rows, cols=4, lanes=lanes, tile=math.lcm(4, lanes),
+                         man_bits_a=ma, man_bits_b=mb, k_max=64, mapping=mapping)
+    assert cfg.sum_stages == (2 if lanes > 4 else 1)
+    assert r <= cfg.pack_rows and n <= cfg.pack
+    dut = PE(cfg, n=n, r=r)
     ntiles = 6
-    a = rng.integers(-cfg.mmax_a, cfg.mmax_a + 1, (ntiles, cfg.k_steps, cfg.lanes))
+    a = rng.integers(-cfg.mmax_a, cfg.mmax_a + 1, (r, ntiles, cfg.k_steps, cfg.lanes))
     b = rng.integers(-cfg.mmax_b, cfg.mmax_b + 1, (n, ntiles, cfg.k_steps, cfg.lanes))
-    a[0] = cfg.mmax_a            # extreme magnitudes on the first tile
+    a[:, 0] = cfg.mmax_a            # extreme magnitudes on the first tile
     b[:, 0] = -cfg.mmax_b
     shifts = [0] + list(rng.integers(0, cfg.shift_max + 1, ntiles - 1))
     wins = [int(x) for x in rng.integers(0, cfg.windows, ntiles)]
@@ -57,9 +64,11 @@ def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb):
         for t in range(ntiles):
             for ks in range(cfg.k_steps):
                 for lane in range(cfg.lanes):
-                    ctx.set(dut.a[lane], int(a[t, ks, lane]))
-                    packed = sum(int(b[j, t, ks, lane]) << (j * p) for j in range(n))
-                    ctx.set(dut.b[lane], packed)
+                    # packed operands as integers: the PE sees sum x_i * 2**(i * spacing)
+                    pa = sum(int(a[i, t, ks, lane]) << (i * cfg.pack * p) for i in range(r))
+                    pb = sum(int(b[j, t, ks, lane]) << (j * p) for j in range(n))
+                    ctx.set(dut.a[lane], pa)
+                    ctx.set(dut.b[lane], pb)
                 ctx.set(dut.ctrl.valid, 1)
                 ctx.set(dut.ctrl.first_k, ks == 0)
                 ctx.set(dut.ctrl.last_k, ks == cfg.k_steps - 1)
@@ -69,13 +78,31 @@ def test_pe_block_dot_and_accumulate(rng, mapping, ma, mb):
                 await ctx.tick()
         ctx.set(dut.ctrl.valid, 0)
         await ctx.tick().repeat(cfg.pe_latency + 1)
-        for j in range(n):
-            ref = _pe_reference(cfg, a, b[j], shifts, wins, first)
-            for w, v in ref.items():
-                ctx.set(dut.rd_win, w)
-                assert ctx.get(dut.acc[j]) == v, (j, w)
+        for i in range(r):
+            for j in range(n):
+                ref = _pe_reference(cfg, a[i], b[j], shifts, wins, first)
+                for w, v in ref.items():
+                    ctx.set(dut.rd_win, w)
+                    assert ctx.get(dut.acc[i * n + j]) == v, (i, j, w)
 
     _run(dut, tb)
+
+
+@pytest.mark.parametrize("man,rows,cols,want", [
+    (4, 4, 4, (2, 2)), (4, 8, 8, (2, 2)), (4, 1, 4, (1, 2)), (4, 1, 3, (1, 3)),
+    (4, 3, 1, (3, 1)), (3, 2, 2, (2, 2)), (8, 4, 4, (1, 1)), (6, 4, 4, (2, 1))])
+def test_packing_shape(man, rows, cols, want):
+    """The packed operands fit 18 bits and the fields cannot overlap: derived here from
+    the product bound, independently of the config's own search."""
+    cfg = MacArrayConfig(rows=rows, cols=cols, lanes=1, tile=12 if 12 % rows == 0
+                         and 12 % cols == 0 else rows * cols, man_bits_a=man,
+                         man_bits_b=man, k_max=64, mapping="dsp-packed")
+    r, n = cfg.packing
+    assert (r, n) == want
+    mmax = 2 ** (man - 1) - 1
+    field = (mmax * mmax).bit_length() + 1           # |a*b| < 2**(field-1)
+    assert (n - 1) * field + man <= 18 and (r - 1) * n * field + man <= 18
+    assert cfg.multipliers == -(-rows // r) * -(-cols // n)
 
 
 def test_pack_operand_value(rng):
@@ -247,9 +274,10 @@ def test_config_validation_messages(kw, msg):
 def test_config_derived_and_roundtrip():
     cfg = MacArrayConfig(rows=4, cols=4, lanes=4, tile=8, man_bits_a=4, man_bits_b=4,
                          k_max=1024, guard_bits=8, mapping="dsp-packed")
-    # 4-bit: products fit 7 bits signed; 3 fields (2*7 + 4 = 18 bits) share one multiplier
-    assert cfg.prod_bits == 7 and cfg.pack == 3
-    assert cfg.multipliers == 4 * 2 * 4 and cfg.macs_per_cycle == 64
+    # 4-bit: products fit 7 bits signed; a 2x2 block of products shares one multiplier
+    # (row operand (2-1)*2*7 + 4 = 18 bits, column operand 7 + 4 = 11 bits)
+    assert cfg.prod_bits == 7 and cfg.packing == (2, 2)
+    assert cfg.multipliers == 2 * 2 * 4 and cfg.macs_per_cycle == 64
     assert cfg.acc_bits == accumulator_bits(4, 4, 8, 1024, 8)
     assert MacArrayConfig.from_dict(cfg.to_dict()) == cfg
     # 8-bit: a second 15-bit field would need 23 bits > 18: no packing into MULT18X18D

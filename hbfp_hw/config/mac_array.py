@@ -19,8 +19,8 @@ __all__ = ["MULTIPLIER_MAPPINGS", "DSP_WIDTH", "MacArrayConfig"]
 
 #: How the mantissa multipliers are built: ``lut`` (explicit shift-add partial
 #: products, never inferred as DSP), ``dsp`` (one ``*`` per product, inferred as
-#: MULT18X18D / SB_MAC16), ``dsp-packed`` (several products sharing the row operand in
-#: one 18x18 multiplier where the widths allow it).
+#: MULT18X18D / SB_MAC16), ``dsp-packed`` (a block of rows x columns products in one
+#: 18x18 multiplier where the widths allow it, see :attr:`MacArrayConfig.packing`).
 MULTIPLIER_MAPPINGS = ("lut", "dsp", "dsp-packed")
 #: Signed operand width of the target DSP multiplier (ECP5 MULT18X18D).
 DSP_WIDTH = 18
@@ -152,14 +152,40 @@ class MacArrayConfig:
         return self.tile // self.lanes
 
     @property
-    def pack(self) -> int:
-        """Products per multiplier: ``n`` fields of ``prod_bits`` sharing the row operand,
-        the packed column operand ``(n-1)*prod_bits + man_bits_b`` fitting 18 bits signed.
+    def packing(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the PE block one multiplier serves (``dsp-packed``).
+
+        A multiplier computes ``(sum_i a_i 2**(i*cols*p)) * (sum_j b_j 2**(j*p))``,
+        ``p = prod_bits``: every product ``a_i * b_j`` lands in its own ``p``-bit field
+        ``i*cols + j`` (|product| < 2**(p-1), so the fields separate exactly). Both
+        packed operands must fit the DSP's 18-bit signed inputs; of the shapes that fit,
+        the one needing the fewest multipliers for this array is chosen. 4-bit
+        mantissas: a 2x2 block, 4 products per MULT18X18D (operands 18 and 11 bits).
         """
         if self.mapping != "dsp-packed":
-            return 1
-        n = 1 + (DSP_WIDTH - self.man_bits_b) // self.prod_bits
-        return max(1, min(n, self.cols))
+            return (1, 1)
+        p = self.prod_bits
+        best, cost = (1, 1), self.rows * self.cols
+        for n in range(1, self.cols + 1):
+            if (n - 1) * p + self.man_bits_b > DSP_WIDTH:
+                break
+            for r in range(1, self.rows + 1):
+                if (r - 1) * n * p + self.man_bits_a > DSP_WIDTH:
+                    break
+                c = -(-self.rows // r) * -(-self.cols // n)
+                if c < cost:
+                    best, cost = (r, n), c
+        return best
+
+    @property
+    def pack(self) -> int:
+        """Array columns one multiplier serves (``packing[1]``)."""
+        return self.packing[1]
+
+    @property
+    def pack_rows(self) -> int:
+        """Array rows one multiplier serves (``packing[0]``)."""
+        return self.packing[0]
 
     @property
     def macs_per_cycle(self) -> int:
@@ -168,21 +194,30 @@ class MacArrayConfig:
     @property
     def multipliers(self) -> int:
         """Hardware multipliers (DSPs for the dsp mappings)."""
-        groups = -(-self.cols // self.pack)
-        return self.rows * groups * self.lanes
+        return -(-self.rows // self.pack_rows) * -(-self.cols // self.pack) * self.lanes
 
     @property
     def mult_stages(self) -> int:
         """Registers from the registered multiplier operands to the registered product:
-        1 for ``lut`` (one shift-add level), 2 for the DSP mappings (the multiplier's
-        pipeline register, then the product register; on ECP5 the operand, pipeline and
-        product registers are the MULT18X18D's own input/pipeline/output registers)."""
-        return 1 if self.mapping == "lut" else 2
+        1 for ``lut`` (one shift-add level), 3 for the DSP mappings: the multiplier's
+        pipeline and product registers (on ECP5 the MULT18X18D's own pipeline/output
+        registers, its input registers being the operand stage), then a fabric
+        register that lands the product next to the adder tree. The route out of a
+        DSP column is long (5.5 ns of the 14.4 ns critical path of the 8x8x8 array
+        without it)."""
+        return 1 if self.mapping == "lut" else 3
+
+    @property
+    def sum_stages(self) -> int:
+        """Registers in the lane adder tree: 1, or 2 above 4 lanes (the unpacked fields
+        and the first level of pairwise sums are registered; with 8 lanes the one-stage
+        tree was the 10.8 ns critical path of the 8x8x8 array)."""
+        return 1 if self.lanes <= 4 else 2
 
     @property
     def pe_latency(self) -> int:
         """PE pipeline depth: cycles from the PE inputs to the accumulator update."""
-        return 5 + self.mult_stages
+        return 4 + self.mult_stages + self.sum_stages
 
     @property
     def cycles_per_tile_pair(self) -> int:
@@ -206,8 +241,10 @@ class MacArrayConfig:
         d["derived"] = dict(
             acc_bits=self.acc_bits, prod_bits=self.prod_bits, psum_bits=self.psum_bits,
             shift_bits=self.shift_bits, windows=self.windows, k_steps=self.k_steps,
-            pack=self.pack, macs_per_cycle=self.macs_per_cycle, multipliers=self.multipliers,
-            mult_stages=self.mult_stages, pe_latency=self.pe_latency,
+            pack=self.pack, pack_rows=self.pack_rows, macs_per_cycle=self.macs_per_cycle,
+            multipliers=self.multipliers,
+            mult_stages=self.mult_stages, sum_stages=self.sum_stages,
+            pe_latency=self.pe_latency,
             exp_bias=self.exp_bias, exp_invalid_code=self.exp_invalid_code)
         return d
 
