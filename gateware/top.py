@@ -156,6 +156,17 @@ def info_blob(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> bytes:
     return fixed + js
 
 
+def _cmul(x, c: int):
+    """``x * c`` for a constant ``c >= 0`` as a sum of shifts (no multiplier cell)."""
+    terms = [x << i for i in range(c.bit_length()) if (c >> i) & 1]
+    if not terms:
+        return Const(0, 1)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 def _crc_next(m: Module, crc: Signal, byte) -> Signal:
     out = Signal(32)
     for j, (sm, bm) in enumerate(crc32_byte_matrix()):
@@ -191,10 +202,15 @@ class Accelerator(wiring.Component):
         Build every rounding mode into each slot's quantizer (QUANTIZE's ``rounding``
         field selects it, as in the emulator). ``False`` builds only the slot format's
         own mode; other modes are answered ``UNSUPPORTED`` (detail 7).
+    primitives
+        Passed to :class:`~hbfp_hw.gateware.mac_array.MacArray`: ``None`` (portable
+        ``a * b``) or ``"ecp5"`` (``MULT18X18D`` instances with their input, pipeline and
+        output registers; the board build uses it on ECP5). Same cycle behaviour.
     """
 
     def __init__(self, config: AcceleratorConfig | None = None, *,
-                 idle_cycles: int | None = None, runtime_rounding: bool = True) -> None:
+                 idle_cycles: int | None = None, runtime_rounding: bool = True,
+                 primitives: str | None = None) -> None:
         cfg = config or AcceleratorConfig.default()
         if not isinstance(cfg, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
@@ -206,6 +222,7 @@ class Accelerator(wiring.Component):
         self.mac = mac_config(cfg)
         self.specs = P.buffer_map(cfg)
         self.runtime_rounding = bool(runtime_rounding)
+        self.primitives = primitives
         self.info = info_blob(cfg, self.runtime_rounding)
         self.quant = []
         for f in cfg.formats:
@@ -371,7 +388,8 @@ class Accelerator(wiring.Component):
                          st_max.eq(0xFF800000)]
 
         # ---- MAC array ----------------------------------------------------------------
-        m.submodules.mac = mac = MacArray(mc, ext_eref=True, carry=True)
+        m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
+                                           carry=True)
 
         # ---- GEMM operands (registered at dispatch) ----------------------------------
         g_flags = Signal(8)
@@ -568,24 +586,28 @@ class Accelerator(wiring.Component):
         x_which, x_i, x_k = Signal(), Signal(16), Signal(16)
         p_v, p_which, p_i, p_first, p_last = (Signal(), Signal(), Signal(16), Signal(),
                                               Signal())
+        # x_blk: the code's block index Mux(x_which, Mux(tb, i * nk + k, k * nt + i),
+        # Mux(ta, k * mt + i, i * nk + k)), kept incrementally (x_bi: its value at k = 0)
         x_blk = Signal(32)
-        m.d.comb += x_blk.eq(Mux(x_which, Mux(tb, x_i * nk + x_k, x_k * nt + x_i),
-                                 Mux(ta, x_k * mt + x_i, x_i * nk + x_k)))
+        x_bi = Signal(32)
+        x_sk = Mux(x_which, Mux(tb, 1, nt), Mux(ta, mt, 1))   # stride of k
+        x_si = Mux(x_which, Mux(tb, nk, 1), Mux(ta, 1, nk))   # stride of i
         m.d.sync += [p_v.eq(x_go), p_which.eq(x_which), p_i.eq(x_i), p_first.eq(x_k == 0),
                      p_last.eq(x_k == nk - 1)]
         with m.If(x_go):
             with m.If(x_k == nk - 1):
                 m.d.sync += x_k.eq(0)
                 with m.If(x_i == Mux(x_which, nt, mt) - 1):
-                    m.d.sync += x_i.eq(0)
+                    m.d.sync += [x_i.eq(0), x_bi.eq(0), x_blk.eq(0)]
                     with m.If(x_which):
                         m.d.sync += x_done.eq(1)
                     with m.Else():
                         m.d.sync += x_which.eq(1)
                 with m.Else():
-                    m.d.sync += x_i.eq(x_i + 1)
+                    m.d.sync += [x_i.eq(x_i + 1), x_bi.eq(x_bi + x_si),
+                                 x_blk.eq(x_bi + x_si)]
             with m.Else():
-                m.d.sync += x_k.eq(x_k + 1)
+                m.d.sync += [x_k.eq(x_k + 1), x_blk.eq(x_blk + x_sk)]
         x_code = Signal(ew)
         with m.Switch(Mux(p_which, g_b, g_a)):
             for k in range(cfg.operand_buffers):
@@ -620,7 +642,8 @@ class Accelerator(wiring.Component):
             with m.Else():
                 m.d.sync += y_i.eq(y_i + 1)
         with m.If(x_init):
-            m.d.sync += [x_which.eq(0), x_i.eq(0), x_k.eq(0), x_done.eq(0),
+            m.d.sync += [x_which.eq(0), x_i.eq(0), x_k.eq(0), x_done.eq(0), x_bi.eq(0),
+                         x_blk.eq(0),
                          y_which.eq(0), y_i.eq(0), y_done.eq(0)]
         y_own, y_new = Signal(signed(RW)), Signal(signed(RW))
         y_diff, y_d0 = Signal(signed(RW + 2)), Signal(signed(RW + 2))
@@ -668,11 +691,20 @@ class Accelerator(wiring.Component):
                      f_valid.eq(q_run & ~q_fdone),
                      f_data.eq(Mux(pad, 0, rps[fp_id].data)),
                      f_cap.eq(f_valid & f_ready),
-                     n_r0.eq(q_r0), n_c0.eq(q_c0), n_r.eq(q_r), n_c.eq(q_c),
-                     q_rd.eq(QF("src_offset") + (n_r0 + n_r) * q_cols + n_c0 + n_c)]
+                     n_r0.eq(q_r0), n_c0.eq(q_c0), n_r.eq(q_r), n_c.eq(q_c)]
         m.d.sync += [q_r0.eq(n_r0), q_c0.eq(n_c0), q_r.eq(n_r), q_c.eq(n_c)]
+        # fp_in address src_offset + (r0 + r) * cols + c0 + c, kept incrementally (no
+        # multiply on the read-address path): q_a of the element (r0 + r, c0 + c), q_ln of
+        # (r0 + r, c0), q_bk of (r0, c0), q_sp of (r0, 0); q_bhc = bh * cols.
+        q_a, q_ln, q_bk, q_sp = (Signal(32, name=f"q_{n}") for n in ("a", "ln", "bk", "sp"))
+        q_bhc = Signal(32)
+        n_a, n_ln, n_bk, n_sp = (Signal(32, name=f"qn_{n}") for n in ("a", "ln", "bk", "sp"))
+        m.d.comb += [n_a.eq(q_a), n_ln.eq(q_ln), n_bk.eq(q_bk), n_sp.eq(q_sp), q_rd.eq(n_a)]
+        m.d.sync += [q_a.eq(n_a), q_ln.eq(n_ln), q_bk.eq(n_bk), q_sp.eq(n_sp)]
         with m.If(q_init):
             m.d.comb += [n_r0.eq(0), n_c0.eq(0), n_r.eq(0), n_c.eq(0)]
+            m.d.comb += [n_a.eq(QF("src_offset")), n_ln.eq(QF("src_offset")),
+                         n_bk.eq(QF("src_offset")), n_sp.eq(QF("src_offset"))]
             m.d.sync += q_fdone.eq(0)
         with m.Elif(f_cap):
             with m.If(q_c == q_bw - 1):
@@ -683,14 +715,21 @@ class Accelerator(wiring.Component):
                         m.d.comb += n_c0.eq(0)
                         with m.If(q_r0 + q_bh >= q_rows):
                             m.d.sync += q_fdone.eq(1)
+                            m.d.comb += [n_a.eq(q_sp), n_ln.eq(q_sp), n_bk.eq(q_sp)]
                         with m.Else():
                             m.d.comb += n_r0.eq(q_r0 + q_bh)
+                            m.d.comb += [n_a.eq(q_sp + q_bhc), n_ln.eq(q_sp + q_bhc),
+                                         n_bk.eq(q_sp + q_bhc), n_sp.eq(q_sp + q_bhc)]
                     with m.Else():
                         m.d.comb += n_c0.eq(q_c0 + q_bw)
+                        m.d.comb += [n_a.eq(q_bk + q_bw), n_ln.eq(q_bk + q_bw),
+                                     n_bk.eq(q_bk + q_bw)]
                 with m.Else():
                     m.d.comb += n_r.eq(q_r + 1)
+                    m.d.comb += [n_a.eq(q_ln + q_cols), n_ln.eq(q_ln + q_cols)]
             with m.Else():
                 m.d.comb += n_c.eq(q_c + 1)
+                m.d.comb += n_a.eq(q_a + 1)
         # drain: one element per clock from the selected quantizer's output serialiser
         d_valid = Signal()
         d_man = Signal(signed(mw))
@@ -813,7 +852,7 @@ class Accelerator(wiring.Component):
                     with m.Case(P.Op.QUANTIZE):
                         m.next = "Q_CHECK"
                     with m.Case(P.Op.GEMM):
-                        m.next = "G_CHECK_A"
+                        m.next = "G_PRE"
                         m.d.sync += g_flags.eq(fld(P.Op.GEMM, "flags"))
             # -- WRITE: staged payload -> buffer ------------------------------------
             with m.State("WCOPY"):
@@ -852,6 +891,16 @@ class Accelerator(wiring.Component):
             allowed = 0
             for f in G:
                 allowed |= int(f)
+            # blocks of both operands, registered before the checks (no multiply in the
+            # check path)
+            nb_ab = [Signal(32, name=f"nb_{name}") for name in "ab"]
+            with m.State("G_PRE"):
+                for which, name in enumerate("ab"):
+                    rows = fld(P.Op.GEMM, f"{name}_rows")
+                    cols = fld(P.Op.GEMM, f"{name}_cols")
+                    m.d.sync += nb_ab[which].eq(((rows + T - 1) >> tsh)
+                                                * ((cols + T - 1) >> tsh))
+                m.next = "G_CHECK_A"
             for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_CHECK_B"),
                                                       ("G_CHECK_B", "G_SCAN_INIT"))):
                 name = "ab"[which]
@@ -859,11 +908,8 @@ class Accelerator(wiring.Component):
                 buf = fld(P.Op.GEMM, name)
                 rows = fld(P.Op.GEMM, f"{name}_rows")
                 cols = fld(P.Op.GEMM, f"{name}_cols")
-                gr = (rows + T - 1) >> tsh
-                gc = (cols + T - 1) >> tsh
-                nb = Signal(32, name=f"nb_{name}")
+                nb = nb_ab[which]
                 with m.State(st):
-                    m.d.comb += nb.eq(gr * gc)
                     with m.If((which == 0) & ((fl & ~allowed & 0xFF) != 0)):
                         error(P.ErrorCode.BAD_ARGUMENT, 2)
                     with m.Elif(slot >= len(cfg.formats)):
@@ -902,7 +948,7 @@ class Accelerator(wiring.Component):
                                 with m.If(g_flags & int(G.ALLOW_INVALID)):
                                     m.d.sync += scan_n.eq(0)
                     with m.Default():
-                        m.next = "G_SHAPE"
+                        m.next = "G_SHAPE0"
                 with m.If(k_cnt < 6):
                     m.next = "G_SCAN"
             with m.State("G_SCAN"):
@@ -923,19 +969,22 @@ class Accelerator(wiring.Component):
                         with m.Case(2):
                             with m.If(exp_inv):
                                 error(P.ErrorCode.INVALID_DATA, Cat(sc[:31], scan_which))
+            a_rows, a_cols = fld(P.Op.GEMM, "a_rows"), fld(P.Op.GEMM, "a_cols")
+            b_rows, b_cols = fld(P.Op.GEMM, "b_rows"), fld(P.Op.GEMM, "b_cols")
+            Ka = Mux(ta, a_rows, a_cols)
+            Kb = Mux(tb, b_cols, b_rows)
+            M = Mux(ta, a_cols, a_rows)
+            N = Mux(tb, b_rows, b_cols)
+            mn = Signal(32)                   # M * N and the padded output, registered
+            mnp = Signal(32 + 2 * tsh)
+            mt_c, nt_c = Signal(16), Signal(16)
+            ktot_c = Signal(32)
+            m.d.comb += [mt_c.eq((M + T - 1) >> tsh), nt_c.eq((N + T - 1) >> tsh),
+                         ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
+            with m.State("G_SHAPE0"):
+                m.d.sync += [mn.eq(M * N), mnp.eq((mt_c * nt_c) << (2 * tsh))]
+                m.next = "G_SHAPE"
             with m.State("G_SHAPE"):
-                a_rows, a_cols = fld(P.Op.GEMM, "a_rows"), fld(P.Op.GEMM, "a_cols")
-                b_rows, b_cols = fld(P.Op.GEMM, "b_rows"), fld(P.Op.GEMM, "b_cols")
-                Ka = Mux(ta, a_rows, a_cols)
-                Kb = Mux(tb, b_cols, b_rows)
-                M = Mux(ta, a_cols, a_rows)
-                N = Mux(tb, b_rows, b_cols)
-                mn = Signal(32)
-                mt_c, nt_c = Signal(16), Signal(16)
-                ktot_c = Signal(32)
-                m.d.comb += [mn.eq(M * N), mt_c.eq((M + T - 1) >> tsh),
-                             nt_c.eq((N + T - 1) >> tsh),
-                             ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
                 with m.If(Ka != Kb):
                     error(P.ErrorCode.BAD_ARGUMENT, 5)
                 with m.Elif(store_f & (g_off + mn > out_spec.depth)):
@@ -950,7 +999,7 @@ class Accelerator(wiring.Component):
                 with m.Else():
                     m.d.sync += [gM.eq(M), gN.eq(N), gK.eq(Ka), k_new.eq(ktot_c),
                                  mt.eq(mt_c), nt.eq(nt_c), nk.eq((Ka + T - 1) >> tsh),
-                                 g_fit.eq(((mt_c * nt_c) << (2 * tsh)) <= acc_cap)]
+                                 g_fit.eq(mnp <= acc_cap)]
                     m.next = "G_OWN"
             # reference exponents: own row maxima of A / column maxima of B (golden
             # ``_row_col_max``), one exponent code per clock, into this GEMM's bank
@@ -995,19 +1044,35 @@ class Accelerator(wiring.Component):
                         with m.Case(k):
                             m.d.sync += [q_bh.eq(bh), q_bw.eq(bw), q_bsz.eq(f.block_size),
                                          q_gr.eq(cdiv(q_rows, bh)), q_gc.eq(cdiv(q_cols, bw)),
+                                         q_bhc.eq(_cmul(q_cols, bh)),
                                          q_rok.eq(Cat(*[rnd == r for r in q_ok[k]]).any()
                                                   if q_ok[k] else 0)]
                 m.d.sync += [q_slot.eq(QF("slot")), q_rnd.eq(rnd[:2]), q_seed.eq(QF("seed")),
                              q_dst.eq(QF("dst"))]
+                m.next = "Q_SIZE1"
+            # sizes for the checks, one registered step each (no wide multiply in the
+            # check path): blocks and the tensor's element count, then the elements
+            # (blocks x the slot's constant block size) and the RETURN answer's bytes
+            nb = Signal(34)
+            n = Signal(64)
+            q_rc = Signal(32)
+            src_end = Signal(34)
+            ret_bytes = Signal(64)
+            with m.State("Q_SIZE1"):
+                m.d.sync += [nb.eq(q_gr * q_gc), q_rc.eq(q_rows * q_cols)]
+                m.next = "Q_SIZE2"
+            with m.State("Q_SIZE2"):
+                with m.Switch(q_slot):
+                    for k, f in enumerate(cfg.formats):
+                        with m.Case(k):
+                            m.d.sync += n.eq(_cmul(nb, f.block_size))
+                m.d.sync += src_end.eq(QF("src_offset") + q_rc)
+                m.next = "Q_SIZE3"
+            with m.State("Q_SIZE3"):
+                m.d.sync += ret_bytes.eq(_cmul(n, man_spec.wire_bytes)
+                                         + _cmul(nb, exp_spec.wire_bytes))
                 m.next = "Q_CHECK2"
             with m.State("Q_CHECK2"):   # the emulator's checks, in its order
-                nb = Signal(34)
-                n = Signal(64)
-                src_end = Signal(34)
-                ret_bytes = Signal(64)
-                m.d.comb += [nb.eq(q_gr * q_gc), n.eq(nb * q_bsz),
-                             src_end.eq(QF("src_offset") + q_rows * q_cols),
-                             ret_bytes.eq(n * man_spec.wire_bytes + nb * exp_spec.wire_bytes)]
                 src = QF("src_offset")
                 with m.If(QF("slot") >= len(cfg.formats)):
                     error(P.ErrorCode.BAD_ARGUMENT, 0)
@@ -1113,10 +1178,14 @@ class Accelerator(wiring.Component):
         sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
         issued = Signal()
         running = Signal()
+        # block indices Mux(ta, kk * mt + it, it * nk + kk) / Mux(tb, jt * nk + kk,
+        # kk * nt + jt), kept incrementally (a_bs / b_bs: their values at kk = 0)
         blk_a = Signal(32)
         blk_b = Signal(32)
-        m.d.comb += [blk_a.eq(Mux(ta, kk * mt + it, it * nk + kk)),
-                     blk_b.eq(Mux(tb, jt * nk + kk, kk * nt + jt))]
+        a_bs = Signal(32)
+        b_bs = Signal(32)
+        ska, skb = Mux(ta, mt, 1), Mux(tb, 1, nt)   # strides of kk
+        sia, sjb = Mux(ta, 1, nk), Mux(tb, nk, 1)   # strides of it / jt
         is_b = sph[0]
         blk = Mux(is_b, blk_b, blk_a)
         m.d.comb += [sq_elem.eq(blk), sq_word.eq((blk << tsh) + rr)]
@@ -1139,7 +1208,9 @@ class Accelerator(wiring.Component):
                                  op_exp.eq(rps[exp_ids[k]].data)]
         with m.If(seq_start):
             m.d.sync += [it.eq(0), jt.eq(0), kk.eq(0), rr.eq(0), sph.eq(0), issued.eq(0),
-                         running.eq(1)]
+                         running.eq(1), blk_a.eq(0), blk_b.eq(0), a_bs.eq(0), b_bs.eq(0)]
+        kk_inc = [kk.eq(kk + 1), blk_a.eq(blk_a + ska), blk_b.eq(blk_b + skb)]
+        kk_zero = [kk.eq(0), blk_a.eq(a_bs), blk_b.eq(b_bs)]
         m.d.comb += seq_done.eq(~running)
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = port.payload
@@ -1156,26 +1227,28 @@ class Accelerator(wiring.Component):
             m.d.sync += issued.eq(0)
             with m.If(~sph[1]):  # header beats
                 with m.If(kk == hdr_last):
-                    m.d.sync += [kk.eq(0), sph.eq(sph + 1)]
+                    m.d.sync += [*kk_zero, sph.eq(sph + 1)]
                 with m.Else():
-                    m.d.sync += kk.eq(kk + 1)
+                    m.d.sync += kk_inc
             with m.Else():
                 with m.If(rr == T - 1):
                     m.d.sync += rr.eq(0)
                     with m.If(sph == 2):
                         m.d.sync += sph.eq(3)
                     with m.Elif(kk != nk - 1):
-                        m.d.sync += [sph.eq(2), kk.eq(kk + 1)]
+                        m.d.sync += [sph.eq(2), *kk_inc]
                     with m.Else():
-                        m.d.sync += [sph.eq(0), kk.eq(0)]
+                        m.d.sync += [sph.eq(0), *kk_zero]
                         with m.If(jt == nt - 1):
-                            m.d.sync += jt.eq(0)
+                            m.d.sync += [jt.eq(0), b_bs.eq(0), blk_b.eq(0)]
                             with m.If(it == mt - 1):
                                 m.d.sync += running.eq(0)
                             with m.Else():
-                                m.d.sync += it.eq(it + 1)
+                                m.d.sync += [it.eq(it + 1), a_bs.eq(a_bs + sia),
+                                             blk_a.eq(a_bs + sia)]
                         with m.Else():
-                            m.d.sync += jt.eq(jt + 1)
+                            m.d.sync += [jt.eq(jt + 1), b_bs.eq(b_bs + sjb),
+                                         blk_b.eq(b_bs + sjb)]
                 with m.Else():
                     m.d.sync += rr.eq(rr + 1)
 
@@ -1188,12 +1261,18 @@ class Accelerator(wiring.Component):
         d_r = Signal(range(R + 1))
         d_c = Signal(range(C + 1))
         d_run = Signal()
+        # out row address g_off + di * gN (di below), kept incrementally: d_ra of the row
+        # (it, rg, r), d_rb of (it, rg, 0), d_ib of (it, 0, 0)
+        d_ra, d_rb, d_ib = Signal(32), Signal(32), Signal(32)
         with m.If(seq_start):
             m.d.sync += [d_it.eq(0), d_jt.eq(0), d_rg.eq(0), d_cg.eq(0), d_r.eq(0),
-                         d_c.eq(0), d_run.eq(1)]
+                         d_c.eq(0), d_run.eq(1), d_ra.eq(g_off), d_rb.eq(g_off),
+                         d_ib.eq(g_off)]
         m.d.comb += drain_done.eq(~d_run)
         di = Signal(16)
         dj = Signal(16)
+        gNR = _cmul(gN, R)        # row address steps of rg and it
+        gNT = gN << tsh
         m.d.comb += [di.eq((d_it << tsh) + d_rg * R + d_r), dj.eq((d_jt << tsh) + d_cg * C + d_c)]
         val = Signal(32)
         with m.Switch(d_c):
@@ -1201,7 +1280,7 @@ class Accelerator(wiring.Component):
                 with m.Case(k):
                     m.d.comb += val.eq(mac.o.payload.data[k])
         in_range = (di < gM) & (dj < gN) & store_f   # out and statistics: STORE only
-        m.d.comb += [drain_addr.eq(g_off + di * gN + dj), drain_data.eq(val)]
+        m.d.comb += [drain_addr.eq(d_ra + dj), drain_data.eq(val)]
         finite = val[FP32_FRAC_BITS:FP32_FRAC_BITS + FP32_EXP_BITS] != FP32_EXP_SPECIAL
         with m.If(d_run & mac.o.valid):
             with m.If(in_range):
@@ -1218,25 +1297,27 @@ class Accelerator(wiring.Component):
                 m.d.comb += mac.o.ready.eq(1)
                 m.d.sync += d_c.eq(0)
                 with m.If(d_r == R - 1):
-                    m.d.sync += d_r.eq(0)
+                    m.d.sync += [d_r.eq(0), d_ra.eq(d_rb)]
                     with m.If(d_cg == T // C - 1):
                         m.d.sync += d_cg.eq(0)
                         with m.If(d_rg == T // R - 1):
-                            m.d.sync += d_rg.eq(0)
+                            m.d.sync += [d_rg.eq(0), d_ra.eq(d_ib), d_rb.eq(d_ib)]
                             with m.If(d_jt == nt - 1):
                                 m.d.sync += d_jt.eq(0)
                                 with m.If(d_it == mt - 1):
                                     m.d.sync += d_run.eq(0)
                                 with m.Else():
-                                    m.d.sync += d_it.eq(d_it + 1)
+                                    m.d.sync += [d_it.eq(d_it + 1), d_ra.eq(d_ib + gNT),
+                                                 d_rb.eq(d_ib + gNT), d_ib.eq(d_ib + gNT)]
                             with m.Else():
                                 m.d.sync += d_jt.eq(d_jt + 1)
                         with m.Else():
-                            m.d.sync += d_rg.eq(d_rg + 1)
+                            m.d.sync += [d_rg.eq(d_rg + 1), d_ra.eq(d_rb + gNR),
+                                         d_rb.eq(d_rb + gNR)]
                     with m.Else():
                         m.d.sync += d_cg.eq(d_cg + 1)
                 with m.Else():
-                    m.d.sync += d_r.eq(d_r + 1)
+                    m.d.sync += [d_r.eq(d_r + 1), d_ra.eq(d_ra + gN)]
             with m.Else():
                 m.d.sync += d_c.eq(d_c + 1)
         # accumulators kept between GEMMs: read back (ACCUMULATE) and written per beat
@@ -1442,16 +1523,18 @@ class UartAccelerator(wiring.Component):
     control).
     """
 
-    def __init__(self, config: AcceleratorConfig | None = None) -> None:
+    def __init__(self, config: AcceleratorConfig | None = None, *,
+                 primitives: str | None = None) -> None:
         from .uart import uart_divisor
         self.config = config or AcceleratorConfig.default()
+        self.primitives = primitives
         self.divisor = uart_divisor(self.config.clock_hz, self.config.baud_rate)
         super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "busy": Out(1)})
 
     def elaborate(self, platform):
         from .uart import UartRx, UartTx
         m = Module()
-        m.submodules.core = core = Accelerator(self.config)
+        m.submodules.core = core = Accelerator(self.config, primitives=self.primitives)
         m.submodules.urx = urx = UartRx(self.divisor)
         m.submodules.utx = utx = UartTx(self.divisor)
         m.submodules.rxq = q = fifo.SyncFIFOBuffered(width=8, depth=64)
