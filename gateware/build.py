@@ -65,6 +65,7 @@ from .top import UartAccelerator
 from .uart import uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "BuildError", "BuildResult", "PllParams",
+           "ResourceEstimate", "resource_estimate", "ULX3S_CONFIG",
            "board_config", "board_pins", "build_board", "board_platform", "build_plan", "ecp5_pll",
            "tool_environment", "register_cli", "MAPPERS"]
 
@@ -92,7 +93,27 @@ class Board:
     clock_hz: int
     uart: str = "uart"
     programmer: str = ""
+    #: fields of :meth:`AcceleratorConfig.default` changed for this board's default build
+    config: dict = field(default_factory=dict)
+    #: MULT18X18D / DP16KD available per variant (the resource check of
+    #: :func:`resource_estimate`)
+    resources: dict = field(default_factory=dict)
 
+
+#: The ULX3S default accelerator (changes to :meth:`AcceleratorConfig.default`). The
+#: default 8x8 array needs 261 MULT18X18D, the LFE5U-85F has 156: a 4x4 array (64
+#: products, 4 lanes each PE) fits with room to spare. Buffers: 16 Ki-element operand
+#: buffers (64 HyperBlock 16x16 tiles, e.g. a 128x128 operand; one DP16KD deep, 8 wide
+#: per buffer), 4 Ki-word ``fp_in`` / ``out`` (a 64x64 FP32 tile; 8 DP16KD each). Deeper
+#: buffers fit the block RAMs too (the default depths use ~173 of 208) but are built
+#: from cascades of DP16KD with read-data multiplexers and address fan-out on the
+#: critical read paths, and the 3 Mbaud link, not the buffer size, bounds the host's
+#: throughput (the host driver splits tensors and GEMMs to the buffer depths).
+ULX3S_CONFIG = {"array_rows": 4, "array_cols": 4, "operand_depth": 16384,
+                "input_depth": 4096, "output_depth": 4096}
+
+#: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
+ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}
 
 BOARDS: dict[str, Board] = {
     "ulx3s": Board(
@@ -100,7 +121,8 @@ BOARDS: dict[str, Board] = {
         variants={v: ("amaranth_boards.ulx3s", f"ULX3S_{v}_Platform")
                   for v in ("12F", "25F", "45F", "85F")},
         default_variant="85F", family="ecp5", clock_hz=60_000_000,
-        programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)"),
+        programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
+        config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
 }
 
 
@@ -210,13 +232,16 @@ def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, 
                  clock_hz: int | None = None) -> tuple[AcceleratorConfig, PllParams | None]:
     """The configuration actually built, and the PLL (``None``: the board clock direct).
 
+    Without ``config`` the board's default accelerator is built
+    (:meth:`AcceleratorConfig.default` with :attr:`Board.config`; ulx3s:
+    :data:`ULX3S_CONFIG`, a 4x4 array with smaller buffers).
     The requested clock is ``clock_hz``, else ``config.clock_hz`` when a config is given,
     else the board's default; the returned config's ``clock_hz`` is the achieved one.
     Raises ``ValueError`` if the baud rate is not reachable from that clock.
     """
     b = _board(board)
     cfg = config if config is not None else AcceleratorConfig.default().replace(
-        clock_hz=b.clock_hz)
+        clock_hz=b.clock_hz, **b.config)
     if not isinstance(cfg, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
     want = cfg.clock_hz if clock_hz is None else clock_hz
@@ -235,14 +260,104 @@ def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, 
     return cfg, pll
 
 
+def _primitives(b: Board) -> str | None:
+    """MAC array primitives for a board family (ECP5: registered MULT18X18D)."""
+    return "ecp5" if b.family == "ecp5" else None
+
+
+#: DP16KD aspect ratios (depth, width): true dual port up to 18 bits, 36 as a simple
+#: dual port (one write, one read port).
+DP16KD_MODES = ((16384, 1), (8192, 2), (4096, 4), (2048, 9), (1024, 18), (512, 36))
+#: Memories this small (bits) are left to LUTRAM / flip-flops in the estimate.
+LUTRAM_BITS = 2048
+
+
+@dataclass(frozen=True)
+class ResourceEstimate:
+    """DSP and block-RAM use of the accelerator, derived from the elaborated design.
+
+    ``dsps``: the ``MULT18X18D`` instances (the MAC array with ``primitives="ecp5"``)
+    plus one DSP per 18x18 piece of every multiplication of two non-constant operands
+    left in the design (yosys maps those to MULT18X18D). ``brams``: per memory, the
+    fewest DP16KD over the aspect ratios of :data:`DP16KD_MODES`, one copy per read port
+    (one write and one read port each; ROMs two read ports), memories of at most
+    :data:`LUTRAM_BITS` bits excluded. ``memories`` lists ``(path, width, depth,
+    read ports, DP16KD)``. An estimate, not yosys' mapping: yosys may trim constant or
+    unused bits (fewer BRAMs).
+    """
+
+    dsps: int
+    brams: int
+    multipliers: tuple
+    memories: tuple
+
+    def fits(self, board: str = "ulx3s", variant: str | None = None) -> bool:
+        b = _board(board)
+        dsp, bram = b.resources[variant or b.default_variant]
+        return self.dsps <= dsp and self.brams <= bram
+
+
+def _dp16kd(width: int, depth: int, reads: int, writes: int) -> int:
+    if width * depth <= LUTRAM_BITS:
+        return 0
+    one = min(-(-depth // d) * -(-width // w) for d, w in DP16KD_MODES)
+    copies = reads if writes else -(-reads // 2)
+    return one * max(1, copies)
+
+
+def _significant(v) -> int:
+    """Bits of a netlist value without its zero / sign extension."""
+    nets = list(v)
+    while len(nets) > 1 and ((nets[-1].is_const and nets[-1] == nets[-1].from_const(0))
+                             or nets[-1] == nets[-2]):
+        nets.pop()
+    return len(nets)
+
+
+def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ecp5",
+                      uart: bool = True) -> ResourceEstimate:
+    """DSPs and DP16KD of the (UART) accelerator for ``config``, without synthesis (see
+    :class:`ResourceEstimate`); elaborates the design (a few seconds)."""
+    from amaranth.hdl import Fragment
+    from amaranth.hdl import _ir, _nir
+
+    from .top import Accelerator
+    top = (UartAccelerator(config, primitives=primitives) if uart
+           else Accelerator(config, primitives=primitives))
+    netlist = _ir.build_netlist(Fragment.get(top, None), name="top")
+    mems, mults, dsps = {}, [], 0
+    ports = {}
+    for idx, cell in enumerate(netlist.cells):
+        if isinstance(cell, _nir.Memory):
+            mems[idx] = cell
+        elif isinstance(cell, (_nir.SyncReadPort, _nir.AsyncReadPort)):
+            ports.setdefault(cell.memory, [0, 0])[0] += 1
+        elif isinstance(cell, _nir.SyncWritePort):
+            ports.setdefault(cell.memory, [0, 0])[1] += 1
+        elif isinstance(cell, _nir.Instance) and cell.type == "MULT18X18D":
+            dsps += 1
+        elif isinstance(cell, _nir.Operator) and cell.operator == "*":
+            if not any(all(n.is_const for n in v) for v in cell.inputs):
+                mults.append(tuple(_significant(v) for v in cell.inputs))
+    memories = []
+    for idx, mem in mems.items():
+        r, w = ports.get(idx, (0, 0))
+        memories.append((mem.name, mem.width, mem.depth, r, _dp16kd(mem.width, mem.depth, r, w)))
+    dsps += sum(-(-wa // 18) * -(-wb // 18) for wa, wb in mults)
+    return ResourceEstimate(dsps=dsps, brams=sum(m[-1] for m in memories),
+                            multipliers=tuple(mults), memories=tuple(memories))
+
+
 class BoardTop(Elaboratable):
     """:class:`UartAccelerator` on a board: clock (via the PLL), reset, UART, LEDs."""
 
     def __init__(self, config: AcceleratorConfig, pll: PllParams | None = None,
-                 uart: str = "uart") -> None:
+                 uart: str = "uart", primitives: str | None = None) -> None:
         self.config = config
         self.pll = pll
         self.uart = uart
+        #: MAC array DSP primitives (``"ecp5"`` on ECP5 boards: registered MULT18X18D)
+        self.primitives = primitives
         #: UART clocks per bit, as :class:`UartAccelerator` computes it
         self.divisor = uart_divisor(config.clock_hz, config.baud_rate)
 
@@ -262,7 +377,7 @@ class BoardTop(Elaboratable):
         platform.add_clock_constraint(clk, self.config.clock_hz)
         m.submodules.rst_sync = ResetSynchronizer(~locked, domain="sync")
 
-        m.submodules.accel = acc = UartAccelerator(self.config)
+        m.submodules.accel = acc = UartAccelerator(self.config, primitives=self.primitives)
         assert acc.divisor == self.divisor
         uart = platform.request(self.uart, 0, dir="-")
         m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
@@ -347,7 +462,7 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
     name = name or f"{cfg.name}_{board}"
     overrides = _synth_overrides(name, mapper)
-    top = BoardTop(cfg, pll, uart=b.uart)
+    top = BoardTop(cfg, pll, uart=b.uart, primitives=_primitives(b))
     plan = plat.build(top, name=name, do_build=False, **overrides,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
                                    f"--seed {seed}")

@@ -95,6 +95,69 @@ def test_default_board_clock_and_divisor():
     assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 20
 
 
+def test_default_board_config_is_the_documented_4x4():
+    cfg, _ = B.board_config("ulx3s")
+    d = AcceleratorConfig.default()
+    assert (cfg.array_rows, cfg.array_cols) == (4, 4)
+    assert (cfg.operand_depth, cfg.input_depth, cfg.output_depth) == (16384, 4096, 4096)
+    # everything else is the default accelerator (formats, tile, k_max, link)
+    assert cfg.replace(array_rows=8, array_cols=8, operand_depth=d.operand_depth,
+                       input_depth=d.input_depth, output_depth=d.output_depth,
+                       clock_hz=d.clock_hz) == d
+
+
+@pytest.mark.parametrize("width, depth, reads, writes, expected", [
+    (32, 16384, 1, 1, 32),   # 16Kx1 x 32 (or 1Kx18: 16 deep x 2 wide)
+    (128, 1024, 1, 1, 8),    # 1Kx18 x 8 wide
+    (157, 1024, 1, 1, 9),    # 1Kx18: ceil(157 / 18) = 9
+    (8, 4160, 1, 1, 3),      # 2Kx9, 3 deep
+    (18, 256, 2, 1, 2),      # one 512x36 per read port
+    (8, 5000, 1, 0, 3),      # ROM: both ports read
+    (8, 5000, 3, 0, 6),
+    (8, 64, 1, 1, 0),        # 512 bits: LUT RAM
+])
+def test_dp16kd_count(width, depth, reads, writes, expected):
+    assert B._dp16kd(width, depth, reads, writes) == expected
+
+
+@pytest.fixture(scope="module")
+def board_estimate():
+    return B.resource_estimate(B.board_config("ulx3s")[0])
+
+
+def test_board_default_config_fits_the_85f(board_estimate):
+    cfg, _ = B.board_config("ulx3s")
+    e = board_estimate
+    # the MAC array with ECP5 primitives: one MULT18X18D per 8-bit product
+    lanes = 4
+    assert e.dsps >= cfg.array_rows * cfg.array_cols * lanes
+    assert e.dsps <= 156 and e.brams <= 208 and e.fits("ulx3s", "85F")
+    # every buffer of the buffer map is among the memories, at least its data size
+    names = {m[0] for m in e.memories}
+    for s in P.buffer_map(cfg):
+        assert f"buf_{s.name.replace('.', '_')}" in names
+    bits = sum(s.depth * 8 * s.wire_bytes for s in P.buffer_map(cfg))
+    assert e.brams * 18 * 1024 >= bits
+    assert not e.fits("ulx3s", "12F")   # 28 MULT18X18D
+
+
+def test_default_accelerator_does_not_fit_the_85f():
+    # measured: nextpnr needs 261 MULT18X18D for the 8x8 default (docs/board.md)
+    e = B.resource_estimate(AcceleratorConfig.default())
+    assert e.dsps > 156 and not e.fits("ulx3s", "85F")
+
+
+def test_board_top_uses_ecp5_dsp_primitives():
+    b = B.BOARDS["ulx3s"]
+    assert B._primitives(b) == "ecp5"
+    _, _, top, _ = B.build_plan(config=TINY)
+    assert top.primitives == "ecp5"
+    e = B.resource_estimate(TINY, primitives="ecp5")
+    e0 = B.resource_estimate(TINY, primitives=None)
+    # the array's products become MULT18X18D instances, not '*' operators
+    assert e.dsps == e0.dsps and len(e.multipliers) < len(e0.multipliers)
+
+
 def test_divisor_derives_from_the_achieved_clock():
     # 48 MHz is not reachable from 25 MHz (PFD >= 3.125 MHz): the PLL gives 46.875 MHz
     cfg, pll = B.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000))
@@ -284,3 +347,13 @@ def test_real_build_small_config(tmp_path):
     assert res.fmax_mhz > 25.0
     assert 0 < res.utilisation["LUT"] < 100
     assert read_manifest(res.manifest, kind="board")["build"]["fmax_mhz"] == res.fmax_mhz
+
+
+def test_plan_netlist_has_mac_array_dsp_instances(fake_build):
+    _, _, bdir = fake_build
+    il = (bdir / "hbfp_sim_ulx3s.il").read_text()
+    cfg = SIM_CONFIG
+    # SIM_CONFIG: 2x2 array, tile 8 (4 lanes): 16 registered MULT18X18D
+    cells = re.findall(r"cell \\MULT18X18D ", il)
+    assert len(cells) == cfg.array_rows * cfg.array_cols * 4
+    assert "parameter \\REG_OUTPUT_CLK \"CLK0\"" in il
