@@ -418,6 +418,11 @@ def board_pins(board: str = "ulx3s", variant: str | None = None) -> dict:
 #: (``synth_ecp5``'s own default).
 MAPPERS = ("abc", "abc9")
 MAPPER = "abc"
+#: nextpnr routers. ``router2`` is the default: on the ULX3S accelerator (221 k arcs)
+#: router1 had ~172 k arcs left after 6 minutes and slowed down further (congestion
+#: rip-up), router2 routes it in minutes.
+ROUTERS = ("router1", "router2")
+ROUTER = "router2"
 
 
 def _synth_overrides(name: str, mapper: str) -> dict:
@@ -450,7 +455,8 @@ def tool_environment(base: dict | None = None) -> dict:
 
 def build_plan(board: str = "ulx3s", variant: str | None = None,
                config: AcceleratorConfig | None = None, *, clock_hz: int | None = None,
-               name: str | None = None, seed: int = 1, mapper: str = MAPPER):
+               name: str | None = None, seed: int = 1, mapper: str = MAPPER,
+               router: str = ROUTER):
     """Elaborate the board top and return ``(plan, platform, top, config)``.
 
     ``plan`` is the amaranth :class:`~amaranth.build.run.BuildPlan` (files and the build
@@ -458,6 +464,8 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     and does not fail on timing (the result says whether timing was met).
     """
     b = _board(board)
+    if router not in ROUTERS:
+        raise ValueError(f"router={router!r}; accepted values are {', '.join(ROUTERS)}")
     plat = board_platform(board, variant)
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
     name = name or f"{cfg.name}_{board}"
@@ -465,7 +473,7 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     top = BoardTop(cfg, pll, uart=b.uart, primitives=_primitives(b))
     plan = plat.build(top, name=name, do_build=False, **overrides,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
-                                   f"--seed {seed}")
+                                   f"--seed {seed} --router {router}")
     return plan, plat, top, cfg
 
 
@@ -580,7 +588,8 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
 def build_board(board: str = "ulx3s", variant: str | None = None,
                 config: AcceleratorConfig | None = None, outdir: str | Path = "build/board",
                 *, clock_hz: int | None = None, seed: int = 1, mapper: str = MAPPER,
-                timeout: float | None = 3 * 3600, progress=print) -> BuildResult:
+                router: str = ROUTER, timeout: float | None = 3 * 3600,
+                progress=print) -> BuildResult:
     """Build a bitstream of the UART accelerator for ``board`` / ``variant``.
 
     Parameters
@@ -606,7 +615,7 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     variant = b.default_variant if variant is None else variant
     progress(f"elaborating the accelerator for {board} {variant}")
     plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed,
-                                      mapper=mapper)
+                                      mapper=mapper, router=router)
     name = plan.script[len("build_"):]
     outdir = Path(outdir).resolve()
     builddir = outdir / "build"
@@ -674,7 +683,7 @@ def _cli_build(args) -> int:
     clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
     try:
         res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
-                          seed=args.seed, mapper=args.mapper)
+                          seed=args.seed, mapper=args.mapper, router=args.router)
     except (BuildError, SynthError) as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 1
@@ -710,6 +719,9 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--mapper", default=MAPPER, choices=MAPPERS,
                    help="yosys LUT mapper (abc9 stops with an internal error on the "
                         "default accelerator)")
+    p.add_argument("--router", default=ROUTER, choices=ROUTERS,
+                   help="nextpnr router (router1 does not converge on the ulx3s default "
+                        "accelerator in reasonable time)")
     p.add_argument("--strict-timing", action="store_true",
                    help="exit with status 3 when Fmax is below the design clock")
     p.add_argument("-o", "--output", default="build/board", help="output directory")

@@ -260,6 +260,7 @@ def test_plan_script_invokes_tools_through_environment(fake_build):
     pnr = calls[1]
     for a in ("--85k", "--speed", "--lpf", "--timing-allow-fail", "--report"):
         assert a in pnr
+    assert pnr[pnr.index("--router") + 1] == "router2"
     assert pnr[pnr.index("--package") + 1] == "CABGA381"
     assert "--compress" in calls[2]
     ys = (bdir / "hbfp_sim_ulx3s.ys").read_text()
@@ -272,6 +273,14 @@ def test_plan_script_invokes_tools_through_environment(fake_build):
 def test_mapper_validation():
     with pytest.raises(ValueError, match=r"mapper='abc10'; accepted values are abc, abc9"):
         B.build_plan(config=TINY, mapper="abc10")
+
+
+def test_router_validation_and_choice():
+    with pytest.raises(ValueError, match=r"router='router3'; accepted values are router1, "
+                                         r"router2"):
+        B.build_plan(config=TINY, router="router3")
+    plan, *_ = B.build_plan(config=TINY, router="router1")
+    assert "--router router1" in plan.files[f"{plan.script}.sh"]
 
 
 def test_plan_constraints_match_platform_pins(fake_build):
