@@ -305,7 +305,7 @@ class MacArray(wiring.Component):
 
         # ---- drain: accumulators -> FP32 -> output FIFO ------------------------------
         wait_cycles = cfg.pe_latency + 3
-        wait = Signal(range(wait_cycles + 1))
+        wait = Signal(range(wait_cycles + 1), init=wait_cycles)
         d_active = Signal()
         d_win = Signal(range(cfg.windows))
         d_row = Signal(range(R))
@@ -317,8 +317,12 @@ class MacArray(wiring.Component):
         d_issue = Signal()
         d_last = Signal()
         m.d.comb += rd_win.eq(d_win)
+        # the wait counter is reloaded in every idle cycle rather than by start_drain,
+        # which keeps the issue logic (tile buffers -> go -> start_drain) off its input
         with m.If(start_drain):
-            m.d.sync += [busy_drain.eq(1), wait.eq(wait_cycles)]
+            m.d.sync += busy_drain.eq(1)
+        with m.If(~busy_drain):
+            m.d.sync += wait.eq(wait_cycles)
         with m.If(busy_drain & ~d_active):
             with m.If(wait == 0):
                 m.d.sync += [d_active.eq(1), d_win.eq(0), d_row.eq(0)]
