@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """RangeTracker gateware (Amaranth simulator) against a NumPy reference of the stream."""
 
 from __future__ import annotations
