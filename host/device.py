@@ -361,6 +361,21 @@ class Device:
                           rows=x.shape[0], cols=x.shape[1], src_offset=0,
                           rounding=fmt.rounding_code, seed=fmt.seed)
 
+    def quantize_tiles(self, shape: tuple[int, int], fmt: BFPFormat | None = None,
+                       ) -> list[tuple[int, int, int, int]]:
+        """The ``(r0, r1, c0, c1)`` tiles of whole blocks :meth:`quantize` sends as
+        separate QUANTIZE commands for a tensor of ``shape`` (one when it fits)."""
+        slot = self._quantize_slot(fmt, tuple(shape))
+        br, bc = block_layout(tuple(shape), self.config.formats[slot]).block
+        R, C = shape
+        cap = min(self.config.input_depth, self.config.operand_depth)
+        Ct = min(-(-C // bc) * bc, _U16 // bc * bc, cap // br // bc * bc)
+        if Ct == 0:
+            raise ValueError(f"one block ({br}x{bc}) does not fit the device buffers")
+        Rt = min(-(-R // br) * br, _U16 // br * br, cap // Ct // br * br)
+        return [(r0, min(R, r0 + Rt), c0, min(C, c0 + Ct))
+                for r0 in range(0, R, Rt) for c0 in range(0, C, Ct)]
+
     def quantize(self, x: Any, fmt: BFPFormat | None = None, *, nonfinite: str = "raise",
                  name: str = "x") -> BFPTensor:
         """Quantize ``x`` on the device; bit-identical to :func:`hbfp_hw.quantize`.
@@ -377,15 +392,8 @@ class Device:
         fmt = fmt or dfmt
         lay = block_layout(x.shape, dfmt)
         br, bc = lay.block
-        R, C = x.shape
-        cfg = self.config
-        cap = min(cfg.input_depth, cfg.operand_depth)
-        Ct = min(-(-C // bc) * bc, _U16 // bc * bc, cap // br // bc * bc)
-        if Ct == 0:
-            raise ValueError(f"one block ({br}x{bc}) does not fit the device buffers")
-        Rt = min(-(-R // br) * br, _U16 // br * br, cap // Ct // br * br)
-        tiles = [(r0, min(R, r0 + Rt), c0, min(C, c0 + Ct))
-                 for r0 in range(0, R, Rt) for c0 in range(0, C, Ct)]
+        cap = min(self.config.input_depth, self.config.operand_depth)
+        tiles = self.quantize_tiles(x.shape, fmt)
         if fmt.rounding == "stochastic" and len(tiles) > 1:
             raise ValueError(
                 f"tensor {name!r} of shape {x.shape} needs {len(tiles)} QUANTIZE tiles; "
@@ -395,7 +403,7 @@ class Device:
         codes = np.zeros(lay.grid, dtype=np.int64)
         first_bad = None
         mwb, ewb = self._specs["op0.man"].wire_bytes, self._specs["op0.exp"].wire_bytes
-        with self._progress(5 * R * C, f"quantize {name}"):
+        with self._progress(5 * x.size, f"quantize {name}"):
             for r0, r1, c0, c1 in tiles:
                 tile = x[r0:r1, c0:c1]
                 tl = block_layout(tile.shape, dfmt)

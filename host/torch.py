@@ -352,6 +352,11 @@ class DeviceBackend(Backend):
     device : str or Device
         A device URL for ``hbfp_hw.host.open`` (e.g. ``"emulate://"``) or an open
         device object with ``quantize(x, fmt)`` and ``matmul_q(a_q, b_q)``.
+
+    A stochastic-rounding tensor larger than one device QUANTIZE (whose random stream
+    restarts per command) is quantized on the host by the golden model instead, so both
+    backends draw one stream per tensor and give identical bits; ``calls`` counts these
+    as ``"host_quantize"``.
     """
 
     def __init__(self, device: Any) -> None:
@@ -370,7 +375,15 @@ class DeviceBackend(Backend):
         self.device = device
 
     def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:
-        return self.device.quantize(_as_f32_array(x), fmt)
+        x = _as_f32_array(x)
+        tiles = getattr(self.device, "quantize_tiles", None)
+        if (fmt.rounding == "stochastic" and tiles is not None and x.ndim == 2
+                and len(tiles(x.shape, fmt)) > 1):
+            # the device restarts the random stream per QUANTIZE; one stream over the
+            # whole tensor (as on emulate) is the golden model's quantization
+            self.calls["host_quantize"] += 1
+            return quantize(x, fmt)
+        return self.device.quantize(x, fmt)
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return np.asarray(self.device.matmul_q(a, b), dtype=np.float32)

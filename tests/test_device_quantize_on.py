@@ -97,3 +97,15 @@ def test_errors(rng):
         a[2, 3] = np.nan
         with pytest.raises(NonFiniteBlockError, match="'a'"):
             dev.matmul(a, np.ones((16, 4), np.float32), quantize_on="host")
+
+
+def test_quantize_tiles_cover_the_tensor_in_whole_blocks():
+    with host.open("emulate://", config=SMALL, progress=False) as dev:
+        assert dev.quantize_tiles((16, 32)) == [(0, 16, 0, 32)]
+        tiles = dev.quantize_tiles((70, 100))              # 7000 > input_depth 1024
+    cover = np.zeros((70, 100), int)
+    for r0, r1, c0, c1 in tiles:
+        assert r0 % 16 == 0 and c0 % 16 == 0               # HBFP8: 16x16 blocks
+        assert (r1 - r0) * (c1 - c0) <= SMALL.input_depth
+        cover[r0:r1, c0:c1] += 1
+    assert (cover == 1).all()

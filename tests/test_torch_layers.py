@@ -311,12 +311,12 @@ def _host_open():
                     reason="hbfp_hw.host.open (host driver, issue 5) is not in this tree yet; "
                            "the Device-API routing is covered by "
                            "test_device_api_backend_equals_emulate with a golden device")
-@pytest.mark.parametrize("batch,sr", [(16, True), (32, False)])
+@pytest.mark.parametrize("batch,sr", [(16, True), (32, False), (32, True)])
 def test_emulate_url_backend_equals_emulate(batch, sr, rng):
     """The host driver's emulate:// device (codec, tiling, K-split) against the
-    in-process golden model, for a few training steps. With stochastic rounding every
-    tensor must fit one QUANTIZE (input_depth elements: the random stream restarts per
-    QUANTIZE), hence batch 16 there; batch 32 exercises the device's tiling."""
+    in-process golden model, for a few training steps. Batch 32 exercises the device's
+    tiling; with stochastic rounding, tensors larger than one QUANTIZE (whose random
+    stream restarts per command) are quantized on the host by the golden model."""
     x = torch.from_numpy(rng.random((batch, 1, 8, 8), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, batch))
     torch.manual_seed(1)
@@ -328,6 +328,7 @@ def test_emulate_url_backend_equals_emulate(batch, sr, rng):
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
     assert be.calls["quantize"] == 3 * 9 and be.calls["matmul"] == 3 * 8
+    assert (be.calls["host_quantize"] > 0) == (sr and batch == 32)
 
 
 # -- validation ------------------------------------------------------------------------
