@@ -1,4 +1,4 @@
-"""Board build benchmark: the default accelerator on a ULX3S, bitstream, Fmax, utilisation.
+"""Board build benchmark: the board's default accelerator on a ULX3S, bitstream, Fmax, utilisation.
 
 Runs the same flow as ``hbfp-hw build`` (:func:`hbfp_hw.gateware.build.build_board`) and
 prints Fmax against the design clock, LUT/FF/DSP/BRAM use and their share of the device,
@@ -6,7 +6,9 @@ and the wall time of the build. Builds run one after the other (each takes many 
 on a 2-core machine: yosys and nextpnr are single-threaded WebAssembly builds).
 
 Run: ``.venv/bin/python benchmarks/bench_board_build.py [--variant 85F ...]
-[--clock-mhz 60] [--config JSON] [--out DIR]``; ``--json FILE`` also writes the results.
+[--clock-mhz 60] [--config JSON] [--router router2] [--out DIR]``; ``--json FILE`` also
+writes the results. Without ``--config`` the board's default configuration is built
+(ulx3s: ``hbfp_hw.gateware.build.ULX3S_CONFIG``, a 4x4 array).
 ``--manifest M.json ...`` prints the table of earlier builds from their manifests (the
 build results are stored there) without building again.
 """
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from hbfp_hw.config.accelerator import AcceleratorConfig
-from hbfp_hw.gateware.build import BuildError, build_board
+from hbfp_hw.gateware.build import ROUTER, ROUTERS, BuildError, build_board
 from hbfp_hw.manifest import read_manifest
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="design clock; default: the board's (ulx3s: 60 MHz)")
     ap.add_argument("--config", default=None, help="AcceleratorConfig JSON file")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--router", default=ROUTER, choices=ROUTERS)
     ap.add_argument("--out", default="build/bench_board")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     ap.add_argument("--manifest", nargs="+", default=None,
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {a.board} {v}", flush=True)
         try:
             r = build_board(a.board, v, cfg, Path(a.out) / f"{a.board}_{v}", clock_hz=clock,
-                            seed=a.seed, progress=lambda s: print(s, flush=True))
+                            seed=a.seed, router=a.router,
+                            progress=lambda s: print(s, flush=True))
         except (BuildError, ValueError) as e:
             print(f"{a.board} {v}: FAILED: {str(e).splitlines()[0]}", flush=True)
             rows.append((f"{a.board} {v}", "-", "-", "failed", "", "", "", "", ""))
