@@ -645,20 +645,26 @@ class Accelerator(wiring.Component):
             m.d.sync += [x_which.eq(0), x_i.eq(0), x_k.eq(0), x_done.eq(0), x_bi.eq(0),
                          x_blk.eq(0),
                          y_which.eq(0), y_i.eq(0), y_done.eq(0)]
+        # one register stage after the reads (u_*): the new reference, the own maximum
+        # and the difference to the stored reference; the checks and the write use them
         y_own, y_new = Signal(signed(RW)), Signal(signed(RW))
         y_diff, y_d0 = Signal(signed(RW + 2)), Signal(signed(RW + 2))
         y_same = Signal()
+        u_v, u_which, u_i, u_first = Signal(), Signal(), Signal(16), Signal()
+        u_own, u_new, u_diff = Signal(signed(RW)), Signal(signed(RW)), Signal(signed(RW + 2))
         m.d.comb += [ref_r2.addr.eq(ref_addr(rbank, y_which, y_i)),
                      y_own.eq(ref_r1.data),
                      y_new.eq(Mux(ext_f, rps[eref_spec.id].data - mref.exp_bias, y_own)),
                      y_diff.eq(y_new - ref_r2.data),
-                     y_same.eq(q_first | (y_diff == Mux(q_which, -y_d0, y_d0)))]
-        with m.If(q_v & q_first):
-            m.d.sync += y_d0.eq(y_diff)
-        m.d.comb += [ref_w.en.eq((p_v & p_last) | q_v),
+                     y_same.eq(u_first | (u_diff == Mux(u_which, -y_d0, y_d0)))]
+        m.d.sync += [u_v.eq(q_v), u_which.eq(q_which), u_i.eq(q_i), u_first.eq(q_first),
+                     u_own.eq(y_own), u_new.eq(y_new), u_diff.eq(y_diff)]
+        with m.If(u_v & u_first):
+            m.d.sync += y_d0.eq(u_diff)
+        m.d.comb += [ref_w.en.eq((p_v & p_last) | u_v),
                      ref_w.addr.eq(Mux(p_v, ref_addr(~rbank, p_which, p_i),
-                                       ref_addr(~rbank, q_which, q_i))),
-                     ref_w.data.eq(Mux(p_v, x_mx, y_new))]
+                                       ref_addr(~rbank, u_which, u_i))),
+                     ref_w.data.eq(Mux(p_v, x_mx, u_new))]
 
         # ---- QUANTIZE engine (fp_in -> slot quantizer -> operand buffer) ---------------
         QF = lambda name: fld(P.Op.QUANTIZE, name)  # noqa: E731
@@ -1011,11 +1017,11 @@ class Accelerator(wiring.Component):
             # (ACCUMULATE) against the stored references: e_ref[i, j] must be unchanged
             with m.State("G_REF"):
                 m.d.comb += [mode.eq(1), sc_next.eq(y_elem), y_go.eq(~y_done)]
-                with m.If(y_done & ~q_v):
+                with m.If(y_done & ~q_v & ~u_v):
                     m.next = "G_GO"
-                with m.If(q_v & ext_f & (y_new < y_own)):
+                with m.If(u_v & ext_f & (u_new < u_own)):
                     error(P.ErrorCode.BAD_ARGUMENT, 6)
-                with m.Elif(q_v & acc_f & ~y_same):
+                with m.Elif(u_v & acc_f & ~y_same):
                     error(P.ErrorCode.BAD_ARGUMENT, 6)
             with m.State("G_GO"):
                 with m.If(acc_f & ~g_fit):
