@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Gateware frame decoder in the Amaranth simulator, fed by the host codec's frames."""
 
 from __future__ import annotations
