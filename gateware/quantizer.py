@@ -63,6 +63,19 @@ def bfp_beat_layout(lanes: int, man_bits: int, exp_bits: int) -> data.StructLayo
     })
 
 
+
+def _ring_step(m: Module, en, addr, depth: int, beat, beats: int, bank, banks: int):
+    """On ``en``: step the buffer address (mod ``depth``), the beat within the block
+    (mod ``beats``) and, after a block's last beat, the bank (mod ``banks``).
+    Returns the "last beat of a block" condition."""
+    last = beat == beats - 1
+    with m.If(en):
+        m.d.sync += [addr.eq(Mux(addr == depth - 1, 0, addr + 1)),
+                     beat.eq(Mux(last, 0, beat + 1))]
+        with m.If(last):
+            m.d.sync += bank.eq(Mux(bank == banks - 1, 0, bank + 1))
+    return last
+
 class MaxTree(wiring.Component):
     """Pipelined maximum of ``n`` unsigned values (the block max-exponent tree).
 
@@ -287,13 +300,9 @@ class Quantizer(wiring.Component):
         m.d.comb += [self.i.ready.eq(~busy.bit_select(wbank, 1)),
                      accept.eq(self.i.valid & self.i.ready),
                      wp.addr.eq(waddr), wp.data.eq(self.i.payload), wp.en.eq(accept)]
-        wlast = wbeat == B - 1
-        with m.If(accept):
-            m.d.sync += [waddr.eq(Mux(waddr == depth - 1, 0, waddr + 1)),
-                         wbeat.eq(Mux(wlast, 0, wbeat + 1))]
-            with m.If(wlast):
-                m.d.sync += wbank.eq(Mux(wbank == NB - 1, 0, wbank + 1))
-                m.d.comb += busy_set.eq(Const(1, NB) << wbank)
+        wlast = _ring_step(m, accept, waddr, depth, wbeat, B, wbank, NB)
+        with m.If(accept & wlast):
+            m.d.comb += busy_set.eq(Const(1, NB) << wbank)
 
         # exponent pipeline: x1 (fields registered) -> tree (latency T) -> running max
         x1 = Signal(data.ArrayLayout(8, L))
@@ -323,13 +332,9 @@ class Quantizer(wiring.Component):
         issue = Signal()
         m.d.comb += [issue.eq(adv & expok.bit_select(rbank, 1)),
                      rp.addr.eq(raddr), rp.en.eq(adv)]
-        rlast = rbeat == B - 1
-        with m.If(issue):
-            m.d.sync += [raddr.eq(Mux(raddr == depth - 1, 0, raddr + 1)),
-                         rbeat.eq(Mux(rlast, 0, rbeat + 1))]
-            with m.If(rlast):
-                m.d.sync += rbank.eq(Mux(rbank == NB - 1, 0, rbank + 1))
-                m.d.comb += busy_clr.eq(Const(1, NB) << rbank)
+        rlast = _ring_step(m, issue, raddr, depth, rbeat, B, rbank, NB)
+        with m.If(issue & rlast):
+            m.d.comb += busy_clr.eq(Const(1, NB) << rbank)
 
         # block exponent: E = clamp(F - 127, emin, emax), emin for an all-zero block
         f = bank_f[rbank]

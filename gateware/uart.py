@@ -29,6 +29,13 @@ def uart_divisor(clock_hz: int, baud: int) -> int:
     return div
 
 
+def _check_divisor(divisor: object) -> int:
+    """Clocks per bit: an integer >= 4 (the receiver samples mid-bit)."""
+    if not isinstance(divisor, int) or divisor < 4:
+        raise ValueError(f"divisor={divisor!r} is out of range; accepted range is >= 4")
+    return divisor
+
+
 class UartRx(wiring.Component):
     """``rx`` line -> ``o`` byte stream."""
 
@@ -38,9 +45,7 @@ class UartRx(wiring.Component):
     overrun: Out(1)
 
     def __init__(self, divisor: int) -> None:
-        if not isinstance(divisor, int) or divisor < 4:
-            raise ValueError(f"divisor={divisor!r} is out of range; accepted range is >= 4")
-        self.divisor = divisor
+        self.divisor = _check_divisor(divisor)
         super().__init__()
 
     def elaborate(self, platform):
@@ -99,9 +104,7 @@ class UartTx(wiring.Component):
     tx: Out(1, init=1)
 
     def __init__(self, divisor: int) -> None:
-        if not isinstance(divisor, int) or divisor < 4:
-            raise ValueError(f"divisor={divisor!r} is out of range; accepted range is >= 4")
-        self.divisor = divisor
+        self.divisor = _check_divisor(divisor)
         super().__init__()
 
     def elaborate(self, platform):

@@ -27,6 +27,7 @@ from .validate import check_int as _check_int
 __all__ = [
     "ROUNDING_MODES",
     "mantissa_max",
+    "fraction_bits",
     "exponent_bias",
     "exponent_invalid_code",
     "Rounding",
@@ -57,6 +58,11 @@ SR_LANES_RANGE = (1, 256)
 def mantissa_max(man_bits: int) -> int:
     """Largest mantissa magnitude of ``man_bits``-bit symmetric elements."""
     return 2 ** (man_bits - 1) - 1
+
+
+def fraction_bits(man_bits: int) -> int:
+    """Fraction bits of a ``man_bits``-bit mantissa: element ``m * 2**(E - frac)``."""
+    return man_bits - 2
 
 
 def exponent_bias(exp_bits: int) -> int:
@@ -176,7 +182,7 @@ class BFPFormat:
     @property
     def frac_bits(self) -> int:
         """Element value is ``m * 2**(E - frac_bits)``; ``frac_bits = man_bits - 2``."""
-        return self.man_bits - 2
+        return fraction_bits(self.man_bits)
 
     @property
     def block_size(self) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..formats import BFPFormat, exponent_bias, exponent_invalid_code, mantissa_max
+from ..formats import (BFPFormat, exponent_bias, exponent_invalid_code, fraction_bits,
+                       mantissa_max)
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
 from ..validate import check_int as _check_int
 
@@ -94,11 +95,11 @@ class MacArrayConfig:
     # -- derived constants --------------------------------------------------------
     @property
     def frac_a(self) -> int:
-        return self.man_bits_a - 2
+        return fraction_bits(self.man_bits_a)
 
     @property
     def frac_b(self) -> int:
-        return self.man_bits_b - 2
+        return fraction_bits(self.man_bits_b)
 
     @property
     def mmax_a(self) -> int:
