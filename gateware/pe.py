@@ -29,9 +29,10 @@ FPGAs) the same registers are fabric registers: same cycle behaviour either way.
 
 from __future__ import annotations
 
-from amaranth.hdl import (Array, Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal,
+from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal,
                           Signal, signed)
 from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config.mac_array import MacArrayConfig
@@ -247,12 +248,24 @@ class PE(wiring.Component):
         c4 = Signal(cl)
         m.d.sync += c4.eq(c3)
         for j in range(F):
-            accs = Array(Signal(signed(cfg.acc_bits), name=f"acc{j}_w{w}")
-                         for w in range(cfg.windows))
             aligned = Signal(signed(cfg.acc_bits), name=f"aligned{j}")
             m.d.sync += aligned.eq((pr[j] << cfg.guard_bits) >> c3.shift)
-            with m.If(c4.valid & c4.last_k):
-                m.d.sync += accs[c4.win].eq(
-                    Mux(c4.first_tile, 0, accs[c4.win]) + aligned)
-            m.d.comb += self.acc[j].eq(accs[self.rd_win])
+            update = c4.valid & c4.last_k
+            if cfg.windows == 1:
+                acc = Signal(signed(cfg.acc_bits), name=f"acc{j}")
+                with m.If(update):
+                    m.d.sync += acc.eq(Mux(c4.first_tile, 0, acc) + aligned)
+                m.d.comb += self.acc[j].eq(acc)
+                continue
+            # One accumulator per window in a small memory (LUT RAM on FPGAs) rather
+            # than windows x acc_bits flip-flops behind a windows:1 multiplexer: the
+            # update reads and writes the same window in one cycle (asynchronous read),
+            # the drain reads through a second asynchronous port.
+            accs = Memory(shape=signed(cfg.acc_bits), depth=cfg.windows, init=[])
+            m.submodules[f"acc{j}"] = accs
+            rd, wr, out = accs.read_port(domain="comb"), accs.write_port(), \
+                accs.read_port(domain="comb")
+            m.d.comb += [rd.addr.eq(c4.win), wr.addr.eq(c4.win), wr.en.eq(update),
+                         wr.data.eq(Mux(c4.first_tile, 0, rd.data) + aligned),
+                         out.addr.eq(self.rd_win), self.acc[j].eq(out.data)]
         return m
