@@ -569,6 +569,10 @@ class Accelerator(wiring.Component):
         exp_range_bad = (exp_code > mref.exp_invalid_code if mref.exp_invalid_code < 2 ** ew - 1
                          else Const(0))
         exp_inv = exp_code == mref.exp_invalid_code
+        chk_v = Signal()                    # registered check of one scanned element
+        chk_bad = Signal()
+        chk_sc = Signal(32)
+        chk_lane = Signal(range(T + 1))
         slots_ok = gemm_slots(cfg)
 
         def slot_supported(slot):
@@ -942,6 +946,7 @@ class Accelerator(wiring.Component):
             with m.State("G_SCAN_SET"):
                 m.d.comb += sc_next.eq(0)
                 m.d.comb += mode.eq(1)
+                m.d.sync += chk_v.eq(0)
                 with m.Switch(k_cnt):
                     for ph, (which, kind) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1),
                                                         (0, 2), (1, 2))):
@@ -957,24 +962,35 @@ class Accelerator(wiring.Component):
                         m.next = "G_SHAPE0"
                 with m.If(k_cnt < 6):
                     m.next = "G_SCAN"
+            # The check of element ``sc`` is registered (``chk_*``) and acted on in the
+            # next cycle: the buffer read, the operand select and the per-lane range
+            # compares end in a register instead of in the error response's enables.
+            # Elements are still checked in order (the first bad one is reported); a
+            # phase ends one cycle after its last read.
             with m.State("G_SCAN"):
                 m.d.comb += mode.eq(1)
-                with m.If(sc == scan_n):
-                    m.d.sync += k_cnt.eq(k_cnt + 1)
-                    m.d.comb += sc_next.eq(0)
-                    m.next = "G_SCAN_SET"
-                with m.Else():
-                    m.d.comb += sc_next.eq(sc + 1)
+                m.d.sync += [chk_v.eq(sc != scan_n), chk_sc.eq(sc),
+                             chk_lane.eq(man_bad_lane)]
+                with m.Switch(scan_kind):
+                    for kind, bad in enumerate((man_bad.any(), exp_range_bad, exp_inv)):
+                        with m.Case(kind):
+                            m.d.sync += chk_bad.eq(bad)
+                with m.If(chk_v & chk_bad):
                     with m.Switch(scan_kind):
                         with m.Case(0):
-                            with m.If(man_bad.any()):
-                                error(P.ErrorCode.DATA_RANGE, (sc << tsh) + man_bad_lane)
+                            error(P.ErrorCode.DATA_RANGE, (chk_sc << tsh) + chk_lane)
                         with m.Case(1):
-                            with m.If(exp_range_bad):
-                                error(P.ErrorCode.DATA_RANGE, sc)
+                            error(P.ErrorCode.DATA_RANGE, chk_sc)
                         with m.Case(2):
-                            with m.If(exp_inv):
-                                error(P.ErrorCode.INVALID_DATA, Cat(sc[:31], scan_which))
+                            error(P.ErrorCode.INVALID_DATA, Cat(chk_sc[:31], scan_which))
+                with m.Elif(sc == scan_n):
+                    m.d.comb += sc_next.eq(sc)
+                    with m.If(~chk_v):
+                        m.d.sync += k_cnt.eq(k_cnt + 1)
+                        m.d.comb += sc_next.eq(0)
+                        m.next = "G_SCAN_SET"
+                with m.Else():
+                    m.d.comb += sc_next.eq(sc + 1)
             a_rows, a_cols = fld(P.Op.GEMM, "a_rows"), fld(P.Op.GEMM, "a_cols")
             b_rows, b_cols = fld(P.Op.GEMM, "b_rows"), fld(P.Op.GEMM, "b_cols")
             Ka = Mux(ta, a_rows, a_cols)
