@@ -37,10 +37,10 @@ from hbfp_hw.config.mac_array import MacArrayConfig
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
-from .fp32 import FP32_EXP_BITS, FP32_EXP_SPECIAL, FP32_FRAC_BITS
 from .cmd_decoder import FrameDecoder, crc32_byte_matrix
 from .mac_array import MacArray, carry_bits, ref_exponent_limit
 from .quantizer import Quantizer
+from .range_tracker import RangeTracker
 
 __all__ = ["Accelerator", "UartAccelerator", "UNSUPPORTED", "unsupported", "gemm_slots",
            "quant_lanes", "quant_rounding", "info_blob",
@@ -179,12 +179,6 @@ def _crc_next(m: Module, crc: Signal, byte) -> Signal:
                 acc = acc ^ byte[i]
         m.d.comb += out[j].eq(acc)
     return out
-
-
-def _f32_key(bits):
-    """FP32 bit pattern -> signed integer with the same order (for finite values)."""
-    mag = Cat(bits[:31], Const(0, 1)).as_signed()
-    return Mux(bits[31], -mag, mag)
 
 
 class Accelerator(wiring.Component):
@@ -378,14 +372,11 @@ class Accelerator(wiring.Component):
             respond(P.ERROR_OPCODE, fix=fix, nfix=P.ERROR_LAYOUT.header_size)
 
         # ---- statistics ---------------------------------------------------------------
-        st_count = Signal(32)
-        st_nonfin = Signal(32)
-        st_min = Signal(32, init=0x7F800000)
-        st_max = Signal(32, init=0xFF800000)
+        # the range tracker watches the stored GEMM outputs (drain -> out buffer)
+        m.submodules.stats = stats = RangeTracker(width=32, lanes=1, fp32=True,
+                                                  count_bits=32)
         st_clear = Signal()
-        with m.If(st_clear):
-            m.d.sync += [st_count.eq(0), st_nonfin.eq(0), st_min.eq(0x7F800000),
-                         st_max.eq(0xFF800000)]
+        m.d.comb += [stats.clear.eq(st_clear), stats.o.ready.eq(1)]
 
         # ---- MAC array ----------------------------------------------------------------
         m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
@@ -849,10 +840,9 @@ class Accelerator(wiring.Component):
                         with m.If((fl & (0xFF & ~int(P.StatsFlag.CLEAR))) != 0):
                             error(P.ErrorCode.BAD_ARGUMENT, 0)
                         with m.Else():
-                            empty = st_count == 0
                             respond(P.Op.READ_STATS | P.RESPONSE_FLAG,
-                                    fix=Cat(st_count, st_nonfin, Mux(empty, 0, st_min),
-                                            Mux(empty, 0, st_max)),
+                                    fix=Cat(stats.count, stats.n_nonfinite, stats.min,
+                                            stats.max),
                                     nfix=P.RESPONSES[P.Op.READ_STATS].header_size)
                             with m.If(fl & int(P.StatsFlag.CLEAR)):
                                 m.d.comb += st_clear.eq(1)
@@ -1303,18 +1293,11 @@ class Accelerator(wiring.Component):
                     m.d.comb += val.eq(mac.o.payload.data[k])
         in_range = (di < gM) & (dj < gN) & store_f   # out and statistics: STORE only
         m.d.comb += [drain_addr.eq(d_ra + dj), drain_data.eq(val)]
-        finite = val[FP32_FRAC_BITS:FP32_FRAC_BITS + FP32_EXP_BITS] != FP32_EXP_SPECIAL
+        m.d.comb += [stats.i.valid.eq(d_run & mac.o.valid & in_range),
+                     stats.i.payload[0].eq(val)]
         with m.If(d_run & mac.o.valid):
             with m.If(in_range):
                 m.d.comb += drain_en.eq(1)
-                with m.If(finite):
-                    m.d.sync += st_count.eq(st_count + 1)
-                    with m.If(_f32_key(val) < _f32_key(st_min)):
-                        m.d.sync += st_min.eq(val)
-                    with m.If(_f32_key(val) > _f32_key(st_max)):
-                        m.d.sync += st_max.eq(val)
-                with m.Else():
-                    m.d.sync += st_nonfin.eq(st_nonfin + 1)
             with m.If(d_c == C - 1):
                 m.d.comb += mac.o.ready.eq(1)
                 m.d.sync += d_c.eq(0)

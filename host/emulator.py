@@ -140,7 +140,7 @@ class Emulator:
         self._acc_bad: np.ndarray | None = None
         self._acc_meta: tuple | None = None
         self._k_total = 0
-        self._stats = [0, 0, np.float32(np.inf), np.float32(-np.inf)]
+        self._stats = _empty_stats()
 
     def _spec(self, buf: int, *, writable: bool = False) -> P.BufferSpec:
         if buf >= len(self.specs):
@@ -329,18 +329,18 @@ class Emulator:
             st[0] += int(fin.size)
             st[1] += int(y.size - fin.size)
             if fin.size:
-                st[2] = min(st[2], fin.min())
-                st[3] = max(st[3], fin.max())
+                keys = _f32_keys(fin)
+                st[2] = min(st[2], int(keys.min()))
+                st[3] = max(st[3], int(keys.max()))
         return {"k_total": k_total}, b""
 
     def _op_read_stats(self, f, data):
         self._check_flags(f["flags"], P.StatsFlag, 0)
         count, nonfin, lo, hi = self._stats
-        if count == 0:
-            lo, hi = np.float32(0), np.float32(0)
-        out = {"count": count, "n_nonfinite": nonfin, "min": float(lo), "max": float(hi)}
+        lo, hi = (_key_f32(lo), _key_f32(hi)) if count else (0.0, 0.0)
+        out = {"count": count, "n_nonfinite": nonfin, "min": lo, "max": hi}
         if f["flags"] & P.StatsFlag.CLEAR:
-            self._stats = [0, 0, np.float32(np.inf), np.float32(-np.inf)]
+            self._stats = _empty_stats()
         return out, b""
 
     def _op_reset(self, f, data):
@@ -378,3 +378,21 @@ def _acc_to_f32(acc: np.ndarray, e_ref: np.ndarray, guard_bits: int, fa: int, fb
     with np.errstate(over="ignore"):
         out = np.where(np.abs(v) < 2.0**-126, 0.0, v).astype(np.float32)
     return np.where(bad, np.float32(np.nan), out)
+
+
+# READ_STATS order: the binary32 patterns compared through the order-preserving key of
+# ``hbfp_hw.gateware.range_tracker.float_key`` (a total order: -0.0 < +0.0), so the
+# device's range tracker and this model agree whatever the order of the outputs.
+def _f32_keys(y: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(y, dtype=np.float32).view(np.int32)
+    return np.where(b < 0, b ^ np.int32(0x7FFFFFFF), b)
+
+
+def _key_f32(key: int) -> float:
+    b = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(np.array([b], dtype=np.int32).view(np.float32)[0])
+
+
+def _empty_stats() -> list:
+    """count, non-finite count, min key, max key (no element yet)."""
+    return [0, 0, 1 << 31, -(1 << 31) - 1]

@@ -168,3 +168,23 @@ def test_partial_frame_dropped_on_idle(cut):
     out = emu.feed(P.encode_frame(2, P.Op.RESET, b""))
     (r,) = [e for e in FrameParser().feed(out) if isinstance(e, Frame)]
     assert r.seq == 2 and r.opcode == P.Op.RESET | P.RESPONSE_FLAG
+
+
+def test_stats_order_is_the_range_trackers_key():
+    """READ_STATS min/max use the range tracker's total order on binary32 patterns
+    (-0.0 < +0.0), so device and model agree whatever order the outputs come in."""
+    from hbfp_hw.gateware.range_tracker import float_key
+    from hbfp_hw.host.emulator import _f32_keys, _key_f32
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 1 << 32, 2000, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([bits, np.array([0, 0x80000000, 1, 0x80000001], np.uint32)])
+    y = bits.view(np.float32)
+    y = y[np.isfinite(y)]
+    keys = _f32_keys(y)
+    assert [int(k) for k in keys] == [float_key(int(b)) for b in y.view(np.uint32)]
+    for k, v in zip(keys[-4:], y[-4:]):
+        assert np.float32(_key_f32(int(k))).view(np.uint32) == v.view(np.uint32)
+    lo = _key_f32(int(keys.min()))
+    assert lo == float(y.min()) and np.signbit(lo) == (float(y.min()) < 0)
+    pair = _f32_keys(np.array([0.0, -0.0], np.float32))
+    assert np.signbit(_key_f32(int(pair.min()))) and not np.signbit(_key_f32(int(pair.max())))
