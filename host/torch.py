@@ -36,7 +36,7 @@ GEMM through a ``hbfp_hw.host`` device (``Device.quantize`` / ``Device.matmul_q`
 
 from __future__ import annotations
 
-import copy
+import struct
 import zlib
 from collections import Counter
 from functools import lru_cache
@@ -51,6 +51,7 @@ from hbfp_hw.formats import HBFP8, BFPFormat
 from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
 from hbfp_hw.quantize import BFPTensor, block_layout, quantize
 
+from . import torch_kernels as _kernels
 from .ranges import UniformQuantizer
 from .torch_quant import supports, torch_quantize
 
@@ -96,6 +97,10 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     width = _acc_bits(a.fmt.man_bits, b.fmt.man_bits, L, max(a.shape[1], 1), guard_bits)
     if width > 53:
         raise ValueError(f"accumulator of {width} bits exceeds the exact float64 path")
+    if _kernels.ENABLED:
+        out = _kernel_matmul(a, b, lay_a, lay_b, guard_bits)
+        if out is not None:
+            return out
     Mp, Kp = lay_a.padded
     Np = lay_b.padded[1]
     nkb = Kp // L
@@ -174,6 +179,46 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
     return _to_fp32(acc, e_ref - guard_bits - fa - fb, a, b, Mp, Np, bm, bn)
 
 
+#: GEMMs computed by the compiled path, per kind: "f32" / "f64" (the K-blocks without
+#: truncation as one GEMM of pre-shifted mantissas, float32 when provably exact),
+#: "blocks" (some K-blocks truncate: formed one by one, floored)
+kernel_paths: Counter[str] = Counter()
+
+
+def _kernel_matmul(a: BFPTensor, b: BFPTensor, lay_a, lay_b, guard_bits: int):
+    """:func:`fast_bfp_matmul` with the per-call work in compiled kernels
+    (:mod:`hbfp_hw.host.torch_kernels`), the GEMMs PyTorch ``mm`` / ``bmm``. The
+    K-blocks in which no pair of non-zero blocks is shifted past the guard bits ("safe")
+    are summed exactly in one GEMM of pre-shifted mantissas (the shortcut below, applied
+    per K-block); the others are formed one by one with the shift folded into the
+    operands and floored (the truncating path below). ``None`` for operands with
+    invalid blocks (the PyTorch path handles them)."""
+    prep = _kernels.matmul_prepare(a, b, lay_a, lay_b, guard_bits, _F32_GEMM_MIN)
+    if prep is None:
+        return None
+    f64, er, ec, A, B, U, V = prep
+    if A.size:
+        At, Bt = torch.from_numpy(A), torch.from_numpy(B)
+        if f64:
+            At, Bt = At.to(torch.float64), Bt.to(torch.float64)
+        acc = torch.mm(At, Bt).numpy()
+        kernel_paths["f64" if f64 else "f32"] += 1
+    else:
+        acc = _EMPTY_ACC
+    if U.shape[0]:
+        p = torch.bmm(torch.from_numpy(U), torch.from_numpy(V)).numpy()
+        kernel_paths["blocks"] += 1
+    else:
+        p = _EMPTY_P
+    return _kernels.matmul_finish(acc, p, er, ec, guard_bits,
+                                  -a.fmt.frac_bits - b.fmt.frac_bits, a.shape[0],
+                                  b.shape[1], lay_a.block[0], lay_b.block[1])
+
+
+_EMPTY_ACC = np.zeros((0, 0), np.float32)
+_EMPTY_P = np.zeros((0, 0, 0), np.float32)
+
+
 _layouts: dict = {}
 
 
@@ -199,16 +244,28 @@ def _transposed_fmt(fmt: BFPFormat, axes: tuple) -> BFPFormat:
                        block_shape=tuple(b for _, b in pairs))
 
 
-def transpose_q(q: BFPTensor) -> BFPTensor:
-    """``q.T`` (no re-quantization) with the transposed format cached; the same
-    mantissas, exponents and flags as :attr:`BFPTensor.T`."""
+_tfmts: dict = {}
+
+
+def transpose_q(q: BFPTensor, fmt: BFPFormat | None = None) -> BFPTensor:
+    """``q.T`` (no re-quantization) with the transposed format cached (or given as
+    ``fmt`` by a caller that has it); the same mantissas, exponents and flags as
+    :attr:`BFPTensor.T`."""
     if q.ndim != 2:
         return q.T
-    f = q.fmt
-    if f.rounding == "stochastic":          # one cache entry for all seeds
-        fmt = _with_seed(_transposed_fmt(_with_seed(f, 0), _layout(q).axes), f.seed)
-    else:
-        fmt = _transposed_fmt(f, _layout(q).axes)
+    if fmt is None:
+        f = q.fmt
+        ent = _tfmts.get(id(f))             # per format object: cheaper than hashing it
+        if ent is not None and ent[0] is f:
+            fmt = ent[1]
+        else:
+            if f.rounding == "stochastic":      # one lru entry for all seeds
+                fmt = _with_seed(_transposed_fmt(_with_seed(f, 0), _layout(q).axes), f.seed)
+            else:
+                fmt = _transposed_fmt(f, _layout(q).axes)
+            if len(_tfmts) > 1024:
+                _tfmts.clear()
+            _tfmts[id(f)] = (f, fmt)        # the reference keeps the id valid
     return BFPTensor(fmt, q.shape[::-1], q.mantissas.T.copy(), q.exponents.T.copy(),
                      q.invalid.T.copy())
 
@@ -218,7 +275,8 @@ def _with_seed(fmt: BFPFormat, seed: int) -> BFPFormat:
     a valid 32-bit seed stays valid)."""
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} is out of range; accepted range is [0, 2**32-1]")
-    new = copy.copy(fmt)
+    new = object.__new__(type(fmt))         # copy.copy, several times cheaper
+    new.__dict__.update(fmt.__dict__)
     object.__setattr__(new, "seed", seed)
     return new
 
@@ -469,7 +527,8 @@ def _check_formats(w: Quantizer, a: Quantizer, g: Quantizer) -> str:
 
 
 def _mix_seed(*parts: int) -> int:
-    return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes())
+    # the bytes of np.asarray(parts, dtype=np.int64): native-order int64s
+    return zlib.crc32(struct.pack(f"={len(parts)}q", *parts))
 
 
 # -- the autograd function -------------------------------------------------------------
@@ -514,7 +573,8 @@ class _BFPGemm(torch.autograd.Function):
             xq, wq = ctx.saved
             gq = layer._quant(dyn, gfmt, "grad")
             dx = be.matmul(gq, wq) if ctx.needs_input_grad[0] else None
-            dw = be.matmul(transpose_q(gq), xq) if ctx.needs_input_grad[1] else None
+            dw = (be.matmul(transpose_q(gq, layer._grad_fmt_t), xq)
+                  if ctx.needs_input_grad[1] else None)
         elif layer._mode == "per_gemm":
             xn, wn = ctx.saved
             dx = dw = None
@@ -589,12 +649,21 @@ class BFPLayerMixin:
         return q(x, update=self.training or role == "grad")
 
     def _grad_fmt_for_step(self) -> Quantizer:
+        """This step's gradient format; sets :attr:`_grad_fmt_t`, its transpose (for a
+        2-D stochastic format, else None: :func:`transpose_q` finds it)."""
         g = self.grad_fmt
+        self._grad_fmt_t = None
         if self.grad_stochastic:
-            if getattr(self, "_sr_fmt_base", (None,))[0] is not g:
-                self._sr_fmt_base = (g, g.replace(rounding="stochastic"))
-            g = _with_seed(self._sr_fmt_base[1],
-                           _mix_seed(self.seed, self.layer_id, self._step))
+            base = getattr(self, "_sr_fmt_base", None)
+            if base is None or base[0] is not g:
+                sr = g.replace(rounding="stochastic")
+                srt = (_transposed_fmt(sr, tuple(a % 2 for a in sr.block_axes))
+                       if len(sr.block_axes) == 2 else None)
+                base = self._sr_fmt_base = (g, sr, srt)
+            seed = _mix_seed(self.seed, self.layer_id, self._step)
+            g = _with_seed(base[1], seed)
+            if base[2] is not None:
+                self._grad_fmt_t = _with_seed(base[2], seed)
         return g
 
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,11 @@ returns an ordinary :class:`~hbfp_hw.quantize.BFPTensor` (its arrays share memor
 the torch tensors). Tensors holding NaN/Inf, other ranks and other block layouts are
 handed to the golden model itself, so error reporting is the golden model's.
 
-The stochastic-rounding bits come from :func:`hbfp_hw.prng.random_bits_u32`.
+When numba is installed, the work is one compiled kernel per call
+(:func:`hbfp_hw.host.torch_kernels.quantize_2d`, the same float operations in one loop
+nest); otherwise (or with :data:`hbfp_hw.host.torch_kernels.ENABLED` off) the PyTorch
+path below, whose stochastic-rounding bits come from
+:func:`hbfp_hw.prng.random_bits_u32`. Both give the golden model's bits.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from hbfp_hw.formats import BFPFormat
 from hbfp_hw.prng import random_bits_u32
 from hbfp_hw.quantize import BFPTensor, quantize
 
+from . import torch_kernels as _kernels
+
 __all__ = ["torch_quantize", "supports"]
 
 
@@ -31,10 +37,31 @@ __all__ = ["torch_quantize", "supports"]
 def supports(shape: tuple[int, ...], fmt: BFPFormat) -> bool:
     """Whether :func:`torch_quantize` handles this shape/format itself (2-D tensors,
     blocks over one or both axes)."""
-    if len(shape) != 2 or len(fmt.block_axes) > 2:
+    return _supports_axes(shape, fmt.block_axes)
+
+
+def _supports_axes(shape: tuple[int, ...], block_axes: tuple[int, ...]) -> bool:
+    if len(shape) != 2 or len(block_axes) > 2:
         return False
-    axes = [a % 2 for a in fmt.block_axes if -2 <= a < 2]
-    return len(axes) == len(fmt.block_axes) and len(set(axes)) == len(axes)
+    axes = [a % 2 for a in block_axes if -2 <= a < 2]
+    return len(axes) == len(block_axes) and len(set(axes)) == len(axes)
+
+
+_plans: dict = {}
+
+
+def _plan(shape: tuple, block_axes: tuple, block_shape: tuple):
+    """:func:`_geometry` if :func:`supports` the shape and blocking, else None (cached:
+    one dict lookup per call)."""
+    key = (shape, block_axes, block_shape)
+    geo = _plans.get(key, False)
+    if geo is False:
+        ok = _supports_axes(shape, block_axes)
+        geo = _geometry(shape, block_axes, block_shape) if ok else None
+        if len(_plans) > 4096:
+            _plans.clear()
+        _plans[key] = geo
+    return geo
 
 
 @lru_cache(maxsize=256)
@@ -69,10 +96,17 @@ def torch_quantize(x: torch.Tensor, fmt: BFPFormat) -> BFPTensor:
     if x.dtype != torch.float32:
         return quantize(x.cpu().numpy(), fmt)
     shape = tuple(x.shape)
-    if not supports(shape, fmt):
+    geo = _plan(shape, fmt.block_axes, fmt.block_shape)
+    if geo is None:
         return quantize(x.cpu().numpy(), fmt)
-    b0, b1, mp, np_, g0, g1 = _geometry(shape, fmt.block_axes, fmt.block_shape)
+    b0, b1, mp, np_, g0, g1 = geo
     x = x.cpu()
+    if _kernels.ENABLED:
+        xn = x.contiguous().numpy()
+        res = _kernels.quantize_2d(xn, fmt, b0, b1, mp, np_)
+        if res is None:                     # NaN/Inf: the golden model raises
+            return quantize(xn, fmt)
+        return BFPTensor(fmt, shape, res[0], res[1], np.zeros((g0, g1), dtype=bool))
     if (mp, np_) != shape:
         xp = x.new_zeros((mp, np_))
         xp[: shape[0], : shape[1]] = x

@@ -1,5 +1,10 @@
 """The torch-native emulate path: quantizer, random bits and the float32 GEMM shortcut
-are bit-identical to the golden model (hbfp_hw.quantize / prng / gemm)."""
+are bit-identical to the golden model (hbfp_hw.quantize / prng / gemm).
+
+The quantizer tests run on both paths (the compiled kernels of
+``hbfp_hw.host.torch_kernels`` when numba is installed, and the pure-PyTorch fallback);
+the GEMM-shortcut tests here pin the PyTorch path (``tests/test_torch_kernels.py``
+covers the compiled GEMM)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import hbfp_hw.host.torch as htorch  # noqa: E402
 from hbfp_hw.formats import HBFP4, HBFP8, MXINT8  # noqa: E402
 from hbfp_hw.gemm import bfp_matmul  # noqa: E402
 from hbfp_hw.quantize import NonFiniteBlockError, quantize  # noqa: E402
+from hbfp_hw.host import torch_kernels  # noqa: E402
 from hbfp_hw.host.torch_quant import supports, torch_quantize  # noqa: E402
 
 SR8 = HBFP8.replace(rounding="stochastic", seed=1234)
@@ -59,10 +65,20 @@ def _ties(rng, shape, fmt):
     return x
 
 
+PATHS = ["kernels", "torch"] if torch_kernels.HAVE_NUMBA else ["torch"]
+
+
+@pytest.fixture(params=PATHS)
+def quant_path(request, monkeypatch):
+    """Run the test on the compiled kernels and on the PyTorch fallback."""
+    monkeypatch.setattr(torch_kernels, "ENABLED", request.param == "kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.rounding}-"
                          f"{f.man_bits}b-{f.block_shape}-{f.block_axes}-l{f.sr_lanes}")
 @pytest.mark.parametrize("shape", [(37, 50), (64, 64), (5, 300), (1, 1), (48, 33)])
-def test_quantize_matches_golden(fmt, shape, rng):
+def test_quantize_matches_golden(fmt, shape, rng, quant_path):
     for x in (_nasty(rng, shape), _ties(rng, shape, fmt),
               rng.standard_normal(shape).astype(np.float32)):
         ref = quantize(x, fmt)
@@ -75,14 +91,14 @@ def test_quantize_matches_golden(fmt, shape, rng):
         np.testing.assert_array_equal(got.invalid, ref.invalid)
 
 
-def test_quantize_large_stochastic_matches_golden(rng):
+def test_quantize_large_stochastic_matches_golden(rng, quant_path):
     x = (rng.standard_normal((300, 1100)) * np.exp2(rng.integers(-8, 8, (300, 1)))).astype(
         np.float32)
     for fmt in (SR8, HBFP4.replace(rounding="stochastic", seed=77)):
         assert quantize(x, fmt).equal(torch_quantize(torch.from_numpy(x), fmt))
 
 
-def test_quantize_nonfinite_and_other_inputs_go_to_golden(rng):
+def test_quantize_nonfinite_and_other_inputs_go_to_golden(rng, quant_path):
     x = rng.standard_normal((20, 20)).astype(np.float32)
     x[17, 3] = np.inf
     with pytest.raises(NonFiniteBlockError) as e:
@@ -108,7 +124,9 @@ def test_quantized_transpose_is_reusable(rng):
 
 @pytest.fixture
 def f32_counter(monkeypatch):
-    """Force the float32 shortcut on every size and count the GEMMs it computed."""
+    """Force the float32 shortcut on every size and count the GEMMs it computed (on the
+    PyTorch path: the compiled kernels are switched off)."""
+    monkeypatch.setattr(torch_kernels, "ENABLED", False)
     counts = {"f32": 0, "declined": 0}
     orig = htorch._shortcut_f32
 
@@ -142,8 +160,10 @@ def test_f32_shortcut_bit_identical(spread, rng, f32_counter):
     assert f32_counter["f32"] >= 10
 
 
-def test_f64_shortcut_bit_identical(rng, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_f64_shortcut_bit_identical(path, rng, monkeypatch):
     """The float64 GEMM of the shortcut (taken when the float32 bound fails)."""
+    monkeypatch.setattr(torch_kernels, "ENABLED", path == "kernels")
     monkeypatch.setattr(htorch, "_F32_GEMM_MIN", 1 << 62)
     for trial in range(20):
         M, K, N = (int(v) for v in rng.integers(1, 90, 3))
@@ -177,11 +197,13 @@ def test_f32_shortcut_extremes(rng, f32_counter):
     assert f32_counter["declined"] >= 1 and f32_counter["f32"] >= 2
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("man_bits", [16, 12, 8])
-def test_truncating_path_bit_identical(man_bits, rng):
+def test_truncating_path_bit_identical(man_bits, path, rng, monkeypatch):
     """Exponent spreads far past the guard bits (the per-K-block truncating path, shift
     clamping), float64 block products for 16-bit mantissas, negative products that
     floor to -1, and several shift ranges per row and column."""
+    monkeypatch.setattr(torch_kernels, "ENABLED", path == "kernels")
     fmt = HBFP8.replace(man_bits=man_bits, block_shape=(8, 16))
     for trial in range(6):
         M, K, N = (int(v) for v in rng.integers(5, 70, 3))

@@ -1,0 +1,519 @@
+"""Compiled (numba) kernels of the emulate backend: the quantizer and the GEMM's
+per-call work in one pass each, bit-identical to the golden model.
+
+The eager PyTorch/NumPy paths of :mod:`hbfp_hw.host.torch_quant` and
+:func:`hbfp_hw.host.torch.fast_bfp_matmul` cost a dozen or more small tensor operations
+per call (~60-100 µs of fixed overhead, whatever the size). On the small layers of the
+digits models that, not arithmetic, sets the step time. These kernels do the same work
+in one compiled loop nest per call:
+
+* :func:`quantize_2d` — block maxima, shared exponents, the float32 power-of-two
+  scaling, rounding (all four modes; the xorshift32 streams of :mod:`hbfp_hw.prng`
+  stepped directly, lane by lane) and saturation, for a 2-D float32 array with blocks
+  over one or both axes. Every float operation is the golden model's own, in the same
+  precision (float32 scaling, float64 stochastic rounding), so the bits are the same.
+* :func:`matmul_prepare` / :func:`matmul_finish` — the grid-level work of the exact
+  GEMM (row/column exponent maxima, shifts, the truncation test, the float32
+  exactness bound), the pre-shifted operands, and the conversion of the accumulator
+  to FP32 with the golden model's flush and rounding. The GEMM itself stays a
+  PyTorch ``mm``/``bmm`` (BLAS), called by :func:`hbfp_hw.host.torch.fast_bfp_matmul`.
+
+numba is optional: without it (or with ``HBFP_HW_NO_NUMBA=1`` in the environment, or
+:data:`ENABLED` set to False) the callers take their pure-PyTorch paths, which give the
+same bits. The kernels are compiled on first use (cached on disk by numba), so the
+first call of each kind takes a second or two; :func:`warm_up` compiles them ahead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+try:  # pragma: no cover - exercised by whichever configuration is installed
+    if os.environ.get("HBFP_HW_NO_NUMBA"):
+        raise ImportError("disabled by HBFP_HW_NO_NUMBA")
+    from numba import njit
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    HAVE_NUMBA = False
+
+    def njit(*args, **kwargs):
+        def wrap(f):
+            return f
+        return wrap
+
+__all__ = ["HAVE_NUMBA", "ENABLED", "quantize_2d", "matmul_prepare", "matmul_finish",
+           "warm_up", "ROUNDING_CODES"]
+
+#: use the compiled kernels (True when numba is importable); tests switch it off to
+#: exercise the pure-PyTorch paths
+ENABLED = HAVE_NUMBA
+
+ROUNDING_CODES = {"nearest_even": 0, "toward_zero": 1, "nearest_away": 2, "stochastic": 3}
+
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_MIN_NORMAL = 0x00800000
+_MASK32 = 0xFFFFFFFF
+_LANE_MULT = 0x9E3779B9
+_ZERO_SEED = 0x6D2B79F5
+
+
+# -- the quantizer ---------------------------------------------------------------------
+
+#: exact powers of two, float32 ``2**k`` at ``[k + 126]`` for k in [-126, 127] and
+#: float64 at ``[k + 1022]`` for k in [-1022, 1023] (a table lookup is several times
+#: cheaper than ``ldexp`` in the kernels' per-block work)
+_POW2_F32 = np.ldexp(np.float32(1.0), np.arange(-126, 128)).astype(np.float32)
+_POW2_F64 = np.ldexp(1.0, np.arange(-1022, 1024))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pow2_f32(k):
+    """Exact float32 ``2**k`` for integer ``k`` in [-126, 127]."""
+    return _POW2_F32[k + 126]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pow2_f64(k):
+    """Exact float64 ``2**k`` for integer ``k`` (table inside the normal range)."""
+    if -1022 <= k <= 1023:
+        return _POW2_F64[k + 1022]
+    return math.ldexp(1.0, k)
+
+
+@njit(cache=True, nogil=True)
+def _random_stream(seed, lanes, count, bits):
+    """:func:`hbfp_hw.prng.random_bits_u32` (``count`` numbers of ``bits`` bits): lane
+    ``l`` of ``lanes`` holds elements ``l, l + lanes, ...``; each is the top ``bits``
+    bits of the lane's next xorshift32 state."""
+    states = np.empty(lanes, np.int64)
+    for lane in range(lanes):
+        s = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
+        states[lane] = s if s != 0 else _ZERO_SEED
+    u = np.empty(count, np.int64)
+    shift = 32 - bits
+    steps = (count + lanes - 1) // lanes
+    n = 0
+    for _ in range(steps):
+        for lane in range(lanes):
+            s = states[lane]
+            s ^= (s << 13) & _MASK32
+            s ^= s >> 17
+            s ^= (s << 5) & _MASK32
+            states[lane] = s
+            if n < count:
+                u[n] = s >> shift
+            n += 1
+    return u
+
+
+@njit(cache=True, nogil=True)
+def _stream_positions(u, b0, b1, g1, out):
+    """Scatter ``u`` (stream order: blocks row-major over the grid, elements row-major
+    in a block) into ``out`` (the padded tensor's row-major layout)."""
+    n = 0
+    for bi in range(out.shape[0] // b0):
+        for bj in range(g1):
+            for r in range(bi * b0, bi * b0 + b0):
+                for c in range(bj * b1, bj * b1 + b1):
+                    out[r, c] = u[n]
+                    n += 1
+
+
+@njit(cache=True, nogil=True)
+def _quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd, sr_bits,
+                     seed, lanes, man):
+    """Quantize ``x`` (float32, (m, n)) into ``man`` (padded; padding zeroed here) and
+    return the exponent grid, or an empty grid if a block holds NaN/Inf.
+
+    Every loop over elements runs along a whole row (vectorised): per block row the
+    block maxima go through a row of column maxima, and the per-block scale factors
+    are expanded to a row first."""
+    m, n = x.shape
+    mp, np_ = man.shape
+    g0, g1 = mp // b0, np_ // b1
+    xb = x.view(np.int32)
+    exps = np.empty((g0, g1), np.int16)
+    colmax = np.empty(n, np.int32)
+    f1 = np.empty(n, np.float32)
+    f2 = np.empty(n, np.float32)
+    mmf = np.float32(mmax)
+    cap = 2.0 ** man_bits
+    up = 2.0 ** sr_bits
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if rnd == 3:
+        u = np.zeros((mp, np_), np.int64)
+        _stream_positions(_random_stream(seed, lanes, mp * np_, sr_bits), b0, b1, g1, u)
+    else:
+        u = np.zeros((0, 0), np.int64)
+    for r in range(m, mp):
+        for c in range(np_):
+            man[r, c] = 0
+    for bi in range(g0):
+        r0 = bi * b0
+        r1 = min(m, r0 + b0)
+        for c in range(n):
+            colmax[c] = 0
+        for r in range(r0, r1):
+            for c in range(n):
+                colmax[c] = max(colmax[c], xb[r, c] & _ABS)
+        for bj in range(g1):
+            a = 0
+            for c in range(bj * b1, min(n, bj * b1 + b1)):
+                a = max(a, colmax[c])
+            if a >= _INF:
+                return np.empty((0, 0), np.int16)
+            field = a >> 23
+            e = emin if field == 0 else field - 127
+            e = min(max(e, emin), emax)
+            exps[bi, bj] = e
+            # y = x * 2**k, k = frac_bits - E: two exact float32 power-of-two
+            # multiplies, each factor in the normal range, as the golden model
+            k = frac_bits - max(e, -150)
+            k1 = min(max(k, -126), 126)
+            p1 = _pow2_f32(k1)
+            p2 = _pow2_f32(k - k1)
+            for c in range(bj * b1, min(n, bj * b1 + b1)):
+                f1[c] = p1
+                f2[c] = p2
+        for r in range(r0, r1):
+            for c in range(n, np_):
+                man[r, c] = 0
+            # the rounding mode is tested outside the element loops so that each loop
+            # is branch-free; subnormal inputs flush to +0
+            if rnd == 0:
+                for c in range(n):
+                    xv = x[r, c] if (xb[r, c] & _ABS) >= _MIN_NORMAL else zero
+                    q = np.rint(xv * f1[c] * f2[c])
+                    man[r, c] = np.int32(min(max(q, -mmf), mmf))
+            elif rnd == 1:
+                for c in range(n):
+                    xv = x[r, c] if (xb[r, c] & _ABS) >= _MIN_NORMAL else zero
+                    q = np.trunc(xv * f1[c] * f2[c])
+                    man[r, c] = np.int32(min(max(q, -mmf), mmf))
+            elif rnd == 2:
+                for c in range(n):
+                    xv = x[r, c] if (xb[r, c] & _ABS) >= _MIN_NORMAL else zero
+                    y = xv * f1[c] * f2[c]
+                    t = np.trunc(y)
+                    # as the golden model: t + copysign(|y - t| >= 0.5, x)
+                    q = t + ((-one if y < zero else one) if np.abs(y - t) >= half else zero)
+                    man[r, c] = np.int32(min(max(q, -mmf), mmf))
+            else:
+                for c in range(n):
+                    xv = x[r, c] if (xb[r, c] & _ABS) >= _MIN_NORMAL else zero
+                    y = xv * f1[c] * f2[c]
+                    # q = floor(|y| + u / 2**r) = (floor(|y| 2**r) + u) >> r, in float64
+                    mag = min(np.float64(np.abs(y)), cap)
+                    qm = min((np.int64(math.floor(mag * up)) + u[r, c]) >> sr_bits, mmax)
+                    man[r, c] = -qm if np.signbit(y) else qm
+    return exps
+
+
+_params: dict = {}
+
+
+def _format_params(fmt) -> tuple:
+    """The kernel's scalar arguments for ``fmt``, cached per (widths, rounding): the
+    format's properties recompute them on every access, and hashing the whole format
+    costs more than these few fields (stochastic gradient formats are new objects,
+    with a new seed, every step)."""
+    key = (fmt.man_bits, fmt.exp_bits, fmt.rounding)
+    p = _params.get(key)
+    if p is None:
+        p = _params[key] = (fmt.emin, fmt.emax, fmt.frac_bits, fmt.mmax, fmt.man_bits,
+                            ROUNDING_CODES[fmt.rounding],
+                            np.int8 if fmt.man_bits <= 8 else np.int16)
+    return p
+
+
+def quantize_2d(x: np.ndarray, fmt, b0: int, b1: int, mp: int, np_: int):
+    """Mantissas ``(mp, np_)`` and exponents of a C-contiguous float32 2-D ``x``
+    quantized with ``fmt`` (blocks ``b0 × b1``), or ``None`` if a block holds NaN/Inf
+    (the caller then asks the golden model, which raises)."""
+    emin, emax, frac_bits, mmax, man_bits, rnd, dt = _format_params(fmt)
+    man = np.empty((mp, np_), dt)
+    exps = _quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
+                            fmt.sr_bits, fmt.seed, fmt.sr_lanes, man)
+    if exps.size == 0 and mp * np_:
+        return None
+    return man, exps
+
+
+# -- the GEMM --------------------------------------------------------------------------
+#
+# fast_bfp_matmul's decomposition (see there and hbfp_hw.gemm): shifts
+# s = sa[i, kb] + sb[kb, j] with sa = (row max of a's exponents) - ea, sb likewise.
+# A K-block is "safe" when no pair of non-zero blocks in it is shifted by more than the
+# guard bits G: its products P * 2**(G - s) are integers, no truncation happens, and
+# all safe K-blocks sum exactly in one GEMM of the pre-shifted operands
+# A' = ma * 2**-sa, B' = mb * 2**-sb (acc = 2**G * A' @ B'). The other K-blocks are
+# formed one by one (bmm) with the shift folded into the operands, then floored.
+
+@njit(cache=True, nogil=True)
+def _nonzero(man, e, emin, b0, b1):
+    """Blocks (``b0 × b1``) holding a non-zero mantissa (with ``emin < -126`` the
+    exponent tells: FP32 normals have exponents >= -126, subnormals are flushed)."""
+    g0, g1 = e.shape
+    nz = np.zeros((g0, g1), np.bool_)
+    if emin < -126:
+        for i in range(g0):
+            for j in range(g1):
+                nz[i, j] = e[i, j] > emin
+        return nz
+    r0, c0 = man.shape
+    for r in range(r0):
+        for c in range(c0):
+            if man[r, c] != 0:
+                nz[r // b0, c // b1] = True
+    return nz
+
+
+@njit(cache=True, nogil=True)
+def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, guard,
+                    mmax_a, mmax_b, f32_min):
+    """Grid analysis and operands of ``a (Mp, Kp) @ b (Kp, Np)`` (no invalid blocks).
+
+    Returns ``(status, ea_row, eb_col, A, B, U, V, U64, V64)``: the row maxima of
+    ``a``'s exponents and the column maxima of ``b``'s (``e_ref`` of tile ``(i, j)``
+    is their sum), ``A (Mp, Kp)``, ``B (Kp, Np)``
+    float32 are ``A'``, ``B'`` on the safe K-blocks (zero elsewhere; empty if none is
+    safe); ``U (nu, Mp, L)``, ``V (nu, L, Np)`` the unsafe K-blocks' operands
+    ``ma * 2**(G - sa)``, ``mb * 2**-sb`` (shifts clamped as in fast_bfp_matmul), in
+    float32 when the block products are exact there, else in ``U64``, ``V64`` (the
+    unused pair is empty). ``status``: -1 invalid blocks (nothing computed), bit 0 =
+    compute ``A @ B`` in float64 (the float32 exactness bound failed)."""
+    Mp, Kp = ma.shape
+    Np = mb.shape[1]
+    gm, nkb = ea.shape
+    gn = eb.shape[1]
+    lo = -(1 << 14)
+    z2 = np.empty((0, 0), np.float32)
+    z32 = np.empty((0, 0, 0), np.float32)
+    z64 = np.empty((0, 0, 0), np.float64)
+    if inv_a.any() or inv_b.any():
+        e = np.empty(0, np.int64)
+        return -1, e, e, z2, z2, z32, z32, z64, z64
+    ea_row = np.full(gm, lo, np.int64)
+    for i in range(gm):
+        for kb in range(nkb):
+            ea_row[i] = max(ea_row[i], ea[i, kb])
+    eb_col = np.full(gn, lo, np.int64)
+    for kb in range(nkb):
+        for j in range(gn):
+            eb_col[j] = max(eb_col[j], eb[kb, j])
+    nz_a = _nonzero(ma, ea, emin_a, bm, L)
+    nz_b = _nonzero(mb, eb, emin_b, L, bn)
+    # per K-block: the largest shift of a live pair (max over live rows of sa plus max
+    # over live columns of sb: both terms and liveness are separable)
+    neg = -(1 << 20)
+    safe = np.empty(nkb, np.bool_)     # no live pair shifted past the guard bits
+    used = np.empty(nkb, np.bool_)     # safe and holding a live pair
+    w = 0
+    nu = 0
+    for kb in range(nkb):
+        wa = neg
+        for i in range(gm):
+            if nz_a[i, kb]:
+                wa = max(wa, ea_row[i] - ea[i, kb])
+        wb = neg
+        for j in range(gn):
+            if nz_b[kb, j]:
+                wb = max(wb, eb_col[j] - eb[kb, j])
+        safe[kb] = wa + wb <= guard
+        used[kb] = safe[kb] and wa > neg and wb > neg
+        if used[kb]:
+            w = max(w, wa + wb)        # sa <= wa <= w and sb <= wb <= w (both >= 0)
+        elif not safe[kb]:
+            nu += 1
+    status = 0
+    A, B = z2, z2
+    if nu < nkb:
+        # A' and B' on the safe K-blocks; the exactness bound from integer sums
+        # (a' * 2**w and b' * 2**w are integers: int64 sums are exact and vectorise)
+        A = np.empty((Mp, Kp), np.float32)
+        B = np.empty((Kp, Np), np.float32)
+        # every product of live blocks is a multiple of 2**-w: all partial sums of any
+        # order are exact in float32 while sum_k |a'_ik b'_kj| <= 2**(24 - w). Checked
+        # on the format first (free), else on the data: a' * 2**w and b' * 2**w are
+        # integers, their int64 row/column sums are exact (and vectorise)
+        if Mp * Kp * Np < f32_min:
+            status = 1
+        need = status == 0 and float(Kp) * mmax_a * mmax_b > 2.0 ** (24 - w)
+        frow = np.empty(Kp, np.float32)
+        irow = np.empty(Kp, np.int64)
+        arow = 0
+        amax = 0
+        for i in range(gm):
+            for kb in range(nkb):
+                live = used[kb] and nz_a[i, kb]
+                s = ea_row[i] - ea[i, kb]
+                f = _pow2_f32(-s) if live else np.float32(0.0)
+                m = (1 << (w - s)) if live else 0
+                for c in range(kb * L, kb * L + L):
+                    frow[c] = f
+                    irow[c] = m
+            for r in range(i * bm, i * bm + bm):
+                for c in range(Kp):
+                    A[r, c] = np.float32(ma[r, c]) * frow[c]
+                if need:
+                    isum = 0
+                    for c in range(Kp):
+                        t = abs(np.int64(ma[r, c])) * irow[c]
+                        isum += t
+                        amax = max(amax, t)
+                    arow = max(arow, isum)
+        bcol = np.zeros(Np if need else 0, np.int64)
+        bmax = 0
+        fcol = np.empty(Np, np.float32)
+        icol = np.empty(Np, np.int64)
+        for kb in range(nkb):
+            for j in range(gn):
+                live = used[kb] and nz_b[kb, j]
+                s = eb_col[j] - eb[kb, j]
+                f = _pow2_f32(-s) if live else np.float32(0.0)
+                m = (1 << (w - s)) if live else 0
+                for c in range(j * bn, j * bn + bn):
+                    fcol[c] = f
+                    icol[c] = m
+            for r in range(kb * L, kb * L + L):
+                for c in range(Np):
+                    B[r, c] = np.float32(mb[r, c]) * fcol[c]
+                if need:
+                    for c in range(Np):
+                        t = abs(np.int64(mb[r, c])) * icol[c]
+                        bcol[c] += t
+                        bmax = max(bmax, t)
+        if need:
+            bc = 0
+            for c in range(Np):
+                bc = max(bc, bcol[c])
+            # in units of 2**-w each: the bound must be <= 2**(24 + w)
+            bound = min(float(arow) * float(bmax), float(amax) * float(bc))
+            if bound * (1.0 + 2.0 ** -50) > 2.0 ** (24 + w):
+                status = 1
+    if nu == 0:
+        return status, ea_row, eb_col, A, B, z32, z32, z64, z64
+    # unsafe K-blocks: P * 2**(G - s) with the scaling folded into the operands; sa and
+    # sb clamped to cl = bit_length(pmax) + 1 + G, where floor gives 0 or -1 either way
+    pmax = L * mmax_a * mmax_b
+    cl = 1
+    while (1 << (cl - 1)) <= pmax:
+        cl += 1
+    cl += guard
+    f32 = pmax < (1 << 24)
+    n32 = nu if f32 else 0
+    n64 = 0 if f32 else nu
+    U = np.empty((n32, Mp, L), np.float32)
+    V = np.empty((n32, L, Np), np.float32)
+    U64 = np.empty((n64, Mp, L), np.float64)
+    V64 = np.empty((n64, L, Np), np.float64)
+    u = 0
+    for kb in range(nkb):
+        if safe[kb]:
+            continue
+        for r in range(Mp):
+            f = _pow2_f64(guard - min(ea_row[r // bm] - ea[r // bm, kb], cl))
+            for c in range(L):
+                v = ma[r, kb * L + c] * f                     # exact in float32 too
+                if f32:
+                    U[u, r, c] = np.float32(v)
+                else:
+                    U64[u, r, c] = v
+        for r in range(L):
+            for j in range(gn):
+                f = _pow2_f64(-min(eb_col[j] - eb[kb, j], cl))
+                for c in range(j * bn, j * bn + bn):
+                    v = mb[kb * L + r, c] * f
+                    if f32:
+                        V[u, r, c] = np.float32(v)
+                    else:
+                        V64[u, r, c] = v
+        u += 1
+    return status, ea_row, eb_col, A, B, U, V, U64, V64
+
+
+@njit(cache=True, nogil=True)
+def _finish_kernel(acc, p, er, ec, guard, offset, M, N, bm, bn):
+    """The result ``(M, N)`` as the golden model converts the accumulator:
+    ``acc_int = acc * 2**G + sum_u floor(p[u])`` (exact in float64: integers below
+    2**53), ``v = acc_int * 2**(e_ref - G + offset)`` with ``e_ref = er[i] + ec[j]``
+    per tile (applied as two exact power-of-two multiplies), ``|v| < 2**-126`` -> +0,
+    then rounded to float32. ``acc`` or ``p`` may be empty."""
+    nu = p.shape[0]
+    has_acc = acc.shape[0] > 0
+    out = np.empty((M, N), np.float32)
+    tiny = 2.0 ** -126
+    if nu == 0 and not has_acc:
+        out[:] = 0
+        return out
+    g = 2.0 ** guard
+    fc = np.empty(N, np.float64)
+    for j in range(N):
+        fc[j] = _pow2_f64(ec[j // bn] + offset - guard)
+    srow = np.empty(N, np.float64)
+    for i in range(M):
+        fr = _pow2_f64(er[i // bm])
+        if has_acc:
+            for j in range(N):
+                srow[j] = np.float64(acc[i, j]) * g
+        else:
+            srow[:] = 0.0
+        for u in range(nu):
+            for j in range(N):
+                srow[j] += math.floor(np.float64(p[u, i, j]))
+        for j in range(N):
+            v = srow[j] * fc[j] * fr
+            out[i, j] = np.float32(v if abs(v) >= tiny else 0.0)
+    return out
+
+
+def matmul_prepare(a, b, lay_a, lay_b, guard_bits: int, f32_min: int):
+    """Grid analysis and operands of the exact GEMM ``a @ b`` (BFPTensors):
+    ``(f64, er, ec, A, B, U, V)``, see :func:`_prepare_kernel` (``U``, ``V`` the unsafe
+    K-blocks' operands in float32 or float64), or ``None`` if an operand has invalid
+    blocks."""
+    pa, pb = _format_params(a.fmt), _format_params(b.fmt)
+    c = np.ascontiguousarray
+    status, er, ec, A, B, U, V, U64, V64 = _prepare_kernel(
+        c(a.mantissas), c(a.exponents), c(a.invalid), pa[0], c(b.mantissas),
+        c(b.exponents), c(b.invalid), pb[0], lay_a.block[0], lay_a.block[1],
+        lay_b.block[1], guard_bits, pa[3], pb[3], f32_min)
+    if status < 0:
+        return None
+    if U64.shape[0]:
+        U, V = U64, V64
+    return bool(status & 1), er, ec, A, B, U, V
+
+
+def matmul_finish(acc: np.ndarray, p: np.ndarray, er: np.ndarray, ec: np.ndarray,
+                  guard_bits: int, offset: int, M: int, N: int, bm: int,
+                  bn: int) -> np.ndarray:
+    """``(M, N)`` float32 result: see :func:`_finish_kernel`."""
+    return _finish_kernel(acc, p, er, ec, guard_bits, offset, M, N, bm, bn)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) the kernels for the common
+    signatures, so that the first training steps do not pay for it."""
+    if not ENABLED:
+        return
+    from hbfp_hw.formats import HBFP4, HBFP8
+    from hbfp_hw.quantize import BFPTensor, block_layout
+    x = np.linspace(-1, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    e32 = np.empty((0, 16, 16), np.float32)
+    e64 = np.empty((0, 16, 16), np.float64)
+    for fmt in (HBFP8, HBFP8.replace(man_bits=12), HBFP4.replace(rounding="stochastic")):
+        man, e = quantize_2d(x, fmt, 16, 16, 16, 16)
+        t = BFPTensor(fmt, (16, 16), man, e, np.zeros(e.shape, bool))
+        tt = t.T
+        _, er, ec, A, B, U, V = matmul_prepare(t, tt, block_layout((16, 16), fmt),
+                                              block_layout((16, 16), tt.fmt), 8, 0)
+    for acc in (np.zeros((16, 16), np.float32), np.zeros((16, 16))):
+        for p in (e32, e64):
+            matmul_finish(acc, p, er, ec, 8, 0, 16, 16, 16, 16)

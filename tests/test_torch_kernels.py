@@ -1,0 +1,242 @@
+"""The compiled (numba) kernels of the emulate backend are bit-identical to the golden
+model (hbfp_hw.quantize / hbfp_hw.gemm), take the paths they claim, and the pure-PyTorch
+fallback gives the same training bits."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+import hbfp_hw.host.torch as htorch  # noqa: E402
+from hbfp_hw.formats import HBFP4, HBFP8, MXINT8  # noqa: E402
+from hbfp_hw.gemm import bfp_matmul  # noqa: E402
+from hbfp_hw.host import torch_kernels  # noqa: E402
+from hbfp_hw.host.torch_quant import torch_quantize  # noqa: E402
+from hbfp_hw.quantize import quantize  # noqa: E402
+
+needs_numba = pytest.mark.skipif(not torch_kernels.HAVE_NUMBA, reason="numba not installed")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Kernels on, path counters reset."""
+    monkeypatch.setattr(torch_kernels, "ENABLED", True)
+    htorch.kernel_paths.clear()
+    return htorch.kernel_paths
+
+
+def _same(got, ref, msg=""):
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=msg)
+
+
+def _operands(rng, M, K, N, fmt, spread, zero_frac=0.3):
+    a = rng.standard_normal((M, K)) * np.exp2(rng.integers(-spread, spread + 1, (M, K)))
+    b = rng.standard_normal((K, N)) * np.exp2(rng.integers(-spread, spread + 1, (K, N)))
+    a[rng.random((M, K)) < zero_frac] = 0.0
+    aq = quantize(a.astype(np.float32), fmt)
+    if len(fmt.block_axes) == 1:
+        bq = quantize(b.astype(np.float32), fmt.replace(block_axes=(0,)))
+    else:
+        bq = quantize(np.ascontiguousarray(b.T, dtype=np.float32), fmt).T
+    return aq, bq
+
+
+# -- the quantizer ---------------------------------------------------------------------
+
+@needs_numba
+def test_quantize_kernel_is_taken(rng, monkeypatch):
+    calls = []
+    orig = torch_kernels.quantize_2d
+    monkeypatch.setattr(torch_kernels, "ENABLED", True)
+    monkeypatch.setattr(torch_kernels, "quantize_2d",
+                        lambda *a: calls.append(1) or orig(*a))
+    x = rng.standard_normal((40, 24)).astype(np.float32)
+    for fmt in (HBFP8, MXINT8, HBFP4.replace(rounding="stochastic", seed=5)):
+        assert torch_quantize(torch.from_numpy(x), fmt).equal(quantize(x, fmt))
+    assert len(calls) == 3
+    monkeypatch.setattr(torch_kernels, "ENABLED", False)
+    torch_quantize(torch.from_numpy(x), HBFP8)
+    assert len(calls) == 3
+
+
+@needs_numba
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # the golden model's overflows
+@pytest.mark.parametrize("fmt", [
+    HBFP8, HBFP8.replace(rounding="stochastic", seed=7, sr_lanes=16, sr_bits=24),
+    HBFP4.replace(rounding="stochastic", seed=0xFFFFFFFF, sr_lanes=3, sr_bits=1),
+    HBFP8.replace(exp_bits=2, rounding="nearest_away"), HBFP8.replace(exp_bits=10),
+    HBFP8.replace(man_bits=2), HBFP8.replace(man_bits=16, exp_bits=4),
+    HBFP8.replace(block_shape=(3, 5)), MXINT8.replace(block_shape=(7,)),
+], ids=lambda f: f"{f.rounding}-{f.man_bits}b-e{f.exp_bits}-{f.block_shape}-l{f.sr_lanes}")
+def test_quantize_kernel_edge_cases(fmt, rng, kernels):
+    """Extremes of the format ranges: all widths' limits, 24 random bits, many lanes,
+    the all-ones seed, odd block shapes (padding on both axes), values at float32's
+    limits (largest finite, smallest normal, subnormals), exponents clamped at both
+    ends, exact ties and negative zeros."""
+    shape = (29, 43)
+    x = np.clip(rng.standard_normal(shape) * np.exp2(rng.integers(-149, 127, shape)),
+                -3e38, 3e38).astype(np.float32)
+    flat = x.reshape(-1)
+    specials = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                         np.finfo(np.float32).tiny, -np.finfo(np.float32).tiny,
+                         1e-45, -1e-45, 1e-39, -0.0, 0.0, 0.5, 1.5, -2.5, 3.5,
+                         2.0**-126 * 1.5, 2.0**127], dtype=np.float32)
+    flat[rng.integers(0, flat.size, 200)] = rng.choice(specials, 200)
+    x[:8, :8] = 0.0
+    x[8:10, :] = np.float32(1e-40)               # rows of subnormals only
+    ref = quantize(x, fmt)
+    got = torch_quantize(torch.from_numpy(x), fmt)
+    np.testing.assert_array_equal(got.mantissas, ref.mantissas)
+    np.testing.assert_array_equal(got.exponents, ref.exponents)
+    assert got.mantissas.dtype == ref.mantissas.dtype
+
+
+@needs_numba
+def test_quantize_kernel_noncontiguous_and_empty(rng, kernels):
+    x = rng.standard_normal((30, 50)).astype(np.float32)
+    xt = torch.from_numpy(x).T                   # a non-contiguous view
+    assert torch_quantize(xt, HBFP8).equal(quantize(np.ascontiguousarray(x.T), HBFP8))
+    e = np.zeros((0, 5), np.float32)
+    assert torch_quantize(torch.from_numpy(e), HBFP8).equal(quantize(e, HBFP8))
+
+
+# -- the GEMM --------------------------------------------------------------------------
+
+@needs_numba
+@pytest.mark.parametrize("spread", [0, 3, 9, 30])
+def test_kernel_matmul_bit_identical(spread, rng, kernels):
+    """Random shapes and exponent spreads: no truncation (one GEMM), some K-blocks
+    truncating (mixed), all truncating; every format kind."""
+    for trial in range(24):
+        M, K, N = (int(v) for v in rng.integers(1, 90, 3))
+        fmt = (HBFP8, HBFP4, MXINT8, HBFP8.replace(block_shape=(8, 16)))[trial % 4]
+        aq, bq = _operands(rng, M, K, N, fmt, spread)
+        if trial % 5 == 0:
+            aq.mantissas[: min(M, 16)] = 0       # all-zero tiles (exponents kept)
+        _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq),
+              f"trial {trial}: {fmt.name} {M}x{K}x{N}")
+    # every GEMM went through the kernels (a mixed one counts a GEMM and block products)
+    assert kernels["f32"] + kernels["f64"] + kernels["blocks"] >= 24
+    if spread >= 9:
+        assert kernels["blocks"] >= 1
+
+
+@needs_numba
+def test_kernel_matmul_takes_every_path(rng, kernels, monkeypatch):
+    """The float32 GEMM, the float64 GEMM (bound fails, or forced) and the per-K-block
+    truncating products (float32 and float64) are each taken and bit-identical."""
+    cases = []
+    # small spread: float32 one-GEMM path
+    cases.append(_operands(rng, 40, 64, 30, HBFP8, 0))
+    # long K at 8 bits with uniform magnitudes: the float32 bound fails -> float64
+    a = rng.uniform(0.5, 1.0, (32, 4096)).astype(np.float32)
+    b = rng.uniform(0.5, 1.0, (4096, 32)).astype(np.float32)
+    cases.append((quantize(a, HBFP8), quantize(np.ascontiguousarray(b.T), HBFP8).T))
+    # one K-block shifted far below the others: mixed safe / truncating K-blocks
+    a = rng.standard_normal((48, 64)).astype(np.float32)
+    a[:, 16:32] *= np.float32(2.0**-20)
+    a[:16, 16:32] *= np.float32(2.0**20)         # a live row tile keeps sa large
+    b = rng.standard_normal((64, 40)).astype(np.float32)
+    cases.append((quantize(a, HBFP8), quantize(np.ascontiguousarray(b.T), HBFP8).T))
+    # 16-bit mantissas, truncating: float64 block products
+    f16 = HBFP8.replace(man_bits=16)
+    cases.append(_operands(rng, 33, 70, 21, f16, 40))
+    for aq, bq in cases:
+        _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq))
+    assert kernels["f32"] >= 2 and kernels["f64"] >= 1 and kernels["blocks"] >= 2
+    monkeypatch.setattr(htorch, "_F32_GEMM_MIN", 1 << 62)
+    kernels.clear()
+    aq, bq = cases[0]
+    _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq))
+    assert kernels == {"f64": 1}
+
+
+@needs_numba
+def test_kernel_matmul_extremes(rng, kernels):
+    """Results near float32's limits (flush to zero, overflow to inf), narrow exponents
+    (the non-zero blocks found by scanning the mantissas), mixed widths, K of 1."""
+    cases = []
+    for scale in (2.0**-60, 2.0**-70, 2.0**60, 2.0**64):
+        a = (rng.standard_normal((40, 64)) * scale).astype(np.float32)
+        b = (rng.standard_normal((64, 30)) * scale).astype(np.float32)
+        cases.append((quantize(a, HBFP8), quantize(np.ascontiguousarray(b.T), HBFP8).T))
+    narrow = HBFP8.replace(exp_bits=4)
+    cases.append(_operands(rng, 37, 50, 21, narrow, 12))
+    cases.append(_operands(rng, 37, 50, 21, HBFP4.replace(exp_bits=5), 3))
+    a = rng.standard_normal((20, 48)).astype(np.float32)
+    b = rng.standard_normal((48, 9)).astype(np.float32)
+    cases.append((quantize(a, HBFP4), quantize(np.ascontiguousarray(b.T), HBFP8).T))
+    cases.append(_operands(rng, 5, 1, 7, HBFP8, 2))
+    for aq, bq in cases:
+        _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq))
+    assert sum(kernels.values()) >= len(cases)
+
+
+@needs_numba
+def test_kernel_matmul_leaves_invalid_blocks_to_torch_path(rng, kernels):
+    a = rng.standard_normal((20, 96)).astype(np.float32)
+    a[3, 40] = np.nan
+    aq = quantize(a, MXINT8, nonfinite="flag")
+    bq = quantize(rng.standard_normal((96, 7)).astype(np.float32),
+                  MXINT8.replace(block_axes=(0,)))
+    _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq))
+    assert sum(kernels.values()) == 0
+
+
+# -- training: kernels versus fallback ---------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["hbfp8", "mxint8"])
+def test_training_bits_same_with_and_without_kernels(fmt, rng, monkeypatch):
+    """A few CNN training steps (stochastic gradients for hbfp8) give identical weights
+    with the compiled kernels and with the pure-PyTorch fallback."""
+    pytest.importorskip("sklearn")
+    from hbfp_hw.host.train import format_kwargs, make_model
+    x = torch.from_numpy(rng.random((16, 1, 8, 8), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, 16))
+    torch.manual_seed(0)
+    base = make_model("cnn")
+    finals = []
+    for enabled in ([True, False] if torch_kernels.HAVE_NUMBA else [False]):
+        monkeypatch.setattr(torch_kernels, "ENABLED", enabled)
+        htorch.kernel_paths.clear()
+        m = htorch.convert(copy.deepcopy(base), backend="emulate", **format_kwargs(fmt))
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert (sum(htorch.kernel_paths.values()) > 0) == enabled
+        finals.append([p.detach().clone() for p in m.parameters()])
+    for p, q in zip(finals[0], finals[-1]):
+        assert torch.equal(p, q)
+
+
+def test_fallback_without_numba():
+    """With numba unavailable (HBFP_HW_NO_NUMBA=1) the emulate backend runs on its
+    PyTorch paths and gives the golden model's bits."""
+    code = (
+        "import numpy as np, torch\n"
+        "from hbfp_hw.host import torch_kernels as k\n"
+        "from hbfp_hw.host.torch import fast_bfp_matmul, kernel_paths\n"
+        "from hbfp_hw.host.torch_quant import torch_quantize\n"
+        "from hbfp_hw.formats import HBFP8\n"
+        "from hbfp_hw.gemm import bfp_matmul\n"
+        "from hbfp_hw.quantize import quantize\n"
+        "assert not k.HAVE_NUMBA and not k.ENABLED\n"
+        "x = np.random.default_rng(1).standard_normal((40, 30)).astype(np.float32)\n"
+        "q = torch_quantize(torch.from_numpy(x), HBFP8)\n"
+        "assert q.equal(quantize(x, HBFP8))\n"
+        "r = fast_bfp_matmul(q, q.T)\n"
+        "assert (r.view(np.uint32) == bfp_matmul(q, q.T).view(np.uint32)).all()\n"
+        "assert not kernel_paths\n")
+    env = dict(os.environ, HBFP_HW_NO_NUMBA="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
