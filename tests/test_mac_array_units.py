@@ -132,8 +132,12 @@ def test_pack_operand_value(rng):
 # ---- tile buffer ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("col_major", [False, True])
-def test_tile_buffer_orientations_and_double_buffering(rng, col_major):
-    T, L, V, w = 4, 2, 2, 5
+@pytest.mark.parametrize("T,L,V", [(4, 2, 2), (8, 2, 4), (8, 8, 2), (12, 4, 3), (6, 1, 6)])
+def test_tile_buffer_orientations_and_double_buffering(rng, col_major, T, L, V):
+    """Every (pos, k) read in both orientations over four tiles, writes overlapping the
+    reads; shapes with nvec != lanes, non-power-of-two tiles and residues that straddle
+    the row groups of the storage (nvec = 3 with lanes = 4)."""
+    w = 5
     dut = TileBuffer(tile=T, lanes=L, nvec=V, width=w, meta_layout=8, col_major=col_major)
     tiles = [rng.integers(-15, 16, (T, T)) for _ in range(4)]
     trans = [0, 1, 1, 0]
