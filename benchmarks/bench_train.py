@@ -9,7 +9,8 @@ MLPs where the GEMMs dominate), times forward + backward + SGD step in FP32 and
 in each BFP format with the emulate backend, interleaved in one run (warm-up steps
 excluded; FP32 and emulate steps alternate one by one so machine load affects both
 alike) and prints the medians, the minima (the least disturbed steps on a shared
-machine) and their ratios. Target: <= 2x.
+machine) and their ratios. Target: <= 2x. The compiled kernels of the emulate backend
+(numba, when installed) are compiled or loaded from numba's cache before any timing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hbfp_hw.host import torch_kernels
 from hbfp_hw.host.torch import bfp_layers, convert
 from hbfp_hw.host.train import format_kwargs, make_model
 
@@ -73,9 +75,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     formats = args.formats.split(",")
     rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    torch_kernels.warm_up()
+    warm = time.perf_counter() - t0
+    kern = "numba kernels" if torch_kernels.ENABLED else "no numba: PyTorch paths"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} timed steps, "
-          f"median per step; load average {load:.1f} on {os.cpu_count()} CPUs at start")
+          f"median per step; {kern} (warm-up {warm:.1f} s, not timed); load average "
+          f"{load:.1f} on {os.cpu_count()} CPUs at start")
     print("| model | format | FP32 ms/step (median) | emulate ms/step (median) | ratio "
           "| FP32 min | emulate min | ratio of minima |")
     print("|---|---|---|---|---|---|---|---|")
@@ -101,6 +108,8 @@ def main(argv=None) -> int:
             print(f"| {label} | {f} | {a:.2f} | {b:.2f} | {b / a:.1f}x "
                   f"| {min(t_fp) * 1e3:.2f} | {min(t_bfp) * 1e3:.2f} "
                   f"| {min(t_bfp) / min(t_fp):.1f}x |", flush=True)
+    if hasattr(os, "getloadavg"):
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
