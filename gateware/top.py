@@ -456,11 +456,20 @@ class Accelerator(wiring.Component):
                 m.d.comb += [rd_elem.eq(q_rd)]
 
         # ---- command executor ---------------------------------------------------------
+        # READ / WRITE buffer id and its constants, registered in DECODE from the header
+        # (both requests carry ``buffer`` first), so EXEC's bounds checks start from
+        # registers instead of a header field -> id -> constant lookup chain
+        assert (P.REQUESTS[P.Op.READ].offsets()["buffer"]
+                == P.REQUESTS[P.Op.WRITE].offsets()["buffer"])
+        b_hdr = fld(P.Op.WRITE, "buffer")
         b_id = Signal(8)
-        b_wb = by_id(b_id, [s.wire_bytes for s in specs], 3, "b_wb")
-        b_depth = by_id(b_id, [s.depth for s in specs], 32, "b_depth")
-        b_writable = by_id(b_id, [int(s.writable) for s in specs], 1, "b_writable")
-        b_wsh = by_id(b_id, [s.wire_bytes.bit_length() - 1 for s in specs], 2, "b_wsh")
+        b_wb, b_depth, b_writable, b_wsh = (Signal(3), Signal(32), Signal(1), Signal(2))
+        b_consts = [b_id.eq(b_hdr)] + [
+            reg.eq(by_id(b_hdr, vals, len(reg), f"{reg.name}_c"))
+            for reg, vals in ((b_wb, [s.wire_bytes for s in specs]),
+                              (b_depth, [s.depth for s in specs]),
+                              (b_writable, [int(s.writable) for s in specs]),
+                              (b_wsh, [s.wire_bytes.bit_length() - 1 for s in specs]))]
         w_off = Signal(32)
         w_n = Signal(32)
         w_e = Signal(32)
@@ -779,6 +788,7 @@ class Accelerator(wiring.Component):
                                  r_count.eq(0), r_len.eq(P.ERROR_LAYOUT.header_size)]
                     m.next = "SEND_NOSAVE"
             with m.State("DECODE"):
+                m.d.sync += b_consts
                 key = Cat(seq, opc, length, fcrc)
                 with m.If(last_valid & (key == last_key)):
                     m.d.sync += desc.eq(saved)
@@ -805,7 +815,6 @@ class Accelerator(wiring.Component):
                                     addr=off + _INFO_FIXED,
                                     count=Mux(rest > P.MAX_DATA, P.MAX_DATA, rest), info=True)
                     with m.Case(P.Op.WRITE):
-                        m.d.comb += b_id.eq(fld(P.Op.WRITE, "buffer"))
                         dlen = Signal(16)
                         m.d.comb += dlen.eq(length - P.REQUESTS[P.Op.WRITE].header_size)
                         off = fld(P.Op.WRITE, "offset")
@@ -823,7 +832,6 @@ class Accelerator(wiring.Component):
                             m.d.comb += st_r.addr.eq(P.REQUESTS[P.Op.WRITE].header_size)
                             m.next = "WCOPY"
                     with m.Case(P.Op.READ):
-                        m.d.comb += b_id.eq(fld(P.Op.READ, "buffer"))
                         off = fld(P.Op.READ, "offset")
                         n = fld(P.Op.READ, "count")
                         with m.If(b_id >= nbuf):
@@ -856,7 +864,6 @@ class Accelerator(wiring.Component):
                         m.d.sync += g_flags.eq(fld(P.Op.GEMM, "flags"))
             # -- WRITE: staged payload -> buffer ------------------------------------
             with m.State("WCOPY"):
-                m.d.comb += b_id.eq(fld(P.Op.WRITE, "buffer"))
                 hs = P.REQUESTS[P.Op.WRITE].header_size
                 byte = st_r.data
                 # present the next staged byte address (data of this cycle = addr of last)
