@@ -542,7 +542,7 @@ class _BFPGemm(torch.autograd.Function):
         xd, wd = x.detach(), w.detach()
         mode, be = layer._mode, layer.backend
         if mode == "hyperblock":
-            xq = layer._quant(xd, layer.act_fmt, "act")
+            xq = layer._quant(xd, layer._act_fmt_for_step(), "act")
             wq = layer._quant(wd, layer.weight_fmt, "weight")
             y = be.matmul(xq, transpose_q(wq))
             ctx.saved = (xq, wq)
@@ -607,7 +607,8 @@ class BFPLayerMixin:
     def _setup_bfp(self, *, fmt: Quantizer | None, weight_fmt: Quantizer | None,
                    act_fmt: Quantizer | None, grad_fmt: Quantizer | None,
                    backend: Union[str, Backend, None], grad_stochastic: bool, seed: int,
-                   shadow_fmt: BFPFormat | None, layer_id: int) -> None:
+                   shadow_fmt: BFPFormat | None, layer_id: int,
+                   act_stochastic: bool = False) -> None:
         base = HBFP8 if fmt is None else fmt
         self.weight_fmt = weight_fmt if weight_fmt is not None else base
         self.act_fmt = act_fmt if act_fmt is not None else base
@@ -621,6 +622,8 @@ class BFPLayerMixin:
         self._mode = _check_formats(self.weight_fmt, self.act_fmt, self.grad_fmt)
         if grad_stochastic and self._mode == "uniform":
             raise ValueError("grad_stochastic needs a BFP gradient format")
+        if act_stochastic and self._mode != "hyperblock":
+            raise ValueError("act_stochastic needs HyperBlock (2-D tile) formats")
         if shadow_fmt is not None and not isinstance(shadow_fmt, BFPFormat):
             raise TypeError(f"shadow_fmt must be a BFPFormat or None, got {shadow_fmt!r}")
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -632,6 +635,7 @@ class BFPLayerMixin:
                 f"{self.backend.name!r}): the accelerator's datapath is BFP; its range "
                 "tracker (READ_STATS) is not wired to an int8 path yet")
         self.grad_stochastic = bool(grad_stochastic)
+        self.act_stochastic = bool(act_stochastic)
         self.seed = seed
         self.layer_id = int(layer_id)
         self.shadow_fmt = shadow_fmt
@@ -666,6 +670,19 @@ class BFPLayerMixin:
                 self._grad_fmt_t = _with_seed(base[2], seed)
         return g
 
+    def _act_fmt_for_step(self) -> Quantizer:
+        """This step's activation format: with :attr:`act_stochastic`, in training mode,
+        the activation format with stochastic rounding, seeded from
+        ``(seed, layer index, step, 1)`` (a stream apart from the gradients'); else
+        :attr:`act_fmt` (evaluation stays deterministic, round to nearest)."""
+        a = self.act_fmt
+        if not (self.act_stochastic and self.training):
+            return a
+        base = getattr(self, "_sr_act_base", None)
+        if base is None or base[0] is not a:
+            base = self._sr_act_base = (a, a.replace(rounding="stochastic"))
+        return _with_seed(base[1], _mix_seed(self.seed, self.layer_id, self._step, 1))
+
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
         w2d = self.weight.reshape(self.weight.shape[0], -1)
         return _BFPGemm.apply(x2d, w2d, self.bias, self)
@@ -673,7 +690,8 @@ class BFPLayerMixin:
     def extra_repr_bfp(self) -> str:
         def nm(q):
             return getattr(q, "name", "") or repr(q)
-        return (f"weight={nm(self.weight_fmt)}, act={nm(self.act_fmt)}, "
+        return (f"weight={nm(self.weight_fmt)}, "
+                f"act={nm(self.act_fmt)}{' (SR)' if self.act_stochastic else ''}, "
                 f"grad={nm(self.grad_fmt)}{' (SR)' if self.grad_stochastic else ''}, "
                 f"backend={self.backend.name}, mode={self._mode}")
 
@@ -693,6 +711,9 @@ class BFPLinear(nn.Linear, BFPLayerMixin):
         ``"emulate"`` (default), a device URL, or a :class:`Backend` (shared by layers).
     grad_stochastic
         Round gradients stochastically, with a seed that changes every step.
+    act_stochastic
+        Round this layer's input ``X`` stochastically in training mode (seed changes every
+        step; HyperBlock formats only); evaluation rounds to nearest.
     seed
         Base seed of the stochastic rounding.
     shadow_fmt
@@ -704,11 +725,12 @@ class BFPLinear(nn.Linear, BFPLayerMixin):
                  act_fmt: Quantizer | None = None, grad_fmt: Quantizer | None = None,
                  backend: Union[str, Backend, None] = "emulate", grad_stochastic: bool = False,
                  seed: int = 0, shadow_fmt: BFPFormat | None = None, layer_id: int = 0,
-                 device=None, dtype=None) -> None:
+                 act_stochastic: bool = False, device=None, dtype=None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_bfp(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
                         backend=backend, grad_stochastic=grad_stochastic, seed=seed,
-                        shadow_fmt=shadow_fmt, layer_id=layer_id)
+                        shadow_fmt=shadow_fmt, layer_id=layer_id,
+                        act_stochastic=act_stochastic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -734,7 +756,7 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
                  grad_fmt: Quantizer | None = None,
                  backend: Union[str, Backend, None] = "emulate", grad_stochastic: bool = False,
                  seed: int = 0, shadow_fmt: BFPFormat | None = None, layer_id: int = 0,
-                 device=None, dtype=None) -> None:
+                 act_stochastic: bool = False, device=None, dtype=None) -> None:
         if groups != 1:
             raise ValueError(f"groups={groups}; BFPConv2d supports groups=1 only")
         if padding_mode != "zeros":
@@ -745,7 +767,8 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
                            dilation, groups, bias, padding_mode, device=device, dtype=dtype)
         self._setup_bfp(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act_fmt, grad_fmt=grad_fmt,
                         backend=backend, grad_stochastic=grad_stochastic, seed=seed,
-                        shadow_fmt=shadow_fmt, layer_id=layer_id)
+                        shadow_fmt=shadow_fmt, layer_id=layer_id,
+                        act_stochastic=act_stochastic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -775,13 +798,16 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             grad_fmt: Quantizer | None = None, backend: Union[str, Backend, None] = "emulate",
             grad_stochastic: bool = False, seed: int = 0,
             shadow_fmt: BFPFormat | None = None,
-            input_act_fmt: Quantizer | None = None) -> nn.Module:
+            input_act_fmt: Quantizer | None = None,
+            input_act_stochastic: bool = False) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
     (in place) with its BFP counterpart, keeping the parameters.
 
     ``input_act_fmt``, if given, is the activation format of the first converted layer
     (in module order; it quantizes the model input), e.g. 8-bit input data in an
-    otherwise 4-bit model. All converted layers share one backend instance (so its
+    otherwise 4-bit model. ``input_act_stochastic=True`` rounds that layer's input
+    stochastically in training mode (a dither of the model input; see
+    :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend instance (so its
     :attr:`Backend.calls` counts the whole model). Returns ``model``.
     """
     be = get_backend(backend)
@@ -794,7 +820,8 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             act = input_act_fmt
         return dict(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act, grad_fmt=grad_fmt,
                     backend=be, grad_stochastic=grad_stochastic, seed=seed,
-                    shadow_fmt=shadow_fmt, layer_id=counter[0])
+                    shadow_fmt=shadow_fmt, layer_id=counter[0],
+                    act_stochastic=input_act_stochastic and counter[0] == 1)
 
     def swap(parent: nn.Module) -> None:
         for name, child in parent.named_children():

@@ -11,6 +11,8 @@ hbfp8      HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic roundin
 hb4        HyperBlock 16x16 tiles, 4-bit mantissas for W/A/G, stochastic rounding of G
 hb4-t8     as hb4 with 8x8 tiles (finer shared exponents)
 hb4-in8    as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
+hb4-sr     as hb4 (all 4-bit, 16x16 tiles), plus stochastic rounding of the model input
+           (first layer's X) in training; evaluation rounds it to nearest
 mxint8     OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
 int8-hs    per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
 int8-dyn   per-tensor asymmetric int8, dynamic (current batch) A/G ranges
@@ -31,7 +33,8 @@ __all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digi
            "make_model", "format_kwargs", "train_one", "run_grid", "summarise",
            "format_table", "plot_curves", "register_cli"]
 
-FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "mxint8", "int8-hs", "int8-dyn")
+FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
+                "int8-dyn")
 MODEL_NAMES = ("mlp", "cnn")
 
 
@@ -104,6 +107,8 @@ def format_kwargs(name: str) -> dict | None:
                     grad_stochastic=True)
     if name == "hb4-in8":
         return dict(fmt=HBFP4, grad_stochastic=True, input_act_fmt=HBFP8)
+    if name == "hb4-sr":
+        return dict(fmt=HBFP4, grad_stochastic=True, input_act_stochastic=True)
     if name == "mxint8":
         return dict(fmt=MXINT8)
     if name in ("int8-hs", "int8-dyn"):
@@ -203,7 +208,7 @@ def summarise(results) -> dict:
 
 
 _TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
-            "hb4-in8": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
+            "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
 
 
 def format_table(results) -> str:

@@ -56,3 +56,65 @@ def test_hb4_variants_differ_from_hb4_only_where_named():
     in8 = format_kwargs("hb4-in8")
     assert in8.pop("input_act_fmt") is HBFP8
     assert in8 == base and t8["grad_stochastic"] is True
+
+
+def test_hb4_sr_is_all_4bit_hyperblock_with_a_dithered_input():
+    """hb4-sr: every role of every layer is HBFP4 (4-bit mantissas, 16x16 tiles); only
+    the model input is rounded stochastically, with new bits each training step, and
+    evaluation rounds it to nearest."""
+    import numpy as np
+    import torch
+
+    from hbfp_hw.formats import HBFP4
+    from hbfp_hw.host.torch import bfp_layers, convert
+    from hbfp_hw.host.train import FORMAT_NAMES, format_kwargs, make_model
+    from hbfp_hw.host.torch_quant import torch_quantize
+
+    assert "hb4-sr" in FORMAT_NAMES
+    kw = format_kwargs("hb4-sr")
+    assert kw == dict(fmt=HBFP4, grad_stochastic=True, input_act_stochastic=True)
+    torch.manual_seed(0)
+    model = convert(make_model("mlp"), seed=3, **kw)
+    layers = bfp_layers(model)
+    assert len(layers) == 3
+    for layer in layers:
+        for f in (layer.weight_fmt, layer.act_fmt, layer.grad_fmt):
+            assert f.man_bits == 4 and f.block_shape == (16, 16) and f.rounding == "nearest_even"
+    assert [la.act_stochastic for la in layers] == [True, False, False]
+
+    first = layers[0]
+    seen = []
+    quant = first._quant
+
+    def spy(x, fmt, role):
+        q = quant(x, fmt, role)
+        if role == "act":                        # the model input (first layer's X)
+            seen.append((fmt, q.dequantize()))
+        return q
+    first._quant = spy
+    xtr, ytr, _, _ = load_digits_split()
+    x, y = torch.from_numpy(xtr[:32]), torch.from_numpy(ytr[:32])
+    for _ in range(2):                           # two training steps
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    rne = torch_quantize(x.reshape(32, 64), HBFP4).dequantize()
+    (f0, q0), (f1, q1), (fe, qe) = seen
+    assert f0.rounding == f1.rounding == "stochastic" and f0.seed != f1.seed
+    assert f0.man_bits == 4 and f0.block_shape == (16, 16)
+    assert not np.array_equal(q0, rne) and not np.array_equal(q0, q1)
+    assert fe.rounding == "nearest_even" and np.array_equal(qe, rne)
+    # stochastic rounding is unbiased: the dithered input averages to the pixels
+    # (step 0.25 on these tiles: RNE errs by up to 0.125 per pixel, 1/32 on average)
+    xs = x.reshape(32, 64).numpy()
+    assert abs(float((q0 - xs).mean())) < abs(float((rne - xs).mean())) + 0.01
+    assert float(np.abs(q0 - xs).max()) < 0.25
+
+
+def test_act_stochastic_needs_hyperblock():
+    from hbfp_hw.formats import MXINT8
+    from hbfp_hw.host.torch import BFPLinear
+    with pytest.raises(ValueError, match="act_stochastic needs HyperBlock"):
+        BFPLinear(32, 16, fmt=MXINT8, act_stochastic=True)
