@@ -807,8 +807,8 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
     (in module order; it quantizes the model input), e.g. 8-bit input data in an
     otherwise 4-bit model. ``input_act_stochastic=True`` rounds that layer's input
     stochastically in training mode (a dither of the model input; see
-    :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend instance (so its
-    :attr:`Backend.calls` counts the whole model). Returns ``model``.
+    :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend
+    instance (so its :attr:`Backend.calls` counts the whole model). Returns ``model``.
     """
     be = get_backend(backend)
     counter = [0]
