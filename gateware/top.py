@@ -464,6 +464,11 @@ class Accelerator(wiring.Component):
         b_hdr = fld(P.Op.WRITE, "buffer")
         b_id = Signal(8)
         b_wb, b_depth, b_writable, b_wsh = (Signal(3), Signal(32), Signal(1), Signal(2))
+        c_nobuf, c_off_gt, c_wlen_bad, c_w_oob, c_rlen_bad, c_r_oob = (
+            Signal(name=f"c_{k}") for k in ("nobuf", "off_gt", "wlen_bad", "w_oob",
+                                              "rlen_bad", "r_oob"))
+        c_dlen = Signal(16)
+        c_n = Signal(16)
         b_consts = [b_id.eq(b_hdr)] + [
             reg.eq(by_id(b_hdr, vals, len(reg), f"{reg.name}_c"))
             for reg, vals in ((b_wb, [s.wire_bytes for s in specs]),
@@ -800,7 +805,25 @@ class Accelerator(wiring.Component):
                     with m.Elif(~len_ok):
                         error(P.ErrorCode.BAD_LENGTH, length)
                     with m.Else():
-                        m.next = "EXEC"
+                        m.next = "CHECK"
+            # READ / WRITE bounds checks from the registered buffer constants, registered
+            # themselves: EXEC's response registers are then enabled from flags
+            assert (P.REQUESTS[P.Op.READ].offsets()["offset"]
+                    == P.REQUESTS[P.Op.WRITE].offsets()["offset"])
+            with m.State("CHECK"):
+                off = fld(P.Op.WRITE, "offset")
+                dlen = Signal(16)
+                n_w = Signal(16)
+                m.d.comb += [dlen.eq(length - P.REQUESTS[P.Op.WRITE].header_size),
+                             n_w.eq(dlen >> b_wsh)]
+                n_r = fld(P.Op.READ, "count")
+                m.d.sync += [c_nobuf.eq(b_id >= nbuf), c_off_gt.eq(off > b_depth),
+                             c_dlen.eq(dlen), c_n.eq(n_w),
+                             c_wlen_bad.eq(((dlen & (b_wb - 1)) != 0) | (dlen > P.MAX_DATA)),
+                             c_w_oob.eq(off + n_w > b_depth),
+                             c_rlen_bad.eq((n_r << b_wsh) > P.MAX_DATA),
+                             c_r_oob.eq(off + n_r > b_depth)]
+                m.next = "EXEC"
             with m.State("EXEC"):
                 with m.Switch(opc):
                     with m.Case(P.Op.INFO):
@@ -815,31 +838,27 @@ class Accelerator(wiring.Component):
                                     addr=off + _INFO_FIXED,
                                     count=Mux(rest > P.MAX_DATA, P.MAX_DATA, rest), info=True)
                     with m.Case(P.Op.WRITE):
-                        dlen = Signal(16)
-                        m.d.comb += dlen.eq(length - P.REQUESTS[P.Op.WRITE].header_size)
                         off = fld(P.Op.WRITE, "offset")
-                        n = Signal(32)
-                        m.d.comb += n.eq(dlen >> b_wsh)
-                        with m.If((b_id >= nbuf) | ~b_writable):
+                        with m.If(c_nobuf | ~b_writable):
                             error(P.ErrorCode.BAD_BUFFER, b_id)
-                        with m.Elif(((dlen & (b_wb - 1)) != 0) | (dlen > P.MAX_DATA)):
-                            error(P.ErrorCode.BAD_LENGTH, dlen)
-                        with m.Elif(off + n > b_depth):
-                            error(P.ErrorCode.OUT_OF_RANGE, Mux(off > b_depth, off, b_depth))
+                        with m.Elif(c_wlen_bad):
+                            error(P.ErrorCode.BAD_LENGTH, c_dlen)
+                        with m.Elif(c_w_oob):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, off, b_depth))
                         with m.Else():
-                            m.d.sync += [w_off.eq(off), w_n.eq(n), w_e.eq(0), w_bi.eq(0),
+                            m.d.sync += [w_off.eq(off), w_n.eq(c_n), w_e.eq(0), w_bi.eq(0),
                                          w_acc.eq(0)]
                             m.d.comb += st_r.addr.eq(P.REQUESTS[P.Op.WRITE].header_size)
                             m.next = "WCOPY"
                     with m.Case(P.Op.READ):
                         off = fld(P.Op.READ, "offset")
                         n = fld(P.Op.READ, "count")
-                        with m.If(b_id >= nbuf):
+                        with m.If(c_nobuf):
                             error(P.ErrorCode.BAD_BUFFER, b_id)
-                        with m.Elif((n << b_wsh) > P.MAX_DATA):
+                        with m.Elif(c_rlen_bad):
                             error(P.ErrorCode.BAD_LENGTH, n)
-                        with m.Elif(off + n > b_depth):
-                            error(P.ErrorCode.OUT_OF_RANGE, Mux(off > b_depth, off, b_depth))
+                        with m.Elif(c_r_oob):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, off, b_depth))
                         with m.Else():
                             respond(P.Op.READ | P.RESPONSE_FLAG, src=b_id, addr=off,
                                     count=n, wire_bytes=b_wb)
