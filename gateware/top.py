@@ -365,11 +365,22 @@ class Accelerator(wiring.Component):
             m.d.sync += stmts
             m.next = "SEND"
 
+        # An error registers its code and detail and answers from the ERROR state one
+        # cycle later: the checks then end in these 40 bits instead of in the enables of
+        # the whole response descriptor (a critical path of the board build).
+        e_code = Signal(8)
+        e_detail = Signal(32)
+
         def error(code: P.ErrorCode, detail):
             if isinstance(detail, int):
                 detail = Const(detail, 32)
-            fix = Cat(Const(int(code), 8), opc, Cat(detail, Const(0, 32))[:32])
-            respond(P.ERROR_OPCODE, fix=fix, nfix=P.ERROR_LAYOUT.header_size)
+            m.d.sync += [e_code.eq(int(code)), e_detail.eq(Cat(detail, Const(0, 32))[:32])]
+            m.next = "ERROR"
+
+        def error_state():
+            with m.State("ERROR"):
+                respond(P.ERROR_OPCODE, fix=Cat(e_code, opc, e_detail),
+                        nfix=P.ERROR_LAYOUT.header_size)
 
         # ---- statistics ---------------------------------------------------------------
         # the range tracker watches the stored GEMM outputs (drain -> out buffer)
@@ -1157,6 +1168,7 @@ class Accelerator(wiring.Component):
                                         wire_bytes=man_spec.wire_bytes)
                             with m.Else():
                                 respond(P.Op.QUANTIZE | P.RESPONSE_FLAG, fix=fix, nfix=nfix)
+            error_state()
             # -- response encoder ---------------------------------------------------------
             for st, save in (("SEND", True), ("SEND_NOSAVE", False)):
                 with m.State(st):
