@@ -14,9 +14,11 @@ whose dividers :func:`ecp5_pll` computes (the search of Trellis' ``ecppll``); th
 *achieved* PLL frequency (not the requested one) becomes the configuration's
 ``clock_hz``, so the UART divisor (:func:`~hbfp_hw.gateware.uart.uart_divisor`), the
 partial-frame timeout and the device description all derive from the real clock. The
-board default is 60 MHz: an exact PLL ratio (25 MHz / 5 x 12) and an exact UART divisor
-of 20 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33). A requested clock
-equal to the board clock bypasses the PLL.
+board default is 30 MHz: an exact PLL ratio (25 MHz / 5 x 6) and an exact UART divisor
+of 10 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33), below the routed
+Fmax of the board accelerator (42-45 MHz, docs/board.md; 45 and 60 MHz, the next exact
+divisors, are not met). The 3 Mbaud link, not the clock, bounds the board's throughput.
+A requested clock equal to the board clock bypasses the PLL.
 
 Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
 reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
@@ -120,7 +122,7 @@ BOARDS: dict[str, Board] = {
         name="ulx3s",
         variants={v: ("amaranth_boards.ulx3s", f"ULX3S_{v}_Platform")
                   for v in ("12F", "25F", "45F", "85F")},
-        default_variant="85F", family="ecp5", clock_hz=60_000_000,
+        default_variant="85F", family="ecp5", clock_hz=30_000_000,
         programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
         config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
 }
