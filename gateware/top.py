@@ -1262,15 +1262,25 @@ class Accelerator(wiring.Component):
         kk_inc = [kk.eq(kk + 1), blk_a.eq(blk_a + ska), blk_b.eq(blk_b + skb)]
         kk_zero = [kk.eq(0), blk_a.eq(a_bs), blk_b.eq(b_bs)]
         m.d.comb += seq_done.eq(~running)
+        # one register stage per operand stream between the sequencer (buffer reads,
+        # reference clamp) and the MAC array's front end (header exponent logic)
+        up_ready = []
         for port, which in ((mac.a, 0), (mac.b, 1)):
-            p = port.payload
+            p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
             m.d.comb += [p.exp.eq(op_exp), p.transpose.eq(tb if which else ta),
                          p.header.eq(~sph[1]), p.last.eq(kk == nk - 1),
                          p.ref.eq(ext_f & ~sph[1] & (kk == nk)), p.eref.eq(ref_val)]
             for k in range(T):
                 m.d.comb += p.data[k].eq(op_man[mw * k: mw * k + mc.man_bits_a])
-            m.d.comb += port.valid.eq(running & issued & (is_b == which))
-        accepted = Mux(is_b, mac.b.ready, mac.a.ready) & issued & running
+            p_r = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}_r")
+            v_r = Signal(name=f"seq_{'ab'[which]}_valid")
+            rdy = Signal(name=f"seq_{'ab'[which]}_ready")
+            m.d.comb += [rdy.eq(~v_r | port.ready), port.valid.eq(v_r),
+                         port.payload.eq(p_r)]
+            with m.If(rdy):
+                m.d.sync += [v_r.eq(running & issued & (is_b == which)), p_r.eq(p)]
+            up_ready.append(rdy)
+        accepted = Mux(is_b, up_ready[1], up_ready[0]) & issued & running
         with m.If(running & ~issued):
             m.d.sync += issued.eq(1)
         with m.If(accepted):
