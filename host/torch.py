@@ -197,6 +197,14 @@ def _kernel_matmul(a: BFPTensor, b: BFPTensor, lay_a, lay_b, guard_bits: int):
     if prep is None:
         return None
     f64, er, ec, A, B, U, V = prep
+    return _run_prepared(f64, er, ec, A, B, U, V, guard_bits,
+                         -a.fmt.frac_bits - b.fmt.frac_bits, a.shape[0], b.shape[1],
+                         lay_a.block[0], lay_b.block[1])
+
+
+def _run_prepared(f64, er, ec, A, B, U, V, guard_bits, offset, M, N, bm, bn):
+    """The GEMMs of a prepared product (``mm`` of the safe K-blocks, ``bmm`` of the
+    truncating ones) and the conversion to FP32 (:func:`torch_kernels.matmul_finish`)."""
     if A.size:
         At, Bt = torch.from_numpy(A), torch.from_numpy(B)
         if f64:
@@ -210,9 +218,7 @@ def _kernel_matmul(a: BFPTensor, b: BFPTensor, lay_a, lay_b, guard_bits: int):
         kernel_paths["blocks"] += 1
     else:
         p = _EMPTY_P
-    return _kernels.matmul_finish(acc, p, er, ec, guard_bits,
-                                  -a.fmt.frac_bits - b.fmt.frac_bits, a.shape[0],
-                                  b.shape[1], lay_a.block[0], lay_b.block[1])
+    return _kernels.matmul_finish(acc, p, er, ec, guard_bits, offset, M, N, bm, bn)
 
 
 _EMPTY_ACC = np.zeros((0, 0), np.float32)
@@ -531,6 +537,167 @@ def _mix_seed(*parts: int) -> int:
     return zlib.crc32(struct.pack(f"={len(parts)}q", *parts))
 
 
+# -- the fused per-layer path -----------------------------------------------------------
+
+#: layer steps run by the fused kernels (one compiled call per layer and direction,
+#: :func:`torch_kernels.layer_forward` / :func:`torch_kernels.layer_backward`), per
+#: direction: "forward", "backward"
+fused_calls: Counter[str] = Counter()
+
+
+class _LayerPlan:
+    """What a HyperBlock layer's fused step needs, worked out once per (shapes, formats,
+    stochastic flags): the kernels' parameter arrays, tiles, padded sizes, mantissa
+    dtypes and the FP32 conversion offsets of the three GEMMs."""
+
+    __slots__ = ("key", "px", "pw", "pg", "dtx", "dtw", "dtg", "xb", "xi", "wo", "Bp",
+                 "Ip", "Op", "off_y", "off_dx", "off_dw", "act_sr", "grad_sr", "fx",
+                 "fw", "fg")
+
+
+def _layer_plan(layer: "BFPLayerMixin", x: torch.Tensor, w: torch.Tensor):
+    """The layer's :class:`_LayerPlan` for these operands (cached on the layer), or None
+    where the fused path does not apply: another backend (including subclasses of
+    :class:`EmulateBackend`, which may override its methods), the layer's quantizer or
+    step formats replaced (subclass or instance attribute), not HyperBlock, not float32
+    on the CPU, empty operands, or anything the per-call path would reject or hand to
+    the golden model."""
+    d = layer.__dict__
+    if "_quant" in d or "_act_fmt_for_step" in d or "_grad_fmt_for_step" in d:
+        return None                     # replaced on the instance (e.g. a test's spy)
+    act_sr = layer.act_stochastic and layer.training
+    key = (x.shape, w.shape, x.dtype, w.dtype, x.is_cpu, w.is_cpu, layer.act_fmt,
+           layer.weight_fmt, layer.grad_fmt, act_sr, layer.grad_stochastic)
+    plan = d.get("_fused_plan")
+    if plan is not None and plan.key == key:
+        return plan
+    plan = _make_plan(layer, x, w, key, act_sr)
+    d["_fused_plan"] = plan if plan is not None else _NoPlan(key)
+    return plan
+
+
+class _NoPlan:
+    """A cached "no fused path" for a key (so that the checks are not redone)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+
+def _make_plan(layer, x, w, key, act_sr):
+    if not (layer._mode == "hyperblock" and type(layer.backend) is EmulateBackend):
+        return None
+    cls = type(layer)
+    if (cls._quant is not BFPLayerMixin._quant
+            or cls._act_fmt_for_step is not BFPLayerMixin._act_fmt_for_step
+            or cls._grad_fmt_for_step is not BFPLayerMixin._grad_fmt_for_step):
+        return None                     # a subclass changes what a step quantizes
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or 0 in (*x.shape, *w.shape):
+        return None
+    if not (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"):
+        return None
+    fx, fw, fg = layer.act_fmt, layer.weight_fmt, layer.grad_fmt
+    if act_sr:
+        fx = fx.replace(rounding="stochastic")
+    if layer.grad_stochastic:
+        fg = fg.replace(rounding="stochastic")
+    (xb, xi), (wo, wi), (gb, go) = _tile(fx), _tile(fw), _tile(fg)
+    if not (xi == wi and wo == go and xb == gb):
+        return None
+    B, I = x.shape
+    O = w.shape[0]
+    G = DEFAULT_GUARD_BITS
+    for ma, mb, L, K in ((fx, fw, xi, I), (fg, fw, go, O), (fg, fx, gb, B)):
+        if _acc_bits(ma.man_bits, mb.man_bits, L, K, G) > 53:
+            return None
+    p = _LayerPlan()
+    p.key, p.act_sr, p.grad_sr = key, act_sr, layer.grad_stochastic
+    p.fx, p.fw, p.fg = fx, fw, fg
+    p.px, p.pw, p.pg = (_kernels.format_param_array(f) for f in (fx, fw, fg))
+    p.dtx, p.dtw, p.dtg = (_kernels._format_params(f)[6] for f in (fx, fw, fg))
+    p.xb, p.xi, p.wo = xb, xi, wo
+    p.Bp, p.Ip, p.Op = -(-B // xb) * xb, -(-I // xi) * xi, -(-O // wo) * wo
+    p.off_y = -fx.frac_bits - fw.frac_bits
+    p.off_dx = -fg.frac_bits - fw.frac_bits
+    p.off_dw = -fg.frac_bits - fx.frac_bits
+    return p
+
+
+def _run_fused(prep, offset, M, N, bm, bn) -> np.ndarray:
+    status, er, ec, A, B, U, V, U64, V64 = prep
+    if U64.shape[0]:
+        U, V = U64, V64
+    return _run_prepared(bool(status & 1), er, ec, A, B, U, V, DEFAULT_GUARD_BITS, offset,
+                         M, N, bm, bn)
+
+
+def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):
+    """``Y = Xq Wqᵀ`` through one fused kernel call; None if an operand holds NaN/Inf
+    (the caller then takes the per-call path, where the golden model raises)."""
+    xn = x.detach().contiguous().numpy()
+    wn = w.detach().contiguous().numpy()
+    px = plan.px
+    if plan.act_sr:
+        px[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step, 1)
+    xm = np.empty((plan.Bp, plan.Ip), plan.dtx)
+    wm = np.empty((plan.Op, plan.Ip), plan.dtw)
+    ex, ew, prep = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.xb, plan.xi,
+                                          plan.wo, DEFAULT_GUARD_BITS, _F32_GEMM_MIN)
+    if prep[0] < 0:
+        return None
+    B, O = xn.shape[0], wn.shape[0]
+    y = _run_fused(prep, plan.off_y, B, O, plan.xb, plan.wo)
+    qc, bc = layer.quant_calls, layer.backend.calls
+    qc["act"] += 1
+    qc["weight"] += 1
+    bc["quantize"] += 2
+    bc["matmul"] += 1
+    fused_calls["forward"] += 1
+    ctx.saved = (xm, ex, wm, ew)
+    ctx.fused = (plan, xn.shape, wn.shape)
+    return y
+
+
+def _fused_backward(ctx, layer, dy):
+    """dX and dW through one fused kernel call (quantize dY, prepare both GEMMs);
+    None if ``dy`` holds NaN/Inf."""
+    plan, xshape, wshape = ctx.fused
+    xm, ex, wm, ew = ctx.saved
+    dyn = dy.detach()
+    if dyn.dtype != torch.float32:
+        dyn = dyn.to(torch.float32)
+    dyn = dyn.cpu().contiguous().numpy()
+    pg = plan.pg
+    if plan.grad_sr:
+        pg[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step)
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gmn = np.empty((plan.Bp, plan.Op), plan.dtg)
+    eg, pdx, pdw = _kernels.layer_backward(dyn, gmn, pg, xm, ex, plan.px, wm, ew, plan.pw,
+                                           plan.xb, plan.wo, plan.xi, DEFAULT_GUARD_BITS,
+                                           _F32_GEMM_MIN, need_dx, need_dw)
+    if eg.size == 0:
+        return None
+    B, I = xshape
+    O = wshape[0]
+    dx = _run_fused(pdx, plan.off_dx, B, I, plan.xb, plan.xi) if need_dx else None
+    dw = _run_fused(pdw, plan.off_dw, O, I, plan.wo, plan.xi) if need_dw else None
+    layer.quant_calls["grad"] += 1
+    bc = layer.backend.calls
+    bc["quantize"] += 1
+    bc["matmul"] += need_dx + need_dw
+    fused_calls["backward"] += 1
+    return dx, dw
+
+
+def _saved_bfp(ctx) -> tuple:
+    """The forward's quantized X and W as BFPTensors (for the per-call backward)."""
+    plan, xshape, wshape = ctx.fused
+    xm, ex, wm, ew = ctx.saved
+    return (BFPTensor(plan.fx, tuple(xshape), xm, ex, np.zeros(ex.shape, bool)),
+            BFPTensor(plan.fw, tuple(wshape), wm, ew, np.zeros(ew.shape, bool)))
+
+
 # -- the autograd function -------------------------------------------------------------
 
 class _BFPGemm(torch.autograd.Function):
@@ -539,6 +706,15 @@ class _BFPGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias, layer: "BFPLayerMixin"):
         ctx.layer = layer
+        ctx.fused = None
+        ctx.has_bias = bias is not None
+        if _kernels.ENABLED:
+            plan = _layer_plan(layer, x, w)
+            if type(plan) is _LayerPlan:
+                y = _fused_forward(ctx, plan, layer, x, w)
+                if y is not None:
+                    out = torch.from_numpy(y)
+                    return out + bias.detach() if bias is not None else out
         xd, wd = x.detach(), w.detach()
         mode, be = layer._mode, layer.backend
         if mode == "hyperblock":
@@ -557,7 +733,6 @@ class _BFPGemm(torch.autograd.Function):
             wq = torch.from_numpy(layer._uquant(wn, layer.weight_fmt, "weight"))
             y = (xq @ wq.T).numpy()
             ctx.saved = (xq, wq)
-        ctx.has_bias = bias is not None
         out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
         if bias is not None:
             out = out + bias.detach()
@@ -566,6 +741,15 @@ class _BFPGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         layer = ctx.layer
+        if ctx.fused is not None:
+            r = _fused_backward(ctx, layer, dy) if _kernels.ENABLED else None
+            if r is not None:
+                layer.__dict__["_step"] = layer._step + 1     # (skips Module.__setattr__)
+                ctx.saved = None
+                db = dy.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+                return (None if r[0] is None else torch.from_numpy(r[0]),
+                        None if r[1] is None else torch.from_numpy(r[1]), db, None)
+            ctx.saved = _saved_bfp(ctx)
         be = layer.backend
         dyn = dy.detach()
         gfmt = layer._grad_fmt_for_step()

@@ -473,6 +473,97 @@ def _finish_kernel(acc, p, er, ec, guard, offset, M, N, bm, bn):
     return out
 
 
+# -- fused layer kernels ---------------------------------------------------------------
+#
+# One call per layer and direction for the HyperBlock training step (hbfp_hw.host.torch,
+# _LayerPlan): the forward kernel quantizes X and W and prepares Y = Xq @ Wqᵀ; the
+# backward kernel quantizes dY and prepares dX = dYq @ Wq and dW = dYqᵀ @ Xq. The
+# transposes are views (no copies); every step is the very kernel above
+# (_quantize_kernel, _prepare_kernel), so the bits are those of the separate calls.
+
+#: a format's scalar parameters, in the int64 array the fused kernels take
+#: (:func:`format_param_array`): emin, emax, frac_bits, mmax, man_bits, rounding code,
+#: sr_bits, seed, sr_lanes
+P_SEED = 7
+
+
+def format_param_array(fmt) -> np.ndarray:
+    """The int64 parameter array of ``fmt`` for the fused layer kernels (the seed at
+    index :data:`P_SEED` may be overwritten per call)."""
+    return np.array([fmt.emin, fmt.emax, fmt.frac_bits, fmt.mmax, fmt.man_bits,
+                     ROUNDING_CODES[fmt.rounding], fmt.sr_bits, fmt.seed, fmt.sr_lanes],
+                    np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quantize_p(x, b0, b1, p, man):
+    return _quantize_kernel(x, b0, b1, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                            p[8], man)
+
+
+@njit(cache=True, nogil=True)
+def _no_prep():
+    """The return value of :func:`_prepare_kernel` for a GEMM not computed (status -1)."""
+    e = np.empty(0, np.int64)
+    z2 = np.empty((0, 0), np.float32)
+    z32 = np.empty((0, 0, 0), np.float32)
+    z64 = np.empty((0, 0, 0), np.float64)
+    return -1, e, e, z2, z2, z32, z32, z64, z64
+
+
+@njit(cache=True, nogil=True)
+def _layer_forward_kernel(x, w, xm, wm, px, pw, bm, L, bn, guard, f32_min):
+    """Quantize ``x`` (B, I) into ``xm`` (tiles ``bm × L``) and ``w`` (O, I) into ``wm``
+    (tiles ``bn × L``), then :func:`_prepare_kernel` of ``xm @ wmᵀ``. Returns
+    ``(ex, ew, prep)``; ``prep[0] == -1`` if a block holds NaN/Inf (nothing else is
+    meaningful then)."""
+    ex = _quantize_p(x, bm, L, px, xm)
+    ew = _quantize_p(w, bn, L, pw, wm)
+    if ex.size == 0 or ew.size == 0:
+        return ex, ew, _no_prep()
+    inv = np.zeros((0, 0), np.bool_)
+    prep = _prepare_kernel(xm, ex, inv, px[0], wm.T, ew.T, inv, pw[0], bm, L, bn, guard,
+                           px[3], pw[3], f32_min)
+    return ex, ew, prep
+
+
+@njit(cache=True, nogil=True)
+def _layer_backward_kernel(dy, gm_, pg, xm, ex, px, wm, ew, pw, gb, go, bi, guard,
+                           f32_min, need_dx, need_dw):
+    """Quantize ``dy`` (B, O) into ``gm_`` (tiles ``gb × go``), then
+    :func:`_prepare_kernel` of ``dX = gm_ @ wm`` (``wm`` tiles ``go × bi``) and of
+    ``dW = gm_ᵀ @ xm`` (``xm`` tiles ``gb × bi``), each only if needed. Returns
+    ``(eg, prep_dx, prep_dw)``; ``eg`` is empty if a block of ``dy`` holds NaN/Inf."""
+    eg = _quantize_p(dy, gb, go, pg, gm_)
+    if eg.size == 0:
+        return eg, _no_prep(), _no_prep()
+    inv = np.zeros((0, 0), np.bool_)
+    if need_dx:
+        pdx = _prepare_kernel(gm_, eg, inv, pg[0], wm, ew, inv, pw[0], gb, go, bi, guard,
+                              pg[3], pw[3], f32_min)
+    else:
+        pdx = _no_prep()
+    if need_dw:
+        pdw = _prepare_kernel(gm_.T, eg.T, inv, pg[0], xm, ex, inv, px[0], go, gb, bi,
+                              guard, pg[3], px[3], f32_min)
+    else:
+        pdw = _no_prep()
+    return eg, pdx, pdw
+
+
+def layer_forward(x, w, xm, wm, px, pw, bm, L, bn, guard_bits: int, f32_min: int):
+    """See :func:`_layer_forward_kernel` (``x``, ``w`` C-contiguous float32; ``xm``,
+    ``wm`` the padded mantissa arrays to fill)."""
+    return _layer_forward_kernel(x, w, xm, wm, px, pw, bm, L, bn, guard_bits, f32_min)
+
+
+def layer_backward(dy, gm_, pg, xm, ex, px, wm, ew, pw, gb, go, bi, guard_bits: int,
+                   f32_min: int, need_dx: bool, need_dw: bool):
+    """See :func:`_layer_backward_kernel`."""
+    return _layer_backward_kernel(dy, gm_, pg, xm, ex, px, wm, ew, pw, gb, go, bi,
+                                  guard_bits, f32_min, need_dx, need_dw)
+
+
 def matmul_prepare(a, b, lay_a, lay_b, guard_bits: int, f32_min: int):
     """Grid analysis and operands of the exact GEMM ``a @ b`` (BFPTensors):
     ``(f64, er, ec, A, B, U, V)``, see :func:`_prepare_kernel` (``U``, ``V`` the unsafe
@@ -517,3 +608,9 @@ def warm_up() -> None:
     for acc in (np.zeros((16, 16), np.float32), np.zeros((16, 16))):
         for p in (e32, e64):
             matmul_finish(acc, p, er, ec, 8, 0, 16, 16, 16, 16)
+    # the fused layer kernels (8-bit and narrower mantissas, the common case)
+    for fmt in (HBFP8, HBFP4.replace(rounding="stochastic")):
+        p = format_param_array(fmt)
+        xm, wm, gm_ = (np.empty((16, 16), np.int8) for _ in range(3))
+        ex, ew, _ = layer_forward(x, x, xm, wm, p, p, 16, 16, 16, 8, 0)
+        layer_backward(x, gm_, p, xm, ex, p, wm, ew, p, 16, 16, 16, 8, 0, True, True)

@@ -191,6 +191,139 @@ def test_kernel_matmul_leaves_invalid_blocks_to_torch_path(rng, kernels):
     assert sum(kernels.values()) == 0
 
 
+# -- the fused per-layer path ------------------------------------------------------------
+
+def _edge_tensor(rng, shape, spread):
+    """Random values over a spread of exponents with zeros, all-zero tiles, subnormals,
+    float32's extremes (saturation), exact mantissa ties and negative zeros."""
+    x = (rng.standard_normal(shape) * np.exp2(rng.integers(-spread, spread + 1, shape)))
+    x = np.clip(x, -3e38, 3e38).astype(np.float32)
+    flat = x.reshape(-1)
+    specials = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).tiny, 1e-45,
+                         1e-39, -0.0, 0.0, 0.5, 1.5, -2.5, 3.5, 2.0**-126 * 1.5],
+                        dtype=np.float32)
+    k = max(1, flat.size // 20)
+    flat[rng.integers(0, flat.size, k)] = rng.choice(specials, k)
+    x[: min(8, shape[0]), : min(8, shape[1])] = 0.0
+    if shape[0] > 10:
+        x[9, :] = np.float32(1e-40)                  # a row of subnormals only
+    return x
+
+
+_FUSED_CASES = [
+    # (weight/act/grad format, grad_stochastic, act_stochastic, (B, I, O), spread)
+    (HBFP8, True, False, (32, 64, 128), 3),
+    (HBFP4, True, True, (32, 128, 64), 3),
+    (HBFP8, False, False, (37, 50, 21), 9),          # padding on every axis
+    (HBFP4.replace(block_shape=(8, 8)), True, False, (20, 30, 10), 30),
+    (HBFP8.replace(man_bits=12), True, False, (33, 70, 19), 40),   # int16 mantissas
+    (HBFP8.replace(exp_bits=4, rounding="nearest_away"), False, False, (24, 40, 16), 6),
+    (HBFP4.replace(sr_lanes=3, sr_bits=5), True, True, (17, 48, 33), 2),
+    (HBFP8, True, False, (2048, 144, 32), 2),         # the CNN's conv2 shapes
+]
+
+
+@needs_numba
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # the golden model's overflows
+@pytest.mark.parametrize("case", range(len(_FUSED_CASES)))
+def test_fused_layer_step_is_golden(case, rng, kernels):
+    """One training step of a BFPLinear through the fused kernels (one compiled call per
+    direction) gives the golden model's Y, dX and dW, bit for bit: quantize X, W, dY with
+    ``hbfp_hw.quantize.quantize`` (this step's seeds) and multiply with
+    ``hbfp_hw.gemm.bfp_matmul``. The fused path is the one taken."""
+    fmt, gsr, asr, (B, I, O), spread = _FUSED_CASES[case]
+    layer = htorch.BFPLinear(I, O, bias=False, fmt=fmt, grad_stochastic=gsr,
+                             act_stochastic=asr, seed=int(rng.integers(0, 2**32)),
+                             layer_id=3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(_edge_tensor(rng, (O, I), spread)))
+    for step in range(2):
+        x = torch.from_numpy(_edge_tensor(rng, (B, I), spread)).requires_grad_()
+        dy = _edge_tensor(rng, (B, O), spread)
+        fx = layer._act_fmt_for_step()
+        fg = layer._grad_fmt_for_step()
+        htorch.fused_calls.clear()
+        y = layer(x)
+        y.backward(torch.from_numpy(dy))
+        assert htorch.fused_calls == {"forward": 1, "backward": 1}
+        xq = quantize(x.detach().numpy(), fx)
+        wq = quantize(layer.weight.detach().numpy(), fmt)
+        gq = quantize(dy, fg)
+        _same(y.detach().numpy(), bfp_matmul(xq, wq.T), f"Y step {step}")
+        _same(x.grad.numpy(), bfp_matmul(gq, wq), f"dX step {step}")
+        _same(layer.weight.grad.numpy(), bfp_matmul(gq.T, xq), f"dW step {step}")
+        layer.weight.grad = None
+        assert layer._step == step + 1
+    assert dict(layer.quant_calls) == {"act": 2, "weight": 2, "grad": 2}
+    assert layer.backend.calls == {"quantize": 6, "matmul": 6}
+
+
+@needs_numba
+def test_fused_path_matches_per_call_path_in_training(rng, monkeypatch):
+    """MLP and CNN training (stochastic gradients and input dither, bias, an input layer
+    without dX) gives the same weights through the fused path as through the per-call
+    kernels (a subclass of EmulateBackend does not take the fused path)."""
+    from hbfp_hw.host.train import format_kwargs, make_model
+
+    class PerCall(htorch.EmulateBackend):
+        pass
+
+    monkeypatch.setattr(torch_kernels, "ENABLED", True)
+    for name in ("mlp", "cnn"):
+        for fname in ("hbfp8", "hb4-sr", "hb4-in8"):
+            x = torch.from_numpy(rng.random((24, 1, 8, 8), dtype=np.float32))
+            y = torch.from_numpy(rng.integers(0, 10, 24))
+            torch.manual_seed(0)
+            base = make_model(name)
+            finals = []
+            for be in ("emulate", PerCall()):
+                htorch.fused_calls.clear()
+                m = htorch.convert(copy.deepcopy(base), backend=be, **format_kwargs(fname))
+                opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+                for _ in range(3):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                n = len(htorch.bfp_layers(m))
+                fused = {"forward": 3 * n, "backward": 3 * n}
+                assert htorch.fused_calls == (fused if be == "emulate" else {})
+                finals.append([p.detach().clone() for p in m.parameters()])
+            for p, q in zip(*finals):
+                assert torch.equal(p, q), (name, fname)
+
+
+@needs_numba
+def test_fused_path_nonfinite_and_fallbacks(rng, kernels):
+    """NaN/Inf in X or dY: the fused kernel declines and the per-call path raises the
+    golden model's error; MX formats, float64 operands and evaluation after training
+    (a new plan) are handled."""
+    layer = htorch.BFPLinear(32, 16, fmt=HBFP8, grad_stochastic=True)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    x[2, 5] = np.inf
+    with pytest.raises(ValueError):
+        layer(torch.from_numpy(x))
+    x[2, 5] = 1.0
+    xt = torch.from_numpy(x).requires_grad_()
+    out = layer(xt)
+    dy = torch.zeros_like(out)
+    dy[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        out.backward(dy)
+    mx = htorch.BFPLinear(32, 16, fmt=MXINT8)
+    htorch.fused_calls.clear()
+    mx(torch.from_numpy(x)).sum().backward()
+    assert not htorch.fused_calls
+    layer.eval()
+    with torch.no_grad():
+        ref = bfp_matmul(quantize(x, HBFP8), quantize(layer.weight.numpy(), HBFP8).T)
+        got = layer(torch.from_numpy(x)) - layer.bias
+        assert torch.equal(got + layer.bias, layer(torch.from_numpy(x)))
+        _same((torch.from_numpy(ref) + layer.bias).numpy(),
+              layer(torch.from_numpy(x)).numpy())
+    assert htorch.fused_calls["forward"] >= 1
+
+
 # -- training: kernels versus fallback ---------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["hbfp8", "mxint8"])
