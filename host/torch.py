@@ -550,9 +550,9 @@ class _LayerPlan:
     stochastic flags): the kernels' parameter arrays, tiles, padded sizes, mantissa
     dtypes and the FP32 conversion offsets of the three GEMMs."""
 
-    __slots__ = ("key", "px", "pw", "pg", "dtx", "dtw", "dtg", "xb", "xi", "wo", "Bp",
-                 "Ip", "Op", "off_y", "off_dx", "off_dw", "act_sr", "grad_sr", "fx",
-                 "fw", "fg")
+    __slots__ = ("key", "px", "pw", "pg", "jx", "jw", "jg", "dtx", "dtw", "dtg", "xb",
+                 "xi", "wo", "Bp", "Ip", "Op", "off_y", "off_dx", "off_dw", "act_sr",
+                 "grad_sr", "fx", "fw", "fg")
 
 
 def _layer_plan(layer: "BFPLayerMixin", x: torch.Tensor, w: torch.Tensor):
@@ -618,6 +618,9 @@ def _make_plan(layer, x, w, key, act_sr):
     p.dtx, p.dtw, p.dtg = (_kernels._format_params(f)[6] for f in (fx, fw, fg))
     p.xb, p.xi, p.wo = xb, xi, wo
     p.Bp, p.Ip, p.Op = -(-B // xb) * xb, -(-I // xi) * xi, -(-O // wo) * wo
+    p.jx = _kernels.operand_jump(fx, p.Bp, p.Ip)
+    p.jw = _kernels.operand_jump(fw, p.Op, p.Ip)
+    p.jg = _kernels.operand_jump(fg, p.Bp, p.Op)
     p.off_y = -fx.frac_bits - fw.frac_bits
     p.off_dx = -fg.frac_bits - fw.frac_bits
     p.off_dw = -fg.frac_bits - fx.frac_bits
@@ -642,8 +645,9 @@ def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):
         px[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step, 1)
     xm = np.empty((plan.Bp, plan.Ip), plan.dtx)
     wm = np.empty((plan.Op, plan.Ip), plan.dtw)
-    ex, ew, prep = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.xb, plan.xi,
-                                          plan.wo, DEFAULT_GUARD_BITS, _F32_GEMM_MIN)
+    ex, ew, prep = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.jx, plan.jw,
+                                          plan.xb, plan.xi, plan.wo, DEFAULT_GUARD_BITS,
+                                          _F32_GEMM_MIN)
     if prep[0] < 0:
         return None
     B, O = xn.shape[0], wn.shape[0]
@@ -673,9 +677,10 @@ def _fused_backward(ctx, layer, dy):
         pg[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step)
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gmn = np.empty((plan.Bp, plan.Op), plan.dtg)
-    eg, pdx, pdw = _kernels.layer_backward(dyn, gmn, pg, xm, ex, plan.px, wm, ew, plan.pw,
-                                           plan.xb, plan.wo, plan.xi, DEFAULT_GUARD_BITS,
-                                           _F32_GEMM_MIN, need_dx, need_dw)
+    eg, pdx, pdw = _kernels.layer_backward(dyn, gmn, pg, plan.jg, xm, ex, plan.px, wm, ew,
+                                           plan.pw, plan.xb, plan.wo, plan.xi,
+                                           DEFAULT_GUARD_BITS, _F32_GEMM_MIN, need_dx,
+                                           need_dw)
     if eg.size == 0:
         return None
     B, I = xshape

@@ -100,6 +100,25 @@ def test_quantize_kernel_edge_cases(fmt, rng, kernels):
 
 
 @needs_numba
+def test_chunked_random_stream_is_the_golden_stream(rng):
+    """The eight-chain stream (chunk starts by the jump-ahead A**n) is
+    hbfp_hw.prng.random_bits_u32, number for number: counts below, at and around
+    multiples of 8 chains x lanes, more lanes than numbers, 1-24 bits, zero seed."""
+    from hbfp_hw.prng import random_bits_u32
+    counts = [*range(0, 40), 63, 64, 65, 255, 256, 257, 4095, 4096, 4097, 65536 + 3]
+    for count in counts:
+        for lanes in (1, 2, 3, 8, 16, 64):
+            bits = int(rng.integers(1, 25))
+            seed = 0 if count % 7 == 0 else int(rng.integers(0, 2**32))
+            ref = random_bits_u32(seed, lanes, count, bits).astype(np.int64)
+            got = torch_kernels._random_stream_fast(seed, lanes, count, bits,
+                                                    torch_kernels.jump_table(count, lanes))
+            np.testing.assert_array_equal(got, ref, err_msg=f"{count} {lanes} {bits}")
+            np.testing.assert_array_equal(
+                torch_kernels._random_stream(seed, lanes, count, bits), ref)
+
+
+@needs_numba
 def test_quantize_kernel_noncontiguous_and_empty(rng, kernels):
     x = rng.standard_normal((30, 50)).astype(np.float32)
     xt = torch.from_numpy(x).T                   # a non-contiguous view
