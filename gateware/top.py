@@ -1341,7 +1341,9 @@ class Accelerator(wiring.Component):
                     m.d.comb += val.eq(mac.o.payload.data[k])
         in_range = (di < gM) & (dj < gN) & store_f   # out and statistics: STORE only
         m.d.comb += [drain_addr.eq(d_ra + dj), drain_data.eq(val)]
-        m.d.comb += [stats.i.valid.eq(d_run & mac.o.valid & in_range),
+        # registered into the tracker (READ_STATS comes frames later; the drain's
+        # handshake logic no longer runs into the tracker's counters and compares)
+        m.d.sync += [stats.i.valid.eq(d_run & mac.o.valid & in_range),
                      stats.i.payload[0].eq(val)]
         with m.If(d_run & mac.o.valid):
             with m.If(in_range):
