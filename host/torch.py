@@ -552,7 +552,7 @@ class _LayerPlan:
 
     __slots__ = ("key", "px", "pw", "pg", "jx", "jw", "jg", "dtx", "dtw", "dtg", "xb",
                  "xi", "wo", "Bp", "Ip", "Op", "off_y", "off_dx", "off_dw", "act_sr",
-                 "grad_sr", "fx", "fw", "fg")
+                 "grad_sr", "fx", "fw", "fg", "bf", "bdx", "bdw")
 
 
 def _layer_plan(layer: "BFPLayerMixin", x: torch.Tensor, w: torch.Tensor):
@@ -621,18 +621,34 @@ def _make_plan(layer, x, w, key, act_sr):
     p.jx = _kernels.operand_jump(fx, p.Bp, p.Ip)
     p.jw = _kernels.operand_jump(fw, p.Op, p.Ip)
     p.jg = _kernels.operand_jump(fg, p.Bp, p.Op)
+    GB = _kernels.GemmBuffers
+    p.bf = GB(p.Bp, p.Ip, p.Op, xb, xi, wo, fx.mmax, fw.mmax)        # Y = X Wᵀ
+    p.bdx = GB(p.Bp, p.Op, p.Ip, gb, go, xi, fg.mmax, fw.mmax)       # dX = dY W
+    p.bdw = GB(p.Op, p.Bp, p.Ip, go, gb, xi, fg.mmax, fx.mmax)       # dW = dYᵀ X
     p.off_y = -fx.frac_bits - fw.frac_bits
     p.off_dx = -fg.frac_bits - fw.frac_bits
     p.off_dw = -fg.frac_bits - fx.frac_bits
     return p
 
 
-def _run_fused(prep, offset, M, N, bm, bn) -> np.ndarray:
-    status, er, ec, A, B, U, V, U64, V64 = prep
-    if U64.shape[0]:
-        U, V = U64, V64
-    return _run_prepared(bool(status & 1), er, ec, A, B, U, V, DEFAULT_GUARD_BITS, offset,
-                         M, N, bm, bn)
+def _run_fused(status, nu, g, offset, M, N, bm, bn) -> np.ndarray:
+    """The GEMMs of a product prepared into the buffers ``g``
+    (:class:`torch_kernels.GemmBuffers`) and its conversion to FP32."""
+    if nu < g.nkb:
+        At, Bt = g.At, g.Bt
+        if status & 1:
+            At, Bt = At.to(torch.float64), Bt.to(torch.float64)
+        acc = torch.mm(At, Bt).numpy()
+        kernel_paths["f64" if status & 1 else "f32"] += 1
+    else:
+        acc = _EMPTY_ACC
+    if nu:
+        p = torch.bmm(g.Ut[:nu], g.Vt[:nu]).numpy()
+        kernel_paths["blocks"] += 1
+    else:
+        p = _EMPTY_P
+    return _kernels.matmul_finish(acc, p, g.er, g.ec, DEFAULT_GUARD_BITS, offset, M, N,
+                                  bm, bn)
 
 
 def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):
@@ -645,13 +661,13 @@ def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):
         px[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step, 1)
     xm = np.empty((plan.Bp, plan.Ip), plan.dtx)
     wm = np.empty((plan.Op, plan.Ip), plan.dtw)
-    ex, ew, prep = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.jx, plan.jw,
-                                          plan.xb, plan.xi, plan.wo, DEFAULT_GUARD_BITS,
-                                          _F32_GEMM_MIN)
-    if prep[0] < 0:
+    ex, ew, st, nu = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.jx, plan.jw,
+                                            plan.xb, plan.xi, plan.wo, DEFAULT_GUARD_BITS,
+                                            _F32_GEMM_MIN, plan.bf)
+    if st < 0:
         return None
     B, O = xn.shape[0], wn.shape[0]
-    y = _run_fused(prep, plan.off_y, B, O, plan.xb, plan.wo)
+    y = _run_fused(st, nu, plan.bf, plan.off_y, B, O, plan.xb, plan.wo)
     qc, bc = layer.quant_calls, layer.backend.calls
     qc["act"] += 1
     qc["weight"] += 1
@@ -677,16 +693,15 @@ def _fused_backward(ctx, layer, dy):
         pg[_kernels.P_SEED] = _mix_seed(layer.seed, layer.layer_id, layer._step)
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gmn = np.empty((plan.Bp, plan.Op), plan.dtg)
-    eg, pdx, pdw = _kernels.layer_backward(dyn, gmn, pg, plan.jg, xm, ex, plan.px, wm, ew,
-                                           plan.pw, plan.xb, plan.wo, plan.xi,
-                                           DEFAULT_GUARD_BITS, _F32_GEMM_MIN, need_dx,
-                                           need_dw)
-    if eg.size == 0:
+    ok, s1, n1, s2, n2 = _kernels.layer_backward(
+        dyn, gmn, pg, plan.jg, xm, ex, plan.px, wm, ew, plan.pw, plan.xb, plan.wo, plan.xi,
+        DEFAULT_GUARD_BITS, _F32_GEMM_MIN, need_dx, need_dw, plan.bdx, plan.bdw)
+    if not ok:
         return None
     B, I = xshape
     O = wshape[0]
-    dx = _run_fused(pdx, plan.off_dx, B, I, plan.xb, plan.xi) if need_dx else None
-    dw = _run_fused(pdw, plan.off_dw, O, I, plan.wo, plan.xi) if need_dw else None
+    dx = _run_fused(s1, n1, plan.bdx, plan.off_dx, B, I, plan.xb, plan.xi) if need_dx else None
+    dw = _run_fused(s2, n2, plan.bdw, plan.off_dw, O, I, plan.wo, plan.xi) if need_dw else None
     layer.quant_calls["grad"] += 1
     bc = layer.backend.calls
     bc["quantize"] += 1

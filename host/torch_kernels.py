@@ -391,35 +391,21 @@ def _nonzero(man, e, emin, b0, b1):
 
 
 @njit(cache=True, nogil=True)
-def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, guard,
-                    mmax_a, mmax_b, f32_min):
-    """Grid analysis and operands of ``a (Mp, Kp) @ b (Kp, Np)`` (no invalid blocks).
-
-    Returns ``(status, ea_row, eb_col, A, B, U, V, U64, V64)``: the row maxima of
-    ``a``'s exponents and the column maxima of ``b``'s (``e_ref`` of tile ``(i, j)``
-    is their sum), ``A (Mp, Kp)``, ``B (Kp, Np)``
-    float32 are ``A'``, ``B'`` on the safe K-blocks (zero elsewhere; empty if none is
-    safe); ``U (nu, Mp, L)``, ``V (nu, L, Np)`` the unsafe K-blocks' operands
-    ``ma * 2**(G - sa)``, ``mb * 2**-sb`` (shifts clamped as in fast_bfp_matmul), in
-    float32 when the block products are exact there, else in ``U64``, ``V64`` (the
-    unused pair is empty). ``status``: -1 invalid blocks (nothing computed), bit 0 =
-    compute ``A @ B`` in float64 (the float32 exactness bound failed)."""
-    Mp, Kp = ma.shape
-    Np = mb.shape[1]
+def _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm, L, bn, guard, ea_row, eb_col):
+    """The grid analysis of ``a (Mp, Kp) @ b (Kp, Np)``: fills ``ea_row`` (row maxima
+    of ``a``'s exponents) and ``eb_col`` (column maxima of ``b``'s), returns
+    ``(nz_a, nz_b, safe, used, w, nu)``: the non-zero blocks, per K-block whether no
+    live pair is shifted past the guard bits and whether it holds a live pair, the
+    largest live shift ``w`` of the safe K-blocks and the number of unsafe ones."""
     gm, nkb = ea.shape
     gn = eb.shape[1]
     lo = -(1 << 14)
-    z2 = np.empty((0, 0), np.float32)
-    z32 = np.empty((0, 0, 0), np.float32)
-    z64 = np.empty((0, 0, 0), np.float64)
-    if inv_a.any() or inv_b.any():
-        e = np.empty(0, np.int64)
-        return -1, e, e, z2, z2, z32, z32, z64, z64
-    ea_row = np.full(gm, lo, np.int64)
     for i in range(gm):
+        ea_row[i] = lo
         for kb in range(nkb):
             ea_row[i] = max(ea_row[i], ea[i, kb])
-    eb_col = np.full(gn, lo, np.int64)
+    for j in range(gn):
+        eb_col[j] = lo
     for kb in range(nkb):
         for j in range(gn):
             eb_col[j] = max(eb_col[j], eb[kb, j])
@@ -447,13 +433,22 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
             w = max(w, wa + wb)        # sa <= wa <= w and sb <= wb <= w (both >= 0)
         elif not safe[kb]:
             nu += 1
+    return nz_a, nz_b, safe, used, w, nu
+
+
+@njit(cache=True, nogil=True)
+def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu, bm, L,
+                  bn, guard, mmax_a, mmax_b, f32_min, A, B, U, V):
+    """The operands after :func:`_prepare_analyse`: ``A (Mp, Kp)``, ``B (Kp, Np)``
+    (written whole when a K-block is safe) and the first ``nu`` slices of ``U``, ``V``
+    (float32 or float64: the caller's choice, exact either way). Returns the status
+    (bit 0: the float32 exactness bound failed, compute ``A @ B`` in float64)."""
+    Mp, Kp = ma.shape
+    Np = mb.shape[1]
+    gm, nkb = ea.shape
+    gn = eb.shape[1]
     status = 0
-    A, B = z2, z2
     if nu < nkb:
-        # A' and B' on the safe K-blocks; the exactness bound from integer sums
-        # (a' * 2**w and b' * 2**w are integers: int64 sums are exact and vectorise)
-        A = np.empty((Mp, Kp), np.float32)
-        B = np.empty((Kp, Np), np.float32)
         # every product of live blocks is a multiple of 2**-w: all partial sums of any
         # order are exact in float32 while sum_k |a'_ik b'_kj| <= 2**(24 - w). Checked
         # on the format first (free), else on the data: a' * 2**w and b' * 2**w are
@@ -514,7 +509,7 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
             if bound * (1.0 + 2.0 ** -50) > 2.0 ** (24 + w):
                 status = 1
     if nu == 0:
-        return status, ea_row, eb_col, A, B, z32, z32, z64, z64
+        return status
     # unsafe K-blocks: P * 2**(G - s) with the scaling folded into the operands; sa and
     # sb clamped to cl = bit_length(pmax) + 1 + G, where floor gives 0 or -1 either way
     pmax = L * mmax_a * mmax_b
@@ -522,13 +517,6 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
     while (1 << (cl - 1)) <= pmax:
         cl += 1
     cl += guard
-    f32 = pmax < (1 << 24)
-    n32 = nu if f32 else 0
-    n64 = 0 if f32 else nu
-    U = np.empty((n32, Mp, L), np.float32)
-    V = np.empty((n32, L, Np), np.float32)
-    U64 = np.empty((n64, Mp, L), np.float64)
-    V64 = np.empty((n64, L, Np), np.float64)
     u = 0
     for kb in range(nkb):
         if safe[kb]:
@@ -536,22 +524,59 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
         for r in range(Mp):
             f = _pow2_f64(guard - min(ea_row[r // bm] - ea[r // bm, kb], cl))
             for c in range(L):
-                v = ma[r, kb * L + c] * f                     # exact in float32 too
-                if f32:
-                    U[u, r, c] = np.float32(v)
-                else:
-                    U64[u, r, c] = v
+                U[u, r, c] = ma[r, kb * L + c] * f    # exact (in float32 too if chosen)
         for r in range(L):
             for j in range(gn):
                 f = _pow2_f64(-min(eb_col[j] - eb[kb, j], cl))
                 for c in range(j * bn, j * bn + bn):
-                    v = mb[kb * L + r, c] * f
-                    if f32:
-                        V[u, r, c] = np.float32(v)
-                    else:
-                        V64[u, r, c] = v
+                    V[u, r, c] = mb[kb * L + r, c] * f
         u += 1
-    return status, ea_row, eb_col, A, B, U, V, U64, V64
+    return status
+
+
+@njit(cache=True, nogil=True)
+def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, guard,
+                    mmax_a, mmax_b, f32_min):
+    """Grid analysis and operands of ``a (Mp, Kp) @ b (Kp, Np)`` (no invalid blocks).
+
+    Returns ``(status, ea_row, eb_col, A, B, U, V, U64, V64)``: the row maxima of
+    ``a``'s exponents and the column maxima of ``b``'s (``e_ref`` of tile ``(i, j)``
+    is their sum), ``A (Mp, Kp)``, ``B (Kp, Np)``
+    float32 are ``A'``, ``B'`` on the safe K-blocks (zero elsewhere; empty if none is
+    safe); ``U (nu, Mp, L)``, ``V (nu, L, Np)`` the unsafe K-blocks' operands
+    ``ma * 2**(G - sa)``, ``mb * 2**-sb`` (shifts clamped as in fast_bfp_matmul), in
+    float32 when the block products are exact there, else in ``U64``, ``V64`` (the
+    unused pair is empty). ``status``: -1 invalid blocks (nothing computed), bit 0 =
+    compute ``A @ B`` in float64 (the float32 exactness bound failed)."""
+    Mp, Kp = ma.shape
+    Np = mb.shape[1]
+    gm, nkb = ea.shape
+    gn = eb.shape[1]
+    z2 = np.empty((0, 0), np.float32)
+    z32 = np.empty((0, 0, 0), np.float32)
+    z64 = np.empty((0, 0, 0), np.float64)
+    if inv_a.any() or inv_b.any():
+        e = np.empty(0, np.int64)
+        return -1, e, e, z2, z2, z32, z32, z64, z64
+    ea_row = np.empty(gm, np.int64)
+    eb_col = np.empty(gn, np.int64)
+    nz_a, nz_b, safe, used, w, nu = _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm,
+                                                     L, bn, guard, ea_row, eb_col)
+    A, B = z2, z2
+    if nu < nkb:
+        A = np.empty((Mp, Kp), np.float32)
+        B = np.empty((Kp, Np), np.float32)
+    if L * mmax_a * mmax_b < (1 << 24):     # block products exact in float32
+        U = np.empty((nu, Mp, L), np.float32)
+        V = np.empty((nu, L, Np), np.float32)
+        status = _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w,
+                               nu, bm, L, bn, guard, mmax_a, mmax_b, f32_min, A, B, U, V)
+        return status, ea_row, eb_col, A, B, U, V, z64, z64
+    U64 = np.empty((nu, Mp, L), np.float64)
+    V64 = np.empty((nu, L, Np), np.float64)
+    status = _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
+                           bm, L, bn, guard, mmax_a, mmax_b, f32_min, A, B, U64, V64)
+    return status, ea_row, eb_col, A, B, z32, z32, U64, V64
 
 
 @njit(cache=True, nogil=True)
@@ -617,70 +642,97 @@ def _quantize_p(x, b0, b1, p, jump, man):
                             p[8], jump, man)
 
 
-@njit(cache=True, nogil=True)
-def _no_prep():
-    """The return value of :func:`_prepare_kernel` for a GEMM not computed (status -1)."""
-    e = np.empty(0, np.int64)
-    z2 = np.empty((0, 0), np.float32)
-    z32 = np.empty((0, 0, 0), np.float32)
-    z64 = np.empty((0, 0, 0), np.float64)
-    return -1, e, e, z2, z2, z32, z32, z64, z64
+@njit(cache=True, nogil=True, inline="always")
+def _prep_into(ma, ea, emin_a, mb, eb, emin_b, bm, L, bn, guard, mmax_a, mmax_b, f32_min,
+               er, ec, A, B, U, V):
+    nz_a, nz_b, safe, used, w, nu = _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm, L,
+                                                     bn, guard, er, ec)
+    st = _prepare_fill(ma, ea, mb, eb, er, ec, nz_a, nz_b, safe, used, w, nu, bm, L, bn,
+                       guard, mmax_a, mmax_b, f32_min, A, B, U, V)
+    return st, nu
 
 
 @njit(cache=True, nogil=True)
-def _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard, f32_min):
+def _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard, f32_min, er, ec,
+                          A, B, U, V):
     """Quantize ``x`` (B, I) into ``xm`` (tiles ``bm × L``) and ``w`` (O, I) into ``wm``
-    (tiles ``bn × L``), then :func:`_prepare_kernel` of ``xm @ wmᵀ``. Returns
-    ``(ex, ew, prep)``; ``prep[0] == -1`` if a block holds NaN/Inf (nothing else is
-    meaningful then)."""
+    (tiles ``bn × L``), then prepare ``xm @ wmᵀ`` into the caller's buffers (``er``,
+    ``ec``, ``A``, ``B``, ``U``, ``V`` as :func:`_prepare_kernel` returns them; ``U``,
+    ``V`` with room for every K-block). Returns ``(ex, ew, status, nu)``; status -1 if
+    a block holds NaN/Inf."""
     ex = _quantize_p(x, bm, L, px, jx, xm)
     ew = _quantize_p(w, bn, L, pw, jw, wm)
     if ex.size == 0 or ew.size == 0:
-        return ex, ew, _no_prep()
-    inv = np.zeros((0, 0), np.bool_)
-    prep = _prepare_kernel(xm, ex, inv, px[0], wm.T, ew.T, inv, pw[0], bm, L, bn, guard,
-                           px[3], pw[3], f32_min)
-    return ex, ew, prep
+        return ex, ew, -1, 0
+    st, nu = _prep_into(xm, ex, px[0], wm.T, ew.T, pw[0], bm, L, bn, guard, px[3], pw[3],
+                        f32_min, er, ec, A, B, U, V)
+    return ex, ew, st, nu
 
 
 @njit(cache=True, nogil=True)
 def _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, guard,
-                           f32_min, need_dx, need_dw):
-    """Quantize ``dy`` (B, O) into ``gm_`` (tiles ``gb × go``), then
-    :func:`_prepare_kernel` of ``dX = gm_ @ wm`` (``wm`` tiles ``go × bi``) and of
-    ``dW = gm_ᵀ @ xm`` (``xm`` tiles ``gb × bi``), each only if needed. Returns
-    ``(eg, prep_dx, prep_dw)``; ``eg`` is empty if a block of ``dy`` holds NaN/Inf."""
+                           f32_min, need_dx, need_dw, er1, ec1, A1, B1, U1, V1, er2, ec2,
+                           A2, B2, U2, V2):
+    """Quantize ``dy`` (B, O) into ``gm_`` (tiles ``gb × go``), then prepare
+    ``dX = gm_ @ wm`` (``wm`` tiles ``go × bi``; buffers ``*1``) and
+    ``dW = gm_ᵀ @ xm`` (``xm`` tiles ``gb × bi``; buffers ``*2``), each only if
+    needed. Returns ``(ok, status_dx, nu_dx, status_dw, nu_dw)``; ``ok`` False if a
+    block of ``dy`` holds NaN/Inf."""
     eg = _quantize_p(dy, gb, go, pg, jg, gm_)
     if eg.size == 0:
-        return eg, _no_prep(), _no_prep()
-    inv = np.zeros((0, 0), np.bool_)
+        return False, -1, 0, -1, 0
+    s1, n1, s2, n2 = -1, 0, -1, 0
     if need_dx:
-        pdx = _prepare_kernel(gm_, eg, inv, pg[0], wm, ew, inv, pw[0], gb, go, bi, guard,
-                              pg[3], pw[3], f32_min)
-    else:
-        pdx = _no_prep()
+        s1, n1 = _prep_into(gm_, eg, pg[0], wm, ew, pw[0], gb, go, bi, guard, pg[3], pw[3],
+                            f32_min, er1, ec1, A1, B1, U1, V1)
     if need_dw:
-        pdw = _prepare_kernel(gm_.T, eg.T, inv, pg[0], xm, ex, inv, px[0], go, gb, bi,
-                              guard, pg[3], px[3], f32_min)
-    else:
-        pdw = _no_prep()
-    return eg, pdx, pdw
+        s2, n2 = _prep_into(gm_.T, eg.T, pg[0], xm, ex, px[0], go, gb, bi, guard, pg[3],
+                            px[3], f32_min, er2, ec2, A2, B2, U2, V2)
+    return True, s1, n1, s2, n2
+
+
+class GemmBuffers:
+    """The prepared operands of one of a layer's GEMMs ``(Mp, Kp) @ (Kp, Np)``, reused
+    every step (each is consumed by the ``mm`` and the conversion before the call that
+    filled it returns): ``er``, ``ec``, ``A``, ``B``, ``U``, ``V`` (NumPy, for the
+    kernels) and the same memory as torch tensors ``At``, ``Bt``, ``Ut``, ``Vt``."""
+
+    __slots__ = ("er", "ec", "A", "B", "U", "V", "At", "Bt", "Ut", "Vt", "nkb")
+
+    def __init__(self, Mp, Kp, Np, bm, L, bn, mmax_a, mmax_b):
+        import torch
+        self.nkb = Kp // L
+        self.er = np.empty(Mp // bm, np.int64)
+        self.ec = np.empty(Np // bn, np.int64)
+        self.A = np.empty((Mp, Kp), np.float32)
+        self.B = np.empty((Kp, Np), np.float32)
+        dt = np.float32 if L * mmax_a * mmax_b < (1 << 24) else np.float64
+        self.U = np.empty((self.nkb, Mp, L), dt)
+        self.V = np.empty((self.nkb, L, Np), dt)
+        self.At, self.Bt = torch.from_numpy(self.A), torch.from_numpy(self.B)
+        self.Ut, self.Vt = torch.from_numpy(self.U), torch.from_numpy(self.V)
+
+    def args(self) -> tuple:
+        return self.er, self.ec, self.A, self.B, self.U, self.V
 
 
 def layer_forward(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard_bits: int,
-                  f32_min: int):
+                  f32_min: int, bufs: GemmBuffers):
     """See :func:`_layer_forward_kernel` (``x``, ``w`` C-contiguous float32; ``xm``,
     ``wm`` the padded mantissa arrays to fill; ``jx``, ``jw`` the streams' jump tables,
     :func:`operand_jump`)."""
     return _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard_bits,
-                                 f32_min)
+                                 f32_min, bufs.er, bufs.ec, bufs.A, bufs.B, bufs.U, bufs.V)
 
 
 def layer_backward(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, guard_bits: int,
-                   f32_min: int, need_dx: bool, need_dw: bool):
+                   f32_min: int, need_dx: bool, need_dw: bool, b1: GemmBuffers,
+                   b2: GemmBuffers):
     """See :func:`_layer_backward_kernel`."""
     return _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi,
-                                  guard_bits, f32_min, need_dx, need_dw)
+                                  guard_bits, f32_min, need_dx, need_dw, b1.er, b1.ec,
+                                  b1.A, b1.B, b1.U, b1.V, b2.er, b2.ec, b2.A, b2.B, b2.U,
+                                  b2.V)
 
 
 def operand_jump(fmt, mp: int, np_: int) -> np.ndarray:
@@ -738,5 +790,7 @@ def warm_up() -> None:
         p = format_param_array(fmt)
         xm, wm, gm_ = (np.empty((16, 16), np.int8) for _ in range(3))
         j = operand_jump(fmt, 16, 16)
-        ex, ew, _ = layer_forward(x, x, xm, wm, p, p, j, j, 16, 16, 16, 8, 0)
-        layer_backward(x, gm_, p, j, xm, ex, p, wm, ew, p, 16, 16, 16, 8, 0, True, True)
+        bufs = GemmBuffers(16, 16, 16, 16, 16, 16, fmt.mmax, fmt.mmax)
+        ex, ew, _, _ = layer_forward(x, x, xm, wm, p, p, j, j, 16, 16, 16, 8, 0, bufs)
+        layer_backward(x, gm_, p, j, xm, ex, p, wm, ew, p, 16, 16, 16, 8, 0, True, True,
+                       bufs, bufs)
