@@ -278,6 +278,30 @@ def test_fused_layer_step_is_golden(case, rng, kernels):
 
 
 @needs_numba
+def test_fused_layer_float64_and_f32_min_paths(rng, kernels, monkeypatch):
+    """A long reduction (batch 4096) over uniform magnitudes fails the float32 bound in
+    the dW GEMM (float64 there); forcing float64 everywhere gives the same bits."""
+    layer = htorch.BFPLinear(32, 32, bias=False, fmt=HBFP8)
+    x = torch.from_numpy(rng.uniform(0.5, 1.0, (4096, 32)).astype(np.float32))
+    dy = rng.uniform(0.5, 1.0, (4096, 32)).astype(np.float32)
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(torch.from_numpy(dy))
+    assert kernels["f64"] >= 1 and htorch.fused_calls["backward"] >= 1
+    xq = quantize(x.detach().numpy(), HBFP8)
+    wq = quantize(layer.weight.detach().numpy(), HBFP8)
+    gq = quantize(dy, HBFP8)
+    _same(y.detach().numpy(), bfp_matmul(xq, wq.T))
+    _same(x.grad.numpy(), bfp_matmul(gq, wq))
+    _same(layer.weight.grad.numpy(), bfp_matmul(gq.T, xq))
+    monkeypatch.setattr(htorch, "_F32_GEMM_MIN", 1 << 62)
+    kernels.clear()
+    y2 = layer(x.detach())
+    _same(y2.detach().numpy(), y.detach().numpy())
+    assert kernels == {"f64": 1}
+
+
+@needs_numba
 def test_fused_path_matches_per_call_path_in_training(rng, monkeypatch):
     """MLP and CNN training (stochastic gradients and input dither, bias, an input layer
     without dX) gives the same weights through the fused path as through the per-call
@@ -329,6 +353,11 @@ def test_fused_path_nonfinite_and_fallbacks(rng, kernels):
     dy[0, 0] = float("nan")
     with pytest.raises(ValueError):
         out.backward(dy)
+    spy = htorch.BFPLinear(32, 16, fmt=HBFP8)
+    spy._quant = lambda x, fmt, role: htorch.BFPLayerMixin._quant(spy, x, fmt, role)
+    htorch.fused_calls.clear()
+    spy(torch.from_numpy(x)).sum().backward()
+    assert not htorch.fused_calls and sum(spy.quant_calls.values()) == 3
     mx = htorch.BFPLinear(32, 16, fmt=MXINT8)
     htorch.fused_calls.clear()
     mx(torch.from_numpy(x)).sum().backward()
