@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--board", default="ulx3s")
     ap.add_argument("--variant", nargs="+", default=["85F"])
     ap.add_argument("--clock-mhz", type=float, default=None,
-                    help="design clock; default: the board's (ulx3s: 30 MHz)")
+                    help="design clock; default: the board's (ulx3s: 45 MHz)")
     ap.add_argument("--config", default=None, help="AcceleratorConfig JSON file")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--router", default=ROUTER, choices=ROUTERS)

@@ -14,10 +14,10 @@ whose dividers :func:`ecp5_pll` computes (the search of Trellis' ``ecppll``); th
 *achieved* PLL frequency (not the requested one) becomes the configuration's
 ``clock_hz``, so the UART divisor (:func:`~hbfp_hw.gateware.uart.uart_divisor`), the
 partial-frame timeout and the device description all derive from the real clock. The
-board default is 30 MHz: an exact PLL ratio (25 MHz / 5 x 6) and an exact UART divisor
-of 10 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33), below the routed
-Fmax of the board accelerator (42-45 MHz, docs/board.md; 45 and 60 MHz, the next exact
-divisors, are not met). The 3 Mbaud link, not the clock, bounds the board's throughput.
+board default is 45 MHz: an exact PLL ratio (25 MHz / 5 x 9) and an exact UART divisor
+of 15 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33), met by the routed
+board accelerator (Fmax 47.9 MHz, docs/board.md; 60 MHz, the next exact divisor, is not
+met). The 3 Mbaud link, not the clock, bounds the board's throughput.
 A requested clock equal to the board clock bypasses the PLL.
 
 Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
@@ -122,7 +122,7 @@ BOARDS: dict[str, Board] = {
         name="ulx3s",
         variants={v: ("amaranth_boards.ulx3s", f"ULX3S_{v}_Platform")
                   for v in ("12F", "25F", "45F", "85F")},
-        default_variant="85F", family="ecp5", clock_hz=30_000_000,
+        default_variant="85F", family="ecp5", clock_hz=45_000_000,
         programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
         config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
 }

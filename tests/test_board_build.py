@@ -90,9 +90,9 @@ def test_pll_range_error():
 
 def test_default_board_clock_and_divisor():
     cfg, pll = B.board_config("ulx3s")
-    assert cfg.clock_hz == 30_000_000 and cfg.baud_rate == 3_000_000
+    assert cfg.clock_hz == 45_000_000 and cfg.baud_rate == 3_000_000
     assert pll.fout == cfg.clock_hz
-    assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 10
+    assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 15
 
 
 def test_default_board_config_is_the_documented_4x4():
