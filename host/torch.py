@@ -181,6 +181,7 @@ def fast_bfp_matmul(a: BFPTensor, b: BFPTensor, *,
 
 #: GEMMs computed by the compiled path, per kind: "f32" / "f64" (the K-blocks without
 #: truncation as one GEMM of pre-shifted mantissas, float32 when provably exact),
+#: "chunks" (that GEMM as float32 GEMMs over K-chunks each provably exact),
 #: "blocks" (some K-blocks truncate: formed one by one, floored)
 kernel_paths: Counter[str] = Counter()
 
@@ -193,35 +194,44 @@ def _kernel_matmul(a: BFPTensor, b: BFPTensor, lay_a, lay_b, guard_bits: int):
     per K-block); the others are formed one by one with the shift folded into the
     operands and floored (the truncating path below). ``None`` for operands with
     invalid blocks (the PyTorch path handles them)."""
-    prep = _kernels.matmul_prepare(a, b, lay_a, lay_b, guard_bits, _F32_GEMM_MIN)
+    prep = _kernels.matmul_prepare(a, b, lay_a, lay_b, guard_bits, _F32_GEMM_MIN,
+                                   _F32_MAX_CHUNKS)
     if prep is None:
         return None
-    f64, er, ec, A, B, U, V = prep
-    return _run_prepared(f64, er, ec, A, B, U, V, guard_bits,
-                         -a.fmt.frac_bits - b.fmt.frac_bits, a.shape[0], b.shape[1],
-                         lay_a.block[0], lay_b.block[1])
-
-
-def _run_prepared(f64, er, ec, A, B, U, V, guard_bits, offset, M, N, bm, bn):
-    """The GEMMs of a prepared product (``mm`` of the safe K-blocks, ``bmm`` of the
-    truncating ones) and the conversion to FP32 (:func:`torch_kernels.matmul_finish`)."""
-    if A.size:
-        At, Bt = torch.from_numpy(A), torch.from_numpy(B)
-        if f64:
-            At, Bt = At.to(torch.float64), Bt.to(torch.float64)
-        acc = torch.mm(At, Bt).numpy()
-        kernel_paths["f64" if f64 else "f32"] += 1
-    else:
-        acc = _EMPTY_ACC
+    status, er, ec, A, B, U, V, ch = prep
+    acc = _safe_gemm(status, torch.from_numpy(A), torch.from_numpy(B), ch) if A.size \
+        else _EMPTY_ACC
     if U.shape[0]:
         p = torch.bmm(torch.from_numpy(U), torch.from_numpy(V)).numpy()
         kernel_paths["blocks"] += 1
     else:
         p = _EMPTY_P
-    return _kernels.matmul_finish(acc, p, er, ec, guard_bits, offset, M, N, bm, bn)
+    return _kernels.matmul_finish(acc, p, er, ec, guard_bits, -a.fmt.frac_bits - b.fmt.frac_bits,
+                                  a.shape[0], b.shape[1], lay_a.block[0], lay_b.block[1])
 
 
-_EMPTY_ACC = np.zeros((0, 0), np.float32)
+def _safe_gemm(status: int, At: torch.Tensor, Bt: torch.Tensor, ch: np.ndarray) -> np.ndarray:
+    """The GEMM of the safe K-blocks' pre-shifted operands as the prepare kernel's
+    ``status`` says: ``(1, M, N)`` float32 (exact), ``(1, M, N)`` float64 (bit 0: the
+    float32 bound failed), or ``(nc, M, N)`` float32, one exact ``mm`` per K-chunk
+    ``ch[c]:ch[c+1]`` (``nc = status >> 1``; summed exactly in float64 by
+    :func:`torch_kernels.matmul_finish`)."""
+    if status & 1:
+        kernel_paths["f64"] += 1
+        return torch.mm(At.to(torch.float64), Bt.to(torch.float64)).numpy()[None]
+    nc = status >> 1
+    if nc < 2:
+        kernel_paths["f32"] += 1
+        return torch.mm(At, Bt).numpy()[None]
+    kernel_paths["chunks"] += 1
+    out = torch.empty((nc, At.shape[0], Bt.shape[1]), dtype=torch.float32)
+    for c in range(nc):
+        k0, k1 = int(ch[c]), int(ch[c + 1])
+        torch.mm(At[:, k0:k1], Bt[k0:k1], out=out[c])
+    return out.numpy()
+
+
+_EMPTY_ACC = np.zeros((0, 0, 0), np.float32)
 _EMPTY_P = np.zeros((0, 0, 0), np.float32)
 
 
@@ -291,6 +301,13 @@ def _with_seed(fmt: BFPFormat, seed: int) -> BFPFormat:
 #: it also needs fewer operations than the float64 one; the tests raise it to reach
 #: the float64 path)
 _F32_GEMM_MIN = 0
+
+#: compiled path: when the float32 exactness bound fails on the whole K, K may be cut
+#: into at most this many chunks (on K-block boundaries) that each pass it; each chunk
+#: is one float32 ``mm``, the results are added exactly in float64
+#: (:func:`torch_kernels._chunks`). More chunks needed (or one K-block failing alone):
+#: one float64 GEMM. 1 disables the chunks (the tests use it to reach float64).
+_F32_MAX_CHUNKS = 16
 
 
 def _pow2_f32(k: np.ndarray) -> np.ndarray:
@@ -634,14 +651,7 @@ def _make_plan(layer, x, w, key, act_sr):
 def _run_fused(status, nu, g, offset, M, N, bm, bn) -> np.ndarray:
     """The GEMMs of a product prepared into the buffers ``g``
     (:class:`torch_kernels.GemmBuffers`) and its conversion to FP32."""
-    if nu < g.nkb:
-        At, Bt = g.At, g.Bt
-        if status & 1:
-            At, Bt = At.to(torch.float64), Bt.to(torch.float64)
-        acc = torch.mm(At, Bt).numpy()
-        kernel_paths["f64" if status & 1 else "f32"] += 1
-    else:
-        acc = _EMPTY_ACC
+    acc = _safe_gemm(status, g.At, g.Bt, g.ch) if nu < g.nkb else _EMPTY_ACC
     if nu:
         p = torch.bmm(g.Ut[:nu], g.Vt[:nu]).numpy()
         kernel_paths["blocks"] += 1
@@ -663,7 +673,7 @@ def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):
     wm = np.empty((plan.Op, plan.Ip), plan.dtw)
     ex, ew, st, nu = _kernels.layer_forward(xn, wn, xm, wm, px, plan.pw, plan.jx, plan.jw,
                                             plan.xb, plan.xi, plan.wo, DEFAULT_GUARD_BITS,
-                                            _F32_GEMM_MIN, plan.bf)
+                                            _F32_GEMM_MIN, plan.bf, _F32_MAX_CHUNKS)
     if st < 0:
         return None
     B, O = xn.shape[0], wn.shape[0]
@@ -695,7 +705,8 @@ def _fused_backward(ctx, layer, dy):
     gmn = np.empty((plan.Bp, plan.Op), plan.dtg)
     ok, s1, n1, s2, n2 = _kernels.layer_backward(
         dyn, gmn, pg, plan.jg, xm, ex, plan.px, wm, ew, plan.pw, plan.xb, plan.wo, plan.xi,
-        DEFAULT_GUARD_BITS, _F32_GEMM_MIN, need_dx, need_dw, plan.bdx, plan.bdw)
+        DEFAULT_GUARD_BITS, _F32_GEMM_MIN, need_dx, need_dw, plan.bdx, plan.bdw,
+        _F32_MAX_CHUNKS)
     if not ok:
         return None
     B, I = xshape

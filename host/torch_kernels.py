@@ -437,12 +437,76 @@ def _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm, L, bn, guard, ea_row, e
 
 
 @njit(cache=True, nogil=True)
+def _chunks(rs, cs, ak, bk, w, L, maxc, ch):
+    """The float32 exactness bound per K-chunk (see :func:`_prepare_fill`): with
+    ``rs[kb, i]`` = sum over K-block ``kb`` of ``|a'_ik| 2**w``, ``cs[kb, j]`` likewise
+    for ``b'``, ``ak[kb]``/``bk[kb]`` their largest elements, a chunk C passes when
+    ``min(max_i sum_C rs * max_C bk, max_C ak * max_j sum_C cs) <= 2**(24 + w)`` (units
+    of 2**-2w; ``sum_C |a'_ik b'_kj| <= sum_C |a'_ik| * max_C |b'_kj|`` and
+    symmetrically). Greedy: each chunk is extended by K-blocks while it passes (the
+    bound only grows with the chunk, so this gives the fewest chunks). Writes the chunk
+    boundaries (element offsets) into ``ch`` and returns 0 (one chunk), ``nc << 1``
+    (``nc`` >= 2 chunks) or 1 (a single K-block fails, or more than ``maxc`` chunks).
+
+    Why the float64 sum of the chunk results is exact: each is an exact float32 value,
+    an integer multiple of 2**-w with magnitude <= 2**(24 - w); any partial sum of
+    ``nc`` of them is a multiple of 2**-w of magnitude <= nc * 2**(24 - w), i.e. an
+    integer times 2**-w below nc * 2**24 <= 2**53 for nc <= 2**29, so exactly
+    representable in float64 and every addition is exact (in any order)."""
+    nkb, Mp = rs.shape
+    Np = cs.shape[1]
+    lim = 2.0 ** (24 + w)
+    run_r = np.zeros(Mp, np.int64)
+    run_c = np.zeros(Np, np.int64)
+    run_a = 0
+    run_b = 0
+    k0 = 0
+    nc = 0
+    ch[0] = 0
+    for kb in range(nkb):
+        while True:
+            mr = 0
+            for r in range(Mp):
+                mr = max(mr, run_r[r] + rs[kb, r])
+            mc = 0
+            for c in range(Np):
+                mc = max(mc, run_c[c] + cs[kb, c])
+            ra = max(run_a, ak[kb])
+            rb = max(run_b, bk[kb])
+            bound = min(float(mr) * float(rb), float(ra) * float(mc))
+            if bound * (1.0 + 2.0 ** -50) <= lim:
+                break
+            if kb == k0 or nc + 2 > maxc:
+                return 1                # one K-block alone fails, or too many chunks
+            nc += 1                     # close the chunk before kb, start one at kb
+            ch[nc] = kb * L
+            k0 = kb
+            run_r[:] = 0
+            run_c[:] = 0
+            run_a = 0
+            run_b = 0
+        for r in range(Mp):
+            run_r[r] += rs[kb, r]
+        for c in range(Np):
+            run_c[c] += cs[kb, c]
+        run_a = ra
+        run_b = rb
+    nc += 1
+    ch[nc] = nkb * L
+    return 0 if nc == 1 else nc << 1
+
+
+@njit(cache=True, nogil=True)
 def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu, bm, L,
-                  bn, guard, mmax_a, mmax_b, f32_min, A, B, U, V):
+                  bn, guard, mmax_a, mmax_b, f32_min, maxc, ch, A, B, U, V):
     """The operands after :func:`_prepare_analyse`: ``A (Mp, Kp)``, ``B (Kp, Np)``
     (written whole when a K-block is safe) and the first ``nu`` slices of ``U``, ``V``
-    (float32 or float64: the caller's choice, exact either way). Returns the status
-    (bit 0: the float32 exactness bound failed, compute ``A @ B`` in float64)."""
+    (float32 or float64: the caller's choice, exact either way). Returns the status:
+    bit 0: the float32 exactness bound failed, compute ``A @ B`` in float64; else
+    ``status >> 1`` = ``nc`` >= 2: the bound holds on each of ``nc`` K-chunks
+    ``ch[c]:ch[c + 1]`` (element offsets along K, on K-block boundaries, at most
+    ``maxc`` chunks), compute each chunk's ``A @ B`` in float32 and add them in float64;
+    0: one float32 GEMM is exact."""
     Mp, Kp = ma.shape
     Np = mb.shape[1]
     gm, nkb = ea.shape
@@ -452,14 +516,20 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
         # every product of live blocks is a multiple of 2**-w: all partial sums of any
         # order are exact in float32 while sum_k |a'_ik b'_kj| <= 2**(24 - w). Checked
         # on the format first (free), else on the data: a' * 2**w and b' * 2**w are
-        # integers, their int64 row/column sums are exact (and vectorise)
+        # integers, their int64 sums per row (column) and K-block are exact. If the
+        # bound fails on the whole of K, K is cut greedily into the fewest chunks of
+        # whole K-blocks on each of which it holds (below): each chunk's float32 GEMM
+        # is then exact, an integer multiple of 2**-w of magnitude <= 2**(24 - w).
         if Mp * Kp * Np < f32_min:
             status = 1
         need = status == 0 and float(Kp) * mmax_a * mmax_b > 2.0 ** (24 - w)
         frow = np.empty(Kp, np.float32)
         irow = np.empty(Kp, np.int64)
-        arow = 0
-        amax = 0
+        # per K-block: row sums (nkb, Mp), column sums (nkb, Np), largest elements
+        rs = np.zeros((nkb if need else 0, Mp), np.int64)
+        cs = np.zeros((nkb if need else 0, Np), np.int64)
+        ak = np.zeros(nkb, np.int64)
+        bk = np.zeros(nkb, np.int64)
         for i in range(gm):
             for kb in range(nkb):
                 live = used[kb] and nz_a[i, kb]
@@ -473,14 +543,15 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
                 for c in range(Kp):
                     A[r, c] = np.float32(ma[r, c]) * frow[c]
                 if need:
-                    isum = 0
-                    for c in range(Kp):
-                        t = abs(np.int64(ma[r, c])) * irow[c]
-                        isum += t
-                        amax = max(amax, t)
-                    arow = max(arow, isum)
-        bcol = np.zeros(Np if need else 0, np.int64)
-        bmax = 0
+                    for kb in range(nkb):
+                        isum = 0
+                        amx = 0
+                        for c in range(kb * L, kb * L + L):
+                            t = abs(np.int64(ma[r, c])) * irow[c]
+                            isum += t
+                            amx = max(amx, t)
+                        rs[kb, r] = isum
+                        ak[kb] = max(ak[kb], amx)
         fcol = np.empty(Np, np.float32)
         icol = np.empty(Np, np.int64)
         for kb in range(nkb):
@@ -492,22 +563,18 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
                 for c in range(j * bn, j * bn + bn):
                     fcol[c] = f
                     icol[c] = m
+            bmx = 0
             for r in range(kb * L, kb * L + L):
                 for c in range(Np):
                     B[r, c] = np.float32(mb[r, c]) * fcol[c]
                 if need:
                     for c in range(Np):
                         t = abs(np.int64(mb[r, c])) * icol[c]
-                        bcol[c] += t
-                        bmax = max(bmax, t)
+                        cs[kb, c] += t
+                        bmx = max(bmx, t)
+            bk[kb] = bmx
         if need:
-            bc = 0
-            for c in range(Np):
-                bc = max(bc, bcol[c])
-            # in units of 2**-w each: the bound must be <= 2**(24 + w)
-            bound = min(float(arow) * float(bmax), float(amax) * float(bc))
-            if bound * (1.0 + 2.0 ** -50) > 2.0 ** (24 + w):
-                status = 1
+            status = _chunks(rs, cs, ak, bk, w, L, maxc, ch)
     if nu == 0:
         return status
     # unsafe K-blocks: P * 2**(G - s) with the scaling folded into the operands; sa and
@@ -536,18 +603,18 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
 
 @njit(cache=True, nogil=True)
 def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, guard,
-                    mmax_a, mmax_b, f32_min):
+                    mmax_a, mmax_b, f32_min, maxc):
     """Grid analysis and operands of ``a (Mp, Kp) @ b (Kp, Np)`` (no invalid blocks).
 
-    Returns ``(status, ea_row, eb_col, A, B, U, V, U64, V64)``: the row maxima of
+    Returns ``(status, ea_row, eb_col, A, B, U, V, U64, V64, ch)``: the row maxima of
     ``a``'s exponents and the column maxima of ``b``'s (``e_ref`` of tile ``(i, j)``
     is their sum), ``A (Mp, Kp)``, ``B (Kp, Np)``
     float32 are ``A'``, ``B'`` on the safe K-blocks (zero elsewhere; empty if none is
     safe); ``U (nu, Mp, L)``, ``V (nu, L, Np)`` the unsafe K-blocks' operands
     ``ma * 2**(G - sa)``, ``mb * 2**-sb`` (shifts clamped as in fast_bfp_matmul), in
     float32 when the block products are exact there, else in ``U64``, ``V64`` (the
-    unused pair is empty). ``status``: -1 invalid blocks (nothing computed), bit 0 =
-    compute ``A @ B`` in float64 (the float32 exactness bound failed)."""
+    unused pair is empty). ``status``: -1 invalid blocks (nothing computed), else as
+    :func:`_prepare_fill` returns it (``ch`` the K-chunk boundaries)."""
     Mp, Kp = ma.shape
     Np = mb.shape[1]
     gm, nkb = ea.shape
@@ -557,12 +624,13 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
     z64 = np.empty((0, 0, 0), np.float64)
     if inv_a.any() or inv_b.any():
         e = np.empty(0, np.int64)
-        return -1, e, e, z2, z2, z32, z32, z64, z64
+        return -1, e, e, z2, z2, z32, z32, z64, z64, e
     ea_row = np.empty(gm, np.int64)
     eb_col = np.empty(gn, np.int64)
     nz_a, nz_b, safe, used, w, nu = _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm,
                                                      L, bn, guard, ea_row, eb_col)
     A, B = z2, z2
+    ch = np.empty(nkb + 1, np.int64)
     if nu < nkb:
         A = np.empty((Mp, Kp), np.float32)
         B = np.empty((Kp, Np), np.float32)
@@ -570,19 +638,22 @@ def _prepare_kernel(ma, ea, inv_a, emin_a, mb, eb, inv_b, emin_b, bm, L, bn, gua
         U = np.empty((nu, Mp, L), np.float32)
         V = np.empty((nu, L, Np), np.float32)
         status = _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w,
-                               nu, bm, L, bn, guard, mmax_a, mmax_b, f32_min, A, B, U, V)
-        return status, ea_row, eb_col, A, B, U, V, z64, z64
+                               nu, bm, L, bn, guard, mmax_a, mmax_b, f32_min, maxc, ch,
+                               A, B, U, V)
+        return status, ea_row, eb_col, A, B, U, V, z64, z64, ch
     U64 = np.empty((nu, Mp, L), np.float64)
     V64 = np.empty((nu, L, Np), np.float64)
     status = _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
-                           bm, L, bn, guard, mmax_a, mmax_b, f32_min, A, B, U64, V64)
-    return status, ea_row, eb_col, A, B, z32, z32, U64, V64
+                           bm, L, bn, guard, mmax_a, mmax_b, f32_min, maxc, ch, A, B,
+                           U64, V64)
+    return status, ea_row, eb_col, A, B, z32, z32, U64, V64, ch
 
 
 @njit(cache=True, nogil=True)
 def _finish_kernel(acc, p, er, ec, guard, offset, M, N, bm, bn):
     """The result ``(M, N)`` as the golden model converts the accumulator:
-    ``acc_int = acc * 2**G + sum_u floor(p[u])`` (exact in float64: integers below
+    ``acc_int = sum_c acc[c] * 2**G + sum_u floor(p[u])`` (``acc (nc, M', N')`` the
+    K-chunks' float32 or float64 GEMM results; exact in float64: integers below
     2**53), ``v = acc_int * 2**(e_ref - G + offset)`` with ``e_ref = er[i] + ec[j]``
     per tile (applied as two exact power-of-two multiplies), ``|v| < 2**-126`` -> +0,
     then rounded to float32. ``acc`` or ``p`` may be empty."""
@@ -601,8 +672,12 @@ def _finish_kernel(acc, p, er, ec, guard, offset, M, N, bm, bn):
     for i in range(M):
         fr = _pow2_f64(er[i // bm])
         if has_acc:
+            srow[:] = 0.0
+            for c in range(acc.shape[0]):       # exact: see _chunks
+                for j in range(N):
+                    srow[j] += np.float64(acc[c, i, j])
             for j in range(N):
-                srow[j] = np.float64(acc[i, j]) * g
+                srow[j] *= g
         else:
             srow[:] = 0.0
         for u in range(nu):
@@ -644,17 +719,17 @@ def _quantize_p(x, b0, b1, p, jump, man):
 
 @njit(cache=True, nogil=True, inline="always")
 def _prep_into(ma, ea, emin_a, mb, eb, emin_b, bm, L, bn, guard, mmax_a, mmax_b, f32_min,
-               er, ec, A, B, U, V):
+               maxc, er, ec, ch, A, B, U, V):
     nz_a, nz_b, safe, used, w, nu = _prepare_analyse(ma, ea, emin_a, mb, eb, emin_b, bm, L,
                                                      bn, guard, er, ec)
     st = _prepare_fill(ma, ea, mb, eb, er, ec, nz_a, nz_b, safe, used, w, nu, bm, L, bn,
-                       guard, mmax_a, mmax_b, f32_min, A, B, U, V)
+                       guard, mmax_a, mmax_b, f32_min, maxc, ch, A, B, U, V)
     return st, nu
 
 
 @njit(cache=True, nogil=True)
-def _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard, f32_min, er, ec,
-                          A, B, U, V):
+def _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard, f32_min, maxc,
+                          er, ec, ch, A, B, U, V):
     """Quantize ``x`` (B, I) into ``xm`` (tiles ``bm × L``) and ``w`` (O, I) into ``wm``
     (tiles ``bn × L``), then prepare ``xm @ wmᵀ`` into the caller's buffers (``er``,
     ``ec``, ``A``, ``B``, ``U``, ``V`` as :func:`_prepare_kernel` returns them; ``U``,
@@ -665,14 +740,14 @@ def _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard, f32_mi
     if ex.size == 0 or ew.size == 0:
         return ex, ew, -1, 0
     st, nu = _prep_into(xm, ex, px[0], wm.T, ew.T, pw[0], bm, L, bn, guard, px[3], pw[3],
-                        f32_min, er, ec, A, B, U, V)
+                        f32_min, maxc, er, ec, ch, A, B, U, V)
     return ex, ew, st, nu
 
 
 @njit(cache=True, nogil=True)
 def _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, guard,
-                           f32_min, need_dx, need_dw, er1, ec1, A1, B1, U1, V1, er2, ec2,
-                           A2, B2, U2, V2):
+                           f32_min, maxc, need_dx, need_dw, er1, ec1, ch1, A1, B1, U1, V1,
+                           er2, ec2, ch2, A2, B2, U2, V2):
     """Quantize ``dy`` (B, O) into ``gm_`` (tiles ``gb × go``), then prepare
     ``dX = gm_ @ wm`` (``wm`` tiles ``go × bi``; buffers ``*1``) and
     ``dW = gm_ᵀ @ xm`` (``xm`` tiles ``gb × bi``; buffers ``*2``), each only if
@@ -684,10 +759,10 @@ def _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, 
     s1, n1, s2, n2 = -1, 0, -1, 0
     if need_dx:
         s1, n1 = _prep_into(gm_, eg, pg[0], wm, ew, pw[0], gb, go, bi, guard, pg[3], pw[3],
-                            f32_min, er1, ec1, A1, B1, U1, V1)
+                            f32_min, maxc, er1, ec1, ch1, A1, B1, U1, V1)
     if need_dw:
         s2, n2 = _prep_into(gm_.T, eg.T, pg[0], xm, ex, px[0], go, gb, bi, guard, pg[3],
-                            px[3], f32_min, er2, ec2, A2, B2, U2, V2)
+                            px[3], f32_min, maxc, er2, ec2, ch2, A2, B2, U2, V2)
     return True, s1, n1, s2, n2
 
 
@@ -697,13 +772,14 @@ class GemmBuffers:
     filled it returns): ``er``, ``ec``, ``A``, ``B``, ``U``, ``V`` (NumPy, for the
     kernels) and the same memory as torch tensors ``At``, ``Bt``, ``Ut``, ``Vt``."""
 
-    __slots__ = ("er", "ec", "A", "B", "U", "V", "At", "Bt", "Ut", "Vt", "nkb")
+    __slots__ = ("er", "ec", "ch", "A", "B", "U", "V", "At", "Bt", "Ut", "Vt", "nkb")
 
     def __init__(self, Mp, Kp, Np, bm, L, bn, mmax_a, mmax_b):
         import torch
         self.nkb = Kp // L
         self.er = np.empty(Mp // bm, np.int64)
         self.ec = np.empty(Np // bn, np.int64)
+        self.ch = np.empty(self.nkb + 1, np.int64)          # K-chunk boundaries
         self.A = np.empty((Mp, Kp), np.float32)
         self.B = np.empty((Kp, Np), np.float32)
         dt = np.float32 if L * mmax_a * mmax_b < (1 << 24) else np.float64
@@ -713,26 +789,25 @@ class GemmBuffers:
         self.Ut, self.Vt = torch.from_numpy(self.U), torch.from_numpy(self.V)
 
     def args(self) -> tuple:
-        return self.er, self.ec, self.A, self.B, self.U, self.V
+        return self.er, self.ec, self.ch, self.A, self.B, self.U, self.V
 
 
 def layer_forward(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard_bits: int,
-                  f32_min: int, bufs: GemmBuffers):
+                  f32_min: int, bufs: GemmBuffers, max_chunks: int = 1):
     """See :func:`_layer_forward_kernel` (``x``, ``w`` C-contiguous float32; ``xm``,
     ``wm`` the padded mantissa arrays to fill; ``jx``, ``jw`` the streams' jump tables,
     :func:`operand_jump`)."""
     return _layer_forward_kernel(x, w, xm, wm, px, pw, jx, jw, bm, L, bn, guard_bits,
-                                 f32_min, bufs.er, bufs.ec, bufs.A, bufs.B, bufs.U, bufs.V)
+                                 f32_min, max_chunks, *bufs.args())
 
 
 def layer_backward(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, guard_bits: int,
                    f32_min: int, need_dx: bool, need_dw: bool, b1: GemmBuffers,
-                   b2: GemmBuffers):
+                   b2: GemmBuffers, max_chunks: int = 1):
     """See :func:`_layer_backward_kernel`."""
     return _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi,
-                                  guard_bits, f32_min, need_dx, need_dw, b1.er, b1.ec,
-                                  b1.A, b1.B, b1.U, b1.V, b2.er, b2.ec, b2.A, b2.B, b2.U,
-                                  b2.V)
+                                  guard_bits, f32_min, max_chunks, need_dx, need_dw,
+                                  *b1.args(), *b2.args())
 
 
 def operand_jump(fmt, mp: int, np_: int) -> np.ndarray:
@@ -741,28 +816,30 @@ def operand_jump(fmt, mp: int, np_: int) -> np.ndarray:
     return jump_table(mp * np_, fmt.sr_lanes) if fmt.rounding == "stochastic" else _NO_JUMP
 
 
-def matmul_prepare(a, b, lay_a, lay_b, guard_bits: int, f32_min: int):
+def matmul_prepare(a, b, lay_a, lay_b, guard_bits: int, f32_min: int, max_chunks: int = 1):
     """Grid analysis and operands of the exact GEMM ``a @ b`` (BFPTensors):
-    ``(f64, er, ec, A, B, U, V)``, see :func:`_prepare_kernel` (``U``, ``V`` the unsafe
-    K-blocks' operands in float32 or float64), or ``None`` if an operand has invalid
-    blocks."""
+    ``(status, er, ec, A, B, U, V, ch)``, see :func:`_prepare_kernel` (``U``, ``V`` the
+    unsafe K-blocks' operands in float32 or float64), or ``None`` if an operand has
+    invalid blocks."""
     pa, pb = _format_params(a.fmt), _format_params(b.fmt)
     c = np.ascontiguousarray
-    status, er, ec, A, B, U, V, U64, V64 = _prepare_kernel(
+    status, er, ec, A, B, U, V, U64, V64, ch = _prepare_kernel(
         c(a.mantissas), c(a.exponents), c(a.invalid), pa[0], c(b.mantissas),
         c(b.exponents), c(b.invalid), pb[0], lay_a.block[0], lay_a.block[1],
-        lay_b.block[1], guard_bits, pa[3], pb[3], f32_min)
+        lay_b.block[1], guard_bits, pa[3], pb[3], f32_min, max_chunks)
     if status < 0:
         return None
     if U64.shape[0]:
         U, V = U64, V64
-    return bool(status & 1), er, ec, A, B, U, V
+    return status, er, ec, A, B, U, V, ch
 
 
 def matmul_finish(acc: np.ndarray, p: np.ndarray, er: np.ndarray, ec: np.ndarray,
                   guard_bits: int, offset: int, M: int, N: int, bm: int,
                   bn: int) -> np.ndarray:
-    """``(M, N)`` float32 result: see :func:`_finish_kernel`."""
+    """``(M, N)`` float32 result: see :func:`_finish_kernel` (``acc`` 2-D: one chunk)."""
+    if acc.ndim == 2:
+        acc = acc.reshape(1 if acc.size else 0, *acc.shape)
     return _finish_kernel(acc, p, er, ec, guard_bits, offset, M, N, bm, bn)
 
 
@@ -780,9 +857,9 @@ def warm_up() -> None:
         man, e = quantize_2d(x, fmt, 16, 16, 16, 16)
         t = BFPTensor(fmt, (16, 16), man, e, np.zeros(e.shape, bool))
         tt = t.T
-        _, er, ec, A, B, U, V = matmul_prepare(t, tt, block_layout((16, 16), fmt),
-                                              block_layout((16, 16), tt.fmt), 8, 0)
-    for acc in (np.zeros((16, 16), np.float32), np.zeros((16, 16))):
+        _, er, ec, A, B, U, V, _ = matmul_prepare(t, tt, block_layout((16, 16), fmt),
+                                                 block_layout((16, 16), tt.fmt), 8, 0, 8)
+    for acc in (np.zeros((1, 16, 16), np.float32), np.zeros((1, 16, 16))):
         for p in (e32, e64):
             matmul_finish(acc, p, er, ec, 8, 0, 16, 16, 16, 16)
     # the fused layer kernels (8-bit and narrower mantissas, the common case)
@@ -791,6 +868,6 @@ def warm_up() -> None:
         xm, wm, gm_ = (np.empty((16, 16), np.int8) for _ in range(3))
         j = operand_jump(fmt, 16, 16)
         bufs = GemmBuffers(16, 16, 16, 16, 16, 16, fmt.mmax, fmt.mmax)
-        ex, ew, _, _ = layer_forward(x, x, xm, wm, p, p, j, j, 16, 16, 16, 8, 0, bufs)
+        ex, ew, _, _ = layer_forward(x, x, xm, wm, p, p, j, j, 16, 16, 16, 8, 0, bufs, 8)
         layer_backward(x, gm_, p, j, xm, ex, p, wm, ew, p, 16, 16, 16, 8, 0, True, True,
-                       bufs, bufs)
+                       bufs, bufs, 8)

@@ -143,7 +143,7 @@ def test_kernel_matmul_bit_identical(spread, rng, kernels):
         _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq),
               f"trial {trial}: {fmt.name} {M}x{K}x{N}")
     # every GEMM went through the kernels (a mixed one counts a GEMM and block products)
-    assert kernels["f32"] + kernels["f64"] + kernels["blocks"] >= 24
+    assert sum(kernels.values()) >= 24
     if spread >= 9:
         assert kernels["blocks"] >= 1
 
@@ -280,7 +280,9 @@ def test_fused_layer_step_is_golden(case, rng, kernels):
 @needs_numba
 def test_fused_layer_float64_and_f32_min_paths(rng, kernels, monkeypatch):
     """A long reduction (batch 4096) over uniform magnitudes fails the float32 bound in
-    the dW GEMM (float64 there); forcing float64 everywhere gives the same bits."""
+    the dW GEMM (float64 there, K-chunks disabled); forcing float64 everywhere gives the
+    same bits."""
+    monkeypatch.setattr(htorch, "_F32_MAX_CHUNKS", 1)
     layer = htorch.BFPLinear(32, 32, bias=False, fmt=HBFP8)
     x = torch.from_numpy(rng.uniform(0.5, 1.0, (4096, 32)).astype(np.float32))
     dy = rng.uniform(0.5, 1.0, (4096, 32)).astype(np.float32)
@@ -299,6 +301,113 @@ def test_fused_layer_float64_and_f32_min_paths(rng, kernels, monkeypatch):
     y2 = layer(x.detach())
     _same(y2.detach().numpy(), y.detach().numpy())
     assert kernels == {"f64": 1}
+
+
+def _uniform_signed(rng, shape, lo=0.5):
+    """Magnitudes in [lo, 1) with random signs: mantissas near the top of their range,
+    so long reductions fail the float32 exactness bound."""
+    x = rng.uniform(lo, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+    return x.astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt, gsr, B", [(HBFP8, False, 4096), (HBFP8, True, 2048),
+                                         (HBFP8.replace(sr_lanes=3), True, 2100)])
+def test_fused_layer_k_chunks(fmt, gsr, B, rng, kernels, monkeypatch):
+    """The dW GEMM's reduction (the batch) is too long for one exact float32 GEMM (with
+    chunks disabled it runs in float64), but cut into K-chunks that each pass the bound
+    it runs as float32 GEMMs added in float64: the chunked path is taken, and Y, dX, dW
+    are the golden model's bits (deterministic and stochastic gradients, the CNN's
+    2048-row conv2 weight gradient, padding)."""
+    layer = htorch.BFPLinear(144, 32, bias=False, fmt=fmt, grad_stochastic=gsr, seed=5)
+    x = torch.from_numpy(_uniform_signed(rng, (B, 144))).requires_grad_()
+    dy = _uniform_signed(rng, (B, 32))
+    fx, fg = layer._act_fmt_for_step(), layer._grad_fmt_for_step()
+    y = layer(x)
+    y.backward(torch.from_numpy(dy))
+    assert kernels["chunks"] >= 1 and kernels["f64"] == 0, dict(kernels)
+    assert htorch.fused_calls["backward"] >= 1
+    xq = quantize(x.detach().numpy(), fx)
+    wq = quantize(layer.weight.detach().numpy(), fmt)
+    gq = quantize(dy, fg)
+    _same(y.detach().numpy(), bfp_matmul(xq, wq.T))
+    _same(x.grad.numpy(), bfp_matmul(gq, wq))
+    dw = bfp_matmul(gq.T, xq)
+    _same(layer.weight.grad.numpy(), dw)
+    # the same GEMM with chunks disabled: the whole-K bound fails (float64), same bits
+    monkeypatch.setattr(htorch, "_F32_MAX_CHUNKS", 1)
+    kernels.clear()
+    _same(htorch.fast_bfp_matmul(gq.T, xq), dw)
+    assert kernels == {"f64": 1}
+    # and per call (not fused) with chunks: chunked again, same bits
+    monkeypatch.setattr(htorch, "_F32_MAX_CHUNKS", 16)
+    kernels.clear()
+    _same(htorch.fast_bfp_matmul(gq.T, xq), dw)
+    assert kernels == {"chunks": 1}
+
+
+@needs_numba
+def test_k_chunks_decline_to_float64(rng, kernels, monkeypatch):
+    """Float64 is still taken where chunks cannot help: a single K-block fails the bound
+    (a K-block 8 binades below the row maxima makes the shift w = G = 8, so an unshifted
+    K-block of full mantissas exceeds 2**(24 - w)), or more chunks than allowed."""
+    a = _uniform_signed(rng, (32, 64), lo=0.9)
+    a[:, 16:32] *= np.float32(2.0**-8)
+    b = _uniform_signed(rng, (64, 24), lo=0.9)
+    aq, bq = quantize(a, HBFP8), quantize(np.ascontiguousarray(b.T), HBFP8).T
+    _same(htorch.fast_bfp_matmul(aq, bq), bfp_matmul(aq, bq))
+    assert kernels == {"f64": 1}
+    # 4096-long reduction: needs more than 2 chunks
+    a = _uniform_signed(rng, (16, 4096))
+    b = _uniform_signed(rng, (4096, 16))
+    aq, bq = quantize(a, HBFP8), quantize(np.ascontiguousarray(b.T), HBFP8).T
+    ref = bfp_matmul(aq, bq)
+    kernels.clear()
+    _same(htorch.fast_bfp_matmul(aq, bq), ref)
+    assert kernels == {"chunks": 1}
+    monkeypatch.setattr(htorch, "_F32_MAX_CHUNKS", 2)
+    kernels.clear()
+    _same(htorch.fast_bfp_matmul(aq, bq), ref)
+    assert kernels == {"f64": 1}
+
+
+@needs_numba
+def test_k_chunk_boundaries(rng):
+    """The greedy chunking itself: fewest chunks on K-block boundaries, each passing the
+    bound, the bound recomputed from scratch by brute force on the integer operands."""
+    for trial in range(30):
+        nkb, M, N, L = int(rng.integers(1, 40)), int(rng.integers(1, 9)), \
+            int(rng.integers(1, 9)), 4
+        w = int(rng.integers(0, 4))
+        top = int(rng.integers(2, 4000))
+        a = rng.integers(0, top, (M, nkb * L))
+        b = rng.integers(0, top, (nkb * L, N))
+        a[:, rng.random(nkb * L) < 0.2] = 0
+        rs = a.reshape(M, nkb, L).sum(2).T.copy()
+        cs = b.reshape(nkb, L, N).sum(1)
+        ak, bk = a.reshape(M, nkb, L).max((0, 2)), b.reshape(nkb, L, N).max((1, 2))
+        ch = np.empty(nkb + 1, np.int64)
+        st = torch_kernels._chunks(rs, cs, ak, bk, w, L, 64, ch)
+        lim = 2.0 ** (24 + w)
+
+        def passes(k0, k1):
+            sa, sb = a[:, k0:k1], b[k0:k1]
+            return min(float(sa.sum(1).max()) * float(sb.max()),
+                       float(sa.max()) * float(sb.sum(0).max())) <= lim
+
+        if st == 1:
+            assert not all(passes(k * L, k * L + L) for k in range(nkb))
+            continue
+        nc = max(1, st >> 1)
+        bounds = [int(v) for v in ch[: nc + 1]]
+        assert bounds[0] == 0 and bounds[-1] == nkb * L
+        assert all(v % L == 0 for v in bounds) and bounds == sorted(set(bounds))
+        for k0, k1 in zip(bounds, bounds[1:]):
+            assert passes(k0, k1)
+            if k1 < nkb * L:
+                assert not passes(k0, k1 + L)      # greedy: maximal chunks
+        if st == 0:
+            assert passes(0, nkb * L)
 
 
 @needs_numba
