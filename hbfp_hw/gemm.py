@@ -49,8 +49,8 @@ import numpy as np
 from .formats import mantissa_max
 from .quantize import BFPTensor
 
-__all__ = ["DEFAULT_GUARD_BITS", "accumulator_bits", "bfp_matmul", "matmul_reference",
-           "matmul_error_bound", "k_block_length"]
+__all__ = ["DEFAULT_GUARD_BITS", "acc_to_fp32", "accumulator_bits", "bfp_matmul",
+           "matmul_reference", "matmul_error_bound", "k_block_length"]
 
 DEFAULT_GUARD_BITS = 8
 _MAX_ACC_BITS = 53  # the golden model converts the accumulator exactly through float64
@@ -149,17 +149,24 @@ def bfp_matmul(a: BFPTensor, b: BFPTensor, *, guard_bits: int = DEFAULT_GUARD_BI
         s = np.minimum(e_ref[None] - e, 62)
         acc += ((p << guard_bits) >> s).sum(axis=0)
 
-    scale_exp = e_ref - guard_bits - fa - fb
-    v = np.ldexp(acc.astype(np.float64), scale_exp.astype(np.int32))
-    with np.errstate(over="ignore"):
-        out = np.where(np.abs(v) < 2.0**-126, 0.0, v).astype(np.float32)
     bad = (np.repeat(a.invalid.any(axis=1), bm)[:, None]
            | np.repeat(b.invalid.any(axis=0), bn)[None, :])
-    out = np.where(bad, np.float32(np.nan), out)
+    out = acc_to_fp32(acc, e_ref - guard_bits - fa - fb, bad)
     out = out[: a.shape[0], : b.shape[1]]
     if return_acc:
         return out, acc, e_ref
     return out
+
+
+def acc_to_fp32(acc: np.ndarray, scale_exp: np.ndarray, bad: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Steps 4 and 5: ``acc * 2**scale_exp`` to FP32 (exact in float64, then values
+    below ``2**-126`` flushed to 0, round to nearest even, overflow to +-Inf), NaN where
+    ``bad``. The overflow to Inf is the rule, so its NumPy warning is silenced."""
+    with np.errstate(over="ignore"):
+        v = np.ldexp(acc.astype(np.float64), np.asarray(scale_exp).astype(np.int32))
+        out = np.where(np.abs(v) < 2.0**-126, 0.0, v).astype(np.float32)
+    return out if bad is None else np.where(bad, np.float32(np.nan), out)
 
 
 def matmul_reference(a: BFPTensor, b: BFPTensor) -> np.ndarray:

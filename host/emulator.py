@@ -24,7 +24,7 @@ import numpy as np
 from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.formats import ROUNDING_MODES
-from hbfp_hw.gemm import bfp_matmul, k_block_length
+from hbfp_hw.gemm import acc_to_fp32, bfp_matmul, k_block_length
 from hbfp_hw.quantize import BFPTensor, block_layout, quantize
 
 from .codec import CrcError, Frame, FrameParser
@@ -374,10 +374,7 @@ def _with_reference_block(a: BFPTensor, b: BFPTensor, row: np.ndarray, col: np.n
 def _acc_to_f32(acc: np.ndarray, e_ref: np.ndarray, guard_bits: int, fa: int, fb: int,
                 bad: np.ndarray) -> np.ndarray:
     """Step 4 and 5 of :mod:`hbfp_hw.gemm`: accumulator -> FP32 (flush, RNE, NaN)."""
-    v = np.ldexp(acc.astype(np.float64), (e_ref - guard_bits - fa - fb).astype(np.int32))
-    with np.errstate(over="ignore"):
-        out = np.where(np.abs(v) < 2.0**-126, 0.0, v).astype(np.float32)
-    return np.where(bad, np.float32(np.nan), out)
+    return acc_to_fp32(acc, e_ref - guard_bits - fa - fb, bad)
 
 
 # READ_STATS order: the binary32 patterns compared through the order-preserving key of
