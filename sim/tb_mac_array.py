@@ -15,7 +15,7 @@ import os
 import cocotb
 import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
+from cocotb.triggers import ClockCycles, FallingEdge
 
 from hbfp_hw.config.mac_array import MacArrayConfig
 from hbfp_hw.gemm import bfp_matmul
@@ -24,6 +24,7 @@ from hbfp_hw.gateware.mac_array import (assemble_output, gemm_beats, operand_lay
                                         unpack_struct)
 from hbfp_hw.manifest import read_manifest
 from hbfp_hw.quantize import quantize
+from hbfp_hw.sim.streams import StreamDriver, StreamMonitor
 
 
 def _config() -> MacArrayConfig:
@@ -31,49 +32,19 @@ def _config() -> MacArrayConfig:
     return MacArrayConfig.from_dict(man["config"])
 
 
-class StreamDriver:
-    """Drives beats on ``<name>__valid/payload``; holds them until accepted."""
-
-    def __init__(self, dut, name: str, rng: np.random.Generator, stall: float):
-        self.dut, self.rng, self.stall = dut, rng, stall
-        self.valid = getattr(dut, f"{name}__valid")
-        self.ready = getattr(dut, f"{name}__ready")
-        self.payload = getattr(dut, f"{name}__payload")
-
-    async def send(self, words: list[int]) -> None:
-        idx, holding = 0, False
-        while idx < len(words):
-            await FallingEdge(self.dut.clk)
-            if not holding:
-                holding = bool(self.rng.random() >= self.stall)
-                if holding:
-                    self.payload.value = words[idx]
-            self.valid.value = int(holding)
-            await ReadOnly()
-            if holding and int(self.ready.value):
-                idx += 1
-                holding = False
-        await FallingEdge(self.dut.clk)
-        self.valid.value = 0
-
-
 class OutputMonitor:
-    """Takes ``o`` beats under random back-pressure."""
+    """Takes ``o`` beats under random back-pressure (:class:`StreamMonitor`)."""
 
     def __init__(self, dut, cfg: MacArrayConfig, rng: np.random.Generator, stall: float):
-        self.dut, self.cfg, self.rng, self.stall = dut, cfg, rng, stall
+        self.dut, self.cfg = dut, cfg
         self.layout = output_layout(cfg)
         self.beats: list[dict] = []
+        self.stream = StreamMonitor(
+            dut, "o", rng, lambda w: self.beats.append(unpack_struct(self.layout, w)),
+            p_ready=1.0 - stall)
 
     async def run(self) -> None:
-        dut = self.dut
-        while True:
-            await FallingEdge(dut.clk)
-            ready = bool(self.rng.random() >= self.stall)
-            dut.o__ready.value = int(ready)
-            await ReadOnly()
-            if ready and int(dut.o__valid.value):
-                self.beats.append(unpack_struct(self.layout, dut.o__payload.value.to_unsigned()))
+        await self.stream.run()
 
     async def take(self, n: int, timeout_cycles: int) -> list[dict]:
         for _ in range(timeout_cycles):
@@ -153,9 +124,9 @@ class Bench:
     async def gemm(self, what: str, sa, ta: bool, sb, tb: bool) -> None:
         a_beats, b_beats, jobs, shape = gemm_beats(self.cfg, sa, ta, sb, tb)
         da = StreamDriver(self.dut, "a", np.random.default_rng(self.rng.integers(2**32)),
-                          self.stall)
+                          1.0 - self.stall)
         db = StreamDriver(self.dut, "b", np.random.default_rng(self.rng.integers(2**32)),
-                          self.stall)
+                          1.0 - self.stall)
         ta_ = cocotb.start_soon(da.send([pack_struct(self.la, **b) for b in a_beats]))
         tb_ = cocotb.start_soon(db.send([pack_struct(self.lb, **b) for b in b_beats]))
         n = output_beats_per_job(self.cfg) * len(jobs)

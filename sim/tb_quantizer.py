@@ -24,13 +24,14 @@ from collections import deque
 import cocotb
 import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
+from cocotb.triggers import ClockCycles, FallingEdge
 
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES
 from hbfp_hw.manifest import read_manifest
 from hbfp_hw.quantize import quantize
 from hbfp_hw.sim.quantizer_vectors import edge_blocks, random_blocks
+from hbfp_hw.sim.streams import StreamDriver, StreamMonitor
 
 
 def _load():
@@ -65,58 +66,6 @@ class BeatCodec:
             mans.append(v - (1 << mw) if v >> (mw - 1) else v)
         return (self.field(word, "exp"), self.field(word, "invalid"), tuple(mans),
                 self.field(word, "first"), self.field(word, "last"))
-
-
-class StreamDriver:
-    """Drives ``i`` beats; holds valid and payload until accepted (stream rules)."""
-
-    def __init__(self, dut, rng: np.random.Generator, p_valid: float):
-        self.dut, self.rng, self.p_valid = dut, rng, p_valid
-        self.accepted = 0
-        self.accept_cycles: list[int] = []
-        self.cycle = 0
-
-    async def send(self, words: list[int]) -> None:
-        dut = self.dut
-        idx, holding = 0, False
-        while idx < len(words):
-            await FallingEdge(dut.clk)
-            self.cycle += 1
-            if not holding:
-                holding = bool(self.rng.random() < self.p_valid)
-                if holding:
-                    dut.i__payload.value = words[idx]
-            dut.i__valid.value = int(holding)
-            await ReadOnly()
-            if holding and int(dut.i__ready.value):
-                idx += 1
-                holding = False
-                self.accepted += 1
-                self.accept_cycles.append(self.cycle)
-        await FallingEdge(dut.clk)
-        dut.i__valid.value = 0
-
-
-class StreamMonitor:
-    """Takes ``o`` beats under random back-pressure and hands them to a callback."""
-
-    def __init__(self, dut, rng: np.random.Generator, codec: BeatCodec, on_beat):
-        self.dut, self.rng, self.codec, self.on_beat = dut, rng, codec, on_beat
-        self.p_ready = 1.0
-        self.cycles: list[int] = []
-        self.cycle = 0
-
-    async def run(self) -> None:
-        dut = self.dut
-        while True:
-            await FallingEdge(dut.clk)
-            self.cycle += 1
-            ready = bool(self.rng.random() < self.p_ready)
-            dut.o__ready.value = int(ready)
-            await ReadOnly()
-            if ready and int(dut.o__valid.value):
-                self.cycles.append(self.cycle)
-                self.on_beat(self.codec.unpack(dut.o__payload.value.to_unsigned()))
 
 
 class GoldenModel:
@@ -189,8 +138,9 @@ class Env:
         self.codec = BeatCodec(self.manifest, self.cfg)
         self.model = GoldenModel(self.cfg)
         self.checker = Checker(self.cfg, dut._log)
-        self.driver = StreamDriver(dut, self.rng, 1.0)
-        self.monitor = StreamMonitor(dut, self.rng, self.codec, self.checker)
+        self.driver = StreamDriver(dut, "i", self.rng, 1.0)
+        self.monitor = StreamMonitor(dut, "o", self.rng,
+                                     lambda w: self.checker(self.codec.unpack(w)))
         dut._log.info(f"quantizer test: {self.cfg.format.describe()}, {self.cfg.lanes} lanes, "
                       f"modes {self.cfg.rounding_modes}, HBFP_Q_SEED={self.seed}")
 
