@@ -526,10 +526,11 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
         frow = np.empty(Kp, np.float32)
         irow = np.empty(Kp, np.int64)
         # per K-block: row sums (nkb, Mp), column sums (nkb, Np), largest elements
-        rs = np.zeros((nkb if need else 0, Mp), np.int64)
-        cs = np.zeros((nkb if need else 0, Np), np.int64)
-        ak = np.zeros(nkb, np.int64)
-        bk = np.zeros(nkb, np.int64)
+        nk = nkb if need else 0         # (nothing allocated when the format bound holds)
+        rs = np.zeros((nk, Mp), np.int64)
+        cs = np.zeros((nk, Np), np.int64)
+        ak = np.zeros(nk, np.int64)
+        bk = np.zeros(nk, np.int64)
         for i in range(gm):
             for kb in range(nkb):
                 live = used[kb] and nz_a[i, kb]
@@ -543,17 +544,19 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
                 for c in range(Kp):
                     A[r, c] = np.float32(ma[r, c]) * frow[c]
                 if need:
-                    for kb in range(nkb):
+                    for kb in range(nkb):       # irow is constant on a K-block
                         isum = 0
                         amx = 0
                         for c in range(kb * L, kb * L + L):
-                            t = abs(np.int64(ma[r, c])) * irow[c]
+                            t = abs(np.int64(ma[r, c]))
                             isum += t
                             amx = max(amx, t)
-                        rs[kb, r] = isum
-                        ak[kb] = max(ak[kb], amx)
+                        rs[kb, r] = isum * irow[kb * L]
+                        ak[kb] = max(ak[kb], amx * irow[kb * L])
         fcol = np.empty(Np, np.float32)
         icol = np.empty(Np, np.int64)
+        csum = np.empty(Np if need else 0, np.int64)
+        cmax = np.empty(Np if need else 0, np.int64)
         for kb in range(nkb):
             for j in range(gn):
                 live = used[kb] and nz_b[kb, j]
@@ -563,16 +566,23 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
                 for c in range(j * bn, j * bn + bn):
                     fcol[c] = f
                     icol[c] = m
-            bmx = 0
+            if need:
+                csum[:] = 0
+                cmax[:] = 0
             for r in range(kb * L, kb * L + L):
                 for c in range(Np):
                     B[r, c] = np.float32(mb[r, c]) * fcol[c]
                 if need:
                     for c in range(Np):
-                        t = abs(np.int64(mb[r, c])) * icol[c]
-                        cs[kb, c] += t
-                        bmx = max(bmx, t)
-            bk[kb] = bmx
+                        t = abs(np.int64(mb[r, c]))
+                        csum[c] += t
+                        cmax[c] = max(cmax[c], t)
+            if need:                    # icol is constant along a K-block's rows
+                bmx = 0
+                for c in range(Np):
+                    cs[kb, c] = csum[c] * icol[c]
+                    bmx = max(bmx, cmax[c] * icol[c])
+                bk[kb] = bmx
         if need:
             status = _chunks(rs, cs, ak, bk, w, L, maxc, ch)
     if nu == 0:
