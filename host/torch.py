@@ -651,14 +651,21 @@ def _make_plan(layer, x, w, key, act_sr):
 def _run_fused(status, nu, g, offset, M, N, bm, bn) -> np.ndarray:
     """The GEMMs of a product prepared into the buffers ``g``
     (:class:`torch_kernels.GemmBuffers`) and its conversion to FP32."""
-    acc = _safe_gemm(status, g.At, g.Bt, g.ch) if nu < g.nkb else _EMPTY_ACC
+    if nu == g.nkb:
+        acc = _EMPTY_ACC
+    elif status == 0:                   # one exact float32 GEMM, into the reused buffer
+        torch.mm(g.At, g.Bt, out=g.acct)
+        acc = g.acc
+        kernel_paths["f32"] += 1
+    else:
+        acc = _safe_gemm(status, g.At, g.Bt, g.ch)
     if nu:
         p = torch.bmm(g.Ut[:nu], g.Vt[:nu]).numpy()
         kernel_paths["blocks"] += 1
     else:
         p = _EMPTY_P
-    return _kernels.matmul_finish(acc, p, g.er, g.ec, DEFAULT_GUARD_BITS, offset, M, N,
-                                  bm, bn)
+    return _kernels._finish_kernel(acc, p, g.er, g.ec, DEFAULT_GUARD_BITS, offset, M, N,
+                                   bm, bn)
 
 
 def _fused_forward(ctx, plan: _LayerPlan, layer, x, w):

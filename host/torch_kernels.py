@@ -779,10 +779,13 @@ def _layer_backward_kernel(dy, gm_, pg, jg, xm, ex, px, wm, ew, pw, gb, go, bi, 
 class GemmBuffers:
     """The prepared operands of one of a layer's GEMMs ``(Mp, Kp) @ (Kp, Np)``, reused
     every step (each is consumed by the ``mm`` and the conversion before the call that
-    filled it returns): ``er``, ``ec``, ``A``, ``B``, ``U``, ``V`` (NumPy, for the
-    kernels) and the same memory as torch tensors ``At``, ``Bt``, ``Ut``, ``Vt``."""
+    filled it returns): ``er``, ``ec``, ``ch`` (K-chunk boundaries), ``A``, ``B``,
+    ``U``, ``V`` (NumPy, for the kernels) and the same memory as torch tensors ``At``,
+    ``Bt``, ``Ut``, ``Vt``; ``acc`` ``(1, Mp, Np)`` the float32 GEMM's result (``acct``
+    the torch view of ``acc[0]``)."""
 
-    __slots__ = ("er", "ec", "ch", "A", "B", "U", "V", "At", "Bt", "Ut", "Vt", "nkb")
+    __slots__ = ("er", "ec", "ch", "A", "B", "U", "V", "At", "Bt", "Ut", "Vt", "nkb", "acc",
+                 "acct")
 
     def __init__(self, Mp, Kp, Np, bm, L, bn, mmax_a, mmax_b):
         import torch
@@ -797,6 +800,8 @@ class GemmBuffers:
         self.V = np.empty((self.nkb, L, Np), dt)
         self.At, self.Bt = torch.from_numpy(self.A), torch.from_numpy(self.B)
         self.Ut, self.Vt = torch.from_numpy(self.U), torch.from_numpy(self.V)
+        self.acc = np.empty((1, Mp, Np), np.float32)        # one float32 GEMM's result
+        self.acct = torch.from_numpy(self.acc)[0]
 
     def args(self) -> tuple:
         return self.er, self.ec, self.ch, self.A, self.B, self.U, self.V
