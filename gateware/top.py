@@ -368,13 +368,15 @@ class Accelerator(wiring.Component):
         # An error registers its code and detail and answers from the ERROR state one
         # cycle later: the checks then end in these 40 bits instead of in the enables of
         # the whole response descriptor (a critical path of the board build).
-        e_code = Signal(8)
-        e_detail = Signal(32)
+        err_bits = {f.name: 8 * f.size for f in P.ERROR_LAYOUT.fields}
+        e_code = Signal(err_bits["code"])
+        e_detail = Signal(err_bits["detail"])
 
         def error(code: P.ErrorCode, detail):
             if isinstance(detail, int):
-                detail = Const(detail, 32)
-            m.d.sync += [e_code.eq(int(code)), e_detail.eq(Cat(detail, Const(0, 32))[:32])]
+                detail = Const(detail, len(e_detail))
+            dw = len(e_detail)      # zero-extended, then truncated to the field
+            m.d.sync += [e_code.eq(int(code)), e_detail.eq(Cat(detail, Const(0, dw))[:dw])]
             m.next = "ERROR"
 
         def error_state():
@@ -474,18 +476,20 @@ class Accelerator(wiring.Component):
                 == P.REQUESTS[P.Op.WRITE].offsets()["buffer"])
         b_hdr = fld(P.Op.WRITE, "buffer")
         b_id = Signal(8)
-        b_wb, b_depth, b_writable, b_wsh = (Signal(3), Signal(32), Signal(1), Signal(2))
+        b_vals = {"b_wb": [s.wire_bytes for s in specs],
+                  "b_depth": [s.depth for s in specs],
+                  "b_writable": [int(s.writable) for s in specs],
+                  "b_wsh": [s.wire_bytes.bit_length() - 1 for s in specs]}
+        b_wb, b_depth, b_writable, b_wsh = (Signal(range(max(v) + 1), name=k)
+                                            for k, v in b_vals.items())
         c_nobuf, c_off_gt, c_wlen_bad, c_w_oob, c_rlen_bad, c_r_oob = (
             Signal(name=f"c_{k}") for k in ("nobuf", "off_gt", "wlen_bad", "w_oob",
                                               "rlen_bad", "r_oob"))
-        c_dlen = Signal(16)
-        c_n = Signal(16)
+        c_dlen = Signal.like(length, name="c_dlen")   # payload bytes of a WRITE
+        c_n = Signal.like(length, name="c_n")         # its elements
         b_consts = [b_id.eq(b_hdr)] + [
-            reg.eq(by_id(b_hdr, vals, len(reg), f"{reg.name}_c"))
-            for reg, vals in ((b_wb, [s.wire_bytes for s in specs]),
-                              (b_depth, [s.depth for s in specs]),
-                              (b_writable, [int(s.writable) for s in specs]),
-                              (b_wsh, [s.wire_bytes.bit_length() - 1 for s in specs]))]
+            reg.eq(by_id(b_hdr, b_vals[reg.name], len(reg), f"{reg.name}_c"))
+            for reg in (b_wb, b_depth, b_writable, b_wsh)]
         w_off = Signal(32)
         w_n = Signal(32)
         w_e = Signal(32)
@@ -823,8 +827,8 @@ class Accelerator(wiring.Component):
                     == P.REQUESTS[P.Op.WRITE].offsets()["offset"])
             with m.State("CHECK"):
                 off = fld(P.Op.WRITE, "offset")
-                dlen = Signal(16)
-                n_w = Signal(16)
+                dlen = Signal.like(length, name="dlen")
+                n_w = Signal.like(length, name="n_w")
                 m.d.comb += [dlen.eq(length - P.REQUESTS[P.Op.WRITE].header_size),
                              n_w.eq(dlen >> b_wsh)]
                 n_r = fld(P.Op.READ, "count")

@@ -77,6 +77,18 @@ def _pow2_f32(k):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _shift_run(fv, iv, lo, n, live, s, w):
+    """One block's operand pre-shift over ``fv/iv[lo:lo+n]``: the float32 factor
+    ``2**-s`` and the integer weight ``2**(w-s)`` of the exactness bound (0 if the block
+    pair is dead)."""
+    f = _pow2_f32(-s) if live else np.float32(0.0)
+    m = (1 << (w - s)) if live else 0
+    for c in range(lo, lo + n):
+        fv[c] = f
+        iv[c] = m
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _pow2_f64(k):
     """Exact float64 ``2**k`` for integer ``k`` (table inside the normal range)."""
     if -1022 <= k <= 1023:
@@ -533,13 +545,8 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
         bk = np.zeros(nk, np.int64)
         for i in range(gm):
             for kb in range(nkb):
-                live = used[kb] and nz_a[i, kb]
-                s = ea_row[i] - ea[i, kb]
-                f = _pow2_f32(-s) if live else np.float32(0.0)
-                m = (1 << (w - s)) if live else 0
-                for c in range(kb * L, kb * L + L):
-                    frow[c] = f
-                    irow[c] = m
+                _shift_run(frow, irow, kb * L, L, used[kb] and nz_a[i, kb],
+                           ea_row[i] - ea[i, kb], w)
             for r in range(i * bm, i * bm + bm):
                 for c in range(Kp):
                     A[r, c] = np.float32(ma[r, c]) * frow[c]
@@ -559,13 +566,8 @@ def _prepare_fill(ma, ea, mb, eb, ea_row, eb_col, nz_a, nz_b, safe, used, w, nu,
         cmax = np.empty(Np if need else 0, np.int64)
         for kb in range(nkb):
             for j in range(gn):
-                live = used[kb] and nz_b[kb, j]
-                s = eb_col[j] - eb[kb, j]
-                f = _pow2_f32(-s) if live else np.float32(0.0)
-                m = (1 << (w - s)) if live else 0
-                for c in range(j * bn, j * bn + bn):
-                    fcol[c] = f
-                    icol[c] = m
+                _shift_run(fcol, icol, j * bn, bn, used[kb] and nz_b[kb, j],
+                           eb_col[j] - eb[kb, j], w)
             if need:
                 csum[:] = 0
                 cmax[:] = 0

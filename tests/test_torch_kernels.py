@@ -37,6 +37,16 @@ def _same(got, ref, msg=""):
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=msg)
 
 
+def _train_steps(model, x, y, steps: int = 3) -> None:
+    """``steps`` SGD steps (lr 0.05, momentum 0.9) of cross-entropy training."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _operands(rng, M, K, N, fmt, spread, zero_frac=0.3):
     a = rng.standard_normal((M, K)) * np.exp2(rng.integers(-spread, spread + 1, (M, K)))
     b = rng.standard_normal((K, N)) * np.exp2(rng.integers(-spread, spread + 1, (K, N)))
@@ -431,12 +441,7 @@ def test_fused_path_matches_per_call_path_in_training(rng, monkeypatch):
             for be in ("emulate", PerCall()):
                 htorch.fused_calls.clear()
                 m = htorch.convert(copy.deepcopy(base), backend=be, **format_kwargs(fname))
-                opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-                for _ in range(3):
-                    loss = torch.nn.functional.cross_entropy(m(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                _train_steps(m, x, y)
                 n = len(htorch.bfp_layers(m))
                 fused = {"forward": 3 * n, "backward": 3 * n}
                 assert htorch.fused_calls == (fused if be == "emulate" else {})
@@ -498,12 +503,7 @@ def test_training_bits_same_with_and_without_kernels(fmt, rng, monkeypatch):
         monkeypatch.setattr(torch_kernels, "ENABLED", enabled)
         htorch.kernel_paths.clear()
         m = htorch.convert(copy.deepcopy(base), backend="emulate", **format_kwargs(fmt))
-        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-        for _ in range(3):
-            loss = torch.nn.functional.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_steps(m, x, y)
         assert (sum(htorch.kernel_paths.values()) > 0) == enabled
         finals.append([p.detach().clone() for p in m.parameters()])
     for p, q in zip(finals[0], finals[-1]):
