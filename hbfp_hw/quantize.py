@@ -275,7 +275,7 @@ def _run_chunks(fn, ranges: list[tuple[int, int]]) -> None:
 
 
 def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
-             name: str | None = None) -> BFPTensor:
+             name: str | None = None, exponent: int | None = None) -> BFPTensor:
     """Quantize a tensor to BFP.
 
     Parameters
@@ -291,6 +291,14 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         code) and dequantize to NaN.
     name : str, optional
         Tensor name used in error messages.
+    exponent : int, optional
+        A *static* shared exponent ``E`` in ``[fmt.emin, fmt.emax]`` used by every valid
+        block instead of the block maximum (rule 2): elements at or above
+        ``2**(E+1)`` saturate to ``+-(2**(man_bits-1)-1)``, all-zero blocks keep ``E``.
+        With one ``E`` for the whole tensor this is a per-tensor symmetric integer
+        quantizer with the power-of-two scale ``2**(E - man_bits + 2)`` (the
+        accelerator's QUANTIZE ``STATIC_EXP``; in-hindsight ranges choose ``E`` before
+        the tensor exists). Invalid blocks are still found and flagged.
 
     Returns
     -------
@@ -300,6 +308,12 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+    if exponent is not None:
+        if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
+                or not fmt.emin <= exponent <= fmt.emax):
+            raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
+                             f"[{fmt.emin}, {fmt.emax}] (the exponent range of {fmt.describe()})")
+        exponent = int(exponent)
     x = _as_float32(x)
     lay = block_layout(x.shape, fmt)
     if lay.padded != x.shape:
@@ -328,8 +342,11 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         amax = _block_max(absbits, baxes)
         inv = amax >= _INF_BITS
         field = (amax >> np.uint32(23)).astype(np.int32)
-        e = np.where(field == 0, emin, field - 127)
-        np.clip(e, emin, emax, out=e)
+        if exponent is None:
+            e = np.where(field == 0, emin, field - 127)
+            np.clip(e, emin, emax, out=e)
+        else:
+            e = np.full(field.shape, exponent, np.int32)
         chunk_invalid = bool(inv.any())
         if chunk_invalid:
             e[inv] = emin
@@ -345,6 +362,11 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         y = np.multiply(xv, _grid_view(_pow2_f32(k1)))
         if np.any(k != k1):
             y *= _grid_view(_pow2_f32(k - k1))
+        if exponent is not None:
+            # elements above the static range saturate; bounding |y| first keeps every
+            # rounding mode finite (no inf - inf) without changing any result
+            lim = np.float32(2.0 ** fmt.man_bits)
+            np.clip(y, -lim, lim, out=y)
         if fmt.rounding == "nearest_even":
             q = np.rint(y, out=y)
         elif fmt.rounding == "toward_zero":
