@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hbfp_hw.formats import BFPFormat
+
 __all__ = ["uniform_params", "quantize_uniform", "fake_quantize_uniform", "RangeEMA",
-           "UniformQuantizer", "dynamic_int8", "hindsight_int8"]
+           "UniformQuantizer", "dynamic_int8", "hindsight_int8", "exponent_for_range",
+           "StaticExpQuantizer"]
 
 
 def uniform_params(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
@@ -160,3 +163,96 @@ def dynamic_int8() -> UniformQuantizer:
 def hindsight_int8(eta: float = 0.9) -> UniformQuantizer:
     """Per-tensor int8 with in-hindsight (previous steps' EMA) ranges."""
     return UniformQuantizer("hindsight", 8, eta, name="hindsight-int8")
+
+
+# -- the accelerator's in-hindsight quantizer: one static BFP exponent per tensor --------
+
+def exponent_for_range(lo: float, hi: float, fmt: BFPFormat) -> int:
+    """The shared exponent ``E = floor(log2 max(|lo|, |hi|))`` of the BFP rule, clamped to
+    ``[fmt.emin, fmt.emax]`` (``emin`` for an all-zero range): with it every value of the
+    range is representable without saturation, as in a block whose maximum it is."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"range [{lo}, {hi}] is not finite")
+    amax = max(abs(float(lo)), abs(float(hi)))
+    if amax == 0.0:
+        return fmt.emin
+    e = int(np.frexp(amax)[1]) - 1          # amax = f * 2**(e+1), f in [0.5, 1)
+    return int(min(max(e, fmt.emin), fmt.emax))
+
+
+@dataclass
+class StaticExpQuantizer:
+    """A per-tensor symmetric ``man_bits``-bit quantizer with a power-of-two scale: the
+    BFP format ``fmt`` with *one* shared exponent for the whole tensor, chosen from a
+    range (:func:`exponent_for_range`), elements above the range saturating.
+
+    This is the in-hindsight quantizer the accelerator runs: the exponent is a QUANTIZE
+    field (``STATIC_EXP``), so a tensor streams through the quantizer once; the range
+    tracker on the quantizer input gathers the min/max that set the next step's range
+    (``READ_STATS`` with ``QUANTIZE_INPUT``). With HBFP8 it is int8 (codes in +-127)
+    with the scale ``2**(E - 6)``; the result is an ordinary HyperBlock BFP tensor, so the
+    MAC array, the tile buffer's transposition and the quantize-once rule apply as for
+    any BFP format.
+
+    Parameters
+    ----------
+    fmt : BFPFormat
+        A HyperBlock (2-D tile) format, e.g. ``HBFP8``; on a device backend, one of its
+        format slots.
+    method : {"dynamic", "hindsight"}
+        ``"dynamic"``: the tensor's own min/max (a statistics pass before quantizing);
+        ``"hindsight"``: the EMA of the previous steps' min/max (:class:`RangeEMA`, the
+        first step uses its own range, as :class:`UniformQuantizer`).
+    eta : float
+        EMA momentum.
+    """
+
+    fmt: BFPFormat
+    method: str = "hindsight"
+    eta: float = 0.9
+    name: str = ""
+    ema: RangeEMA = field(default=None, repr=False)  # type: ignore[assignment]
+    #: (lo, hi, E) used for each quantization, for inspection / tests
+    history: list = field(default_factory=list, repr=False)
+    keep_history: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fmt, BFPFormat):
+            raise TypeError(f"fmt must be a BFPFormat, got {type(self.fmt).__name__}")
+        if self.method not in ("dynamic", "hindsight"):
+            raise ValueError(f"method={self.method!r}; accepted values are 'dynamic', "
+                             "'hindsight'")
+        if self.ema is None:
+            self.ema = RangeEMA(self.eta)
+        if not self.name:
+            self.name = f"{self.method}-{self.fmt.name}-static"
+
+    def fresh(self) -> "StaticExpQuantizer":
+        """A copy with no statistics (each tensor of each layer needs its own)."""
+        return StaticExpQuantizer(self.fmt, self.method, self.eta, self.name,
+                                  keep_history=self.keep_history)
+
+    @property
+    def needs_current_range(self) -> bool:
+        """True when this step's exponent needs the tensor's own range first."""
+        return self.method == "dynamic" or not self.ema.initialised
+
+    def exponent(self, current: tuple[float, float] | None = None) -> int:
+        """This step's exponent: from ``current`` (the tensor's own (min, max)) when
+        :attr:`needs_current_range`, else from the EMA of past steps."""
+        if self.needs_current_range:
+            if current is None:
+                raise ValueError(f"{self.name}: this step needs the tensor's own range")
+            lo, hi = current
+        else:
+            lo, hi = self.ema.range
+        e = exponent_for_range(lo, hi, self.fmt)
+        if self.keep_history:
+            self.history.append((lo, hi, e))
+        return e
+
+    def observe(self, lo: float, hi: float, *, update: bool = True) -> None:
+        """Fold the step's min/max (of the unclipped tensor) into the statistics; as
+        :class:`UniformQuantizer`, the first observation always initialises them."""
+        if update or not self.ema.initialised:
+            self.ema.update(lo, hi)

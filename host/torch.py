@@ -52,7 +52,7 @@ from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
 from hbfp_hw.quantize import BFPTensor, block_layout, quantize
 
 from . import torch_kernels as _kernels
-from .ranges import UniformQuantizer
+from .ranges import StaticExpQuantizer, UniformQuantizer
 from .torch_quant import supports, torch_quantize
 
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
     "is_hyperblock",
 ]
 
-Quantizer = Union[BFPFormat, UniformQuantizer]
+Quantizer = Union[BFPFormat, UniformQuantizer, StaticExpQuantizer]
 
 
 # -- the exact GEMM in PyTorch ---------------------------------------------------------
@@ -401,7 +401,28 @@ class Backend:
         self.calls["matmul"] += 1
         return self._matmul(a, b)
 
+    def quantize_static(self, x, fmt: BFPFormat,
+                        exponent: int) -> tuple[BFPTensor, tuple[float, float]]:
+        """Quantize ``x`` with one static shared exponent (``quantize(..., exponent=)``);
+        also returns the ``(min, max)`` of its finite elements, ``(0.0, 0.0)`` when
+        there are none: the statistics the device's range tracker gathers on the
+        quantizer input while the tensor streams through."""
+        self.calls["quantize_static"] += 1
+        return self._quantize_static(x, fmt, exponent)
+
+    def input_range(self, x, fmt: BFPFormat) -> tuple[float, float]:
+        """The ``(min, max)`` of ``x``'s finite elements, as :meth:`quantize_static`
+        reports them, before quantizing (a dynamic range's statistics pass)."""
+        self.calls["range_pass"] += 1
+        return self._input_range(x, fmt)
+
     def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _quantize_static(self, x, fmt, exponent):  # pragma: no cover
+        raise NotImplementedError
+
+    def _input_range(self, x, fmt):  # pragma: no cover
         raise NotImplementedError
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:  # pragma: no cover
@@ -423,6 +444,13 @@ class EmulateBackend(Backend):
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return fast_bfp_matmul(a, b)
+
+    def _quantize_static(self, x, fmt, exponent):
+        a = _as_f32_array(x)
+        return quantize(a, fmt, exponent=exponent), _finite_range(a)
+
+    def _input_range(self, x, fmt):
+        return _finite_range(_as_f32_array(x))
 
 
 class DeviceBackend(Backend):
@@ -469,6 +497,18 @@ class DeviceBackend(Backend):
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return np.asarray(self.device.matmul_q(a, b), dtype=np.float32)
 
+    def _quantize_static(self, x, fmt, exponent):
+        # the quantize-input range tracker's window is exactly this tensor's QUANTIZEs
+        self.device.read_stats(clear=True, source="quantize")
+        q = self.device.quantize(_as_f32_array(x), fmt, exponent=exponent)
+        st = self.device.read_stats(clear=True, source="quantize")
+        return q, ((float(st["min"]), float(st["max"])) if st["count"] else (0.0, 0.0))
+
+    def _input_range(self, x, fmt):
+        # a statistics pass: the tensor streams through QUANTIZE once more (what the
+        # in-hindsight range avoids)
+        return self._quantize_static(x, fmt, fmt.emax)[1]
+
 
 def _as_f32_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -481,6 +521,13 @@ def _as_f32_array(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _finite_range(a: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the finite elements of a float32 array, ``(0.0, 0.0)`` if none."""
+    if a.size and not np.isfinite(a).all():
+        a = a[np.isfinite(a)]
+    return (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
 
 
 def get_backend(backend: Union[str, Backend, None]) -> Backend:
@@ -520,11 +567,22 @@ def _along(fmt: BFPFormat, axis: int) -> BFPFormat:
     return fmt.replace(block_axes=(axis,), block_shape=(fmt.block_size,))
 
 
+def _bfp_of(q: Quantizer) -> Quantizer:
+    """The BFP format a role's quantizer produces (a static-exponent quantizer's own)."""
+    return q.fmt if isinstance(q, StaticExpQuantizer) else q
+
+
 def _check_formats(w: Quantizer, a: Quantizer, g: Quantizer) -> str:
-    kinds = {isinstance(q, BFPFormat) for q in (w, a, g)}
     for role, q in (("weight", w), ("act", a), ("grad", g)):
-        if not isinstance(q, (BFPFormat, UniformQuantizer)):
-            raise TypeError(f"{role} format must be a BFPFormat or UniformQuantizer, got {q!r}")
+        if not isinstance(q, (BFPFormat, UniformQuantizer, StaticExpQuantizer)):
+            raise TypeError(f"{role} format must be a BFPFormat, UniformQuantizer or "
+                            f"StaticExpQuantizer, got {q!r}")
+    static = [isinstance(q, StaticExpQuantizer) for q in (w, a, g)]
+    w, a, g = (_bfp_of(q) for q in (w, a, g))
+    kinds = {isinstance(q, BFPFormat) for q in (w, a, g)}
+    if any(static) and not (kinds == {True} and all(is_hyperblock(q) for q in (w, a, g))):
+        raise ValueError("a StaticExpQuantizer needs HyperBlock (2-D tile) formats in all "
+                         "three roles")
     if kinds == {False}:
         return "uniform"
     if kinds != {True}:
@@ -580,7 +638,7 @@ def _layer_plan(layer: "BFPLayerMixin", x: torch.Tensor, w: torch.Tensor):
     on the CPU, empty operands, or anything the per-call path would reject or hand to
     the golden model."""
     d = layer.__dict__
-    if "_quant" in d or "_act_fmt_for_step" in d or "_grad_fmt_for_step" in d:
+    if layer._static or "_quant" in d or "_act_fmt_for_step" in d or "_grad_fmt_for_step" in d:
         return None                     # replaced on the instance (e.g. a test's spy)
     act_sr = layer.act_stochastic and layer.training
     key = (x.shape, w.shape, x.dtype, w.dtype, x.is_cpu, w.is_cpu, layer.act_fmt,
@@ -835,17 +893,23 @@ class BFPLayerMixin:
         self.weight_fmt = weight_fmt if weight_fmt is not None else base
         self.act_fmt = act_fmt if act_fmt is not None else base
         self.grad_fmt = grad_fmt if grad_fmt is not None else base
-        if isinstance(self.act_fmt, UniformQuantizer):
+        stateful = (UniformQuantizer, StaticExpQuantizer)
+        if isinstance(self.act_fmt, stateful):
             self.act_fmt = self.act_fmt.fresh()
-        if isinstance(self.grad_fmt, UniformQuantizer):
+        if isinstance(self.grad_fmt, stateful):
             self.grad_fmt = self.grad_fmt.fresh()
-        if isinstance(self.weight_fmt, UniformQuantizer):
+        if isinstance(self.weight_fmt, stateful):
             self.weight_fmt = self.weight_fmt.fresh()
         self._mode = _check_formats(self.weight_fmt, self.act_fmt, self.grad_fmt)
-        if grad_stochastic and self._mode == "uniform":
+        #: a role quantizes with a static exponent (no fused kernel path)
+        self._static = any(isinstance(q, StaticExpQuantizer)
+                           for q in (self.weight_fmt, self.act_fmt, self.grad_fmt))
+        if grad_stochastic and not isinstance(self.grad_fmt, BFPFormat):
             raise ValueError("grad_stochastic needs a BFP gradient format")
-        if act_stochastic and self._mode != "hyperblock":
-            raise ValueError("act_stochastic needs HyperBlock (2-D tile) formats")
+        if act_stochastic and not (self._mode == "hyperblock"
+                                   and isinstance(self.act_fmt, BFPFormat)):
+            raise ValueError("act_stochastic needs a HyperBlock (2-D tile) BFP activation "
+                             "format")
         if shadow_fmt is not None and not isinstance(shadow_fmt, BFPFormat):
             raise TypeError(f"shadow_fmt must be a BFPFormat or None, got {shadow_fmt!r}")
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -866,9 +930,23 @@ class BFPLayerMixin:
         self.quant_calls: Counter[str] = Counter()
 
     # quantizers ----------------------------------------------------------------------
-    def _quant(self, x: torch.Tensor, fmt: BFPFormat, role: str) -> BFPTensor:
+    def _quant(self, x: torch.Tensor, fmt: BFPFormat | StaticExpQuantizer,
+               role: str) -> BFPTensor:
         self.quant_calls[role] += 1
+        if isinstance(fmt, StaticExpQuantizer):
+            return self._static_quant(x, fmt, role)
         return self.backend.quantize(x, fmt)
+
+    def _static_quant(self, x: torch.Tensor, q: StaticExpQuantizer, role: str) -> BFPTensor:
+        """One static-exponent quantization: the exponent from the range of past steps
+        (in-hindsight) or, for a dynamic range or the first step, from a statistics pass
+        over ``x``; the min/max the backend reports while quantizing (the device's
+        range tracker) update the statistics (activations only in training)."""
+        be = self.backend
+        cur = be.input_range(x, q.fmt) if q.needs_current_range else None
+        xq, (lo, hi) = be.quantize_static(x, q.fmt, q.exponent(cur))
+        q.observe(lo, hi, update=self.training or role == "grad")
+        return xq
 
     def _uquant(self, x: np.ndarray, q: UniformQuantizer, role: str) -> np.ndarray:
         self.quant_calls[role] += 1

@@ -16,6 +16,10 @@ hb4-sr     as hb4 (all 4-bit, 16x16 tiles), plus stochastic rounding of the mode
 mxint8     OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
 int8-hs    per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
 int8-dyn   per-tensor asymmetric int8, dynamic (current batch) A/G ranges
+int8p2-hs  per-tensor symmetric int8 with a power-of-two scale: HBFP8 16x16 tiles that
+           all share one static exponent per tensor (the accelerator's QUANTIZE
+           STATIC_EXP), in-hindsight A/G exponents from the range tracker's min/max
+int8p2-dyn as int8p2-hs with dynamic (current batch) A/G exponents
 ========== =============================================================================
 
 Bias, ReLU, pooling, softmax/cross-entropy and the SGD optimizer stay FP32 (FP32 master
@@ -34,7 +38,7 @@ __all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digi
            "format_table", "plot_curves", "register_cli"]
 
 FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
-                "int8-dyn")
+                "int8-dyn", "int8p2-hs", "int8p2-dyn")
 MODEL_NAMES = ("mlp", "cnn")
 
 
@@ -95,7 +99,7 @@ def format_kwargs(name: str) -> dict | None:
     (``None`` for fp32)."""
     from hbfp_hw.formats import HBFP4, HBFP8, MXINT8
 
-    from .ranges import UniformQuantizer
+    from .ranges import StaticExpQuantizer, UniformQuantizer
     if name == "fp32":
         return None
     if name == "hbfp8":
@@ -115,6 +119,11 @@ def format_kwargs(name: str) -> dict | None:
         method = "hindsight" if name == "int8-hs" else "dynamic"
         q = UniformQuantizer(method, 8, name=name)
         return dict(fmt=None, weight_fmt=UniformQuantizer("dynamic", 8, name="w-int8"),
+                    act_fmt=q, grad_fmt=q)
+    if name in ("int8p2-hs", "int8p2-dyn"):
+        method = "hindsight" if name == "int8p2-hs" else "dynamic"
+        q = StaticExpQuantizer(HBFP8, method, name=name)
+        return dict(fmt=None, weight_fmt=StaticExpQuantizer(HBFP8, "dynamic", name="w-int8p2"),
                     act_fmt=q, grad_fmt=q)
     raise ValueError(f"unknown format {name!r}; accepted names are {', '.join(FORMAT_NAMES)}")
 
@@ -208,7 +217,8 @@ def summarise(results) -> dict:
 
 
 _TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
-            "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5)}
+            "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5),
+            "int8p2-hs": ("int8p2-dyn", 0.5)}
 
 
 def format_table(results) -> str:

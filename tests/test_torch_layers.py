@@ -343,7 +343,7 @@ def test_format_validation():
         BFPLinear(32, 16, backend="fpga")
     with pytest.raises(ValueError, match="groups=2"):
         BFPConv2d(4, 4, 3, groups=2)
-    with pytest.raises(TypeError, match="BFPFormat or UniformQuantizer"):
+    with pytest.raises(TypeError, match="BFPFormat, UniformQuantizer or StaticExpQuantizer"):
         BFPLinear(32, 16, act_fmt="hbfp8")
     assert isinstance(LOSSLESS, BFPFormat)
     from hbfp_hw.host.ranges import hindsight_int8
