@@ -53,7 +53,8 @@ __all__ = [
     "NO_INDEX",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: QUANTIZE carries ``exp_code`` (``STATIC_EXP``), READ_STATS ``QUANTIZE_INPUT``.
+PROTOCOL_VERSION = 2
 #: Start-of-frame marker.
 SYNC = b"\xA5\x5A"
 #: Sync, LEN, SEQ, OP.
@@ -82,7 +83,7 @@ class Op(IntEnum):
     READ = 0x03        #: read elements from a buffer
     QUANTIZE = 0x04    #: FP32 from fp_in -> BFP into an operand buffer (optionally returned)
     GEMM = 0x05        #: BFP operand buffers -> accumulators (-> FP32 into out)
-    READ_STATS = 0x06  #: online min/max of the stored GEMM outputs
+    READ_STATS = 0x06  #: online min/max of the stored GEMM outputs (or QUANTIZE inputs)
     RESET = 0x07       #: clear buffers, accumulators, statistics
 
 
@@ -103,7 +104,13 @@ class ErrorCode(IntEnum):
 
 
 class QuantizeFlag(IntFlag):
-    RETURN = 0x01  #: also return exponent codes and mantissas in the response
+    RETURN = 0x01      #: also return exponent codes and mantissas in the response
+    #: every valid block takes the shared exponent ``exp_code - exp_bias`` of the slot
+    #: format instead of its block maximum (elements at or above ``2**(E+1)``
+    #: saturate; NaN/Inf blocks are still flagged); ``exp_code`` outside
+    #: ``[emin + bias, emax + bias]`` is BAD_ARGUMENT (detail 8, the field's index).
+    #: Without the flag ``exp_code`` is ignored.
+    STATIC_EXP = 0x02
 
 
 class GemmFlag(IntFlag):
@@ -116,7 +123,11 @@ class GemmFlag(IntFlag):
 
 
 class StatsFlag(IntFlag):
-    CLEAR = 0x01  #: clear the statistics after reading them
+    CLEAR = 0x01           #: clear the statistics after reading them
+    #: answer (and CLEAR) the statistics of the FP32 elements QUANTIZE read from
+    #: ``fp_in`` (the ``rows x cols`` tensor elements, not the block padding) instead
+    #: of those of the stored GEMM outputs
+    QUANTIZE_INPUT = 0x02
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +214,7 @@ REQUESTS: dict[Op, Layout] = {
     Op.WRITE: _L(("buffer", 1), ("offset", 4), data=True),
     Op.READ: _L(("buffer", 1), ("offset", 4), ("count", 2)),
     Op.QUANTIZE: _L(("slot", 1), ("dst", 1), ("flags", 1), ("rows", 2), ("cols", 2),
-                    ("src_offset", 4), ("rounding", 1), ("seed", 4)),
+                    ("src_offset", 4), ("rounding", 1), ("seed", 4), ("exp_code", 2)),
     Op.GEMM: _L(("a", 1), ("b", 1), ("flags", 1), ("slot_a", 1), ("slot_b", 1),
                 ("a_rows", 2), ("a_cols", 2), ("b_rows", 2), ("b_cols", 2),
                 ("out_offset", 4)),

@@ -20,6 +20,7 @@ power of two, ``rint``/``trunc``/``floor`` of exactly representable values).
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -359,9 +360,12 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         # inside float32's normal range.
         k = frac_bits - np.maximum(e, -150)
         k1 = np.clip(k, -126, 126)
-        y = np.multiply(xv, _grid_view(_pow2_f32(k1)))
-        if np.any(k != k1):
-            y *= _grid_view(_pow2_f32(k - k1))
+        # a static exponent below the data overflows y to +-inf on purpose (saturated
+        # below); errstate is per thread, so it is set here in the worker
+        with np.errstate(over="ignore") if exponent is not None else nullcontext():
+            y = np.multiply(xv, _grid_view(_pow2_f32(k1)))
+            if np.any(k != k1):
+                y *= _grid_view(_pow2_f32(k - k1))
         if exponent is not None:
             # elements above the static range saturate; bounding |y| first keeps every
             # rounding mode finite (no inf - inf) without changing any result

@@ -111,6 +111,8 @@ def _nonfinite_error(name: str, grid: tuple[int, ...], flat: int, block: tuple[i
 
 #: Where :meth:`Device.matmul` and :meth:`Device.train_step` quantize FP32 operands.
 QUANTIZE_ON = ("auto", "device", "host")
+#: What :meth:`Device.read_stats` reads: GEMM outputs or QUANTIZE inputs.
+STATS_SOURCES = ("gemm", "quantize")
 
 
 class Device:
@@ -290,9 +292,21 @@ class Device:
         """The device description (protocol, config, buffer map) and its hash."""
         return {**self.description, "hash": self.hash.hex()}
 
-    def read_stats(self, *, clear: bool = False) -> dict:
-        """Online statistics of the GEMM outputs stored since the last clear/reset."""
-        r = self._call(P.Op.READ_STATS, flags=int(P.StatsFlag.CLEAR) if clear else 0)
+    def read_stats(self, *, clear: bool = False, source: str = "gemm") -> dict:
+        """Online statistics since the last clear/reset: ``count`` (finite elements),
+        ``n_nonfinite``, ``min``, ``max`` (0.0 while ``count`` is 0).
+
+        ``source="gemm"`` (default): the GEMM outputs stored into ``out``;
+        ``source="quantize"``: the FP32 tensor elements QUANTIZE read from ``fp_in``
+        (every tile :meth:`quantize` sent, not the block padding). ``clear`` empties that
+        record after reading it; the other is kept.
+        """
+        if source not in STATS_SOURCES:
+            raise ValueError(f"source={source!r}; accepted values are "
+                             f"{', '.join(map(repr, STATS_SOURCES))}")
+        flags = ((int(P.StatsFlag.CLEAR) if clear else 0)
+                 | (int(P.StatsFlag.QUANTIZE_INPUT) if source == "quantize" else 0))
+        r = self._call(P.Op.READ_STATS, flags=flags)
         return dict(r.fields)
 
     def reset(self) -> None:
@@ -351,15 +365,30 @@ class Device:
                 and lay.num_blocks <= cfg.exponent_depth)
 
     def _quantize_tile(self, x: np.ndarray, slot: int, dst: int, fmt: BFPFormat | None, *,
-                       ret: bool):
-        """FP32 tile -> fp_in -> QUANTIZE into operand ``dst``; returns the response."""
+                       ret: bool, exponent: int | None = None):
+        """FP32 tile -> fp_in -> QUANTIZE into operand ``dst``; returns the response.
+        ``exponent``: a static shared exponent (``STATIC_EXP``), already validated."""
         fmt = fmt or self.config.formats[slot]
         self._resident.pop(dst, None)
         self._write("fp_in", 0, x)
-        return self._call(P.Op.QUANTIZE, slot=slot, dst=dst,
-                          flags=int(P.QuantizeFlag.RETURN) if ret else 0,
+        Q = P.QuantizeFlag
+        flags = (Q.RETURN if ret else 0) | (Q.STATIC_EXP if exponent is not None else 0)
+        code = 0 if exponent is None else exponent + self.config.formats[slot].exp_bias
+        return self._call(P.Op.QUANTIZE, slot=slot, dst=dst, flags=int(flags),
                           rows=x.shape[0], cols=x.shape[1], src_offset=0,
-                          rounding=fmt.rounding_code, seed=fmt.seed)
+                          rounding=fmt.rounding_code, seed=fmt.seed, exp_code=code)
+
+    def _check_exponent(self, exponent: Any, slot: int) -> int | None:
+        """``exponent`` as an int in the slot format's ``[emin, emax]`` (or None)."""
+        if exponent is None:
+            return None
+        f = self.config.formats[slot]
+        if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
+                or not f.emin <= exponent <= f.emax):
+            raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
+                             f"[{f.emin}, {f.emax}] (the exponent range of format slot "
+                             f"{slot}, {f.describe()})")
+        return int(exponent)
 
     def quantize_tiles(self, shape: tuple[int, int], fmt: BFPFormat | None = None,
                        ) -> list[tuple[int, int, int, int]]:
@@ -377,17 +406,22 @@ class Device:
                 for r0 in range(0, R, Rt) for c0 in range(0, C, Ct)]
 
     def quantize(self, x: Any, fmt: BFPFormat | None = None, *, nonfinite: str = "raise",
-                 name: str = "x") -> BFPTensor:
+                 name: str = "x", exponent: int | None = None) -> BFPTensor:
         """Quantize ``x`` on the device; bit-identical to :func:`hbfp_hw.quantize`.
 
         Tensors larger than the device's ``fp_in`` buffer are quantized in tiles of
         whole blocks (stochastic rounding restarts its random stream per QUANTIZE, so a
         stochastic format needs the tensor to fit in one tile).
+
+        ``exponent``: a static shared exponent ``E`` for every valid block (QUANTIZE
+        ``STATIC_EXP``, the same ``E`` for every tile), in the slot format's
+        ``[emin, emax]``; bit-identical to ``quantize(x, fmt, exponent=E)``.
         """
         if nonfinite not in ("raise", "flag"):
             raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
         x = _as_real(x, name)
         slot = self._quantize_slot(fmt, x.shape)
+        exponent = self._check_exponent(exponent, slot)
         dfmt = self.config.formats[slot]
         fmt = fmt or dfmt
         lay = block_layout(x.shape, dfmt)
@@ -409,7 +443,7 @@ class Device:
                 tl = block_layout(tile.shape, dfmt)
                 n, nb = tl.num_blocks * tl.block_size, tl.num_blocks
                 ret = n * mwb + nb * ewb <= self.chunk
-                r = self._quantize_tile(tile, slot, 0, fmt, ret=ret)
+                r = self._quantize_tile(tile, slot, 0, fmt, ret=ret, exponent=exponent)
                 if ret:
                     tc = np.frombuffer(r.data[: nb * ewb], "u1" if ewb == 1 else "<u2")
                     tm = np.frombuffer(r.data[nb * ewb:], "i1" if mwb == 1 else "<i2")

@@ -12,7 +12,10 @@ accelerator top is specified to:
   executing it again;
 * GEMM accumulators persist across GEMMs with ``ACCUMULATE`` so a reduction split
   along K (with reference exponents supplied through ``eref``) is bit-identical to
-  the unsplit golden GEMM.
+  the unsplit golden GEMM;
+* READ_STATS keeps two records, as the top's two range trackers: the stored GEMM
+  outputs and (flag ``QUANTIZE_INPUT``) the FP32 tensor elements QUANTIZE read; RESET
+  clears both.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class Emulator:
         self._acc_bad: np.ndarray | None = None
         self._acc_meta: tuple | None = None
         self._k_total = 0
-        self._stats = _empty_stats()
+        self._stats = _empty_stats()     # stored GEMM outputs
+        self._qstats = _empty_stats()    # FP32 elements QUANTIZE read from fp_in
 
     def _spec(self, buf: int, *, writable: bool = False) -> P.BufferSpec:
         if buf >= len(self.specs):
@@ -220,6 +224,11 @@ class Emulator:
         fmt = fmt.replace(rounding=ROUNDING_MODES[f["rounding"]], seed=f["seed"])
         man_s, exp_s = self._operand_specs(f["dst"])
         self._check_flags(f["flags"], P.QuantizeFlag, 2)
+        exponent = None
+        if f["flags"] & P.QuantizeFlag.STATIC_EXP:
+            if not fmt.emin <= f["exp_code"] - fmt.exp_bias <= fmt.emax:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, 8)
+            exponent = f["exp_code"] - fmt.exp_bias
         rows, cols, src = f["rows"], f["cols"], f["src_offset"]
         lay = self._layout_fits((rows, cols), fmt)
         fp_in = self._by_kind(P.BufferKind.FP32, "fp_in")
@@ -230,7 +239,8 @@ class Emulator:
         if ret and n * man_s.wire_bytes + lay.num_blocks * exp_s.wire_bytes > P.MAX_DATA:
             raise _DevError(P.ErrorCode.BAD_LENGTH, n)
         x = self.buffers[fp_in.id][src: src + rows * cols].view(np.float32).reshape(rows, cols)
-        q = quantize(x, fmt, nonfinite="flag")
+        q = quantize(x, fmt, nonfinite="flag", exponent=exponent)
+        _fold_stats(self._qstats, x)
         codes, man = q.stream()
         self.buffers[man_s.id][:n] = man.reshape(-1)
         self.buffers[exp_s.id][: lay.num_blocks] = codes
@@ -324,23 +334,17 @@ class Emulator:
                             acc_meta[5], self._acc_bad)[:M, :N]
             off = f["out_offset"]
             self.buffers[out_s.id][off: off + M * N] = y.reshape(-1).view(np.uint32)
-            fin = y[np.isfinite(y)]
-            st = self._stats
-            st[0] += int(fin.size)
-            st[1] += int(y.size - fin.size)
-            if fin.size:
-                keys = _f32_keys(fin)
-                st[2] = min(st[2], int(keys.min()))
-                st[3] = max(st[3], int(keys.max()))
+            _fold_stats(self._stats, y)
         return {"k_total": k_total}, b""
 
     def _op_read_stats(self, f, data):
         self._check_flags(f["flags"], P.StatsFlag, 0)
-        count, nonfin, lo, hi = self._stats
+        which = "_qstats" if f["flags"] & P.StatsFlag.QUANTIZE_INPUT else "_stats"
+        count, nonfin, lo, hi = getattr(self, which)
         lo, hi = (_key_f32(lo), _key_f32(hi)) if count else (0.0, 0.0)
         out = {"count": count, "n_nonfinite": nonfin, "min": lo, "max": hi}
         if f["flags"] & P.StatsFlag.CLEAR:
-            self._stats = _empty_stats()
+            setattr(self, which, _empty_stats())
         return out, b""
 
     def _op_reset(self, f, data):
@@ -393,3 +397,18 @@ def _key_f32(key: int) -> float:
 def _empty_stats() -> list:
     """count, non-finite count, min key, max key (no element yet)."""
     return [0, 0, 1 << 31, -(1 << 31) - 1]
+
+
+def _fold_stats(st: list, y: np.ndarray) -> None:
+    """Fold the binary32 elements ``y`` into ``st`` as the device's RangeTracker does:
+    finite elements (subnormals and signed zeros as they are, by their bit patterns)
+    counted and ranged, NaN/Inf only counted; counters saturate at 32 bits."""
+    bits = np.ascontiguousarray(y, dtype=np.float32).reshape(-1).view(np.uint32)
+    fin = (bits & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    n_fin = int(fin.sum())
+    st[0] = min(st[0] + n_fin, 0xFFFFFFFF)
+    st[1] = min(st[1] + int(bits.size - n_fin), 0xFFFFFFFF)
+    if n_fin:
+        keys = _f32_keys(bits[fin].view(np.float32))
+        st[2] = min(st[2], int(keys.min()))
+        st[3] = max(st[3], int(keys.max()))

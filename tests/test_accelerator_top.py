@@ -59,7 +59,7 @@ def test_write_read_and_errors_identical(pair):
         _req(P.Op.READ, 10, buffer=B["out"].id, offset=CFG.output_depth, count=1),
         P.encode_frame(11, 0x42, b"abc"),                                    # unknown op
         P.encode_frame(12, P.Op.READ, b"\0\0"),                              # bad length
-        _req(P.Op.READ_STATS, 13, flags=2),
+        _req(P.Op.READ_STATS, 13, flags=4),
         _req(P.Op.INFO, 14, offset=1 << 20),
         _req(P.Op.READ, 15, buffer=B["op1.exp"].id, offset=0, count=64),
     ]
@@ -351,7 +351,7 @@ def _edge_images() -> list[np.ndarray]:
 
 def _quantize_req(seq, **kw):
     f = dict(slot=0, dst=0, flags=int(P.QuantizeFlag.RETURN), rows=8, cols=8, src_offset=0,
-             rounding=0, seed=0)
+             rounding=0, seed=0, exp_code=0)
     f.update(kw)
     return _req(P.Op.QUANTIZE, seq, **f)
 
@@ -401,7 +401,7 @@ def test_quantize_random_tensors_identical(pair, rng):
 
 def test_quantize_error_frames_and_replay_identical(pair):
     D = CFG.input_depth
-    cases = [dict(slot=1), dict(rounding=4), dict(dst=3), dict(flags=2), dict(rows=0),
+    cases = [dict(slot=1), dict(rounding=4), dict(dst=3), dict(flags=4), dict(rows=0),
              dict(cols=0), dict(rows=40, cols=40),           # 25 blocks > operand depth
              dict(rows=16, cols=16, src_offset=1),           # past the end of fp_in
              dict(rows=1, cols=1, src_offset=D),

@@ -86,6 +86,104 @@ def test_quantize_bit_exact(url, rng, shape, fmt):
     assert q.equal(quantize(x, fmt))
 
 
+def _static_exp_input(rng, shape):
+    """Normal values spread over ~2**-23 .. 2**22 per row, some zeros."""
+    x = _rand(rng, shape)
+    if x.size > 1:
+        x.flat[rng.integers(0, x.size, x.size // 7)] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (19, 32), (37, 53), (100, 90)])
+@pytest.mark.parametrize("fmt", [HBFP8, HBFP4, MXINT8.replace(rounding="stochastic", seed=3)])
+def test_quantize_static_exponent_bit_exact(url, rng, shape, fmt):
+    """Device.quantize(exponent=E) == quantize(x, fmt, exponent=E), one E for every
+    tile: E far below the data (most elements saturate), inside it, far above it
+    (most round to 0) and the range ends; a tensor with NaN blocks flagged."""
+    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
+    if shape[0] * shape[1] > 700:
+        _emulate_only(url, "small shapes only (larger ones: several QUANTIZE tiles)")
+    x = _static_exp_input(rng, shape)
+    if fmt.rounding == "stochastic" and x.size > SMALL.input_depth:
+        return  # one random stream per QUANTIZE: covered by test_quantize_bit_exact
+    amax = int(np.floor(np.log2(np.abs(x).max())))
+    exps = sorted({fmt.emin, fmt.emax, amax, amax - 9, amax + 5,
+                   int(rng.integers(fmt.emin, fmt.emax + 1))})
+    if url == "sim://":
+        exps = exps[1:4]
+    with _open(url) as dev:
+        for e in exps:
+            q = dev.quantize(x, fmt, exponent=e)
+            ref = quantize(x, fmt, exponent=e)
+            assert q.equal(ref), f"exponent={e}"
+            assert np.all(q.exponents == e)
+        xn = x.copy()
+        xn.flat[rng.integers(0, x.size)] = np.nan
+        ref = quantize(xn, fmt, nonfinite="flag", exponent=amax)
+        assert dev.quantize(xn, fmt, exponent=amax, nonfinite="flag").equal(ref)
+        assert ref.invalid.any() and np.all(ref.exponents[~ref.invalid] == amax)
+        with pytest.raises(NonFiniteBlockError):
+            dev.quantize(xn, fmt, exponent=amax)
+
+
+def test_quantize_static_exponent_argument_errors(url, rng):
+    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
+    with _open(url) as dev:
+        x = _rand(rng, (4, 4))
+        for bad in (HBFP8.emin - 1, HBFP8.emax + 1, 1.5, True, "3"):
+            with pytest.raises(ValueError, match=r"exponent=.* out of range; accepted range "
+                                                 rf"is \[{HBFP8.emin}, {HBFP8.emax}\]"):
+                dev.quantize(x, HBFP8, exponent=bad)
+        q = dev.quantize(x, HBFP8, exponent=np.int64(-3))   # numpy integers accepted
+        assert q.equal(quantize(x, HBFP8, exponent=-3))
+
+
+def test_read_stats_quantize_input(url, rng):
+    """source="quantize": the FP32 elements of every QUANTIZE (tensor elements only,
+    not the block padding), as ordered by their binary32 keys (-0.0 < +0.0, subnormals
+    as they are); clear empties only that record; RESET both."""
+    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
+    shape = (9, 13) if url == "sim://" else (37, 53)   # partial blocks: padding
+    x = _rand(rng, shape)
+    x[0, 0], x[1, 1], x[2, 2] = -0.0, 0.0, np.float32(-1e-40)
+    x[3, 3] = np.nan
+    x2 = -np.abs(_rand(rng, shape)) * np.float32(1e3)
+    x2[0, 0] = np.inf
+    with _open(url) as dev:
+        dev.reset()
+        dev.quantize(x, nonfinite="flag")
+        dev.quantize(x2, nonfinite="flag", exponent=5)
+        st = dev.read_stats(source="quantize")
+        both = np.concatenate([x.ravel(), x2.ravel()])
+        fin = both[np.isfinite(both)]
+        assert st["count"] == fin.size and st["n_nonfinite"] == 2
+        assert st["min"] == fin.min() and st["max"] == fin.max()
+        assert dev.read_stats(source="quantize", clear=True) == st
+        assert dev.read_stats(source="quantize")["count"] == 0
+        # only -0.0 and a negative subnormal: min is the subnormal, max is -0.0
+        z = np.full((2, 3), -0.0, np.float32)
+        z[1, 2] = np.float32(-1e-40)
+        dev.quantize(z)
+        st = dev.read_stats(source="quantize")
+        assert (st["count"], st["n_nonfinite"]) == (6, 0)
+        assert np.float32(st["min"]) == np.float32(-1e-40)
+        assert np.signbit(st["max"]) and st["max"] == 0.0
+        # the GEMM record is separate: a matmul leaves the quantize record alone ...
+        g0 = dev.read_stats()
+        assert g0["count"] == 0
+        dev.matmul(_rand(rng, (4, 4)), _rand(rng, (4, 4)), quantize_on="host")
+        assert dev.read_stats(source="quantize") == st
+        assert dev.read_stats(clear=True)["count"] == 16
+        assert dev.read_stats(source="quantize")["count"] == 6
+        dev.reset()
+        assert dev.read_stats(source="quantize")["count"] == 0
+        assert dev.read_stats(source="gemm")["count"] == 0
+        for bad in ("GEMM", "quant", None, 1):
+            with pytest.raises(ValueError, match=r"source=.*accepted values are 'gemm', "
+                                                 r"'quantize'"):
+                dev.read_stats(source=bad)
+
+
 def test_matmul_random_shapes_incl_larger_than_buffers(url, rng):
     shapes = [(1, 1, 1), (16, 16, 16)]
     if url == "sim://":   # one output tile; then two output tiles, K over two blocks

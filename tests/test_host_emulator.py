@@ -79,7 +79,7 @@ def test_error_frames():
     (r,) = _ask(emu, 5, P.Op.GEMM, g)
     assert _err(r)[0] == P.ErrorCode.BAD_ARGUMENT     # unknown flag bit
     q = P.REQUESTS[P.Op.QUANTIZE].pack(slot=0, dst=0, flags=0, rows=16, cols=16,
-                                       src_offset=0, rounding=0, seed=0)
+                                       src_offset=0, rounding=0, seed=0, exp_code=0)
     (r,) = _ask(emu, 6, P.Op.QUANTIZE, q)
     assert _err(r)[0] == P.ErrorCode.OUT_OF_RANGE     # 256 FP32 inputs > fp_in depth 128
 
@@ -188,3 +188,43 @@ def test_stats_order_is_the_range_trackers_key():
     assert lo == float(y.min()) and np.signbit(lo) == (float(y.min()) < 0)
     pair = _f32_keys(np.array([0.0, -0.0], np.float32))
     assert np.signbit(_key_f32(int(pair.min()))) and not np.signbit(_key_f32(int(pair.max())))
+
+
+def test_quantize_static_exp_field():
+    """STATIC_EXP: exp_code is the slot format's biased code; codes outside
+    [emin + bias, emax + bias] are BAD_ARGUMENT 8 (after the flags check, before the
+    shape); without the flag the field is ignored; the stored BFP is the golden
+    model's with exponent=E."""
+    from hbfp_hw.quantize import quantize
+    emu = Emulator(SMALL)
+    fmt = SMALL.formats[1]                               # MXINT8: codes 0..254 valid
+    x = np.linspace(-300, 300, 64, dtype=np.float32).reshape(2, 32)
+    _ask(emu, 1, P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(x.tobytes(), buffer=_id("fp_in"),
+                                                         offset=0))
+    Q = P.QuantizeFlag
+
+    def q(seq, flags, code, **kw):
+        f = dict(slot=1, dst=0, flags=int(flags), rows=2, cols=32, src_offset=0,
+                 rounding=0, seed=0, exp_code=code)
+        f.update(kw)
+        (r,) = _ask(emu, seq, P.Op.QUANTIZE, P.REQUESTS[P.Op.QUANTIZE].pack(**f))
+        return r
+
+    assert fmt.emin + fmt.exp_bias == 0 and fmt.emax + fmt.exp_bias == 254
+    for seq, code in ((2, 255), (3, 1000), (4, 0xFFFF)):
+        assert _err(q(seq, Q.STATIC_EXP, code)) == (P.ErrorCode.BAD_ARGUMENT, 8)
+    assert _err(q(5, Q.STATIC_EXP | 0x04, 255)) == (P.ErrorCode.BAD_ARGUMENT, 2)  # flags 1st
+    assert _err(q(6, Q.STATIC_EXP, 255, rows=0)) == (P.ErrorCode.BAD_ARGUMENT, 8)
+    assert _err(q(7, Q.STATIC_EXP, 3, rows=0)) == (P.ErrorCode.BAD_ARGUMENT, 0)
+    for seq, code in ((8, 0), (9, 127 + 5), (10, 254), (11, 127 + 8)):
+        r = q(seq, Q.STATIC_EXP | Q.RETURN, code)
+        assert r.opcode == P.Op.QUANTIZE | P.RESPONSE_FLAG
+        ref = quantize(x, fmt, exponent=code - fmt.exp_bias)
+        codes, man = ref.stream()
+        _, data = P.RESPONSES[P.Op.QUANTIZE].unpack(r.payload)
+        assert data == codes.astype(np.uint8).tobytes() + man.astype(np.int8).tobytes()
+    # flag clear: exp_code ignored (any value), block maxima as before
+    r = q(12, Q.RETURN, 0xFFFF)
+    codes, man = quantize(x, fmt).stream()
+    assert P.RESPONSES[P.Op.QUANTIZE].unpack(r.payload)[1] == (
+        codes.astype(np.uint8).tobytes() + man.astype(np.int8).tobytes())
