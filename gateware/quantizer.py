@@ -248,6 +248,14 @@ class Quantizer(wiring.Component):
         Only when stochastic rounding is built: while ``reseed`` is high the per-lane
         generators restart from ``seed`` (a new stream); assert it only while idle.
         After reset they hold the sequence of ``format.seed``.
+    static_en, static_code : In(1), In(exp_bits)
+        Only when ``config.static_exponent``: while ``static_en`` is high every valid
+        block gets the shared exponent ``E = static_code - exp_bias`` (a biased code in
+        ``[emin + bias, emax + bias]``; the caller checks the range) instead of its
+        block maximum: elements at or above ``2**(E+1)`` saturate, an all-zero block
+        gets ``E``, a block holding NaN/Inf is still flagged invalid. Sampled with
+        ``rounding`` (per beat as it leaves the block buffer); change them only while
+        the unit is idle.
     """
 
     def __init__(self, config: QuantizerConfig, *, tree_levels_per_stage: int = 1):
@@ -270,6 +278,9 @@ class Quantizer(wiring.Component):
         if cfg.has_stochastic:
             members["seed"] = In(32, init=cfg.format.seed)
             members["reseed"] = In(1)
+        if cfg.static_exponent:
+            members["static_en"] = In(1)
+            members["static_code"] = In(cfg.exp_bits, init=cfg.format.exp_bias)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -343,6 +354,12 @@ class Quantizer(wiring.Component):
         e = Signal(signed(12))
         m.d.comb += e.eq(Mux((f == 0) | (e_raw < fmt.emin), fmt.emin,
                              Mux(e_raw > fmt.emax, fmt.emax, e_raw)))
+        if cfg.static_exponent:
+            # static shared exponent: replaces the block's E; ``inv`` still comes from
+            # the block's real maximum field, so NaN/Inf blocks stay flagged
+            e_dyn = e
+            e = Signal(signed(12), name="e_sel")
+            m.d.comb += e.eq(Mux(self.static_en, self.static_code - fmt.exp_bias, e_dyn))
         inv = f == FP32_EXP_SPECIAL
 
         ctrl = data.StructLayout({"valid": 1, "first": 1, "last": 1, "inv": 1,

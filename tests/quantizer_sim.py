@@ -16,18 +16,25 @@ from hbfp_hw.gateware.quantizer import Quantizer
 
 
 def golden_stream(cfg: QuantizerConfig, bits: np.ndarray, *, rounding: str | None = None,
-                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes[nb], mantissas[nb, block])`` of the golden model for raw FP32 ``bits``."""
+                  seed: int | None = None, exponent: int | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes[nb], mantissas[nb, block])`` of the golden model for raw FP32 ``bits``
+    (``exponent``: the static shared exponent, golden ``quantize(..., exponent=E)``)."""
     fmt = cfg.golden_format(rounding=rounding, seed=seed if cfg.has_stochastic else None)
     x = np.ascontiguousarray(bits, dtype=np.uint32).view(np.float32).reshape(-1)
-    t = golden_quantize(x, fmt, nonfinite="flag")
+    t = golden_quantize(x, fmt, nonfinite="flag", exponent=exponent)
     return t.stream()
 
 
 def simulate(cfg: QuantizerConfig, bits: np.ndarray, *, rng: np.random.Generator,
              rounding: str | None = None, seed: int | None = None, p_valid: float = 1.0,
-             p_ready: float = 1.0, max_cycles: int | None = None, quantizer=None):
+             p_ready: float = 1.0, max_cycles: int | None = None, quantizer=None,
+             static_code: int | None = None):
     """Run the unit on ``bits`` (``(nblocks, block)`` uint32); return beats and cycles.
+
+    ``static_code``: drive ``static_en`` high with this biased exponent code (the unit
+    must be built with ``static_exponent``); ``None`` drives ``static_en`` low if the
+    port exists.
 
     Returns ``(codes, invalid, mantissas, first, last, cycles)`` with one entry per output
     beat (mantissas ``(nbeats, lanes)``) and the cycle count from first to last beat.
@@ -49,6 +56,9 @@ def simulate(cfg: QuantizerConfig, bits: np.ndarray, *, rng: np.random.Generator
             ctx.set(dut.reseed, 1)
             await ctx.tick()
             ctx.set(dut.reseed, 0)
+        if cfg.static_exponent:
+            ctx.set(dut.static_en, int(static_code is not None))
+            ctx.set(dut.static_code, 0 if static_code is None else static_code)
         for word in packed:
             while rng.random() >= p_valid:
                 ctx.set(dut.i.valid, 0)
@@ -100,12 +110,12 @@ def simulate(cfg: QuantizerConfig, bits: np.ndarray, *, rng: np.random.Generator
 
 def check_against_golden(cfg: QuantizerConfig, bits: np.ndarray, result, *,
                          rounding: str | None = None, seed: int | None = None,
-                         names: list[str] | None = None) -> None:
+                         names: list[str] | None = None, exponent: int | None = None) -> None:
     """Assert the simulated beats equal the golden model's blocks bit for bit."""
     codes, inv, mans, first, last, _ = result
     bpb = cfg.beats_per_block
     nb = len(bits)
-    gcodes, gman = golden_stream(cfg, bits, rounding=rounding, seed=seed)
+    gcodes, gman = golden_stream(cfg, bits, rounding=rounding, seed=seed, exponent=exponent)
     assert first.tolist() == [i % bpb == 0 for i in range(nb * bpb)]
     assert last.tolist() == [i % bpb == bpb - 1 for i in range(nb * bpb)]
     hcodes = codes.reshape(nb, bpb)
@@ -118,7 +128,8 @@ def check_against_golden(cfg: QuantizerConfig, bits: np.ndarray, result, *,
                 or not np.array_equal(hman[b], gman[b])):
             label = f" ({names[b]})" if names else ""
             raise AssertionError(
-                f"block {b}{label} mismatch (rounding={rounding or cfg.format.rounding}):\n"
+                f"block {b}{label} mismatch (rounding={rounding or cfg.format.rounding}, "
+                f"exponent={exponent}):\n"
                 f"  input  = {[hex(int(v)) for v in bits[b]]}\n"
                 f"  golden: code={gcodes[b]} invalid={exp_inv} man={gman[b].tolist()}\n"
                 f"  gateware: code={hcodes[b, 0]} invalid={hinv[b]} man={hman[b].tolist()}")

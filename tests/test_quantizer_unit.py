@@ -196,6 +196,80 @@ def test_unit_backpressure_extremes(rng):
         check_against_golden(cfg, bits, res, seed=3)
 
 
+def _blocks_near(E: int, n: int, block: int, fmt: BFPFormat, rng) -> np.ndarray:
+    """Blocks of values around a static exponent ``E``: exact multiples of half a
+    mantissa step at ``E`` (ties of every parity, values that round into and past the
+    mantissa range) and random values within 2**(E-12) .. 2**(E+3) (saturation above
+    2**(E+1)), with zeros; exponent fields clipped to the normal range."""
+    sign = rng.integers(0, 2, (n, block)).astype(np.uint32) << 31
+    k = rng.integers(0, 4 * fmt.mmax + 8, (n, block)).astype(np.float64)
+    step = np.ldexp(1.0, max(min(E - fmt.frac_bits - 1, 127), -149))
+    with np.errstate(over="ignore"):
+        ties = f32_bits((k * step).astype(np.float32)) & np.uint32(0x7FFFFFFF)
+    field = np.clip(E + 127 - rng.integers(-3, 13, (n, block)), 1, 254)
+    rnd = (field.astype(np.uint32) << 23) | rng.integers(0, 1 << 23, (n, block),
+                                                         dtype=np.uint32)
+    out = np.where(rng.random((n, block)) < 0.5, ties, rnd) | sign
+    out[rng.random((n, block)) < 0.1] = 0
+    return out.astype(np.uint32)
+
+
+STATIC_CONFIGS = [
+    (8, 32, 8, "nearest_even", True, 8),
+    (4, 8, 4, "stochastic", False, 8),
+    (5, 12, 3, "toward_zero", False, 6),
+    (6, 4, 2, "nearest_away", False, 10),
+]
+
+
+@pytest.mark.parametrize("mb,blk,ln,rnd,rt,eb", STATIC_CONFIGS)
+def test_unit_static_exponent_matches_golden(mb, blk, ln, rnd, rt, eb, rng):
+    """static_en: every block gets E = static_code - bias, as golden
+    quantize(..., exponent=E): E at both range ends, random E, E at the data; edge
+    blocks (zeros, subnormals, NaN/Inf flagged, FLT_MAX), random blocks over the whole
+    FP32 range and blocks around E (ties, saturation); random valid/ready stalls; then
+    static_en low on the same unit gives the block maxima again."""
+    cfg = QuantizerConfig(format=BFPFormat(man_bits=mb, block_shape=(blk,), rounding=rnd,
+                                           exp_bits=eb),
+                          lanes=ln, runtime_rounding=rt, static_exponent=True)
+    fmt = cfg.format
+    dut = Quantizer(cfg)
+    edge, enames = edge_blocks(fmt, blk, rng)
+    modes = cfg.rounding_modes
+    for i, E in enumerate([fmt.emin, fmt.emax, int(rng.integers(fmt.emin, fmt.emax + 1)),
+                           int(rng.integers(-30, 30)), 0]):
+        mode = modes[i % len(modes)]
+        bits = np.concatenate([edge, random_blocks(20, blk, rng),
+                               _blocks_near(E, 20, blk, fmt, rng)])
+        names = enames + ["random"] * 20 + [f"near E={E}"] * 20
+        seed = int(rng.integers(0, 2**32))
+        res = simulate(cfg, bits, rng=rng, rounding=mode, seed=seed, p_valid=0.7,
+                       p_ready=0.6, quantizer=dut, static_code=E + fmt.exp_bias)
+        check_against_golden(cfg, bits, res, rounding=mode, seed=seed, names=names,
+                             exponent=E)
+        codes = res[0].reshape(len(bits), -1)[:, 0]
+        inv = res[1].reshape(len(bits), -1)[:, 0]
+        assert (codes[~inv] == E + fmt.exp_bias).all() and inv.any()
+    bits = np.concatenate([edge, random_blocks(20, blk, rng)])
+    res = simulate(cfg, bits, rng=rng, seed=5, p_valid=0.8, p_ready=0.8, quantizer=dut)
+    check_against_golden(cfg, bits, res, seed=5, names=enames + ["random"] * 20)
+
+
+def test_static_exponent_ports_only_when_configured():
+    cfg = QuantizerConfig(format=BFPFormat(block_shape=(8,)), lanes=2)
+    assert "static_en" not in Quantizer(cfg).signature.members  # default: no new ports
+    assert "static_exponent" not in cfg.to_dict()
+    on = QuantizerConfig(format=BFPFormat(block_shape=(8,)), lanes=2, static_exponent=True)
+    from amaranth.hdl import Shape
+    mem = Quantizer(on).signature.members
+    assert Shape.cast(mem["static_en"].shape).width == 1
+    assert Shape.cast(mem["static_code"].shape).width == on.exp_bits
+    assert QuantizerConfig.from_dict(on.to_dict()) == on
+    assert QuantizerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="static_exponent must be True or False"):
+        QuantizerConfig(format=BFPFormat(block_shape=(8,)), static_exponent=1)
+
+
 def test_golden_stream_helper_is_independent():
     # sanity of the comparison path: the golden helper gives MXINT8 values by hand
     cfg = QuantizerConfig(format=BFPFormat(block_shape=(4,)), lanes=4)

@@ -34,11 +34,18 @@ class QuantizerConfig:
         If true the unit has a ``rounding`` input port (value = index in
         :data:`hbfp_hw.formats.ROUNDING_MODES`) and implements every mode; otherwise
         only ``format.rounding`` is built.
+    static_exponent : bool
+        If true the unit has ``static_en`` / ``static_code`` input ports: while
+        ``static_en`` is high every valid block takes the shared exponent
+        ``static_code - exp_bias`` instead of its block maximum (golden
+        ``quantize(..., exponent=E)``). Off by default (the standalone unit and its
+        Verilog are unchanged).
     """
 
     format: BFPFormat
     lanes: int = 1
     runtime_rounding: bool = False
+    static_exponent: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, BFPFormat):
@@ -59,6 +66,9 @@ class QuantizerConfig:
         if not isinstance(self.runtime_rounding, bool):
             raise ValueError(
                 f"runtime_rounding must be True or False, got {self.runtime_rounding!r}")
+        if not isinstance(self.static_exponent, bool):
+            raise ValueError(
+                f"static_exponent must be True or False, got {self.static_exponent!r}")
 
     # -- derived constants -----------------------------------------------------------
     @property
@@ -103,12 +113,16 @@ class QuantizerConfig:
             sr_lanes=self.lanes, seed=self.format.seed if seed is None else seed)
 
     def to_dict(self) -> dict:
-        return {"format": self.format.to_dict(), "lanes": self.lanes,
-                "runtime_rounding": self.runtime_rounding,
-                "block_size": self.block_size, "beats_per_block": self.beats_per_block,
-                "rounding_modes": list(self.rounding_modes)}
+        d = {"format": self.format.to_dict(), "lanes": self.lanes,
+             "runtime_rounding": self.runtime_rounding,
+             "block_size": self.block_size, "beats_per_block": self.beats_per_block,
+             "rounding_modes": list(self.rounding_modes)}
+        if self.static_exponent:   # only when built: default manifests are unchanged
+            d["static_exponent"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizerConfig":
         return cls(format=BFPFormat.from_dict(d["format"]), lanes=int(d["lanes"]),
-                   runtime_rounding=bool(d["runtime_rounding"]))
+                   runtime_rounding=bool(d["runtime_rounding"]),
+                   static_exponent=bool(d.get("static_exponent", False)))
