@@ -167,6 +167,11 @@ def _cmul(x, c: int):
     return out
 
 
+def _in_range(x, lo: int, hi: int):
+    """``lo <= x <= hi`` for an unsigned ``x`` (no constant-true compare for lo = 0)."""
+    return (x <= hi) if lo <= 0 else ((x >= lo) & (x <= hi))
+
+
 def _crc_next(m: Module, crc: Signal, byte) -> Signal:
     out = Signal(32)
     for j, (sm, bm) in enumerate(crc32_byte_matrix()):
@@ -222,7 +227,8 @@ class Accelerator(wiring.Component):
         for f in cfg.formats:
             lanes, _ = quant_lanes(f)
             self.quant.append(QuantizerConfig(format=f, lanes=lanes,
-                                              runtime_rounding=self.runtime_rounding))
+                                              runtime_rounding=self.runtime_rounding,
+                                              static_exponent=True))
         if idle_cycles is None:
             idle_cycles = P.IDLE_TIMEOUT_BYTES * 10 * cfg.clock_hz // cfg.baud_rate
         self.idle_cycles = idle_cycles
@@ -385,11 +391,17 @@ class Accelerator(wiring.Component):
                         nfix=P.ERROR_LAYOUT.header_size)
 
         # ---- statistics ---------------------------------------------------------------
-        # the range tracker watches the stored GEMM outputs (drain -> out buffer)
+        # one range tracker watches the stored GEMM outputs (drain -> out buffer), the
+        # other the FP32 tensor elements QUANTIZE reads from fp_in (READ_STATS flag
+        # QUANTIZE_INPUT); RESET clears both
         m.submodules.stats = stats = RangeTracker(width=32, lanes=1, fp32=True,
                                                   count_bits=32)
+        m.submodules.qstats = qstats = RangeTracker(width=32, lanes=1, fp32=True,
+                                                    count_bits=32)
         st_clear = Signal()
-        m.d.comb += [stats.clear.eq(st_clear), stats.o.ready.eq(1)]
+        qst_clear = Signal()
+        m.d.comb += [stats.clear.eq(st_clear), stats.o.ready.eq(1),
+                     qstats.clear.eq(qst_clear), qstats.o.ready.eq(1)]
 
         # ---- MAC array ----------------------------------------------------------------
         m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
@@ -698,6 +710,9 @@ class Accelerator(wiring.Component):
         q_rnd = Signal(2)
         q_seed = Signal(32)
         q_rok = Signal()          # the rounding mode is built for the slot
+        q_sen = Signal()          # STATIC_EXP: static shared exponent code q_scode
+        q_scode = Signal(16)
+        q_cok = Signal()          # q_scode lies in the slot format's code range
         q_bh = Signal(16)         # block rows / cols / size of the slot's format
         q_bw = Signal(16)
         q_bsz = Signal(32)
@@ -722,6 +737,9 @@ class Accelerator(wiring.Component):
                      f_data.eq(Mux(pad, 0, rps[fp_id].data)),
                      f_cap.eq(f_valid & f_ready),
                      n_r0.eq(q_r0), n_c0.eq(q_c0), n_r.eq(q_r), n_c.eq(q_c)]
+        # the quantize-input tracker sees every tensor element taken from fp_in (not
+        # the padding), registered like the GEMM tracker's input
+        m.d.sync += [qstats.i.valid.eq(f_cap & ~pad), qstats.i.payload[0].eq(rps[fp_id].data)]
         m.d.sync += [q_r0.eq(n_r0), q_c0.eq(n_c0), q_r.eq(n_r), q_c.eq(n_c)]
         # fp_in address src_offset + (r0 + r) * cols + c0 + c, kept incrementally (no
         # multiply on the read-address path): q_a of the element (r0 + r, c0 + c), q_ln of
@@ -879,15 +897,21 @@ class Accelerator(wiring.Component):
                                     count=n, wire_bytes=b_wb)
                     with m.Case(P.Op.READ_STATS):
                         fl = fld(P.Op.READ_STATS, "flags")
-                        with m.If((fl & (0xFF & ~int(P.StatsFlag.CLEAR))) != 0):
+                        s_all = 0
+                        for sf in P.StatsFlag:
+                            s_all |= int(sf)
+                        s_q = (fl & int(P.StatsFlag.QUANTIZE_INPUT)).any()
+                        s_clr = (fl & int(P.StatsFlag.CLEAR)).any()
+                        with m.If((fl & (0xFF & ~s_all)) != 0):
                             error(P.ErrorCode.BAD_ARGUMENT, 0)
                         with m.Else():
                             respond(P.Op.READ_STATS | P.RESPONSE_FLAG,
-                                    fix=Cat(stats.count, stats.n_nonfinite, stats.min,
-                                            stats.max),
+                                    fix=Mux(s_q, Cat(qstats.count, qstats.n_nonfinite,
+                                                     qstats.min, qstats.max),
+                                            Cat(stats.count, stats.n_nonfinite, stats.min,
+                                                stats.max)),
                                     nfix=P.RESPONSES[P.Op.READ_STATS].header_size)
-                            with m.If(fl & int(P.StatsFlag.CLEAR)):
-                                m.d.comb += st_clear.eq(1)
+                            m.d.comb += [st_clear.eq(s_clr & ~s_q), qst_clear.eq(s_clr & s_q)]
                     with m.Case(P.Op.RESET):
                         m.d.sync += clr.eq(0)
                         m.next = "CLEAR"
@@ -924,7 +948,7 @@ class Accelerator(wiring.Component):
                 m.d.comb += clearing.eq(1)
                 m.d.sync += clr.eq(clr + 1)
                 with m.If(clr == max_depth - 1):
-                    m.d.comb += st_clear.eq(1)
+                    m.d.comb += [st_clear.eq(1), qst_clear.eq(1)]
                     m.d.sync += [acc_valid.eq(0), k_tot.eq(0)]
                     respond(P.Op.RESET | P.RESPONSE_FLAG)
             # -- GEMM -------------------------------------------------------------------
@@ -1099,9 +1123,13 @@ class Accelerator(wiring.Component):
                                          q_gr.eq(cdiv(q_rows, bh)), q_gc.eq(cdiv(q_cols, bw)),
                                          q_bhc.eq(_cmul(q_cols, bh)),
                                          q_rok.eq(Cat(*[rnd == r for r in q_ok[k]]).any()
-                                                  if q_ok[k] else 0)]
+                                                  if q_ok[k] else 0),
+                                         q_cok.eq(_in_range(QF("exp_code"),
+                                                            f.emin + f.exp_bias,
+                                                            f.emax + f.exp_bias))]
                 m.d.sync += [q_slot.eq(QF("slot")), q_rnd.eq(rnd[:2]), q_seed.eq(QF("seed")),
-                             q_dst.eq(QF("dst"))]
+                             q_dst.eq(QF("dst")), q_scode.eq(QF("exp_code")),
+                             q_sen.eq((QF("flags") & int(P.QuantizeFlag.STATIC_EXP)).any())]
                 m.next = "Q_SIZE1"
             # sizes for the checks, one registered step each (no wide multiply in the
             # check path): blocks and the tensor's element count, then the elements
@@ -1125,6 +1153,10 @@ class Accelerator(wiring.Component):
                 m.d.sync += ret_bytes.eq(_cmul(n, man_spec.wire_bytes)
                                          + _cmul(nb, exp_spec.wire_bytes))
                 m.next = "Q_CHECK2"
+            q_flags_all = 0
+            for qf in P.QuantizeFlag:
+                q_flags_all |= int(qf)
+            q_exp_field = [f.name for f in P.REQUESTS[P.Op.QUANTIZE].fields].index("exp_code")
             with m.State("Q_CHECK2"):   # the emulator's checks, in its order
                 src = QF("src_offset")
                 with m.If(QF("slot") >= len(cfg.formats)):
@@ -1133,8 +1165,10 @@ class Accelerator(wiring.Component):
                     error(P.ErrorCode.BAD_ARGUMENT, 7)
                 with m.Elif(QF("dst") >= cfg.operand_buffers):
                     error(P.ErrorCode.BAD_BUFFER, QF("dst"))
-                with m.Elif((QF("flags") & (0xFF & ~int(P.QuantizeFlag.RETURN))) != 0):
+                with m.Elif((QF("flags") & (0xFF & ~q_flags_all)) != 0):
                     error(P.ErrorCode.BAD_ARGUMENT, 2)
+                with m.Elif(q_sen & ~q_cok):
+                    error(P.ErrorCode.BAD_ARGUMENT, q_exp_field)
                 with m.Elif((q_rows == 0) | (q_cols == 0)):
                     error(P.ErrorCode.BAD_ARGUMENT, 0)
                 with m.Elif(n > cfg.operand_depth):
@@ -1210,6 +1244,9 @@ class Accelerator(wiring.Component):
                 m.d.comb += qz.rounding.eq(q_rnd)
             if qcfg.has_stochastic:
                 m.d.comb += [qz.seed.eq(q_seed), qz.reseed.eq(q_init & sel)]
+            if qcfg.static_exponent:
+                m.d.comb += [qz.static_en.eq(q_sen),
+                             qz.static_code.eq(q_scode[:qcfg.exp_bits])]
             po = qz.o.payload
             lane_last = (ol == L - 1) if L > 1 else Const(1)
             m.d.comb += qz.o.ready.eq(lane_last)

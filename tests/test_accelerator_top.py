@@ -425,6 +425,141 @@ def test_quantize_error_frames_and_replay_identical(pair):
     assert first[0] == first[1] and _both(pair, fr) == first
 
 
+def test_quantize_static_exp_identical(pair, rng):
+    """STATIC_EXP on the edge-value tensors (zero / subnormal / NaN / Inf / tie /
+    saturating / FLT_MAX blocks) and partial blocks, every rounding mode, E at both ends
+    of the range, far below and above the data and random: responses and stored BFP
+    byte-identical to the emulator, which is golden quantize(..., exponent=E); codes out
+    of the slot range (BAD_ARGUMENT 8), after the flags check, before the shape check;
+    exp_code ignored without the flag."""
+    Q, E = P.QuantizeFlag, P.ErrorCode
+    seq = 150
+    bias = FMT.exp_bias
+    for img_i, img in enumerate(_edge_images()):
+        _both(pair, _req(P.Op.WRITE, seq, img.tobytes(), buffer=B["fp_in"].id, offset=0))
+        codes = [FMT.emin + bias, FMT.emax + bias, bias - 30, bias + 2, bias + 40,
+                 int(rng.integers(0, 2 * bias + 1))]
+        for k, code in enumerate(codes):
+            rnd = (k + img_i) % 4
+            ret = k % 2 == 0
+            rows, cols, src = ((13, 11, 37), (16, 16, 0))[k % 2]
+            seq = (seq + 1) & 0xFF
+            fr = _quantize_req(seq, rows=rows, cols=cols, src_offset=src,
+                               flags=int(Q.STATIC_EXP | (Q.RETURN if ret else 0)),
+                               rounding=rnd, seed=7 * seq, dst=k % 3, exp_code=code)
+            e, s = _both(pair, fr)
+            assert s == e, f"code {code}: sim {s.hex()} != emulator {e.hex()}"
+            assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+            if not ret:
+                _read_all(pair, seq, k % 3, 256, 4)
+            # the answer is golden quantize(..., exponent=E) of the tensor
+            x = np.frombuffer(img.tobytes(), np.float32)[src: src + rows * cols]
+            q = quantize(x.reshape(rows, cols), FMT.replace(
+                rounding=("nearest_even", "nearest_away", "toward_zero",
+                          "stochastic")[rnd], seed=7 * seq),
+                nonfinite="flag", exponent=code - bias)
+            n_inv = struct.unpack_from("<I", e, P.HEADER_BYTES)[0]
+            assert n_inv == q.invalid.sum() and (img_i == 0 or n_inv == 2 or rows == 13)
+            if ret:
+                gc, gm = q.stream()
+                body = e[P.HEADER_BYTES + 8: -P.CRC_BYTES]
+                assert body == gc.astype(np.uint8).tobytes() + gm.astype(np.int8).tobytes()
+    cases = [(dict(flags=int(Q.STATIC_EXP), exp_code=2 * bias + 1), (E.BAD_ARGUMENT, 8)),
+             (dict(flags=int(Q.STATIC_EXP), exp_code=0xFFFF), (E.BAD_ARGUMENT, 8)),
+             (dict(flags=int(Q.STATIC_EXP), exp_code=300, rows=0), (E.BAD_ARGUMENT, 8)),
+             (dict(flags=int(Q.STATIC_EXP) | 4, exp_code=300), (E.BAD_ARGUMENT, 2)),
+             (dict(flags=int(Q.STATIC_EXP), exp_code=300, dst=5), (E.BAD_BUFFER, 5)),
+             (dict(flags=int(Q.STATIC_EXP), exp_code=3, rows=0), (E.BAD_ARGUMENT, 0)),
+             (dict(flags=int(Q.RETURN), exp_code=0xFFFF), None),     # ignored: no flag
+             (dict(flags=int(Q.RETURN | Q.STATIC_EXP), exp_code=2 * bias), None)]
+    for kw, want in cases:
+        seq = (seq + 1) & 0xFF
+        e, s = _both(pair, _quantize_req(seq, **{"rows": 16, "cols": 16, **kw}))
+        assert s == e, f"{kw}: sim {s.hex()} != emulator {e.hex()}"
+        if want is None:
+            assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+        else:
+            assert struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (
+                want[0], P.Op.QUANTIZE, want[1]), kw
+
+
+def _stats(frame: bytes) -> tuple:
+    assert frame[5] == P.Op.READ_STATS | P.RESPONSE_FLAG, frame.hex()
+    return struct.unpack_from("<IIff", frame, P.HEADER_BYTES)
+
+
+def test_read_stats_quantize_input_identical(pair, rng):
+    """READ_STATS QUANTIZE_INPUT after QUANTIZEs of partial-block tensors holding NaN,
+    Inf, -0.0, +0.0 and subnormals: identical to the emulator and to numpy over the
+    rows x cols elements (padding excluded), with and without CLEAR, the GEMM record
+    untouched, and both records empty after RESET."""
+    S = P.StatsFlag
+    seq = 10
+    x = (rng.standard_normal(CFG.input_depth) * 3).astype(np.float32)
+    x[40:44] = [-0.0, 0.0, np.float32(-1e-40), np.float32(2e-45)]
+    x[50], x[51] = np.nan, -np.inf
+    x[100:140] = 0.0
+    _both(pair, _req(P.Op.RESET, seq))
+    _both(pair, _req(P.Op.WRITE, seq + 1, x.tobytes(), buffer=B["fp_in"].id, offset=0))
+    seen = []
+    for k, (rows, cols, src, flags) in enumerate(((13, 11, 37, 0), (3, 5, 98, 2),
+                                                   (9, 2, 40, 2), (1, 1, 41, 0))):
+        seq += 2
+        e, s = _both(pair, _quantize_req(seq, rows=rows, cols=cols, src_offset=src,
+                                         flags=flags, exp_code=FMT.exp_bias))
+        assert s == e and e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+        seen.append(x[src: src + rows * cols])
+        e, s = _both(pair, _req(P.Op.READ_STATS, seq + 1, flags=int(S.QUANTIZE_INPUT)))
+        assert s == e, f"after QUANTIZE {k}: sim {s.hex()} != emulator {e.hex()}"
+        allx = np.concatenate(seen)
+        fin = allx[np.isfinite(allx)]
+        count, nonfin, lo, hi = _stats(s)
+        assert (count, nonfin) == (fin.size, allx.size - fin.size)
+        assert lo == fin.min() and hi == fin.max()
+    # the smallest finite element is negative; -0.0 and the subnormals are in range
+    e, s = _both(pair, _req(P.Op.READ_STATS, 30, flags=0))       # GEMM record: empty
+    assert s == e and _stats(s)[0] == 0
+    e, s = _both(pair, _req(P.Op.READ_STATS, 31, flags=int(S.QUANTIZE_INPUT | S.CLEAR)))
+    assert s == e and _stats(s)[0] == sum(np.isfinite(v).sum() for v in seen)
+    e, s = _both(pair, _req(P.Op.READ_STATS, 32, flags=int(S.QUANTIZE_INPUT)))
+    assert s == e and _stats(s) == (0, 0, 0.0, 0.0)
+    # only -0.0 and +0.0 (order: -0.0 < +0.0) and a negative subnormal
+    e, s = _both(pair, _quantize_req(33, rows=1, cols=3, src_offset=40, flags=0))
+    assert s == e
+    e, s = _both(pair, _req(P.Op.READ_STATS, 34, flags=int(S.QUANTIZE_INPUT)))
+    assert s == e
+    count, nonfin, lo, hi = _stats(s)
+    assert (count, nonfin) == (3, 0) and lo == np.float32(-1e-40)
+    assert hi == 0.0 and not np.signbit(hi)
+    raw = struct.unpack_from("<II", s, P.HEADER_BYTES + 8)
+    assert raw == (int(np.float32(-1e-40).view(np.uint32)), 0)
+    e, s = _both(pair, _quantize_req(35, rows=1, cols=1, src_offset=40, flags=0))
+    e, s = _both(pair, _req(P.Op.READ_STATS, 36, flags=int(S.QUANTIZE_INPUT | S.CLEAR)))
+    assert s == e and _stats(s)[0] == 4
+    e, s = _both(pair, _quantize_req(37, rows=1, cols=1, src_offset=40, flags=0))
+    e, s = _both(pair, _req(P.Op.READ_STATS, 38, flags=int(S.QUANTIZE_INPUT)))
+    assert s == e and struct.unpack_from("<IIII", s, P.HEADER_BYTES) == (
+        1, 0, 0x80000000, 0x80000000)                                   # -0.0 alone
+    # unknown stats flag bits: BAD_ARGUMENT 0 on both
+    e, s = _both(pair, _req(P.Op.READ_STATS, 39, flags=6))
+    assert s == e and struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (
+        P.ErrorCode.BAD_ARGUMENT, P.Op.READ_STATS, 0)
+    # a GEMM's outputs go to the GEMM record only; RESET clears both
+    _put(pair, 40, 0, quantize(np.eye(8, dtype=np.float32), FMT))
+    e, s = _both(pair, _req(P.Op.GEMM, 42, a=0, b=0, flags=int(P.GemmFlag.STORE),
+                            slot_a=0, slot_b=0, a_rows=8, a_cols=8, b_rows=8, b_cols=8,
+                            out_offset=0))
+    assert s == e
+    e, s = _both(pair, _req(P.Op.READ_STATS, 43, flags=int(S.QUANTIZE_INPUT)))
+    assert s == e and _stats(s)[0] == 1
+    e, s = _both(pair, _req(P.Op.READ_STATS, 44, flags=0))
+    assert s == e and _stats(s)[0] == 64
+    _both(pair, _req(P.Op.RESET, 45))
+    for seq, fl in ((46, 0), (47, int(S.QUANTIZE_INPUT))):
+        e, s = _both(pair, _req(P.Op.READ_STATS, seq, flags=fl))
+        assert s == e and _stats(s) == (0, 0, 0.0, 0.0)
+
+
 def test_quantize_mixed_slots_identical():
     """Narrow mantissas/exponents in wider buffers, 1-D and column blocks, non-power-of-two
     blocks and several SR lanes (quantizer lanes = ``sr_lanes``), every rounding mode."""
@@ -450,6 +585,18 @@ def test_quantize_mixed_slots_identical():
                                src_offset=src, rounding=rnd, seed=77 * seq)
             e, s = _both(pair2, fr)
             assert s == e, f"slot {slot} rounding {rnd}: sim {s.hex()} != emulator {e.hex()}"
+    # STATIC_EXP per slot: each slot's own code range (slot 1: 6-bit codes 0..62)
+    Q = P.QuantizeFlag
+    for slot, code, ok in ((1, 62, True), (1, 63, False), (1, 0, True), (2, 140, True),
+                           (2, 255, False), (0, 63, True)):
+        for rnd in ((0, 3) if ok else (0,)):
+            seq += 1
+            fr = _quantize_req(seq, slot=slot, dst=seq % 3, rows=9, cols=12, src_offset=5,
+                               rounding=rnd, seed=5 * seq, exp_code=code,
+                               flags=int(Q.STATIC_EXP | Q.RETURN))
+            e, s = _both(pair2, fr)
+            assert s == e, f"slot {slot} code {code}: sim {s.hex()} != emulator {e.hex()}"
+            assert (e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG) == ok
     # 64 blocks of 64 mantissas + 64 codes do not fit one answer: BAD_LENGTH (detail n)
     e, s = _both(pair2, _quantize_req(20, rows=1, cols=512))
     assert s == e and struct.unpack_from("<BI", s, P.HEADER_BYTES + 1) == (

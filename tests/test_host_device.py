@@ -100,7 +100,6 @@ def test_quantize_static_exponent_bit_exact(url, rng, shape, fmt):
     """Device.quantize(exponent=E) == quantize(x, fmt, exponent=E), one E for every
     tile: E far below the data (most elements saturate), inside it, far above it
     (most round to 0) and the range ends; a tensor with NaN blocks flagged."""
-    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
     if shape[0] * shape[1] > 700:
         _emulate_only(url, "small shapes only (larger ones: several QUANTIZE tiles)")
     x = _static_exp_input(rng, shape)
@@ -127,7 +126,6 @@ def test_quantize_static_exponent_bit_exact(url, rng, shape, fmt):
 
 
 def test_quantize_static_exponent_argument_errors(url, rng):
-    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
     with _open(url) as dev:
         x = _rand(rng, (4, 4))
         for bad in (HBFP8.emin - 1, HBFP8.emax + 1, 1.5, True, "3"):
@@ -142,7 +140,6 @@ def test_read_stats_quantize_input(url, rng):
     """source="quantize": the FP32 elements of every QUANTIZE (tensor elements only,
     not the block padding), as ordered by their binary32 keys (-0.0 < +0.0, subnormals
     as they are); clear empties only that record; RESET both."""
-    _emulate_only(url, "TEMP: gateware STATIC_EXP / QUANTIZE_INPUT not built yet")
     shape = (9, 13) if url == "sim://" else (37, 53)   # partial blocks: padding
     x = _rand(rng, shape)
     x[0, 0], x[1, 1], x[2, 2] = -0.0, 0.0, np.float32(-1e-40)
