@@ -175,11 +175,6 @@ def _train(backend, base, x, y, fmt, steps=3, method="hindsight"):
     return losses, [p.detach().clone() for p in m.parameters()], hist
 
 
-def _host_open():
-    import hbfp_hw.host as host
-    return getattr(host, "open", None)
-
-
 def test_short_training_run_reaches_accuracy():
     """MLP, int8p2-hs (in-hindsight per-tensor int8), 5 epochs on digits: >= 93%."""
     from hbfp_hw.host.train import TrainConfig, train_one
@@ -219,7 +214,7 @@ def test_emulate_url_device_equals_emulate(method, rng):
         assert torch.equal(a, b)
     assert h1 == h2 and all(len(a) == 3 for a, _ in h1)
     n = be.calls["quantize_static"]
-    assert n == 3 * 3 * 3 and len(reads) == 2 * n
+    assert n == 3 * 3 * 3 and len(reads) == 2 * (n + be.calls["range_pass"])
     assert all(src == "quantize" for src, _ in reads)
     assert sum(r["count"] for _, r in reads) > 0
 
@@ -228,14 +223,16 @@ def test_sim_url_rtl_equals_emulate(rng):
     """The same on the RTL (sim://, the Amaranth simulation of the accelerator top,
     8x8 HBFP8 tiles): two in-hindsight steps of a small MLP, bit for bit."""
     from hbfp_hw.gateware.top import SIM_CONFIG
+    from hbfp_hw.host import open as open_device
     fmt = SIM_CONFIG.formats[0]
     x = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 4, 8))
     torch.manual_seed(2)
     base = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    be = DeviceBackend("sim://")
+    be = DeviceBackend(open_device("sim://", config=SIM_CONFIG))
     l1, p1, h1 = _train(EmulateBackend(), base, x, y, fmt, steps=2)
     l2, p2, h2 = _train(be, base, x, y, fmt, steps=2)
     assert l1 == l2 and h1 == h2
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
+    assert be.calls["quantize_static"] == 2 * 2 * 3
