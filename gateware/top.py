@@ -400,8 +400,15 @@ class Accelerator(wiring.Component):
                                                     count_bits=32)
         st_clear = Signal()
         qst_clear = Signal()
-        m.d.comb += [stats.clear.eq(st_clear), stats.o.ready.eq(1),
-                     qstats.clear.eq(qst_clear), qstats.o.ready.eq(1)]
+        # the clears are registered: the executor's state decode then ends in two
+        # flops instead of running into the trackers' counter adders (a critical path
+        # of the board build); no element reaches a tracker while READ_STATS or RESET
+        # executes, so clearing one clock later changes nothing
+        st_clear_r = Signal()
+        qst_clear_r = Signal()
+        m.d.sync += [st_clear_r.eq(st_clear), qst_clear_r.eq(qst_clear)]
+        m.d.comb += [stats.clear.eq(st_clear_r), stats.o.ready.eq(1),
+                     qstats.clear.eq(qst_clear_r), qstats.o.ready.eq(1)]
 
         # ---- MAC array ----------------------------------------------------------------
         m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
