@@ -116,5 +116,5 @@ def test_hb4_sr_is_all_4bit_hyperblock_with_a_dithered_input():
 def test_act_stochastic_needs_hyperblock():
     from hbfp_hw.formats import MXINT8
     from hbfp_hw.host.torch import BFPLinear
-    with pytest.raises(ValueError, match="act_stochastic needs HyperBlock"):
+    with pytest.raises(ValueError, match="act_stochastic needs a HyperBlock"):
         BFPLinear(32, 16, fmt=MXINT8, act_stochastic=True)
