@@ -103,6 +103,16 @@ class RangeEMA:
         self.steps += 1
 
 
+def _init_range_source(q, default_name: str) -> None:
+    """Validate ``q.method``; give ``q`` fresh EMA statistics and its default name."""
+    if q.method not in ("dynamic", "hindsight"):
+        raise ValueError(f"method={q.method!r}; accepted values are 'dynamic', 'hindsight'")
+    if q.ema is None:
+        q.ema = RangeEMA(q.eta)
+    if not q.name:
+        q.name = default_name
+
+
 @dataclass
 class UniformQuantizer:
     """A per-tensor ``bits``-bit asymmetric quantizer with a range source.
@@ -126,14 +136,8 @@ class UniformQuantizer:
     keep_history: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in ("dynamic", "hindsight"):
-            raise ValueError(f"method={self.method!r}; accepted values are 'dynamic', "
-                             "'hindsight'")
         uniform_params(0.0, 1.0, self.bits)  # validates bits
-        if self.ema is None:
-            self.ema = RangeEMA(self.eta)
-        if not self.name:
-            self.name = f"{self.method}-int{self.bits}"
+        _init_range_source(self, f"{self.method}-int{self.bits}")
 
     def fresh(self) -> "UniformQuantizer":
         """A copy with no statistics (each tensor of each layer needs its own)."""
@@ -219,13 +223,7 @@ class StaticExpQuantizer:
     def __post_init__(self) -> None:
         if not isinstance(self.fmt, BFPFormat):
             raise TypeError(f"fmt must be a BFPFormat, got {type(self.fmt).__name__}")
-        if self.method not in ("dynamic", "hindsight"):
-            raise ValueError(f"method={self.method!r}; accepted values are 'dynamic', "
-                             "'hindsight'")
-        if self.ema is None:
-            self.ema = RangeEMA(self.eta)
-        if not self.name:
-            self.name = f"{self.method}-{self.fmt.name}-static"
+        _init_range_source(self, f"{self.method}-{self.fmt.name}-static")
 
     def fresh(self) -> "StaticExpQuantizer":
         """A copy with no statistics (each tensor of each layer needs its own)."""
