@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Amaranth-simulator tests of the quantizer's parts and of the whole unit."""
 
 from __future__ import annotations
