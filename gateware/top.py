@@ -718,7 +718,7 @@ class Accelerator(wiring.Component):
         q_seed = Signal(32)
         q_rok = Signal()          # the rounding mode is built for the slot
         q_sen = Signal()          # STATIC_EXP: static shared exponent code q_scode
-        q_scode = Signal(16)
+        q_scode = Signal(len(QF("exp_code")))
         q_cok = Signal()          # q_scode lies in the slot format's code range
         q_bh = Signal(16)         # block rows / cols / size of the slot's format
         q_bw = Signal(16)
@@ -904,12 +904,9 @@ class Accelerator(wiring.Component):
                                     count=n, wire_bytes=b_wb)
                     with m.Case(P.Op.READ_STATS):
                         fl = fld(P.Op.READ_STATS, "flags")
-                        s_all = 0
-                        for sf in P.StatsFlag:
-                            s_all |= int(sf)
                         s_q = (fl & int(P.StatsFlag.QUANTIZE_INPUT)).any()
                         s_clr = (fl & int(P.StatsFlag.CLEAR)).any()
-                        with m.If((fl & (0xFF & ~s_all)) != 0):
+                        with m.If((fl & (0xFF & ~P.flag_mask(P.StatsFlag))) != 0):
                             error(P.ErrorCode.BAD_ARGUMENT, 0)
                         with m.Else():
                             respond(P.Op.READ_STATS | P.RESPONSE_FLAG,
@@ -1160,10 +1157,7 @@ class Accelerator(wiring.Component):
                 m.d.sync += ret_bytes.eq(_cmul(n, man_spec.wire_bytes)
                                          + _cmul(nb, exp_spec.wire_bytes))
                 m.next = "Q_CHECK2"
-            q_flags_all = 0
-            for qf in P.QuantizeFlag:
-                q_flags_all |= int(qf)
-            q_exp_field = [f.name for f in P.REQUESTS[P.Op.QUANTIZE].fields].index("exp_code")
+            q_exp_field = P.REQUESTS[P.Op.QUANTIZE].index("exp_code")
             with m.State("Q_CHECK2"):   # the emulator's checks, in its order
                 src = QF("src_offset")
                 with m.If(QF("slot") >= len(cfg.formats)):
@@ -1172,7 +1166,7 @@ class Accelerator(wiring.Component):
                     error(P.ErrorCode.BAD_ARGUMENT, 7)
                 with m.Elif(QF("dst") >= cfg.operand_buffers):
                     error(P.ErrorCode.BAD_BUFFER, QF("dst"))
-                with m.Elif((QF("flags") & (0xFF & ~q_flags_all)) != 0):
+                with m.Elif((QF("flags") & (0xFF & ~P.flag_mask(P.QuantizeFlag))) != 0):
                     error(P.ErrorCode.BAD_ARGUMENT, 2)
                 with m.Elif(q_sen & ~q_cok):
                     error(P.ErrorCode.BAD_ARGUMENT, q_exp_field)

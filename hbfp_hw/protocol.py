@@ -50,7 +50,7 @@ __all__ = [
     "QuantizeFlag", "GemmFlag", "StatsFlag", "Field", "Layout", "REQUESTS", "RESPONSES",
     "ERROR_LAYOUT", "BufferKind", "BufferSpec", "buffer_map", "crc32", "crc32_update",
     "encode_frame", "device_description", "device_hash", "protocol_json", "manifest_extra",
-    "NO_INDEX",
+    "NO_INDEX", "flag_mask",
 ]
 
 #: 2: QUANTIZE carries ``exp_code`` (``STATIC_EXP``), READ_STATS ``QUANTIZE_INPUT``.
@@ -130,6 +130,14 @@ class StatsFlag(IntFlag):
     QUANTIZE_INPUT = 0x02
 
 
+def flag_mask(flags: type[IntFlag]) -> int:
+    """Every bit a flags field of type ``flags`` may set (others are BAD_ARGUMENT)."""
+    mask = 0
+    for f in flags:
+        mask |= int(f)
+    return mask
+
+
 # ---------------------------------------------------------------------------------------
 # Payload layouts
 # ---------------------------------------------------------------------------------------
@@ -164,6 +172,10 @@ class Layout:
     @property
     def _struct(self) -> struct.Struct:
         return struct.Struct("<" + "".join(f.struct_code for f in self.fields))
+
+    def index(self, name: str) -> int:
+        """Position of field ``name`` (the detail of a BAD_ARGUMENT naming it)."""
+        return [f.name for f in self.fields].index(name)
 
     def offsets(self) -> dict[str, int]:
         """Byte offset of every field (the gateware decoder's field map)."""

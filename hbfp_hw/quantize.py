@@ -29,7 +29,8 @@ import numpy as np
 from .formats import BFPFormat
 from .prng import random_bits
 
-__all__ = ["BFPTensor", "NonFiniteBlockError", "quantize", "dequantize", "block_layout"]
+__all__ = ["BFPTensor", "NonFiniteBlockError", "quantize", "dequantize", "block_layout",
+           "check_exponent"]
 
 _ABS_MASK = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
@@ -275,6 +276,18 @@ def _run_chunks(fn, ranges: list[tuple[int, int]]) -> None:
             f.result()
 
 
+def check_exponent(exponent, fmt: BFPFormat, where: str = "") -> int:
+    """``exponent`` as an int if it is a valid static shared exponent of ``fmt`` (an
+    integer in ``[fmt.emin, fmt.emax]``), else ``ValueError`` naming the value and the
+    range (``where`` says whose range, e.g. a device's format slot)."""
+    if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
+            or not fmt.emin <= exponent <= fmt.emax):
+        raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
+                         f"[{fmt.emin}, {fmt.emax}] (the exponent range of "
+                         f"{where + ', ' if where else ''}{fmt.describe()})")
+    return int(exponent)
+
+
 def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
              name: str | None = None, exponent: int | None = None) -> BFPTensor:
     """Quantize a tensor to BFP.
@@ -310,11 +323,7 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
     if exponent is not None:
-        if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
-                or not fmt.emin <= exponent <= fmt.emax):
-            raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
-                             f"[{fmt.emin}, {fmt.emax}] (the exponent range of {fmt.describe()})")
-        exponent = int(exponent)
+        exponent = check_exponent(exponent, fmt)
     x = _as_float32(x)
     lay = block_layout(x.shape, fmt)
     if lay.padded != x.shape:

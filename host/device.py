@@ -27,7 +27,8 @@ from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.formats import BFPFormat
 from hbfp_hw.gemm import k_block_length
-from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout, quantize
+from hbfp_hw.quantize import (BFPTensor, NonFiniteBlockError, block_layout, check_exponent,
+                             quantize)
 
 from .codec import (CrcError, DeviceErrorFrame, HostCodec, Malformed, Oversize, Request,
                     Response, SequenceMismatch, Truncated)
@@ -382,13 +383,7 @@ class Device:
         """``exponent`` as an int in the slot format's ``[emin, emax]`` (or None)."""
         if exponent is None:
             return None
-        f = self.config.formats[slot]
-        if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
-                or not f.emin <= exponent <= f.emax):
-            raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
-                             f"[{f.emin}, {f.emax}] (the exponent range of format slot "
-                             f"{slot}, {f.describe()})")
-        return int(exponent)
+        return check_exponent(exponent, self.config.formats[slot], f"format slot {slot}")
 
     def quantize_tiles(self, shape: tuple[int, int], fmt: BFPFormat | None = None,
                        ) -> list[tuple[int, int, int, int]]:

@@ -171,10 +171,7 @@ class Emulator:
 
     @staticmethod
     def _check_flags(flags: int, enum, field_no: int) -> None:
-        allowed = 0
-        for f in enum:
-            allowed |= int(f)
-        if flags & ~allowed:
+        if flags & ~P.flag_mask(enum):
             raise _DevError(P.ErrorCode.BAD_ARGUMENT, field_no)
 
     def _layout_fits(self, shape: tuple[int, int], fmt) -> object:
@@ -227,7 +224,8 @@ class Emulator:
         exponent = None
         if f["flags"] & P.QuantizeFlag.STATIC_EXP:
             if not fmt.emin <= f["exp_code"] - fmt.exp_bias <= fmt.emax:
-                raise _DevError(P.ErrorCode.BAD_ARGUMENT, 8)
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT,
+                                P.REQUESTS[P.Op.QUANTIZE].index("exp_code"))
             exponent = f["exp_code"] - fmt.exp_bias
         rows, cols, src = f["rows"], f["cols"], f["src_offset"]
         lay = self._layout_fits((rows, cols), fmt)
