@@ -37,6 +37,14 @@ drain beat are added to ``cin`` (``carry_bits(cfg)`` wide; NaN flags OR-ed with
 while their FP32 conversion goes to ``o``. ``cin_take`` is high in the cycle a drain beat
 is issued; ``cin``/``cin_nan`` must hold that beat's carry in the next cycle (a memory
 read port addressed by a counter advanced on ``cin_take``).
+
+``runtime_frac=True`` adds the operand field ``frac`` (unsigned, wide enough for
+``cfg.frac_a`` / ``cfg.frac_b``): the fraction bits ``man_bits - 2`` of the job's
+operand format, on every header beat of the job. The array then serves formats
+narrower than its ports (mantissas sign-extended to the port width, e.g. HBFP4 in an
+8-bit array): the integer datapath is the same, only the FP32 scale of the job becomes
+``e_ref - G - frac_a - frac_b`` with the job's values. :func:`operand_frac` gives the
+value for a format.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..config.mac_array import MULTIPLIER_MAPPINGS, MacArrayConfig
+from ..formats import fraction_bits
 from ..manifest import write_manifest
 from ..quantize import BFPTensor
 from .fp32_convert import SCALE_BITS, Fp32Convert
@@ -59,7 +68,7 @@ from .tile_buffer import TileBuffer
 
 __all__ = ["MacArray", "operand_layout", "output_layout", "gemm_beats", "assemble_output",
            "generate", "register_cli", "pack_struct", "unpack_struct",
-           "ref_exponent_limit", "ref_bits", "carry_bits"]
+           "ref_exponent_limit", "ref_bits", "carry_bits", "frac_width", "operand_frac"]
 
 EXP_SUM_BITS = 13
 
@@ -72,6 +81,12 @@ def ref_exponent_limit(cfg: MacArrayConfig) -> int:
     accumulator converts to +-Inf, so all such ``e_ref`` give the same bits. The other
     operand's reference is at least ``-exp_bias`` (code 0), hence the limit
     ``E_hi + exp_bias``: a reference clamped to it leaves every output unchanged.
+
+    With ``runtime_frac`` a job's fraction bits are at most ``cfg.frac_a`` /
+    ``cfg.frac_b``, so its scale ``e_ref - G - fa - fb`` is at least that of the
+    widest format: ``E_hi`` computed with the widest fractions still makes every
+    non-zero accumulator convert to +-Inf, and the limit stays valid for narrower
+    formats.
     """
     emax = cfg.exp_invalid_code - 1 - cfg.exp_bias
     e_hi = max(2 * emax + cfg.shift_max, 128 + cfg.guard_bits + cfg.frac_a + cfg.frac_b)
@@ -96,14 +111,37 @@ def carry_bits(cfg: MacArrayConfig) -> int:
     return max(cfg.acc_bits, bound.bit_length() + 1)
 
 
-def operand_layout(cfg: MacArrayConfig, man_bits: int,
-                   ext_eref: bool = False) -> data.StructLayout:
+def frac_width(man_bits: int) -> int:
+    """Width of the unsigned ``frac`` field for ports of ``man_bits``-bit mantissas:
+    holds every fraction-bit count ``0 .. man_bits - 2``."""
+    return max(1, fraction_bits(man_bits).bit_length())
+
+
+def operand_frac(cfg: MacArrayConfig, man_bits: int, operand: str = "a") -> int:
+    """The ``frac`` header field (``man_bits - 2``) of an operand of ``man_bits``-bit
+    mantissas on port ``operand`` (``"a"`` or ``"b"``) of a ``runtime_frac`` array.
+
+    ``man_bits`` must be in ``[2, port width]``: narrower mantissas travel
+    sign-extended in the port's width."""
+    if operand not in ("a", "b"):
+        raise ValueError(f"operand={operand!r}; accepted values are 'a', 'b'")
+    hi = cfg.man_bits_a if operand == "a" else cfg.man_bits_b
+    if not isinstance(man_bits, int) or not 2 <= man_bits <= hi:
+        raise ValueError(f"man_bits={man_bits!r} of operand {operand} is out of range; "
+                         f"accepted range is [2, {hi}] (the port's man_bits_{operand})")
+    return fraction_bits(man_bits)
+
+
+def operand_layout(cfg: MacArrayConfig, man_bits: int, ext_eref: bool = False,
+                   runtime_frac: bool = False) -> data.StructLayout:
     fields = {
         "data": data.ArrayLayout(signed(man_bits), cfg.tile),
         "exp": cfg.exp_bits, "transpose": 1, "header": 1, "last": 1,
     }
     if ext_eref:
         fields.update({"ref": 1, "eref": signed(ref_bits(cfg))})
+    if runtime_frac:
+        fields["frac"] = frac_width(man_bits)
     return data.StructLayout(fields)
 
 
@@ -119,22 +157,28 @@ def _esum_bits(cfg: MacArrayConfig, ext_eref: bool) -> int:
     return max(EXP_SUM_BITS, _emax_bits(cfg, ext_eref) + 2)
 
 
-def _meta_layout(cfg: MacArrayConfig, ext_eref: bool = False) -> data.StructLayout:
-    return data.StructLayout({"exp": cfg.exp_bits, "emax": signed(_emax_bits(cfg, ext_eref)),
-                              "inv": 1, "first": 1, "last": 1})
+def _meta_layout(cfg: MacArrayConfig, ext_eref: bool = False,
+                 runtime_frac: bool = False) -> data.StructLayout:
+    fields = {"exp": cfg.exp_bits, "emax": signed(_emax_bits(cfg, ext_eref)),
+              "inv": 1, "first": 1, "last": 1}
+    if runtime_frac:
+        fields["frac"] = max(frac_width(cfg.man_bits_a), frac_width(cfg.man_bits_b))
+    return data.StructLayout(fields)
 
 
 class _OperandFrontEnd(wiring.Component):
     """Consumes header beats (running max of valid exponents, invalid flag) and
-    forwards row beats to a tile buffer with the job's header in ``meta``."""
+    forwards row beats to a tile buffer with the job's header in ``meta`` (with
+    ``runtime_frac`` also the job's ``frac``, taken from its header beats)."""
 
-    def __init__(self, cfg: MacArrayConfig, man_bits: int, ext_eref: bool = False):
-        self.cfg, self.ext_eref = cfg, ext_eref
+    def __init__(self, cfg: MacArrayConfig, man_bits: int, ext_eref: bool = False,
+                 runtime_frac: bool = False):
+        self.cfg, self.ext_eref, self.runtime_frac = cfg, ext_eref, runtime_frac
         from .tile_buffer import row_layout
         super().__init__({
-            "i": In(stream.Signature(operand_layout(cfg, man_bits, ext_eref))),
+            "i": In(stream.Signature(operand_layout(cfg, man_bits, ext_eref, runtime_frac))),
             "o": Out(stream.Signature(row_layout(cfg.tile, man_bits,
-                                                 _meta_layout(cfg, ext_eref)))),
+                                                 _meta_layout(cfg, ext_eref, runtime_frac)))),
         })
 
     def elaborate(self, platform):
@@ -148,6 +192,8 @@ class _OperandFrontEnd(wiring.Component):
         p = self.i.payload
         e = Signal(signed(eb))
         is_inv = Signal()
+        if self.runtime_frac:
+            frac = Signal(len(p.frac))
         m.d.comb += [e.eq(p.exp - cfg.exp_bias), is_inv.eq(p.exp == cfg.exp_invalid_code)]
         if self.ext_eref:   # a reference exponent: valid, enters the maximum
             with m.If(p.ref):
@@ -159,6 +205,8 @@ class _OperandFrontEnd(wiring.Component):
                 base_inv = Mux(after_hdr, inv, 0)
                 m.d.sync += [emax.eq(Mux(~is_inv & (e > base_max), e, base_max)),
                              inv.eq(base_inv | is_inv), after_hdr.eq(1)]
+                if self.runtime_frac:
+                    m.d.sync += frac.eq(p.frac)
         with m.Else():
             m.d.comb += [self.o.valid.eq(self.i.valid), self.i.ready.eq(self.o.ready),
                          self.o.payload.data.eq(p.data),
@@ -168,6 +216,8 @@ class _OperandFrontEnd(wiring.Component):
                          self.o.payload.meta.inv.eq(inv),
                          self.o.payload.meta.first.eq(after_hdr),
                          self.o.payload.meta.last.eq(p.last)]
+            if self.runtime_frac:
+                m.d.comb += self.o.payload.meta.frac.eq(frac)
             with m.If(self.i.valid & self.o.ready):
                 m.d.sync += after_hdr.eq(0)
         return m
@@ -180,7 +230,7 @@ class MacArray(wiring.Component):
     """
 
     def __init__(self, cfg: MacArrayConfig, *, primitives: str | None = None,
-                 ext_eref: bool = False, carry: bool = False):
+                 ext_eref: bool = False, carry: bool = False, runtime_frac: bool = False):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
         if primitives not in PRIMITIVES:
@@ -188,9 +238,12 @@ class MacArray(wiring.Component):
                              f"{', '.join(map(repr, PRIMITIVES))}")
         self.cfg, self.primitives = cfg, primitives
         self.ext_eref, self.carry = bool(ext_eref), bool(carry)
+        self.runtime_frac = bool(runtime_frac)
         ports = {
-            "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a, self.ext_eref))),
-            "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b, self.ext_eref))),
+            "a": In(stream.Signature(operand_layout(cfg, cfg.man_bits_a, self.ext_eref,
+                                                    self.runtime_frac))),
+            "b": In(stream.Signature(operand_layout(cfg, cfg.man_bits_b, self.ext_eref,
+                                                    self.runtime_frac))),
             "o": Out(stream.Signature(output_layout(cfg))),
         }
         if self.carry:
@@ -205,10 +258,11 @@ class MacArray(wiring.Component):
         m = Module()
         cfg = self.cfg
         T, R, C, L = cfg.tile, cfg.rows, cfg.cols, cfg.lanes
-        meta = _meta_layout(cfg, self.ext_eref)
+        rf = self.runtime_frac
+        meta = _meta_layout(cfg, self.ext_eref, rf)
         ES = _esum_bits(cfg, self.ext_eref)
-        m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a, self.ext_eref)
-        m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b, self.ext_eref)
+        m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a, self.ext_eref, rf)
+        m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b, self.ext_eref, rf)
         m.submodules.buf_a = buf_a = TileBuffer(tile=T, lanes=L, nvec=R, width=cfg.man_bits_a,
                                                 meta_layout=meta, col_major=False)
         m.submodules.buf_b = buf_b = TileBuffer(tile=T, lanes=L, nvec=C, width=cfg.man_bits_b,
@@ -262,6 +316,15 @@ class MacArray(wiring.Component):
         job_nan = Signal()
         with m.If(c1.valid & first1):
             m.d.sync += [job_eref.eq(esum1), job_nan.eq(inv1)]
+        # the job's fraction bits fa + fb: constant, or (runtime_frac) carried with the
+        # tiles' meta and taken with job_eref, so a drain converts with its own job's
+        job_fsum = cfg.frac_a + cfg.frac_b
+        if rf:
+            fsum1 = Signal(range(cfg.frac_a + cfg.frac_b + 1))
+            job_fsum = Signal.like(fsum1)
+            m.d.sync += fsum1.eq(buf_a.rd_meta.frac + buf_b.rd_meta.frac)
+            with m.If(c1.valid & first1):
+                m.d.sync += job_fsum.eq(fsum1)
         eref = Mux(first1, esum1, job_eref)
         diff = Signal(signed(ES + 1))
         m.d.comb += diff.eq(eref - te1)
@@ -349,7 +412,7 @@ class MacArray(wiring.Component):
                         m.d.sync += sel[c].eq(accs[r][c])
         m.d.sync += [s_valid.eq(d_issue), s_last.eq(d_last)]
         scale = Signal(signed(SCALE_BITS))
-        m.d.comb += scale.eq(job_eref - cfg.guard_bits - cfg.frac_a - cfg.frac_b)
+        m.d.comb += scale.eq(job_eref - cfg.guard_bits - job_fsum)
         conv_acc, conv_valid_i, conv_last, conv_scale, conv_nan = (
             sel, s_valid, s_last, scale, job_nan)
         conv_bits = cfg.acc_bits
@@ -433,17 +496,26 @@ def _check_operand(cfg: MacArrayConfig, t: BFPTensor, man_bits: int, name: str) 
                          f"the array needs {man_bits}, {cfg.exp_bits}")
 
 
-def gemm_beats(cfg: MacArrayConfig, sa: BFPTensor, ta: bool, sb: BFPTensor, tb: bool):
+def gemm_beats(cfg: MacArrayConfig, sa: BFPTensor, ta: bool, sb: BFPTensor, tb: bool, *,
+               man_bits_a: int | None = None, man_bits_b: int | None = None):
     """Operand beats for ``A @ B`` with ``A = sa.T if ta else sa``, ``B = sb.T if tb else sb``.
 
     ``sa``/``sb`` are the tensors as stored (quantized once); the tiles stream as stored
     and the array reads them in the orientation the GEMM needs.
 
+    ``man_bits_a`` / ``man_bits_b`` (default: the config's) are the operands' mantissa
+    widths; narrower than the ports they need ``MacArray(runtime_frac=True)``. Header
+    beats carry ``frac`` (:func:`operand_frac`); layouts without that field ignore it.
+
     Returns ``(a_beats, b_beats, jobs, (M, N))``: lists of dicts of payload fields, and
     the output-tile order ``[(it, jt), ...]``.
     """
-    _check_operand(cfg, sa, cfg.man_bits_a, "a")
-    _check_operand(cfg, sb, cfg.man_bits_b, "b")
+    man_bits_a = cfg.man_bits_a if man_bits_a is None else man_bits_a
+    man_bits_b = cfg.man_bits_b if man_bits_b is None else man_bits_b
+    frac_a = operand_frac(cfg, man_bits_a, "a")
+    frac_b = operand_frac(cfg, man_bits_b, "b")
+    _check_operand(cfg, sa, man_bits_a, "a")
+    _check_operand(cfg, sb, man_bits_b, "b")
     T = cfg.tile
     ga = sa.layout.grid[::-1] if ta else sa.layout.grid     # (mt, nk) of A
     gb = sb.layout.grid[::-1] if tb else sb.layout.grid     # (nk, nt) of B
@@ -468,10 +540,10 @@ def gemm_beats(cfg: MacArrayConfig, sa: BFPTensor, ta: bool, sb: BFPTensor, tb: 
     for it in range(mt):
         for jt in range(nt):
             jobs.append((it, jt))
-            for beats, get, tr in ((a_beats, lambda k: a_tile(it, k), ta),
-                                   (b_beats, lambda k: b_tile(k, jt), tb)):
+            for beats, get, tr, fr in ((a_beats, lambda k: a_tile(it, k), ta, frac_a),
+                                       (b_beats, lambda k: b_tile(k, jt), tb, frac_b)):
                 for k in range(nk):
-                    beats.append(dict(header=1, exp=get(k)[1], transpose=int(tr)))
+                    beats.append(dict(header=1, exp=get(k)[1], transpose=int(tr), frac=fr))
                 for k in range(nk):
                     man, code = get(k)
                     for r in range(T):

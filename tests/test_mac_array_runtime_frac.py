@@ -1,0 +1,189 @@
+# amaranth: UnusedElaboratable=no
+"""``MacArray(runtime_frac=True)``: formats narrower than the ports (HBFP4 mantissas
+sign-extended in an 8-bit array) with the FP32 scale taken per job from the header
+beats' ``frac``, bit for bit against ``hbfp_hw.bfp_matmul`` of each GEMM's formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.hdl import Value
+from amaranth.sim import Simulator
+
+from hbfp_hw.config.mac_array import MacArrayConfig
+from hbfp_hw.formats import BFPFormat
+from hbfp_hw.gateware.mac_array import (MacArray, assemble_output, frac_width, gemm_beats,
+                                        operand_frac, operand_layout, output_beats_per_job,
+                                        output_layout, pack_struct, unpack_struct)
+from hbfp_hw.gemm import bfp_matmul
+from hbfp_hw.quantize import quantize
+
+CFG = MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=8, man_bits_b=8, k_max=64,
+                     mapping="dsp")
+
+
+def _fmt(cfg: MacArrayConfig, man_bits: int) -> BFPFormat:
+    return BFPFormat(man_bits=man_bits, exp_bits=cfg.exp_bits,
+                     block_shape=(cfg.tile, cfg.tile), block_axes=(0, 1), name=f"HBFP{man_bits}")
+
+
+def edge_operand(rng, shape, T: int, nan: bool = False) -> np.ndarray:
+    """Random values whose ``T x T`` tiles are drawn from edge classes: ordinary, all
+    zero, saturating (the largest element rounds up to ``2**(man_bits-1)``), tiny
+    (``2**-126 .. 2**-100``: products flush to zero), large (``2**100 .. 2**126``:
+    products overflow to Inf), one NaN (``nan``)."""
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-3, 4, size=shape))
+    gm, gn = -(-shape[0] // T), -(-shape[1] // T)
+    for i in range(gm):
+        for j in range(gn):
+            blk = x[i * T:(i + 1) * T, j * T:(j + 1) * T]
+            kind = rng.choice(["plain", "plain", "zero", "sat", "tiny", "large"])
+            if kind == "zero":
+                blk[...] = 0
+            elif kind == "sat":
+                blk[...] = np.sign(rng.standard_normal(blk.shape)) * 1.999
+            elif kind == "tiny":
+                blk *= 2.0 ** int(rng.integers(-126, -100))
+            elif kind == "large":
+                blk *= 2.0 ** int(rng.integers(100, 124))
+    if nan:
+        x[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.nan
+    return x.astype(np.float32)
+
+
+def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
+    """Run GEMMs ``(sa, ta, sb, tb, man_bits_a, man_bits_b)`` back to back through one
+    ``MacArray(cfg, runtime_frac=True, **build)`` (one beat stream per operand, so jobs
+    of consecutive GEMMs overlap) with random valid gaps and ready back-pressure.
+    Returns the FP32 result of each GEMM."""
+    dut = MacArray(cfg, runtime_frac=True, **build)
+    ext = build.get("ext_eref", False)
+    la = operand_layout(cfg, cfg.man_bits_a, ext, True)
+    lb = operand_layout(cfg, cfg.man_bits_b, ext, True)
+    lo = output_layout(cfg)
+    per = output_beats_per_job(cfg)
+    a_all, b_all, parts = [], [], []
+    for sa, ta, sb, tb, ma, mb in gemms:
+        a, b, jobs, shape = gemm_beats(cfg, sa, ta, sb, tb, man_bits_a=ma, man_bits_b=mb)
+        a_all += a
+        b_all += b
+        parts.append((jobs, shape))
+    n_out = per * sum(len(j) for j, _ in parts)
+    seeds = rng.integers(0, 2**31, size=3)
+    got: list[list[int]] = []
+
+    def producer(port, beats, layout, seed):
+        r = np.random.default_rng(seed)
+
+        async def tb(ctx):
+            for beat in beats:
+                while r.random() < stall:
+                    await ctx.tick()
+                ctx.set(port.valid, 1)
+                ctx.set(Value.cast(port.payload), pack_struct(layout, **beat))
+                await ctx.tick().until(port.ready)
+                ctx.set(port.valid, 0)
+        return tb
+
+    async def consumer(ctx):
+        r = np.random.default_rng(seeds[2])
+        cycles = 0
+        while len(got) < n_out:
+            rdy = int(r.random() >= stall)
+            ctx.set(dut.o.ready, rdy)
+            await ctx.delay(0)
+            if rdy and ctx.get(dut.o.valid):
+                v = unpack_struct(lo, ctx.get(Value.cast(dut.o.payload)))
+                got.append(v["data"])
+                assert v["last"] == int(len(got) % per == 0), f"last wrong at {len(got)}"
+            await ctx.tick()
+            cycles += 1
+            assert cycles < 400_000, "timeout waiting for output beats"
+        ctx.set(dut.o.ready, 0)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(producer(dut.a, a_all, la, seeds[0]), background=True)
+    sim.add_testbench(producer(dut.b, b_all, lb, seeds[1]), background=True)
+    sim.add_testbench(consumer)
+    sim.run()
+    out, n = [], 0
+    for jobs, shape in parts:
+        k = per * len(jobs)
+        out.append(assemble_output(cfg, got[n:n + k], jobs, shape))
+        n += k
+    return out
+
+
+def _gemm(cfg, rng, ma, mb, nan=False):
+    M, K, N = (int(x) for x in rng.integers(3, 2 * cfg.tile + 2, 3))
+    A = edge_operand(rng, (M, K), cfg.tile, nan=nan)
+    B = edge_operand(rng, (K, N), cfg.tile)
+    ta, tb = (bool(x) for x in rng.integers(0, 2, 2))
+    sa = quantize(A.T if ta else A, _fmt(cfg, ma), nonfinite="flag")
+    sb = quantize(B.T if tb else B, _fmt(cfg, mb), nonfinite="flag")
+    return sa, ta, sb, tb, ma, mb
+
+
+def _assert_equal(got, sa, ta, sb, tb, cfg, what):
+    exp = bfp_matmul(sa.T if ta else sa, sb.T if tb else sb, guard_bits=cfg.guard_bits,
+                     k_max=cfg.k_max)
+    g, e = got.view(np.uint32), exp.view(np.uint32)
+    bad = np.argwhere(g != e)
+    assert not len(bad), (f"{what}: {len(bad)} outputs differ, first {tuple(bad[0])}: "
+                          f"{g[tuple(bad[0])]:#x} vs golden {e[tuple(bad[0])]:#x}")
+    return exp
+
+
+BUILDS = {"runtime_frac": {}, "top": {"ext_eref": True, "carry": True}}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in ldexp:RuntimeWarning")
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_mixed_formats_back_to_back(build, rng):
+    """HBFP4 x HBFP4, HBFP4 x HBFP8, HBFP8 x HBFP4, HBFP8 x HBFP8 GEMMs (twice, shuffled)
+    in one stream with stalls: consecutive jobs have different fractions while one
+    drains and the next loads. Edge tiles: zero, saturating, tiny, large, NaN."""
+    cfg = CFG
+    pairs = [(4, 4), (4, 8), (8, 4), (8, 8)] * 2
+    order = rng.permutation(len(pairs))
+    gemms = [_gemm(cfg, rng, *pairs[i], nan=(n == 3)) for n, i in enumerate(order)]
+    outs = run_jobs(cfg, gemms, rng, stall=0.3, **BUILDS[build])
+    seen = set()
+    for n, ((sa, ta, sb, tb, ma, mb), got) in enumerate(zip(gemms, outs)):
+        exp = _assert_equal(got, sa, ta, sb, tb, cfg, f"GEMM {n} HBFP{ma} x HBFP{mb}")
+        seen |= {"nan" for v in exp.flat if np.isnan(v)}
+        seen |= {"inf" for v in exp.flat if np.isinf(v)}
+        seen |= {"zero" for v in exp.flat if v == 0}
+    assert seen == {"nan", "inf", "zero"}, f"edge classes reached: {seen}"
+
+
+def test_narrow_format_scale_differs_from_wide(rng):
+    """The same integer mantissas read as HBFP4 and as HBFP8 differ by 2**(4+4) in
+    value (scale fa + fb): the job's frac is used, not the ports' width."""
+    cfg = CFG
+    x = np.array([[1.5, -0.75, 0.5, 1.0]] * 4, np.float32)
+    s4 = quantize(x, _fmt(cfg, 4))
+    s8 = quantize(x, _fmt(cfg, 8))
+    (y4,) = run_jobs(cfg, [(s4, False, s4, True, 4, 4)], rng, stall=0.0)
+    (y8,) = run_jobs(cfg, [(s8, False, s8, True, 8, 8)], rng, stall=0.0)
+    want = x.astype(np.float64) @ x.T.astype(np.float64)
+    assert np.array_equal(y4, want.astype(np.float32))
+    assert np.array_equal(y8, want.astype(np.float32))
+
+
+def test_runtime_frac_layout_and_helpers():
+    cfg = CFG
+    assert "frac" not in dict(operand_layout(cfg, 8).members)
+    lay = operand_layout(cfg, 8, runtime_frac=True)
+    assert lay["frac"].width == frac_width(8) == 3
+    assert frac_width(2) == 1 and frac_width(4) == 2
+    assert operand_frac(cfg, 4, "a") == 2 and operand_frac(cfg, 8, "b") == 6
+    with pytest.raises(ValueError, match=r"man_bits=9 of operand b is out of range; "
+                                         r"accepted range is \[2, 8\]"):
+        operand_frac(cfg, 9, "b")
+    with pytest.raises(ValueError, match="operand='c'"):
+        operand_frac(cfg, 4, "c")
+    # the default build has no frac field and the same ports as before
+    plain = MacArray(cfg)
+    assert "frac" not in dict(plain.a.payload.shape().members)
