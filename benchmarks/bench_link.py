@@ -41,7 +41,7 @@ def bfp_bytes(q, specs) -> int:
 def config_for(url: str) -> AcceleratorConfig:
     """The default accelerator; for sim:// the top's small simulation config."""
     if url.startswith("sim://"):
-        from hbfp_hw.gateware.top import SIM_CONFIG
+        from hbfp_hw.gateware.sim_device import SIM_CONFIG
         return SIM_CONFIG
     return AcceleratorConfig.default()
 

@@ -20,7 +20,8 @@ __all__ = ["run"]
 
 def run(args=None) -> None:
     from hbfp_hw.config.accelerator import AcceleratorConfig
-    from hbfp_hw.gateware.top import SIM_CONFIG, SimTransport, generate
+    from hbfp_hw.gateware.sim_device import SIM_CONFIG, SimTransport
+    from hbfp_hw.gateware.top import generate
     from hbfp_hw.host.device import Device
     from hbfp_hw.host.emulator import Emulator
     from hbfp_hw.host.transport import LoopbackTransport

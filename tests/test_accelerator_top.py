@@ -14,7 +14,7 @@ import pytest
 
 from hbfp_hw import protocol as P
 from hbfp_hw.gemm import bfp_matmul
-from hbfp_hw.gateware.top import SIM_CONFIG, SimTransport
+from hbfp_hw.gateware.sim_device import SIM_CONFIG, SimTransport
 from hbfp_hw.host.device import Device
 from hbfp_hw.host.emulator import Emulator
 from hbfp_hw.host.transport import FaultInjectingTransport, LoopbackTransport

@@ -22,7 +22,7 @@ from hbfp_hw import cli, protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.gateware import build as B
 from hbfp_hw.gateware.synth import tool_path
-from hbfp_hw.gateware.top import SIM_CONFIG
+from hbfp_hw.gateware.sim_device import SIM_CONFIG
 from hbfp_hw.gateware.uart import uart_divisor
 from hbfp_hw.manifest import read_manifest
 

@@ -373,7 +373,7 @@ def test_urls_errors():
     with pytest.raises(ValueError, match="baud='fast' is not an integer"):
         host.open("serial:///dev/ttyUSB0?baud=fast")
     try:
-        import hbfp_hw.gateware.top as top  # noqa: F401
+        import hbfp_hw.gateware.sim_device as top  # noqa: F401
         has_sim = hasattr(top, "sim_transport")
     except ModuleNotFoundError:
         has_sim = False

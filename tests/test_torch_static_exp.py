@@ -222,7 +222,7 @@ def test_emulate_url_device_equals_emulate(method, rng):
 def test_sim_url_rtl_equals_emulate(rng):
     """The same on the RTL (sim://, the Amaranth simulation of the accelerator top,
     8x8 HBFP8 tiles): two in-hindsight steps of a small MLP, bit for bit."""
-    from hbfp_hw.gateware.top import SIM_CONFIG
+    from hbfp_hw.gateware.sim_device import SIM_CONFIG
     from hbfp_hw.host import open as open_device
     fmt = SIM_CONFIG.formats[0]
     x = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32))
