@@ -1,0 +1,86 @@
+"""The buffer manager: owns every memory of the accelerator top.
+
+It holds one :class:`amaranth.lib.memory.Memory` per entry of
+:func:`hbfp_hw.protocol.buffer_map` (mantissa buffers as words of ``tile`` mantissas with
+a write enable per lane), the INFO ROM and the request staging RAM. Each *client* (an
+engine or the response encoder) has the same set of ports (:func:`~hbfp_hw.gateware.
+engine.buffer_ports`); ``owner`` selects the client whose ports reach the memories. The
+executor sets it per command, so ownership is static for a command's lifetime and no
+arbiter sits on a memory path. Read data go to every client.
+
+Ports
+-----
+``c0`` ... ``c<n-1>``: ``In(buffer_ports(...))``, one per client.
+``owner``: ``In(range(n))``.
+``stage_w``: ``Out(WritePort.Signature)``: the executor stages request payload bytes.
+"""
+
+from __future__ import annotations
+
+from amaranth import Module, unsigned
+from amaranth.lib import memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from hbfp_hw import protocol as P
+
+from .engine import buffer_geometry, buffer_ports, port_name
+
+__all__ = ["BufferManager"]
+
+
+class BufferManager(wiring.Component):
+    """Memories of the buffer map, the INFO ROM and the staging RAM, shared by clients.
+
+    Parameters
+    ----------
+    specs
+        :func:`hbfp_hw.protocol.buffer_map` of the configuration.
+    tile
+        Mantissas per mantissa-buffer word.
+    info
+        The INFO ROM contents.
+    clients
+        Number of client port groups.
+    """
+
+    def __init__(self, specs, *, tile: int, info: bytes, clients: int) -> None:
+        if clients < 1:
+            raise ValueError(f"clients={clients} is out of range; accepted range is [1, 64]")
+        self.specs, self.tile, self.info, self.clients = list(specs), tile, bytes(info), clients
+        sig = buffer_ports(self.specs, tile, len(self.info))
+        members = {f"c{k}": In(sig) for k in range(clients)}
+        members["owner"] = In(range(clients))
+        members["stage_w"] = Out(memory.WritePort.Signature(
+            addr_width=max(1, (P.MAX_PAYLOAD - 1).bit_length()), shape=8))
+        super().__init__(members)
+
+    def client(self, k: int):
+        return getattr(self, f"c{k}")
+
+    def _share(self, m, rp, wp, name):
+        """Connect memory ports ``rp`` / ``wp`` to member ``name`` of the owner's ports."""
+        cl = [self.client(k) for k in range(self.clients)]
+        for c in cl:
+            m.d.comb += getattr(c, f"{name}_r").data.eq(rp.data)
+        with m.Switch(self.owner):
+            for k, c in enumerate(cl):
+                with m.Case(k):
+                    m.d.comb += rp.addr.eq(getattr(c, f"{name}_r").addr)
+                    if wp is not None:
+                        w = getattr(c, f"{name}_w")
+                        m.d.comb += [wp.addr.eq(w.addr), wp.data.eq(w.data), wp.en.eq(w.en)]
+
+    def elaborate(self, platform):
+        m = Module()
+        for s in self.specs:
+            w, depth, gran = buffer_geometry(s, self.tile)
+            mem = memory.Memory(shape=unsigned(w), depth=depth, init=[])
+            m.submodules[f"buf_{port_name(s)}"] = mem
+            self._share(m, mem.read_port(), mem.write_port(granularity=gran), port_name(s))
+        m.submodules.info_rom = rom = memory.Memory(shape=8, depth=len(self.info),
+                                                    init=list(self.info))
+        self._share(m, rom.read_port(), None, "rom")
+        m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[])
+        wiring.connect(m, wiring.flipped(self.stage_w), stage.write_port())
+        self._share(m, stage.read_port(), None, "stage")
+        return m

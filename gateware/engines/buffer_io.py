@@ -1,0 +1,209 @@
+"""INFO, WRITE, READ and RESET: the commands that move buffer contents.
+
+Checks follow the emulator (:class:`hbfp_hw.host.emulator.Emulator`) in its order, so
+error frames carry its code and detail:
+
+* INFO: ``offset`` past the description: ``OUT_OF_RANGE``; answer: the ROM's fixed fields
+  (segment 0), then up to ``MAX_DATA`` description bytes from ``offset`` (segment 1).
+* WRITE: unknown or read-only buffer: ``BAD_BUFFER``; data not whole elements or over
+  ``MAX_DATA``: ``BAD_LENGTH``; past the buffer: ``OUT_OF_RANGE``. Copies the staged
+  payload into the buffer, one byte per clock.
+* READ: unknown buffer, size over ``MAX_DATA``, past the buffer; answer: the elements.
+* RESET: clears every buffer (one word per clock, the deepest buffer's depth) and pulses
+  ``soft_reset`` (statistics and the GEMM accumulators forget their state).
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import Out
+
+from hbfp_hw import protocol as P
+
+from ..engine import (buffer_geometry, engine_signature, port_name, rom_id, status_error,
+                      status_ok, status_register)
+
+__all__ = ["BufferIOEngine", "by_id"]
+
+
+def by_id(m, idx, values: list[int], name: str) -> Signal:
+    """A constant per buffer id, selected by the run-time id ``idx`` (0 elsewhere)."""
+    out = Signal(range(max(values) + 1), name=name)
+    with m.Switch(idx):
+        for k, v in enumerate(values):
+            with m.Case(k):
+                m.d.comb += out.eq(v)
+    return out
+
+
+class BufferIOEngine(wiring.Component):
+    """Engine for INFO, WRITE, READ and RESET.
+
+    Parameters
+    ----------
+    specs
+        The buffer map.
+    tile
+        Mantissas per mantissa-buffer word.
+    info
+        The INFO ROM contents (fixed fields, then the description).
+    """
+
+    def __init__(self, specs, *, tile: int, info: bytes) -> None:
+        self.specs, self.tile, self.info = list(specs), tile, bytes(info)
+        super().__init__(engine_signature(self.specs, tile, len(self.info),
+                                          soft_reset=Out(1)))
+
+    def elaborate(self, platform):
+        m = Module()
+        specs, T = self.specs, self.tile
+        tsh = T.bit_length() - 1
+        nbuf = len(specs)
+        a = self.cmd.payload.args
+        length = self.cmd.payload.length
+        pay, st_v = status_register(m, self)
+        fixed = P.RESPONSES[P.Op.INFO].header_size
+        hs_w = P.REQUESTS[P.Op.WRITE].header_size
+        assert (P.REQUESTS[P.Op.READ].offsets()["buffer"]
+                == P.REQUESTS[P.Op.WRITE].offsets()["buffer"])
+        assert (P.REQUESTS[P.Op.READ].offsets()["offset"]
+                == P.REQUESTS[P.Op.WRITE].offsets()["offset"])
+
+        # READ / WRITE buffer id and its constants, registered before the checks
+        b_id = Signal(8)
+        vals = {"b_wb": [s.wire_bytes for s in specs], "b_depth": [s.depth for s in specs],
+                "b_writable": [int(s.writable) for s in specs],
+                "b_wsh": [s.wire_bytes.bit_length() - 1 for s in specs]}
+        b_wb, b_depth, b_writable, b_wsh = (Signal(range(max(v) + 1), name=k)
+                                            for k, v in vals.items())
+        c_nobuf, c_off_gt, c_wlen_bad, c_w_oob, c_rlen_bad, c_r_oob = (
+            Signal(name=f"c_{k}") for k in ("nobuf", "off_gt", "wlen_bad", "w_oob",
+                                              "rlen_bad", "r_oob"))
+        c_dlen = Signal.like(length, name="c_dlen")
+        c_n = Signal.like(length, name="c_n")
+        w_off, w_n, w_e, w_acc = (Signal(32, name=n) for n in ("w_off", "w_n", "w_e", "w_acc"))
+        w_bi = Signal(2)
+        clr = Signal(32)
+        max_depth = max(s.depth for s in specs)
+
+        # write ports: the WRITE element or the RESET clear
+        wr_en, clearing = Signal(), Signal()
+        wr_addr, wr_data = Signal(32), Signal(32)
+        for i, s in enumerate(specs):
+            wp = getattr(self.bufs, f"{port_name(s)}_w")
+            _, depth, _ = buffer_geometry(s, T)
+            w = 8 * s.wire_bytes
+            mant = s.kind == P.BufferKind.MANTISSA
+            m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr >> tsh if mant else wr_addr)),
+                         wp.data.eq(Mux(clearing, 0,
+                                        wr_data[:w].replicate(T) if mant else wr_data[:w]))]
+            lanes = (1 << T) - 1 if mant else 1
+            one = (1 << wr_addr[:tsh] if tsh else 1) if mant else 1
+            with m.If(clearing):
+                m.d.comb += wp.en.eq(Mux(clr < depth, lanes, 0))
+            with m.Elif(wr_en & (b_id == i)):
+                m.d.comb += wp.en.eq(one)
+
+        def done(stmts):
+            m.d.sync += stmts + [st_v.eq(1)]
+            m.next = "DONE"
+
+        def error(code, detail):
+            done(status_error(pay, code, detail))
+
+        m.d.comb += self.cmd.ready.eq(0)
+        with m.FSM(name="bufio"):
+            with m.State("IDLE"):
+                m.d.comb += self.cmd.ready.eq(1)
+                b_hdr = a.write.buffer
+                with m.If(self.cmd.valid):
+                    m.d.sync += [b_id.eq(b_hdr)] + [
+                        reg.eq(by_id(m, b_hdr, vals[reg.name], f"{reg.name}_c"))
+                        for reg in (b_wb, b_depth, b_writable, b_wsh)]
+                    m.next = "CHECK"
+            with m.State("CHECK"):
+                off = a.write.offset
+                dlen = Signal.like(length, name="dlen")
+                n_w = Signal.like(length, name="n_w")
+                m.d.comb += [dlen.eq(length - hs_w), n_w.eq(dlen >> b_wsh)]
+                n_r = a.read.count
+                m.d.sync += [c_nobuf.eq(b_id >= nbuf), c_off_gt.eq(off > b_depth),
+                             c_dlen.eq(dlen), c_n.eq(n_w),
+                             c_wlen_bad.eq(((dlen & (b_wb - 1)) != 0) | (dlen > P.MAX_DATA)),
+                             c_w_oob.eq(off + n_w > b_depth),
+                             c_rlen_bad.eq((n_r << b_wsh) > P.MAX_DATA),
+                             c_r_oob.eq(off + n_r > b_depth)]
+                m.next = "EXEC"
+            with m.State("EXEC"):
+                with m.Switch(self.cmd.payload.op):
+                    with m.Case(P.Op.INFO):
+                        off = a.info.offset
+                        total = len(self.info) - fixed
+                        rest = Signal(32)
+                        m.d.comb += rest.eq(total - off)
+                        with m.If(off > total):
+                            error(P.ErrorCode.OUT_OF_RANGE, off)
+                        with m.Else():
+                            done(status_ok(m, pay, seg0=(rom_id(specs), 0, fixed),
+                                           seg1=(rom_id(specs), off + fixed,
+                                                 Mux(rest > P.MAX_DATA, P.MAX_DATA, rest))))
+                    with m.Case(P.Op.WRITE):
+                        with m.If(c_nobuf | ~b_writable):
+                            error(P.ErrorCode.BAD_BUFFER, b_id)
+                        with m.Elif(c_wlen_bad):
+                            error(P.ErrorCode.BAD_LENGTH, c_dlen)
+                        with m.Elif(c_w_oob):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, a.write.offset,
+                                                                b_depth))
+                        with m.Else():
+                            m.d.sync += [w_off.eq(a.write.offset), w_n.eq(c_n), w_e.eq(0),
+                                         w_bi.eq(0), w_acc.eq(0)]
+                            m.d.comb += self.bufs.stage_r.addr.eq(hs_w)
+                            m.next = "WCOPY"
+                    with m.Case(P.Op.READ):
+                        with m.If(c_nobuf):
+                            error(P.ErrorCode.BAD_BUFFER, b_id)
+                        with m.Elif(c_rlen_bad):
+                            error(P.ErrorCode.BAD_LENGTH, a.read.count)
+                        with m.Elif(c_r_oob):
+                            error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, a.read.offset,
+                                                                b_depth))
+                        with m.Else():
+                            done(status_ok(m, pay, seg1=(b_id, a.read.offset, a.read.count)))
+                    with m.Case(P.Op.RESET):
+                        m.d.sync += clr.eq(0)
+                        m.next = "CLEAR"
+            # WRITE: staged payload -> buffer (the staging RAM answers a clock later)
+            with m.State("WCOPY"):
+                byte = self.bufs.stage_r.data
+                nxt = Signal(16)
+                m.d.comb += [nxt.eq(hs_w + (w_e << b_wsh) + w_bi + 1),
+                             self.bufs.stage_r.addr.eq(nxt)]
+                full = Signal(32)
+                m.d.comb += full.eq(Mux(b_wb == 1, byte,
+                                        Mux(b_wb == 2, Cat(w_acc[:8], byte),
+                                            Cat(w_acc[:24], byte))))
+                with m.If(w_e == w_n):
+                    done(status_ok(m, pay, fix=w_n,
+                                   nfix=P.RESPONSES[P.Op.WRITE].header_size))
+                with m.Else():
+                    for k in range(3):
+                        with m.If(w_bi == k):
+                            m.d.sync += w_acc[8 * k: 8 * k + 8].eq(byte)
+                    with m.If(w_bi == b_wb - 1):
+                        m.d.comb += [wr_en.eq(1), wr_addr.eq(w_off + w_e), wr_data.eq(full)]
+                        m.d.sync += [w_e.eq(w_e + 1), w_bi.eq(0)]
+                    with m.Else():
+                        m.d.sync += w_bi.eq(w_bi + 1)
+            # RESET: clear every buffer, then the other engines' state
+            with m.State("CLEAR"):
+                m.d.comb += clearing.eq(1)
+                m.d.sync += clr.eq(clr + 1)
+                with m.If(clr == max_depth - 1):
+                    m.d.comb += self.soft_reset.eq(1)
+                    done(status_ok(m, pay))
+            with m.State("DONE"):
+                with m.If(self.status.ready):
+                    m.next = "IDLE"
+        return m

@@ -1,0 +1,442 @@
+"""GEMM: operand checks, reference exponents and K-split state, then the MAC array.
+
+The request is checked in the emulator's order: flags, then per operand the slot
+(unknown: ``BAD_ARGUMENT`` 3 / 4; a slot the array does not compute: ``UNSUPPORTED`` 3 /
+4), buffer, shape and depth; then the stored operands are scanned (A mantissas, A codes,
+B mantissas, B codes, then invalid blocks of A and B unless ``ALLOW_INVALID``), one
+element per clock, the first bad one reported; then the GEMM shape, ``out`` range,
+``ACCUMULATE`` meta, ``K_OVERFLOW`` and the ``eref`` range.
+
+Two short phases compute the reference exponents: **G_OWN** reads every exponent code
+of A and B and writes the row / column maxima over valid blocks into this GEMM's bank of
+a small reference memory; **G_REF** takes the reference of each row / column block from
+``eref`` (``EXT_EREF``, at least the own maximum: else ``BAD_ARGUMENT`` 6) or the own
+maximum, and with ``ACCUMULATE`` checks that every ``e_ref[i, j]`` is unchanged. Then
+:class:`~hbfp_hw.gateware.engines.gemm_stream.GemmStream` runs the job.
+
+Format slots the array computes: :func:`gemm_slots` (square ``tile x tile`` blocks, the
+array's exponent format, any mantissa width up to the array's; the MAC array's FP32
+conversion takes each job's fraction bits).
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hbfp_hw import protocol as P
+
+from ..engine import engine_signature, port_name, status_error, status_ok, status_register
+from .gemm_stream import GemmStream
+
+__all__ = ["GemmEngine", "NO_EXP"]
+
+G = P.GemmFlag
+#: The "no valid block" row/column maximum of the golden model (``hbfp_hw.gemm``).
+NO_EXP = -(1 << 14)
+
+
+class GemmEngine(wiring.Component):
+    """Engine for GEMM.
+
+    Parameters
+    ----------
+    config
+        The :class:`~hbfp_hw.config.accelerator.AcceleratorConfig`.
+    specs
+        Its buffer map.
+    mac
+        The :class:`~hbfp_hw.config.mac_array.MacArrayConfig` of the array.
+    slots
+        Format slots the array computes.
+    acc_capacity
+        Outputs whose accumulators are kept for ``ACCUMULATE``.
+    rom_depth
+        Bytes in the INFO ROM (port shapes only).
+    primitives, runtime_frac
+        Passed to the MAC array.
+    """
+
+    def __init__(self, config, specs, *, mac, slots, acc_capacity: int, rom_depth: int,
+                 primitives: str | None = None, runtime_frac: bool = False) -> None:
+        self.config, self.specs, self.mac = config, list(specs), mac
+        self.slots, self.acc_capacity = list(slots), acc_capacity
+        self.primitives, self.runtime_frac = primitives, runtime_frac
+        super().__init__(engine_signature(self.specs, config.tile, rom_depth,
+                                          sample=Out(stream.Signature(32)), soft_reset=In(1)))
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, specs, mc = self.config, self.specs, self.mac
+        T = cfg.tile
+        tsh = T.bit_length() - 1
+        a = self.cmd.payload.args.gemm
+        pay, st_v = status_register(m, self)
+        by_op = lambda kind: sorted((s for s in specs if s.kind == kind),  # noqa: E731
+                                    key=lambda s: s.operand)
+        man_specs = by_op(P.BufferKind.MANTISSA)
+        exp_specs = by_op(P.BufferKind.EXPONENT)
+        out_spec = next(s for s in specs if s.name == "out")
+        eref_spec = next(s for s in specs if s.kind == P.BufferKind.EREF)
+        mw, ew = 8 * man_specs[0].wire_bytes, 8 * exp_specs[0].wire_bytes
+        ref_fmt = mc.format_a()
+        nops = cfg.operand_buffers
+
+        # ---- read ports: one address per kind, data selected per use -----------------
+        rd_elem, rd_word = Signal(32), Signal(32)
+        man_r = [getattr(self.bufs, f"{port_name(s)}_r") for s in man_specs]
+        exp_r = [getattr(self.bufs, f"{port_name(s)}_r") for s in exp_specs]
+        eref_r = getattr(self.bufs, f"{port_name(eref_spec)}_r")
+        m.d.comb += [p.addr.eq(rd_word) for p in man_r]
+        m.d.comb += [p.addr.eq(rd_elem) for p in exp_r] + [eref_r.addr.eq(rd_elem)]
+
+        def operand_data(buf):
+            mdat, edat = Signal(mw * T, name="man_sel"), Signal(ew, name="exp_sel")
+            with m.Switch(buf):
+                for k in range(nops):
+                    with m.Case(k):
+                        m.d.comb += [mdat.eq(man_r[k].data), edat.eq(exp_r[k].data)]
+            return mdat, edat
+
+        # ---- job registers ------------------------------------------------------------
+        g_flags, g_a, g_b = Signal(8), Signal(8), Signal(8)
+        nb_a, nb_b = Signal(32), Signal(32)
+        gM, gN = Signal(16), Signal(16)
+        mt, nt, nk = Signal(16), Signal(16), Signal(16)
+        g_off = Signal(32)
+        ta, tb = g_flags[0], g_flags[1]
+        store_f = (g_flags & int(G.STORE)) != 0
+        acc_f = (g_flags & int(G.ACCUMULATE)) != 0
+        ext_f = (g_flags & int(G.EXT_EREF)) != 0
+        # per-slot mantissa width: fraction bits for the conversion, range for the scan
+        fr = [max(f.man_bits - 2, 0) for f in cfg.formats]
+        mmaxes = [f.mmax for f in cfg.formats]
+        g_fa, g_fb = Signal(5), Signal(5)
+        mm_a, mm_b = Signal(range(max(mmaxes) + 1)), Signal(range(max(mmaxes) + 1))
+        # accumulator state kept between GEMMs (ACCUMULATE / EXT_EREF); the emulator's
+        # meta reduces to the output tile grid and the fraction bits of both operands
+        acc_valid = Signal()
+        acc_mt, acc_nt = Signal(16), Signal(16)
+        acc_fa, acc_fb = Signal(5), Signal(5)
+        k_tot, k_new = Signal(32), Signal(32)
+        g_fit = Signal()        # this GEMM's accumulators fit the accumulator buffer
+        with m.If(self.soft_reset):
+            m.d.sync += [acc_valid.eq(0), k_tot.eq(0)]
+
+        # reference exponents (unbiased) per row block of A and column block of B, two
+        # banks: ``rbank`` holds the stored GEMM's, ``~rbank`` this GEMM's
+        RW = 8 * eref_spec.wire_bytes + 2
+        mg_bits = max(1, (max(1, cfg.operand_depth // (T * T)) - 1).bit_length())
+        m.submodules.refm = refm = memory.Memory(shape=signed(RW), depth=4 << mg_bits,
+                                                 init=[])
+        ref_w, ref_r1, ref_r2 = refm.write_port(), refm.read_port(), refm.read_port()
+        rbank = Signal()
+
+        def ref_addr(bank, which, idx):
+            return Cat(idx[:mg_bits], which, bank)
+
+        m.submodules.stream = gs = GemmStream(
+            mc, operand_buffers=nops, man_width=mw, exp_width=ew, ref_width=RW,
+            ref_addr_bits=mg_bits + 2, acc_capacity=self.acc_capacity,
+            primitives=self.primitives, runtime_frac=self.runtime_frac)
+        job = gs.job
+        m.d.comb += [job.a.eq(g_a), job.b.eq(g_b), job.ta.eq(ta), job.tb.eq(tb),
+                     job.ext.eq(ext_f), job.acc.eq(acc_f), job.store.eq(store_f),
+                     job.fit.eq(g_fit), job.rbank.eq(rbank), job.frac_a.eq(g_fa),
+                     job.frac_b.eq(g_fb), job.mt.eq(mt), job.nt.eq(nt), job.nk.eq(nk),
+                     job.M.eq(gM), job.N.eq(gN), job.off.eq(g_off),
+                     gs.ref_data.eq(ref_r1.data)]
+        wiring.connect(m, wiring.flipped(self.sample), gs.sample)
+        out_w = getattr(self.bufs, f"{port_name(out_spec)}_w")
+        m.d.comb += [out_w.addr.eq(gs.out_addr), out_w.data.eq(gs.out_data),
+                     out_w.en.eq(gs.out_en)]
+        s_man, s_exp = operand_data(gs.rd_buf)
+        m.d.comb += [gs.man_data.eq(s_man), gs.exp_data.eq(s_exp)]
+
+        # ---- scan machinery (operand checks) ------------------------------------------
+        sc, sc_next = Signal(32), Signal(32)
+        m.d.comb += sc_next.eq(sc)
+        m.d.sync += sc.eq(sc_next)
+        mode = Signal()     # 0: scan / G_OWN / G_REF, 1: the stream
+        with m.If(mode):
+            m.d.comb += [rd_elem.eq(gs.rd_elem), rd_word.eq(gs.rd_word)]
+        with m.Else():
+            m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
+        scan_buf = Signal(8)
+        scan_kind = Signal(2)   # 0 mantissa range, 1 exponent range, 2 invalid flag
+        scan_n = Signal(32)
+        scan_which = Signal()
+        k_cnt = Signal(8)
+        man_word, exp_code = operand_data(scan_buf)
+        man_bad = Signal(T)
+        uniform = len({mmaxes[s] for s in self.slots}) <= 1
+        for k in range(T):
+            v = man_word[mw * k: mw * (k + 1)].as_signed()
+            if uniform and ref_fmt.mmax >= 2 ** (mw - 1) - 1:   # only the most negative
+                m.d.comb += man_bad[k].eq(v == -(2 ** (mw - 1)))
+            elif uniform:
+                m.d.comb += man_bad[k].eq((v > ref_fmt.mmax) | (v < -ref_fmt.mmax))
+            else:
+                mm = Mux(scan_which, mm_b, mm_a)
+                m.d.comb += man_bad[k].eq((v > mm) | (v < -mm))
+        man_bad_lane = Signal(range(T + 1))
+        for k in reversed(range(T)):
+            with m.If(man_bad[k]):
+                m.d.comb += man_bad_lane.eq(k)
+        exp_range_bad = (exp_code > ref_fmt.exp_invalid_code
+                         if ref_fmt.exp_invalid_code < 2 ** ew - 1 else Const(0))
+        exp_inv = exp_code == ref_fmt.exp_invalid_code
+        chk_v, chk_bad = Signal(), Signal()     # registered check of one scanned element
+        chk_sc = Signal(32)
+        chk_lane = Signal(range(T + 1))
+
+        def slot_supported(slot):
+            return Cat(*[slot == s for s in self.slots]).any() if self.slots else Const(0)
+
+        # ---- G_OWN: row / column maxima of the exponent codes -------------------------
+        # every code of A (row block major) then of B (column block major), one per
+        # clock; the running maximum over valid blocks (NO_EXP if none) of each
+        # row/column block goes to this GEMM's bank
+        x_init, x_go, x_done = Signal(), Signal(), Signal()
+        x_which, x_i, x_k = Signal(), Signal(16), Signal(16)
+        p_v, p_which, p_i, p_first, p_last = (Signal(), Signal(), Signal(16), Signal(),
+                                              Signal())
+        # x_blk: the code's block index, kept incrementally (x_bi: its value at k = 0)
+        x_blk, x_bi = Signal(32), Signal(32)
+        x_sk = Mux(x_which, Mux(tb, 1, nt), Mux(ta, mt, 1))   # stride of k
+        x_si = Mux(x_which, Mux(tb, nk, 1), Mux(ta, 1, nk))   # stride of i
+        m.d.sync += [p_v.eq(x_go), p_which.eq(x_which), p_i.eq(x_i), p_first.eq(x_k == 0),
+                     p_last.eq(x_k == nk - 1)]
+        with m.If(x_go):
+            with m.If(x_k == nk - 1):
+                m.d.sync += x_k.eq(0)
+                with m.If(x_i == Mux(x_which, nt, mt) - 1):
+                    m.d.sync += [x_i.eq(0), x_bi.eq(0), x_blk.eq(0)]
+                    with m.If(x_which):
+                        m.d.sync += x_done.eq(1)
+                    with m.Else():
+                        m.d.sync += x_which.eq(1)
+                with m.Else():
+                    m.d.sync += [x_i.eq(x_i + 1), x_bi.eq(x_bi + x_si),
+                                 x_blk.eq(x_bi + x_si)]
+            with m.Else():
+                m.d.sync += [x_k.eq(x_k + 1), x_blk.eq(x_blk + x_sk)]
+        _, x_code = operand_data(Mux(p_which, g_b, g_a))
+        x_e, x_run, x_mx = (Signal(signed(RW), name=f"x_{n}") for n in ("e", "run", "mx"))
+        x_base = Mux(p_first, NO_EXP, x_run)
+        m.d.comb += [x_e.eq(x_code - ref_fmt.exp_bias),
+                     x_mx.eq(Mux((x_code != ref_fmt.exp_invalid_code) & (x_e > x_base), x_e,
+                                 x_base))]
+        with m.If(p_v):
+            m.d.sync += x_run.eq(x_mx)
+        # ---- G_REF: this GEMM's references and the ACCUMULATE check -------------------
+        # e_ref[i, j] = row[i] + col[j] must equal the stored one for all (i, j), i.e.
+        # row[i] - row_old[i] == d and col[j] - col_old[j] == -d
+        y_go, y_done = Signal(), Signal()
+        y_which, y_i = Signal(), Signal(16)
+        q_v, q_which, q_i, q_first = Signal(), Signal(), Signal(16), Signal()
+        y_elem = Signal(32)
+        m.d.comb += y_elem.eq(Mux(y_which, mt + y_i, y_i))
+        m.d.sync += [q_v.eq(y_go), q_which.eq(y_which), q_i.eq(y_i),
+                     q_first.eq(~y_which & (y_i == 0))]
+        with m.If(y_go):
+            with m.If(y_i == Mux(y_which, nt, mt) - 1):
+                m.d.sync += y_i.eq(0)
+                with m.If(y_which):
+                    m.d.sync += y_done.eq(1)
+                with m.Else():
+                    m.d.sync += y_which.eq(1)
+            with m.Else():
+                m.d.sync += y_i.eq(y_i + 1)
+        with m.If(x_init):
+            m.d.sync += [x_which.eq(0), x_i.eq(0), x_k.eq(0), x_done.eq(0), x_bi.eq(0),
+                         x_blk.eq(0), y_which.eq(0), y_i.eq(0), y_done.eq(0)]
+        # one register stage after the reads (u_*): the new reference, the own maximum
+        # and the difference to the stored reference; the checks and the write use them
+        y_own, y_new = Signal(signed(RW)), Signal(signed(RW))
+        y_diff, y_d0 = Signal(signed(RW + 2)), Signal(signed(RW + 2))
+        y_same = Signal()
+        u_v, u_which, u_i, u_first = Signal(), Signal(), Signal(16), Signal()
+        u_own, u_new, u_diff = Signal(signed(RW)), Signal(signed(RW)), Signal(signed(RW + 2))
+        m.d.comb += [ref_r2.addr.eq(ref_addr(rbank, y_which, y_i)),
+                     ref_r1.addr.eq(Mux(mode, gs.ref_addr, ref_addr(~rbank, y_which, y_i))),
+                     y_own.eq(ref_r1.data),
+                     y_new.eq(Mux(ext_f, eref_r.data - ref_fmt.exp_bias, y_own)),
+                     y_diff.eq(y_new - ref_r2.data),
+                     y_same.eq(u_first | (u_diff == Mux(u_which, -y_d0, y_d0)))]
+        m.d.sync += [u_v.eq(q_v), u_which.eq(q_which), u_i.eq(q_i), u_first.eq(q_first),
+                     u_own.eq(y_own), u_new.eq(y_new), u_diff.eq(y_diff)]
+        with m.If(u_v & u_first):
+            m.d.sync += y_d0.eq(u_diff)
+        m.d.comb += [ref_w.en.eq((p_v & p_last) | u_v),
+                     ref_w.addr.eq(Mux(p_v, ref_addr(~rbank, p_which, p_i),
+                                       ref_addr(~rbank, u_which, u_i))),
+                     ref_w.data.eq(Mux(p_v, x_mx, u_new))]
+
+        # ---- command FSM ----------------------------------------------------------------
+        def done(stmts):
+            m.d.sync += stmts + [st_v.eq(1)]
+            m.next = "DONE"
+
+        def error(code, detail):
+            done(status_error(pay, code, detail))
+
+        fl = a.flags
+        nb_ab = [Signal(32, name=f"nb_{name}") for name in "ab"]
+        Ka = Mux(ta, a.a_rows, a.a_cols)
+        Kb = Mux(tb, a.b_cols, a.b_rows)
+        M = Mux(ta, a.a_cols, a.a_rows)
+        N = Mux(tb, a.b_rows, a.b_cols)
+        mn = Signal(32)                   # M * N and the padded output, registered
+        mnp = Signal(32 + 2 * tsh)
+        mt_c, nt_c = Signal(16), Signal(16)
+        ktot_c = Signal(32)
+        m.d.comb += [mt_c.eq((M + T - 1) >> tsh), nt_c.eq((N + T - 1) >> tsh),
+                     ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
+        with m.FSM(name="gemm"):
+            with m.State("IDLE"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    m.d.sync += g_flags.eq(fl)
+                    m.next = "G_PRE"
+            # blocks of both operands, registered before the checks
+            with m.State("G_PRE"):
+                for which, name in enumerate("ab"):
+                    rows, cols = getattr(a, f"{name}_rows"), getattr(a, f"{name}_cols")
+                    m.d.sync += nb_ab[which].eq(((rows + T - 1) >> tsh)
+                                                * ((cols + T - 1) >> tsh))
+                m.next = "G_CHECK_A"
+            for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_CHECK_B"),
+                                                      ("G_CHECK_B", "G_SCAN_INIT"))):
+                name = "ab"[which]
+                slot = getattr(a, f"slot_{name}")
+                buf = getattr(a, name)
+                rows, cols = getattr(a, f"{name}_rows"), getattr(a, f"{name}_cols")
+                nb = nb_ab[which]
+                with m.State(st):
+                    with m.If((which == 0) & ((fl & ~P.flag_mask(G) & 0xFF) != 0)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 2)
+                    with m.Elif(slot >= len(cfg.formats)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 3 + which)
+                    with m.Elif(~slot_supported(slot)):
+                        error(P.ErrorCode.UNSUPPORTED, 3 + which)
+                    with m.Elif(buf >= nops):
+                        error(P.ErrorCode.BAD_BUFFER, buf)
+                    with m.Elif((rows == 0) | (cols == 0)):
+                        error(P.ErrorCode.BAD_ARGUMENT, 0)
+                    with m.Elif((nb << (2 * tsh)) > cfg.operand_depth):
+                        error(P.ErrorCode.OUT_OF_RANGE, nb << (2 * tsh))
+                    with m.Elif(nb > cfg.exponent_depth):
+                        error(P.ErrorCode.OUT_OF_RANGE, nb)
+                    with m.Else():
+                        m.d.sync += (nb_a if which == 0 else nb_b).eq(nb)
+                        with m.Switch(slot):
+                            for k in self.slots:
+                                with m.Case(k):
+                                    m.d.sync += [(g_fb if which else g_fa).eq(fr[k]),
+                                                 (mm_b if which else mm_a).eq(mmaxes[k])]
+                        m.next = nxt_state
+            with m.State("G_SCAN_INIT"):
+                m.d.sync += [g_a.eq(a.a), g_b.eq(a.b), k_cnt.eq(0), g_off.eq(a.out_offset)]
+                m.d.comb += x_init.eq(1)
+                m.next = "G_SCAN_SET"
+            # scan phases: A mantissas, A codes, B mantissas, B codes, A invalid, B invalid
+            with m.State("G_SCAN_SET"):
+                m.d.comb += sc_next.eq(0)
+                m.d.sync += chk_v.eq(0)
+                with m.Switch(k_cnt):
+                    for ph, (which, kind) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1),
+                                                        (0, 2), (1, 2))):
+                        with m.Case(ph):
+                            nbx = nb_a if which == 0 else nb_b
+                            m.d.sync += [scan_buf.eq(g_a if which == 0 else g_b),
+                                         scan_kind.eq(kind), scan_which.eq(which),
+                                         scan_n.eq(nbx << tsh if kind == 0 else nbx)]
+                            if kind == 2:
+                                with m.If(g_flags & int(G.ALLOW_INVALID)):
+                                    m.d.sync += scan_n.eq(0)
+                    with m.Default():
+                        m.next = "G_SHAPE0"
+                with m.If(k_cnt < 6):
+                    m.next = "G_SCAN"
+            # the check of element ``sc`` is registered (``chk_*``) and acted on in the
+            # next cycle; elements are still checked in order (the first bad one is
+            # reported); a phase ends one cycle after its last read
+            with m.State("G_SCAN"):
+                m.d.sync += [chk_v.eq(sc != scan_n), chk_sc.eq(sc), chk_lane.eq(man_bad_lane)]
+                with m.Switch(scan_kind):
+                    for kind, bad in enumerate((man_bad.any(), exp_range_bad, exp_inv)):
+                        with m.Case(kind):
+                            m.d.sync += chk_bad.eq(bad)
+                with m.If(chk_v & chk_bad):
+                    with m.Switch(scan_kind):
+                        with m.Case(0):
+                            error(P.ErrorCode.DATA_RANGE, (chk_sc << tsh) + chk_lane)
+                        with m.Case(1):
+                            error(P.ErrorCode.DATA_RANGE, chk_sc)
+                        with m.Case(2):
+                            error(P.ErrorCode.INVALID_DATA, Cat(chk_sc[:31], scan_which))
+                with m.Elif(sc == scan_n):
+                    m.d.comb += sc_next.eq(sc)
+                    with m.If(~chk_v):
+                        m.d.sync += k_cnt.eq(k_cnt + 1)
+                        m.d.comb += sc_next.eq(0)
+                        m.next = "G_SCAN_SET"
+                with m.Else():
+                    m.d.comb += sc_next.eq(sc + 1)
+            with m.State("G_SHAPE0"):
+                m.d.sync += [mn.eq(M * N), mnp.eq((mt_c * nt_c) << (2 * tsh))]
+                m.next = "G_SHAPE"
+            with m.State("G_SHAPE"):
+                with m.If(Ka != Kb):
+                    error(P.ErrorCode.BAD_ARGUMENT, 5)
+                with m.Elif(store_f & (g_off + mn > out_spec.depth)):
+                    error(P.ErrorCode.OUT_OF_RANGE,
+                          Mux(g_off > out_spec.depth, g_off, out_spec.depth))
+                with m.Elif(acc_f & (~acc_valid | (acc_mt != mt_c) | (acc_nt != nt_c)
+                                     | (acc_fa != g_fa) | (acc_fb != g_fb))):
+                    error(P.ErrorCode.BAD_ARGUMENT, 2)
+                with m.Elif(ktot_c > cfg.k_max):
+                    error(P.ErrorCode.K_OVERFLOW, ktot_c)
+                with m.Elif(ext_f & (mt_c + nt_c > eref_spec.depth)):
+                    error(P.ErrorCode.OUT_OF_RANGE, mt_c + nt_c)
+                with m.Else():
+                    m.d.sync += [gM.eq(M), gN.eq(N), k_new.eq(ktot_c),
+                                 mt.eq(mt_c), nt.eq(nt_c), nk.eq((Ka + T - 1) >> tsh),
+                                 g_fit.eq(mnp <= self.acc_capacity)]
+                    m.next = "G_OWN"
+            with m.State("G_OWN"):
+                m.d.comb += [sc_next.eq(x_blk), x_go.eq(~x_done)]
+                with m.If(x_done & ~p_v):
+                    m.next = "G_REF"
+            with m.State("G_REF"):
+                m.d.comb += [sc_next.eq(y_elem), y_go.eq(~y_done)]
+                with m.If(y_done & ~q_v & ~u_v):
+                    m.next = "G_GO"
+                with m.If(u_v & ext_f & (u_new < u_own)):
+                    error(P.ErrorCode.BAD_ARGUMENT, 6)
+                with m.Elif(u_v & acc_f & ~y_same):
+                    error(P.ErrorCode.BAD_ARGUMENT, 6)
+            with m.State("G_GO"):
+                with m.If(acc_f & ~g_fit):
+                    error(P.ErrorCode.UNSUPPORTED, 2)
+                with m.Elif(store_f | g_fit):
+                    m.d.comb += gs.start.eq(1)
+                    m.next = "G_RUN"
+                with m.Else():
+                    m.next = "G_DONE"
+            with m.State("G_RUN"):
+                m.d.comb += mode.eq(1)
+                with m.If(gs.done):
+                    m.next = "G_DONE"
+            with m.State("G_DONE"):
+                done(status_ok(m, pay, fix=k_new, nfix=P.RESPONSES[P.Op.GEMM].header_size))
+                m.d.sync += [acc_valid.eq(1), acc_mt.eq(mt), acc_nt.eq(nt), acc_fa.eq(g_fa),
+                             acc_fb.eq(g_fb), k_tot.eq(k_new)]
+                with m.If(~acc_f):
+                    m.d.sync += rbank.eq(~rbank)
+            with m.State("DONE"):
+                with m.If(self.status.ready):
+                    m.next = "IDLE"
+        return m

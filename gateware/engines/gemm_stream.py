@@ -1,0 +1,240 @@
+"""The GEMM engine's datapath: operand sequencer -> MAC array -> drain, accumulator buffer.
+
+:class:`GemmStream` runs one checked GEMM job (:func:`job_layout`, registered by the
+:class:`~hbfp_hw.gateware.engines.gemm.GemmEngine`): for every output tile ``(it, jt)``
+it sends the MAC array one exponent header beat per K tile of A's row strip and B's
+column strip (with ``EXT_EREF`` one more carrying the reference exponent), then the
+``tile`` row beats of each K tile; it drains the FP32 outputs into ``out`` (``STORE``:
+row ``g_off + i * N + j``, outputs outside ``M x N`` dropped) and their values onto
+``sample``; and it keeps every output beat's accumulators in a buffer so the next GEMM
+can ``ACCUMULATE`` onto them.
+
+No multiplication sits on an address path: block indices and ``out`` row addresses are
+registers stepped by constant or registered strides.
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Module, Mux, Signal, signed
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..mac_array import MacArray, carry_bits, ref_exponent_limit
+from .quantize import cmul
+
+__all__ = ["GemmStream", "job_layout"]
+
+
+def job_layout(operand_buffers: int) -> data.StructLayout:
+    """A GEMM job: operand buffers, flags, shape, grid and output placement."""
+    return data.StructLayout({
+        "a": range(operand_buffers), "b": range(operand_buffers),
+        "ta": 1, "tb": 1, "ext": 1, "acc": 1, "store": 1, "fit": 1, "rbank": 1,
+        "frac_a": 5, "frac_b": 5,
+        "mt": 16, "nt": 16, "nk": 16, "M": 16, "N": 16, "off": 32})
+
+
+class GemmStream(wiring.Component):
+    """Sequencer, MAC array and drain of one GEMM job.
+
+    Ports
+    -----
+    ``job``, ``start`` (strobe), ``done`` (idle): the job.
+    ``rd_buf`` / ``rd_word`` / ``rd_elem``: operand buffer and the mantissa word / exponent
+    element to read; ``man_data`` / ``exp_data``: that buffer's read data (a clock later).
+    ``ref_addr`` / ``ref_data``: this GEMM's reference exponents (the engine's memory).
+    ``out_addr`` / ``out_data`` / ``out_en``: writes into ``out``.
+    ``sample``: every stored output, for the statistics engine.
+    """
+
+    def __init__(self, mc, *, operand_buffers: int, man_width: int, exp_width: int,
+                 ref_width: int, ref_addr_bits: int, acc_capacity: int,
+                 primitives: str | None = None, runtime_frac: bool = False) -> None:
+        self.mc, self.nops = mc, operand_buffers
+        self.mw, self.ew, self.acc_capacity = man_width, exp_width, acc_capacity
+        self.primitives, self.runtime_frac = primitives, runtime_frac
+        super().__init__({
+            "job": In(job_layout(operand_buffers)), "start": In(1), "done": Out(1),
+            "rd_buf": Out(range(operand_buffers)), "rd_word": Out(32), "rd_elem": Out(32),
+            "man_data": In(man_width * mc.tile), "exp_data": In(exp_width),
+            "ref_addr": Out(ref_addr_bits), "ref_data": In(signed(ref_width)),
+            "out_addr": Out(32), "out_data": Out(32), "out_en": Out(1),
+            "sample": Out(stream.Signature(32))})
+
+    def ref_index(self, bank, which, idx):
+        """Reference memory address of row block ``idx`` of A (``which`` 0) or column
+        block of B (1) in ``bank``."""
+        mg = len(self.ref_addr) - 2
+        return Cat(idx[:mg], which, bank)
+
+    def elaborate(self, platform):
+        m = Module()
+        mc, j = self.mc, self.job
+        T = mc.tile
+        tsh = T.bit_length() - 1
+        mw = self.mw
+        kw = {"runtime_frac": True} if self.runtime_frac else {}
+        m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
+                                          carry=True, **kw)
+        mt, nt, nk = j.mt, j.nt, j.nk
+
+        # ---- sequencer: operand beats to the MAC array -------------------------------
+        it, jt, kk = Signal(16), Signal(16), Signal(16)
+        rr = Signal(range(T + 1))
+        sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
+        issued, running = Signal(), Signal()
+        # block indices Mux(ta, kk * mt + it, it * nk + kk) / Mux(tb, jt * nk + kk,
+        # kk * nt + jt), kept incrementally (a_bs / b_bs: their values at kk = 0)
+        blk_a, blk_b, a_bs, b_bs = (Signal(32, name=n) for n in ("blk_a", "blk_b", "a_bs",
+                                                                 "b_bs"))
+        ska, skb = Mux(j.ta, mt, 1), Mux(j.tb, 1, nt)   # strides of kk
+        sia, sjb = Mux(j.ta, 1, nk), Mux(j.tb, nk, 1)   # strides of it / jt
+        is_b = sph[0]
+        blk = Mux(is_b, blk_b, blk_a)
+        m.d.comb += [self.rd_elem.eq(blk), self.rd_word.eq((blk << tsh) + rr),
+                     self.rd_buf.eq(Mux(is_b, j.b, j.a)),
+                     self.ref_addr.eq(self.ref_index(~j.rbank, is_b, Mux(is_b, jt, it)))]
+        # the job's reference exponent, clamped to the largest value that matters
+        r_lim = ref_exponent_limit(mc)
+        ref_val = Mux(self.ref_data > r_lim, r_lim, self.ref_data)
+        hdr_last = Mux(j.ext, nk, nk - 1)   # EXT_EREF: one reference header beat more
+        with m.If(self.start):
+            m.d.sync += [it.eq(0), jt.eq(0), kk.eq(0), rr.eq(0), sph.eq(0), issued.eq(0),
+                         running.eq(1), blk_a.eq(0), blk_b.eq(0), a_bs.eq(0), b_bs.eq(0)]
+        kk_inc = [kk.eq(kk + 1), blk_a.eq(blk_a + ska), blk_b.eq(blk_b + skb)]
+        kk_zero = [kk.eq(0), blk_a.eq(a_bs), blk_b.eq(b_bs)]
+        # one register stage per operand stream between the sequencer (buffer reads,
+        # reference clamp) and the MAC array's front end (header exponent logic)
+        up_ready = []
+        for port, which in ((mac.a, 0), (mac.b, 1)):
+            p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
+            m.d.comb += [p.exp.eq(self.exp_data), p.transpose.eq(j.tb if which else j.ta),
+                         p.header.eq(~sph[1]), p.last.eq(kk == nk - 1),
+                         p.ref.eq(j.ext & ~sph[1] & (kk == nk)), p.eref.eq(ref_val)]
+            if self.runtime_frac:
+                m.d.comb += p.frac.eq(j.frac_b if which else j.frac_a)
+            for k in range(T):
+                m.d.comb += p.data[k].eq(self.man_data[mw * k: mw * k + mc.man_bits_a])
+            p_r = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}_r")
+            v_r = Signal(name=f"seq_{'ab'[which]}_valid")
+            rdy = Signal(name=f"seq_{'ab'[which]}_ready")
+            m.d.comb += [rdy.eq(~v_r | port.ready), port.valid.eq(v_r),
+                         port.payload.eq(p_r)]
+            with m.If(rdy):
+                m.d.sync += [v_r.eq(running & issued & (is_b == which)), p_r.eq(p)]
+            up_ready.append(rdy)
+        accepted = Mux(is_b, up_ready[1], up_ready[0]) & issued & running
+        with m.If(running & ~issued):
+            m.d.sync += issued.eq(1)
+        with m.If(accepted):
+            m.d.sync += issued.eq(0)
+            with m.If(~sph[1]):  # header beats
+                with m.If(kk == hdr_last):
+                    m.d.sync += [*kk_zero, sph.eq(sph + 1)]
+                with m.Else():
+                    m.d.sync += kk_inc
+            with m.Else():
+                with m.If(rr == T - 1):
+                    m.d.sync += rr.eq(0)
+                    with m.If(sph == 2):
+                        m.d.sync += sph.eq(3)
+                    with m.Elif(kk != nk - 1):
+                        m.d.sync += [sph.eq(2), *kk_inc]
+                    with m.Else():
+                        m.d.sync += [sph.eq(0), *kk_zero]
+                        with m.If(jt == nt - 1):
+                            m.d.sync += [jt.eq(0), b_bs.eq(0), blk_b.eq(0)]
+                            with m.If(it == mt - 1):
+                                m.d.sync += running.eq(0)
+                            with m.Else():
+                                m.d.sync += [it.eq(it + 1), a_bs.eq(a_bs + sia),
+                                             blk_a.eq(a_bs + sia)]
+                        with m.Else():
+                            m.d.sync += [jt.eq(jt + 1), b_bs.eq(b_bs + sjb),
+                                         blk_b.eq(b_bs + sjb)]
+                with m.Else():
+                    m.d.sync += rr.eq(rr + 1)
+
+        # ---- drain: MAC results -> out + statistics ---------------------------------
+        R, C = mc.rows, mc.cols
+        d_it, d_jt = Signal(16), Signal(16)
+        d_rg = Signal(range(T // R + 1))
+        d_cg = Signal(range(T // C + 1))
+        d_r = Signal(range(R + 1))
+        d_c = Signal(range(C + 1))
+        d_run = Signal()
+        # out row address g_off + di * N, kept incrementally: d_ra of the row
+        # (it, rg, r), d_rb of (it, rg, 0), d_ib of (it, 0, 0)
+        d_ra, d_rb, d_ib = Signal(32), Signal(32), Signal(32)
+        with m.If(self.start):
+            m.d.sync += [d_it.eq(0), d_jt.eq(0), d_rg.eq(0), d_cg.eq(0), d_r.eq(0),
+                         d_c.eq(0), d_run.eq(1), d_ra.eq(j.off), d_rb.eq(j.off),
+                         d_ib.eq(j.off)]
+        m.d.comb += self.done.eq(~running & ~d_run)
+        di, dj = Signal(16), Signal(16)
+        gNR = cmul(j.N, R)        # row address steps of rg and it
+        gNT = j.N << tsh
+        m.d.comb += [di.eq((d_it << tsh) + d_rg * R + d_r),
+                     dj.eq((d_jt << tsh) + d_cg * C + d_c)]
+        val = Signal(32)
+        with m.Switch(d_c):
+            for k in range(C):
+                with m.Case(k):
+                    m.d.comb += val.eq(mac.o.payload.data[k])
+        in_range = (di < j.M) & (dj < j.N) & j.store   # out and statistics: STORE only
+        m.d.comb += [self.out_addr.eq(d_ra + dj), self.out_data.eq(val)]
+        # registered into the statistics (READ_STATS comes frames later)
+        m.d.sync += [self.sample.valid.eq(d_run & mac.o.valid & in_range),
+                     self.sample.payload.eq(val)]
+        with m.If(d_run & mac.o.valid):
+            with m.If(in_range):
+                m.d.comb += self.out_en.eq(1)
+            with m.If(d_c == C - 1):
+                m.d.comb += mac.o.ready.eq(1)
+                m.d.sync += d_c.eq(0)
+                with m.If(d_r == R - 1):
+                    m.d.sync += [d_r.eq(0), d_ra.eq(d_rb)]
+                    with m.If(d_cg == T // C - 1):
+                        m.d.sync += d_cg.eq(0)
+                        with m.If(d_rg == T // R - 1):
+                            m.d.sync += [d_rg.eq(0), d_ra.eq(d_ib), d_rb.eq(d_ib)]
+                            with m.If(d_jt == nt - 1):
+                                m.d.sync += d_jt.eq(0)
+                                with m.If(d_it == mt - 1):
+                                    m.d.sync += d_run.eq(0)
+                                with m.Else():
+                                    m.d.sync += [d_it.eq(d_it + 1), d_ra.eq(d_ib + gNT),
+                                                 d_rb.eq(d_ib + gNT), d_ib.eq(d_ib + gNT)]
+                            with m.Else():
+                                m.d.sync += d_jt.eq(d_jt + 1)
+                        with m.Else():
+                            m.d.sync += [d_rg.eq(d_rg + 1), d_ra.eq(d_rb + gNR),
+                                         d_rb.eq(d_rb + gNR)]
+                    with m.Else():
+                        m.d.sync += d_cg.eq(d_cg + 1)
+                with m.Else():
+                    m.d.sync += [d_r.eq(d_r + 1), d_ra.eq(d_ra + j.N)]
+            with m.Else():
+                m.d.sync += d_c.eq(d_c + 1)
+
+        # ---- accumulators kept between GEMMs: read back (ACCUMULATE), written per beat
+        CB = carry_bits(mc)
+        m.submodules.accm = accm = memory.Memory(
+            shape=mc.cols * CB + 1, depth=max(1, -(-self.acc_capacity // mc.cols)), init=[])
+        acc_w, acc_r = accm.write_port(), accm.read_port()
+        ac_rd, ac_wr = Signal(32), Signal(32)
+        with m.If(self.start):
+            m.d.sync += [ac_rd.eq(0), ac_wr.eq(0)]
+        with m.Else():
+            with m.If(mac.cin_take):
+                m.d.sync += ac_rd.eq(ac_rd + 1)
+            with m.If(mac.acc_o_valid):
+                m.d.sync += ac_wr.eq(ac_wr + 1)
+        m.d.comb += [acc_r.addr.eq(ac_rd), acc_w.addr.eq(ac_wr),
+                     acc_w.en.eq(mac.acc_o_valid & j.fit),
+                     acc_w.data.eq(Cat(*[mac.acc_o[c] for c in range(C)], mac.acc_o_nan)),
+                     mac.cin_nan.eq(j.acc & acc_r.data[-1])]
+        for c in range(C):
+            m.d.comb += mac.cin[c].eq(Mux(j.acc, acc_r.data[c * CB:(c + 1) * CB].as_signed(),
+                                          0))
+        return m
