@@ -53,8 +53,9 @@ from .executor import Executor
 from .response import ResponseEncoder
 
 __all__ = ["Accelerator", "UartAccelerator", "ENGINES", "UNSUPPORTED", "unsupported",
-           "gemm_slots", "runtime_frac", "quant_lanes", "quant_rounding", "info_blob", "mac_config",
-           "accumulator_capacity", "generate", "register_cli"]
+           "gemm_slots", "tile_slots", "mx_slots", "runtime_frac", "quant_lanes",
+           "quant_rounding", "info_blob", "mac_config", "accumulator_capacity", "generate",
+           "register_cli"]
 
 #: The engine that executes each opcode (names of :meth:`Accelerator.engines`).
 ENGINES = {
@@ -68,9 +69,11 @@ ENGINES = {
 UNSUPPORTED = {
     "ops": [],
     "gemm_flags": [],
-    "gemm_slots": "only format slots with square tile x tile HyperBlock blocks and the "
-                  "MAC array's exponent format (any man_bits up to man_bits_max); "
-                  "others: detail 3 / 4",
+    "gemm_slots": "format slots with tile x tile HyperBlock blocks or 1-D power-of-two "
+                  "blocks (a multiple of tile) along the last axis, with the MAC array's "
+                  "exponent format and man_bits up to man_bits_max; others: detail 3 / 4",
+    "gemm_mx": "1-D block slots: no ACCUMULATE / EXT_EREF (detail 2), not mixed with a "
+               "tile slot (detail 4)",
 }
 
 def mac_config(cfg: AcceleratorConfig) -> MacArrayConfig:
@@ -83,8 +86,15 @@ def mac_config(cfg: AcceleratorConfig) -> MacArrayConfig:
                           guard_bits=cfg.guard_bits, mapping="dsp")
 
 
-def gemm_slots(cfg: AcceleratorConfig) -> list[int]:
-    """Format slots the MAC array computes with (bit-exactly as the golden model).
+def _array_exponent(cfg: AcceleratorConfig, f: BFPFormat) -> bool:
+    ref = mac_config(cfg).format_a()
+    return (f.man_bits <= ref.man_bits and f.exp_bits == ref.exp_bits
+            and f.exp_bias == ref.exp_bias and f.exp_invalid_code == ref.exp_invalid_code
+            and f.emin == ref.emin and f.emax == ref.emax)
+
+
+def tile_slots(cfg: AcceleratorConfig) -> list[int]:
+    """Format slots the MAC array computes (bit-exactly as the golden model).
 
     A slot qualifies with square ``tile x tile`` blocks (HyperBlock tiles) and the
     array's exponent format; its mantissas may be narrower than the array's
@@ -92,21 +102,34 @@ def gemm_slots(cfg: AcceleratorConfig) -> list[int]:
     are those of the golden model, and the FP32 conversion takes the job's fraction bits
     (:func:`runtime_frac`).
     """
-    ref = mac_config(cfg).format_a()
+    return [i for i, f in enumerate(cfg.formats)
+            if cfg.block_2d(i) == (cfg.tile, cfg.tile) and _array_exponent(cfg, f)]
+
+
+def mx_slots(cfg: AcceleratorConfig) -> list[int]:
+    """Format slots with 1-D blocks along the last axis (OCP MX: 32 elements) that the
+    GEMM engine's MX datapath computes: a power-of-two block that is a whole number of
+    buffer words (``tile`` mantissas), the array's exponent format."""
+    T = cfg.tile
     out = []
     for i, f in enumerate(cfg.formats):
-        if (cfg.block_2d(i) == (cfg.tile, cfg.tile) and f.man_bits <= ref.man_bits
-                and f.exp_bits == ref.exp_bits and f.exp_bias == ref.exp_bias
-                and f.exp_invalid_code == ref.exp_invalid_code and f.emin == ref.emin
-                and f.emax == ref.emax):
+        bh, bw = cfg.block_2d(i)
+        if (bh == 1 and bw > 1 and bw & (bw - 1) == 0 and bw % T == 0 and bw <= 64
+                and (bh, bw) != (T, T) and _array_exponent(cfg, f)):
             out.append(i)
     return out
+
+
+def gemm_slots(cfg: AcceleratorConfig) -> list[int]:
+    """Every format slot whose GEMMs the RTL computes (:func:`tile_slots` on the MAC
+    array, :func:`mx_slots` on the MX datapath)."""
+    return sorted(tile_slots(cfg) + mx_slots(cfg))
 
 
 def runtime_frac(cfg: AcceleratorConfig) -> bool:
     """Whether the MAC array takes each job's fraction bits: only when a GEMM slot's
     mantissas are narrower than the array's (otherwise the constant scale is kept)."""
-    return any(cfg.formats[i].man_bits != cfg.man_bits_max for i in gemm_slots(cfg))
+    return any(cfg.formats[i].man_bits != cfg.man_bits_max for i in tile_slots(cfg))
 
 
 def quant_lanes(fmt: BFPFormat) -> tuple[int, bool]:
@@ -229,7 +252,8 @@ class Accelerator(wiring.Component):
             "quantize": QuantizeEngine(cfg, specs, quant=self.quant,
                                        rounding=quant_rounding(cfg, self.runtime_rounding),
                                        rom_depth=rom),
-            "gemm": GemmEngine(cfg, specs, mac=self.mac, slots=gemm_slots(cfg),
+            "gemm": GemmEngine(cfg, specs, mac=self.mac, slots=tile_slots(cfg),
+                               mx_slots=mx_slots(cfg),
                                acc_capacity=accumulator_capacity(cfg), rom_depth=rom,
                                primitives=self.primitives, runtime_frac=runtime_frac(cfg)),
         }

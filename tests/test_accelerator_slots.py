@@ -1,6 +1,7 @@
-"""GEMMs on every HyperBlock format slot of the RTL: HBFP4 and HBFP8 tiles, mixed.
+"""GEMMs on every format slot of the RTL: HBFP4 and HBFP8 tiles, mixed, and MXINT8.
 
-The simulated top (``SIM_CONFIG``: slot 0 HBFP8 on 8x8 tiles, slot 1 HBFP4 on 8x8 tiles)
+The simulated top (``SIM_CONFIG``: slot 0 HBFP8 on 8x8 tiles, slot 1 HBFP4 on 8x8 tiles,
+slot 2 MXINT8)
 against the golden device model (``emulate://``) and ``bfp_matmul``, bit for bit, in
 both orientations, and the three HyperBlock training GEMMs (forward, dX, dW) from X, W
 and dY each quantized once at 4 bits.
@@ -13,7 +14,7 @@ import pytest
 
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware.sim_device import SIM_CONFIG, SimTransport
-from hbfp_hw.gateware.top import gemm_slots, runtime_frac
+from hbfp_hw.gateware.top import gemm_slots, mx_slots, runtime_frac, tile_slots
 from hbfp_hw.gemm import bfp_matmul
 from hbfp_hw.host.device import Device
 from hbfp_hw.host.emulator import Emulator
@@ -41,7 +42,8 @@ def _same(y, ref):
 
 def test_sim_config_gemm_slots():
     assert HB4.man_bits == 4 and HB8.man_bits == 8
-    assert gemm_slots(CFG) == [0, 1]      # the MXINT8 slot's 1-D blocks are not tiles
+    assert tile_slots(CFG) == [0, 1] and mx_slots(CFG) == [2]
+    assert gemm_slots(CFG) == [0, 1, 2]
     assert runtime_frac(CFG)
 
 
@@ -85,16 +87,76 @@ def test_hyperblock_training_gemms_at_4_bits(devs):
         assert np.all(np.isfinite(y)), name
 
 
-def test_mx_slot_gemm_unsupported_on_rtl():
-    """The MXINT8 slot quantizes on the RTL; its GEMM is UNSUPPORTED (detail 3), and
-    INFO lists the computing slots."""
-    mx = next(i for i, f in enumerate(CFG.formats) if f.block_size == 32)
-    sim = SimTransport(CFG)
-    fr = P.encode_frame(1, P.Op.GEMM, P.REQUESTS[P.Op.GEMM].pack(
-        a=0, b=1, flags=int(P.GemmFlag.STORE), slot_a=mx, slot_b=mx, a_rows=1,
-        a_cols=32, b_rows=32, b_cols=1, out_offset=0))
-    sim.write(fr)
-    out = sim.read(0.0)
-    assert out[5] == P.ERROR_OPCODE
-    code, op, detail = (out[6], out[7], int.from_bytes(out[8:12], "little"))
-    assert (code, op, detail) == (P.ErrorCode.UNSUPPORTED, P.Op.GEMM, 3)
+MX = CFG.formats[2]
+
+
+@pytest.mark.parametrize("orient", ["along_k", "along_mn"])
+def test_mx_gemm_sim_equals_emulate(devs, orient):
+    """MXINT8: A blocked along K and B along K (B stored transposed: 32-element K
+    blocks), or A stored transposed and B as stored (K blocks of one element, exponents
+    shared along M and N); edge rows: zeros, a huge row, NaN with ALLOW_INVALID."""
+    rng = np.random.default_rng(21 if orient == "along_k" else 22)
+    # along M and N every K element is a block of 32: K stays small (operand depth)
+    M, K, N = (5, 70, 3) if orient == "along_k" else (5, 24, 3)
+    a = (rng.standard_normal((M, K)) * np.exp2(rng.integers(-20, 20, (M, 1)))).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    a[1] = 0.0
+    a[3, : K // 2] *= np.float32(2.0**90)
+    if orient == "along_k":
+        qa, qb = quantize(a, MX), quantize(np.ascontiguousarray(b.T), MX).T
+    else:
+        qa, qb = quantize(np.ascontiguousarray(a.T), MX).T, quantize(b, MX)
+    assert qa.layout.block[1] == qb.layout.block[0]
+    ref = bfp_matmul(qa, qb)
+    sim, emu = devs
+    _same(emu.matmul_q(qa, qb), ref)
+    _same(sim.matmul_q(qa, qb), ref)
+    assert sim.read_stats() == emu.read_stats()
+
+
+def test_mx_gemm_invalid_blocks_and_errors(devs):
+    """NaN blocks give NaN outputs with ALLOW_INVALID (else INVALID_DATA); K blocks of
+    different lengths: BAD_ARGUMENT 5; ACCUMULATE on MX: UNSUPPORTED 2; MX with a tile
+    slot: UNSUPPORTED 4; each frame answered as the emulator does where it computes."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((4, 64)).astype(np.float32)
+    a[2, 40] = np.nan
+    b = rng.standard_normal((64, 3)).astype(np.float32)
+    qa = quantize(a, MX, nonfinite="flag")
+    qb = quantize(np.ascontiguousarray(b.T), MX).T
+    ref = bfp_matmul(qa, qb)
+    sim, emu = devs
+    _same(emu.matmul_q(qa, qb, allow_invalid=True), ref)
+    _same(sim.matmul_q(qa, qb, allow_invalid=True), ref)
+    assert np.isnan(ref[2]).all() and np.isfinite(ref[[0, 1, 3]]).all()
+
+    pair = (Emulator(CFG), sim.transport)   # the frames below write every buffer they use
+    G = P.GemmFlag
+
+    def both(seq, op, data=b"", **f):
+        fr = P.encode_frame(seq, op, P.REQUESTS[op].pack(data, **f))
+        pair[1].write(fr)
+        return pair[0].feed(fr), pair[1].read(0.0)
+
+    x = rng.standard_normal(64 * 4).astype(np.float32)
+    both(1, P.Op.WRITE, x.tobytes(), buffer=0, offset=0)
+    for seq, (slot, dst, rows, cols) in enumerate(((2, 0, 4, 64), (2, 1, 3, 64),
+                                                   (0, 2, 4, 64)), start=2):
+        e, s = both(seq, P.Op.QUANTIZE, slot=slot, dst=dst, flags=0, rows=rows, cols=cols,
+                    src_offset=0, rounding=0, seed=0, exp_code=0)
+        assert s == e and e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+    gemm = dict(a=0, b=1, flags=int(G.STORE | G.TRANS_B), slot_a=2, slot_b=2, a_rows=4,
+                a_cols=64, b_rows=3, b_cols=64, out_offset=0)
+    e, s = both(10, P.Op.GEMM, **gemm)
+    assert s == e and e[5] == P.Op.GEMM | P.RESPONSE_FLAG
+    want = {11: (dict(flags=int(G.STORE)), (P.ErrorCode.BAD_ARGUMENT, 5)),
+            12: (dict(flags=int(G.STORE | G.TRANS_B | G.ACCUMULATE)),
+                 (P.ErrorCode.UNSUPPORTED, 2)),
+            13: (dict(b=2, slot_b=0, b_rows=4, b_cols=64),
+                 (P.ErrorCode.BAD_ARGUMENT, 5))}
+    for seq, (kw, code) in want.items():
+        e, s = both(seq, P.Op.GEMM, **{**gemm, **kw})
+        assert s[5] == P.ERROR_OPCODE, seq
+        assert (s[6], int.from_bytes(s[8:12], "little")) == code, seq
+        if code[0] != P.ErrorCode.UNSUPPORTED:
+            assert s == e, seq

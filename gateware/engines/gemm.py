@@ -29,6 +29,7 @@ from hbfp_hw import protocol as P
 
 from ..engine import engine_signature, port_name, status_error, status_ok, status_register
 from .gemm_stream import GemmStream
+from .mx_stream import MxStream, mx_stream_signature
 
 __all__ = ["GemmEngine", "NO_EXP"]
 
@@ -49,7 +50,10 @@ class GemmEngine(wiring.Component):
     mac
         The :class:`~hbfp_hw.config.mac_array.MacArrayConfig` of the array.
     slots
-        Format slots the array computes.
+        Format slots the MAC array computes (``tile x tile`` blocks).
+    mx_slots
+        Format slots with 1-D blocks along the last axis computed by
+        :class:`~hbfp_hw.gateware.engines.mx_stream.MxStream`.
     acc_capacity
         Outputs whose accumulators are kept for ``ACCUMULATE``.
     rom_depth
@@ -58,10 +62,13 @@ class GemmEngine(wiring.Component):
         Passed to the MAC array.
     """
 
-    def __init__(self, config, specs, *, mac, slots, acc_capacity: int, rom_depth: int,
-                 primitives: str | None = None, runtime_frac: bool = False) -> None:
+    def __init__(self, config, specs, *, mac, slots, mx_slots=(), acc_capacity: int,
+                 rom_depth: int, primitives: str | None = None,
+                 runtime_frac: bool = False) -> None:
         self.config, self.specs, self.mac = config, list(specs), mac
-        self.slots, self.acc_capacity = list(slots), acc_capacity
+        self.tile_slots, self.mx_slots = list(slots), list(mx_slots)
+        self.slots = sorted(self.tile_slots + self.mx_slots)
+        self.acc_capacity = acc_capacity
         self.primitives, self.runtime_frac = primitives, runtime_frac
         super().__init__(engine_signature(self.specs, config.tile, rom_depth,
                                           sample=Out(stream.Signature(32)), soft_reset=In(1)))
@@ -113,6 +120,13 @@ class GemmEngine(wiring.Component):
         fr = [max(f.man_bits - 2, 0) for f in cfg.formats]
         mmaxes = [f.mmax for f in cfg.formats]
         g_fa, g_fb = Signal(5), Signal(5)
+        # per operand: log2 block rows / cols, 1-D (MX) block, block columns
+        lbh = [Signal(range(8), name=f"lbh_{n}") for n in "ab"]
+        lbw = [Signal(range(8), name=f"lbw_{n}") for n in "ab"]
+        is_mx = [Signal(name=f"mx_{n}") for n in "ab"]
+        bw = [Signal(range(65), name=f"bw_{n}") for n in "ab"]
+        lwd = [Signal(range(8), name=f"lwd_{n}") for n in "ab"]   # log2 buffer words/block
+        g_mx = Signal()         # this GEMM runs on the MX datapath
         mm_a, mm_b = Signal(range(max(mmaxes) + 1)), Signal(range(max(mmaxes) + 1))
         # accumulator state kept between GEMMs (ACCUMULATE / EXT_EREF); the emulator's
         # meta reduces to the output tile grid and the fraction bits of both operands
@@ -147,22 +161,45 @@ class GemmEngine(wiring.Component):
                      job.frac_b.eq(g_fb), job.mt.eq(mt), job.nt.eq(nt), job.nk.eq(nk),
                      job.M.eq(gM), job.N.eq(gN), job.off.eq(g_off),
                      gs.ref_data.eq(ref_r1.data)]
-        wiring.connect(m, wiring.flipped(self.sample), gs.sample)
         out_w = getattr(self.bufs, f"{port_name(out_spec)}_w")
         m.d.comb += [out_w.addr.eq(gs.out_addr), out_w.data.eq(gs.out_data),
                      out_w.en.eq(gs.out_en)]
-        s_man, s_exp = operand_data(gs.rd_buf)
-        m.d.comb += [gs.man_data.eq(s_man), gs.exp_data.eq(s_exp)]
+        mx_specs = [cfg.formats[k] for k in self.mx_slots]
+        lmax = max([f.block_size for f in mx_specs], default=1)
+        mmax = max([f.mmax for f in mx_specs], default=1)
+        if self.mx_slots:
+            m.submodules.mx = mx = MxStream(
+                tile=T, operand_buffers=nops, man_width=mw, exp_width=ew,
+                man_bits=mc.man_bits_a, exp_bias=ref_fmt.exp_bias,
+                exp_invalid_code=ref_fmt.exp_invalid_code, guard_bits=cfg.guard_bits,
+                acc_bits=cfg.accumulator_bits,
+                psum_bits=(lmax * mmax * mmax).bit_length() + 1)
+        else:   # no 1-D slot: no MX hardware, its ports read 0 (MX_RUN is unreachable)
+            mx = mx_stream_signature(tile=T, operand_buffers=nops, man_width=mw,
+                                     exp_width=ew).create()
+        mode = Signal(2)    # 0: scan / G_OWN / G_REF, 1: the tile stream, 2: the MX stream
+        s_man, s_exp = operand_data(Mux(mode == 2, mx.rd_buf, gs.rd_buf))
+        m.d.comb += [gs.man_data.eq(s_man), gs.exp_data.eq(s_exp), mx.man_data.eq(s_man),
+                     mx.exp_data.eq(s_exp)]
+        with m.If(mode == 2):
+            m.d.comb += [out_w.addr.eq(mx.out_addr), out_w.data.eq(mx.out_data),
+                         out_w.en.eq(mx.out_en)]
+        m.d.comb += [self.sample.valid.eq(gs.sample.valid | mx.sample.valid),
+                     self.sample.payload.eq(Mux(mx.sample.valid, mx.sample.payload,
+                                                gs.sample.payload)),
+                     gs.sample.ready.eq(1), mx.sample.ready.eq(1)]
 
         # ---- scan machinery (operand checks) ------------------------------------------
         sc, sc_next = Signal(32), Signal(32)
         m.d.comb += sc_next.eq(sc)
         m.d.sync += sc.eq(sc_next)
-        mode = Signal()     # 0: scan / G_OWN / G_REF, 1: the stream
-        with m.If(mode):
-            m.d.comb += [rd_elem.eq(gs.rd_elem), rd_word.eq(gs.rd_word)]
-        with m.Else():
-            m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
+        with m.Switch(mode):
+            with m.Case(1):
+                m.d.comb += [rd_elem.eq(gs.rd_elem), rd_word.eq(gs.rd_word)]
+            with m.Case(2):
+                m.d.comb += [rd_elem.eq(mx.rd_elem), rd_word.eq(mx.rd_word)]
+            with m.Default():
+                m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
         scan_buf = Signal(8)
         scan_kind = Signal(2)   # 0 mantissa range, 1 exponent range, 2 invalid flag
         scan_n = Signal(32)
@@ -260,7 +297,8 @@ class GemmEngine(wiring.Component):
         u_v, u_which, u_i, u_first = Signal(), Signal(), Signal(16), Signal()
         u_own, u_new, u_diff = Signal(signed(RW)), Signal(signed(RW)), Signal(signed(RW + 2))
         m.d.comb += [ref_r2.addr.eq(ref_addr(rbank, y_which, y_i)),
-                     ref_r1.addr.eq(Mux(mode, gs.ref_addr, ref_addr(~rbank, y_which, y_i))),
+                     ref_r1.addr.eq(Mux(mode == 1, gs.ref_addr,
+                                        ref_addr(~rbank, y_which, y_i))),
                      y_own.eq(ref_r1.data),
                      y_new.eq(Mux(ext_f, eref_r.data - ref_fmt.exp_bias, y_own)),
                      y_diff.eq(y_new - ref_r2.data),
@@ -304,8 +342,17 @@ class GemmEngine(wiring.Component):
             with m.State("G_PRE"):
                 for which, name in enumerate("ab"):
                     rows, cols = getattr(a, f"{name}_rows"), getattr(a, f"{name}_cols")
-                    m.d.sync += nb_ab[which].eq(((rows + T - 1) >> tsh)
-                                                * ((cols + T - 1) >> tsh))
+                    with m.Switch(getattr(a, f"slot_{name}")):
+                        for k in self.slots:
+                            bh_k, bw_k = cfg.block_2d(k)
+                            sh, sw = bh_k.bit_length() - 1, bw_k.bit_length() - 1
+                            with m.Case(k):
+                                m.d.sync += [nb_ab[which].eq(((rows + bh_k - 1) >> sh)
+                                                             * ((cols + bw_k - 1) >> sw)),
+                                             lbh[which].eq(sh), lbw[which].eq(sw),
+                                             bw[which].eq(bw_k),
+                                             lwd[which].eq(max(sh + sw - tsh, 0)),
+                                             is_mx[which].eq(k in self.mx_slots)]
                 m.next = "G_CHECK_A"
             for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_CHECK_B"),
                                                       ("G_CHECK_B", "G_SCAN_INIT"))):
@@ -325,8 +372,8 @@ class GemmEngine(wiring.Component):
                         error(P.ErrorCode.BAD_BUFFER, buf)
                     with m.Elif((rows == 0) | (cols == 0)):
                         error(P.ErrorCode.BAD_ARGUMENT, 0)
-                    with m.Elif((nb << (2 * tsh)) > cfg.operand_depth):
-                        error(P.ErrorCode.OUT_OF_RANGE, nb << (2 * tsh))
+                    with m.Elif((nb << (lbh[which] + lbw[which])) > cfg.operand_depth):
+                        error(P.ErrorCode.OUT_OF_RANGE, nb << (lbh[which] + lbw[which]))
                     with m.Elif(nb > cfg.exponent_depth):
                         error(P.ErrorCode.OUT_OF_RANGE, nb)
                     with m.Else():
@@ -352,7 +399,8 @@ class GemmEngine(wiring.Component):
                             nbx = nb_a if which == 0 else nb_b
                             m.d.sync += [scan_buf.eq(g_a if which == 0 else g_b),
                                          scan_kind.eq(kind), scan_which.eq(which),
-                                         scan_n.eq(nbx << tsh if kind == 0 else nbx)]
+                                         scan_n.eq(nbx << lwd[which]
+                                                   if kind == 0 else nbx)]
                             if kind == 2:
                                 with m.If(g_flags & int(G.ALLOW_INVALID)):
                                     m.d.sync += scan_n.eq(0)
@@ -388,12 +436,26 @@ class GemmEngine(wiring.Component):
             with m.State("G_SHAPE0"):
                 m.d.sync += [mn.eq(M * N), mnp.eq((mt_c * nt_c) << (2 * tsh))]
                 m.next = "G_SHAPE"
+            # K block lengths: T for tile slots; for 1-D slots the block along K (A as
+            # stored, B transposed) or 1 (A transposed, B as stored)
+            La = Mux(is_mx[0], Mux(ta, 1, bw[0]), T)
+            Lb = Mux(is_mx[1], Mux(tb, bw[1], 1), T)
             with m.State("G_SHAPE"):
-                with m.If(Ka != Kb):
+                m.d.sync += g_mx.eq(is_mx[0])
+                with m.If((Ka != Kb) | (La != Lb)):
                     error(P.ErrorCode.BAD_ARGUMENT, 5)
                 with m.Elif(store_f & (g_off + mn > out_spec.depth)):
                     error(P.ErrorCode.OUT_OF_RANGE,
                           Mux(g_off > out_spec.depth, g_off, out_spec.depth))
+                with m.Elif(is_mx[0] != is_mx[1]):
+                    error(P.ErrorCode.UNSUPPORTED, 4)
+                with m.Elif(is_mx[0] & (acc_f | ext_f)):
+                    error(P.ErrorCode.UNSUPPORTED, 2)
+                with m.Elif(is_mx[0] & (ktot_c > cfg.k_max)):
+                    error(P.ErrorCode.K_OVERFLOW, ktot_c)
+                with m.Elif(is_mx[0]):
+                    m.d.sync += [gM.eq(M), gN.eq(N), k_new.eq(ktot_c), nk.eq(Ka)]
+                    m.next = "MX_PREP"
                 with m.Elif(acc_f & (~acc_valid | (acc_mt != mt_c) | (acc_nt != nt_c)
                                      | (acc_fa != g_fa) | (acc_fb != g_fb))):
                     error(P.ErrorCode.BAD_ARGUMENT, 2)
@@ -406,6 +468,45 @@ class GemmEngine(wiring.Component):
                                  mt.eq(mt_c), nt.eq(nt_c), nk.eq((Ka + T - 1) >> tsh),
                                  g_fit.eq(mnp <= self.acc_capacity)]
                     m.next = "G_OWN"
+            # the MX job's strides (see mx_stream.mx_job_layout)
+            mj = mx.job
+            nkb = Signal(17)
+            gmn = [Signal(17, name="mx_gm"), Signal(17, name="mx_gn")]
+            with m.State("MX_PREP"):
+                m.d.sync += [nkb.eq(Mux(ta, nk, (nk + bw[0] - 1) >> lbw[0])),
+                             gmn[0].eq((gM + bw[0] - 1) >> lbw[0]),
+                             gmn[1].eq((gN + bw[1] - 1) >> lbw[1])]
+                m.next = "MX_JOB"
+            with m.State("MX_JOB"):
+                m.d.sync += [mj.a.eq(g_a), mj.b.eq(g_b), mj.store.eq(store_f),
+                             mj.wide.eq(~ta & tb), mj.frac_a.eq(g_fa), mj.frac_b.eq(g_fb),
+                             mj.M.eq(gM), mj.N.eq(gN), mj.nkb.eq(nkb),
+                             mj.L.eq(Mux(ta, 1, bw[0])), mj.off.eq(g_off)]
+                for x, t, stored_t in ((0, ta, 0), (1, tb, 1)):
+                    n = "ab"[x]
+                    kp = nkb << lbw[x]                     # K padded to whole blocks
+                    mp = gmn[x] << lbw[x]                  # M (N) padded to whole blocks
+                    along_k = t if stored_t else ~t        # stored rows are K blocks
+                    with m.If(along_k):
+                        m.d.sync += [getattr(mj, f"{n}_estep").eq(1),
+                                     getattr(mj, f"{n}_ebase_step").eq(nkb),
+                                     getattr(mj, f"{n}_ewrap").eq(1),
+                                     getattr(mj, f"{n}_mstep").eq(1),
+                                     getattr(mj, f"{n}_mbase_step").eq(kp)]
+                    with m.Else():
+                        m.d.sync += [getattr(mj, f"{n}_estep").eq(gmn[x]),
+                                     getattr(mj, f"{n}_ebase_step").eq(1),
+                                     getattr(mj, f"{n}_ewrap").eq(bw[x]),
+                                     getattr(mj, f"{n}_mstep").eq(mp),
+                                     getattr(mj, f"{n}_mbase_step").eq(1)]
+                m.next = "MX_GO"
+            with m.State("MX_GO"):
+                m.d.comb += mx.start.eq(1)
+                m.next = "MX_RUN"
+            with m.State("MX_RUN"):
+                m.d.comb += mode.eq(2)
+                with m.If(mx.done):
+                    m.next = "G_DONE"
             with m.State("G_OWN"):
                 m.d.comb += [sc_next.eq(x_blk), x_go.eq(~x_done)]
                 with m.If(x_done & ~p_v):
@@ -432,7 +533,7 @@ class GemmEngine(wiring.Component):
                     m.next = "G_DONE"
             with m.State("G_DONE"):
                 done(status_ok(m, pay, fix=k_new, nfix=P.RESPONSES[P.Op.GEMM].header_size))
-                m.d.sync += [acc_valid.eq(1), acc_mt.eq(mt), acc_nt.eq(nt), acc_fa.eq(g_fa),
+                m.d.sync += [acc_valid.eq(~g_mx), acc_mt.eq(mt), acc_nt.eq(nt), acc_fa.eq(g_fa),
                              acc_fb.eq(g_fb), k_tot.eq(k_new)]
                 with m.If(~acc_f):
                     m.d.sync += rbank.eq(~rbank)
