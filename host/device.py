@@ -726,10 +726,23 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
     * ``emulate://`` -- the golden-model device (:class:`~hbfp_hw.host.emulator.Emulator`)
       over an in-process loopback: the whole codec path runs;
     * ``serial:///dev/ttyUSB0?baud=3000000`` -- a board through pyserial;
-    * ``sim://`` -- the generated RTL in a simulator (needs the accelerator top).
+    * ``sim://`` -- the generated accelerator RTL in Amaranth's simulator, in process
+      (:func:`hbfp_hw.gateware.sim_device.sim_transport`). The simulator runs one to
+      three thousand clocks per second, so ``sim://`` builds the small
+      :data:`~hbfp_hw.gateware.sim_device.SIM_CONFIG` (2x2 MAC array; format slots
+      HBFP8 and HBFP4 on 8x8 tiles, MXINT8) unless ``config`` or ``manifest`` names
+      another build.
 
     ``config`` / ``manifest`` give the expected build: INFO must match it. For
-    ``emulate://`` they also configure the emulated device (default config otherwise).
+    ``emulate://`` and ``sim://`` they also configure the device (otherwise
+    ``emulate://`` builds :meth:`AcceleratorConfig.default`, ``sim://``
+    ``SIM_CONFIG``).
+
+    ``progress``: a tqdm bar on transfers over 1 MiB; on ``sim://`` also a line on
+    stderr every ~2 s of a long simulation, with the simulated clocks and the rate in
+    cycles/s. ``None`` (default): only when stderr is a terminal (for ``sim://``, the
+    environment variable ``HBFP_SIM_PROGRESS=1`` / ``0`` switches the simulator's lines
+    on / off as well); ``True`` / ``False`` force them.
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a string, got {type(url).__name__}")
@@ -769,19 +782,25 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
     if u.scheme == "sim":
         try:
             import importlib
-            top = importlib.import_module("hbfp_hw.gateware.sim_device")
+            simdev = importlib.import_module("hbfp_hw.gateware.sim_device")
         except ModuleNotFoundError as e:
             if e.name not in ("hbfp_hw.gateware.sim_device",):
                 raise
             raise RuntimeError(
-                "sim:// needs the accelerator simulation (hbfp_hw.gateware.sim_device), which is not "
-                "available in this build; use emulate:// for the golden device model") from None
-        factory = getattr(top, "sim_transport", None)
+                "sim:// needs the accelerator simulation (hbfp_hw.gateware.sim_device), "
+                "which is not available in this build; use emulate:// for the golden "
+                "device model") from None
+        factory = getattr(simdev, "sim_transport", None)
         if factory is None:
             raise RuntimeError("sim:// needs hbfp_hw.gateware.sim_device.sim_transport(config) "
-                               "returning a Transport to the simulated RTL; the top does "
+                               "returning a Transport to the simulated RTL; this build does "
                                "not provide it yet")
-        cfg = config_for_model or AcceleratorConfig.default()
-        return Device(factory(cfg), timeout=10.0 if timeout is None else timeout, **kw)
+        cfg = config_for_model if config_for_model is not None else simdev.SIM_CONFIG
+        transport = factory(cfg, progress=progress)
+        try:
+            return Device(transport, timeout=10.0 if timeout is None else timeout, **kw)
+        except BaseException:
+            transport.close()
+            raise
     raise ValueError(f"unsupported device URL {url!r}; accepted schemes are "
                      + ", ".join(f"{s}://" for s in URL_SCHEMES))

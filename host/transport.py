@@ -5,9 +5,12 @@ within a timeout). Implementations:
 
 * :class:`SerialTransport` -- a UART through pyserial (``serial:///dev/ttyUSB0?baud=...``);
 * :class:`LoopbackTransport` -- in process, wired to a device model's ``feed``/``idle``
-  (the emulator; later the RTL simulation);
+  (the emulator, ``emulate://``);
 * :class:`FaultInjectingTransport` -- wraps another transport and, seeded, corrupts,
   drops, duplicates and delays bytes in both directions, counting every fault.
+
+The RTL in Amaranth's simulator (``sim://``) is
+:class:`hbfp_hw.gateware.sim_device.SimTransport`, kept with the gateware.
 """
 
 from __future__ import annotations
