@@ -1,7 +1,7 @@
 """``sim://``: the accelerator top in Amaranth's simulator as a host transport.
 
 :data:`SIM_CONFIG` is the small configuration ``sim://`` opens by default (the Python
-simulator runs one to three thousand clocks per second); :class:`SimTransport` clocks the
+simulator runs a few thousand clocks per second at best); :class:`SimTransport` clocks the
 :class:`~hbfp_hw.gateware.top.Accelerator` byte port from the host driver's
 ``write`` / ``read`` calls and, on long calls, prints the simulated clocks and the
 simulation rate on stderr.

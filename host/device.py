@@ -727,8 +727,8 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
       over an in-process loopback: the whole codec path runs;
     * ``serial:///dev/ttyUSB0?baud=3000000`` -- a board through pyserial;
     * ``sim://`` -- the generated accelerator RTL in Amaranth's simulator, in process
-      (:func:`hbfp_hw.gateware.sim_device.sim_transport`). The simulator runs one to
-      three thousand clocks per second, so ``sim://`` builds the small
+      (:func:`hbfp_hw.gateware.sim_device.sim_transport`). The simulator runs a few
+      thousand clocks per second at best, so ``sim://`` builds the small
       :data:`~hbfp_hw.gateware.sim_device.SIM_CONFIG` (2x2 MAC array; format slots
       HBFP8 and HBFP4 on 8x8 tiles, MXINT8) unless ``config`` or ``manifest`` names
       another build.
