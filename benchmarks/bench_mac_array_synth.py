@@ -6,6 +6,10 @@ MACs per DSP (DSP mappings with ``primitives="ecp5"``: MULT18X18D with its input
 pipeline and output registers), next to a naive baseline measured in the same run (an 8x8 array of
 registered 4x4 MACs, ``acc += a*b``, one MAC per PE per cycle).
 
+A ``dual_precision`` array is synthesised once and printed in two rows, one per mode
+(``mode8``: 8-bit jobs, ``mode4``: jobs whose operands both have at most 4 mantissa bits,
+two products per multiplier): same resources and Fmax, different MACs per cycle.
+
 Run: ``.venv/bin/python benchmarks/bench_mac_array_synth.py [--quick] [--out DIR]``
 (each place-and-route takes one to several minutes).
 """
@@ -64,6 +68,9 @@ ECP5_CONFIGS = [
     # 2x2 products per MULT18X18D: 512 MACs/cycle on 128 DSPs
     ("4b dsp-packed 8x8x8", MacArrayConfig(rows=8, cols=8, lanes=8, tile=8, man_bits_a=4,
                                            man_bits_b=4, k_max=1024, mapping="dsp-packed")),
+    # the 8-bit array with the narrow mode: 4-bit jobs at 2 products per MULT18X18D
+    ("dual dsp", MacArrayConfig(rows=4, cols=4, lanes=4, tile=8, man_bits_a=8, man_bits_b=8,
+                                k_max=1024, mapping="dsp", dual_precision=True)),
 ]
 ICE40_CONFIGS = [
     ("4b dsp 2x2x2", MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=4,
@@ -108,8 +115,12 @@ def main(argv=None) -> int:
         except SynthError as e:
             print(f"ecp5-85  {label:16} failed: {str(e).splitlines()[0]}", flush=True)
             continue
-        print(row("ecp5-85", label, cfg.rows, cfg.cols, cfg.lanes, cfg.tile,
-                  f"{cfg.man_bits_a}", cfg.mapping, res, cfg.macs_per_cycle), flush=True)
+        modes = ([(" mode8", cfg.man_bits_a, cfg.macs_per_cycle),
+                  (" mode4", 4, cfg.macs_per_cycle_narrow)] if cfg.dual_precision
+                 else [("", cfg.man_bits_a, cfg.macs_per_cycle)])
+        for suffix, man, macs in modes:
+            print(row("ecp5-85", label + suffix, cfg.rows, cfg.cols, cfg.lanes, cfg.tile,
+                      f"{man}", cfg.mapping, res, macs), flush=True)
     for label, cfg in [c for c in ([] if args.quick else ICE40_CONFIGS) if keep(c[0])]:
         d = out / ("ice40_" + label.replace(" ", "_"))
         v, _ = generate(cfg, d, name="mac_array")

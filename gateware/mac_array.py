@@ -58,12 +58,12 @@ from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..config.mac_array import MULTIPLIER_MAPPINGS, MacArrayConfig
+from ..config.mac_array import DUAL_MAN_BITS, MULTIPLIER_MAPPINGS, MacArrayConfig
 from ..formats import fraction_bits
 from ..manifest import write_manifest
 from ..quantize import BFPTensor
 from .fp32_convert import SCALE_BITS, Fp32Convert
-from .pe import PE, PRIMITIVES, ctrl_layout, pack_operand
+from .pe import PE, PRIMITIVES, ctrl_layout, pack_operand, pack_pair
 from .tile_buffer import TileBuffer
 
 __all__ = ["MacArray", "operand_layout", "output_layout", "gemm_beats", "assemble_output",
@@ -163,6 +163,8 @@ def _meta_layout(cfg: MacArrayConfig, ext_eref: bool = False,
               "inv": 1, "first": 1, "last": 1}
     if runtime_frac:
         fields["frac"] = max(frac_width(cfg.man_bits_a), frac_width(cfg.man_bits_b))
+    if cfg.dual_precision:     # the operand's format has at most DUAL_MAN_BITS bits
+        fields["narrow"] = 1
     return data.StructLayout(fields)
 
 
@@ -194,6 +196,8 @@ class _OperandFrontEnd(wiring.Component):
         is_inv = Signal()
         if self.runtime_frac:
             frac = Signal(len(p.frac))
+        if cfg.dual_precision:
+            narrow = Signal()
         m.d.comb += [e.eq(p.exp - cfg.exp_bias), is_inv.eq(p.exp == cfg.exp_invalid_code)]
         if self.ext_eref:   # a reference exponent: valid, enters the maximum
             with m.If(p.ref):
@@ -207,6 +211,8 @@ class _OperandFrontEnd(wiring.Component):
                              inv.eq(base_inv | is_inv), after_hdr.eq(1)]
                 if self.runtime_frac:
                     m.d.sync += frac.eq(p.frac)
+                if cfg.dual_precision:
+                    m.d.sync += narrow.eq(p.frac <= fraction_bits(DUAL_MAN_BITS))
         with m.Else():
             m.d.comb += [self.o.valid.eq(self.i.valid), self.i.ready.eq(self.o.ready),
                          self.o.payload.data.eq(p.data),
@@ -218,6 +224,8 @@ class _OperandFrontEnd(wiring.Component):
                          self.o.payload.meta.last.eq(p.last)]
             if self.runtime_frac:
                 m.d.comb += self.o.payload.meta.frac.eq(frac)
+            if cfg.dual_precision:
+                m.d.comb += self.o.payload.meta.narrow.eq(narrow)
             with m.If(self.i.valid & self.o.ready):
                 m.d.sync += after_hdr.eq(0)
         return m
@@ -230,9 +238,15 @@ class MacArray(wiring.Component):
     """
 
     def __init__(self, cfg: MacArrayConfig, *, primitives: str | None = None,
-                 ext_eref: bool = False, carry: bool = False, runtime_frac: bool = False):
+                 ext_eref: bool = False, carry: bool = False,
+                 runtime_frac: bool | None = None):
         if not isinstance(cfg, MacArrayConfig):
             raise TypeError(f"cfg must be a MacArrayConfig, got {type(cfg).__name__}")
+        if runtime_frac is None:
+            runtime_frac = cfg.dual_precision
+        if cfg.dual_precision and not runtime_frac:
+            raise ValueError("a dual_precision array selects its mode from the jobs' frac "
+                             "fields: runtime_frac must be True (or None)")
         if primitives not in PRIMITIVES:
             raise ValueError(f"primitives={primitives!r}; accepted values are "
                              f"{', '.join(map(repr, PRIMITIVES))}")
@@ -263,9 +277,11 @@ class MacArray(wiring.Component):
         ES = _esum_bits(cfg, self.ext_eref)
         m.submodules.fe_a = fe_a = _OperandFrontEnd(cfg, cfg.man_bits_a, self.ext_eref, rf)
         m.submodules.fe_b = fe_b = _OperandFrontEnd(cfg, cfg.man_bits_b, self.ext_eref, rf)
-        m.submodules.buf_a = buf_a = TileBuffer(tile=T, lanes=L, nvec=R, width=cfg.man_bits_a,
+        dual = cfg.dual_precision
+        BL = 2 * L if dual else L     # lanes read per cycle: two per multiplier if dual
+        m.submodules.buf_a = buf_a = TileBuffer(tile=T, lanes=BL, nvec=R, width=cfg.man_bits_a,
                                                 meta_layout=meta, col_major=False)
-        m.submodules.buf_b = buf_b = TileBuffer(tile=T, lanes=L, nvec=C, width=cfg.man_bits_b,
+        m.submodules.buf_b = buf_b = TileBuffer(tile=T, lanes=BL, nvec=C, width=cfg.man_bits_b,
                                                 meta_layout=meta, col_major=True)
         wiring.connect(m, wiring.flipped(self.a), fe_a.i)
         wiring.connect(m, wiring.flipped(self.b), fe_b.i)
@@ -282,19 +298,38 @@ class MacArray(wiring.Component):
         ea_i, eb_i = Signal(cfg.exp_bits), Signal(cfg.exp_bits)
         esum_i, inv_i, first_i = Signal(signed(ES)), Signal(), Signal()
         go = ~busy_drain & buf_a.rd_valid & buf_b.rd_valid
+        if dual:
+            # narrow mode: both operands' formats are narrow; the k step reads 2L lanes
+            # (T / 2L steps). Wide mode: read 2L lanes every other step, use one half.
+            mode4, last_k = Signal(), Signal()
+            half1 = Signal()             # wide mode: upper half of the 2L-lane read
+            rd_k = Mux(mode4, ks, ks >> 1)
+            m.d.comb += [mode4.eq(buf_a.rd_meta.narrow & buf_b.rd_meta.narrow),
+                         last_k.eq(ks == Mux(mode4, cfg.k_steps_narrow - 1,
+                                             cfg.k_steps - 1)),
+                         issue.mode4.eq(mode4)]
+            m.d.sync += half1.eq(ks[0] & ~mode4)
+
+            def is_last_k():
+                return last_k
+        else:
+            rd_k = ks
+
+            def is_last_k():
+                return ks == cfg.k_steps - 1
         m.d.comb += [buf_a.rd_pos.eq(win // nwc), buf_b.rd_pos.eq(win % nwc),
-                     buf_a.rd_k.eq(ks), buf_b.rd_k.eq(ks),
+                     buf_a.rd_k.eq(rd_k), buf_b.rd_k.eq(rd_k),
                      issue.valid.eq(go), issue.first_k.eq(ks == 0),
-                     issue.last_k.eq(ks == cfg.k_steps - 1), issue.win.eq(win),
+                     issue.last_k.eq(is_last_k()), issue.win.eq(win),
                      issue.first_tile.eq(buf_a.rd_meta.first),
                      ea_i.eq(buf_a.rd_meta.exp), eb_i.eq(buf_b.rd_meta.exp),
                      esum_i.eq(buf_a.rd_meta.emax + buf_b.rd_meta.emax),
                      inv_i.eq(buf_a.rd_meta.inv | buf_b.rd_meta.inv),
                      first_i.eq(buf_a.rd_meta.first)]
-        tile_done = go & (ks == cfg.k_steps - 1) & (win == cfg.windows - 1)
+        tile_done = go & is_last_k() & (win == cfg.windows - 1)
         start_drain = Signal()
         with m.If(go):
-            with m.If(ks == cfg.k_steps - 1):
+            with m.If(is_last_k()):
                 m.d.sync += ks.eq(0)
                 with m.If(win == cfg.windows - 1):
                     m.d.sync += win.eq(0)
@@ -316,9 +351,9 @@ class MacArray(wiring.Component):
         job_nan = Signal()
         with m.If(c1.valid & first1):
             m.d.sync += [job_eref.eq(esum1), job_nan.eq(inv1)]
-        # the job's fraction bits fa + fb: constant, or (runtime_frac) carried with the
-        # tiles' meta and taken with job_eref, so a drain converts with its own job's
-        job_fsum = cfg.frac_a + cfg.frac_b
+        # runtime_frac: the job's fraction bits fa + fb travel in the tiles' meta and are
+        # taken with job_eref, so a drain converts with its own job's scale while the
+        # next job's tiles load
         if rf:
             fsum1 = Signal(range(cfg.frac_a + cfg.frac_b + 1))
             job_fsum = Signal.like(fsum1)
@@ -342,18 +377,35 @@ class MacArray(wiring.Component):
         rd_win = Signal(range(cfg.windows))
         accs = [[None] * C for _ in range(R)]
         packed = {}
-        for g0, gn in groups:
-            for lane in range(L):
-                pk = pack_operand(m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
-                packed[g0, lane] = Signal.like(pk, name=f"bpk_{g0}_{lane}")
-                m.d.sync += packed[g0, lane].eq(pk)
         a_reg = {}
-        for r0, rn in row_groups:
-            for lane in range(L):
-                pk = pack_operand(m, cfg, [buf_a.rd_data[r0 + i][lane] for i in range(rn)],
-                                  side="a")
-                a_reg[r0, lane] = Signal.like(pk, name=f"areg_{r0}_{lane}")
-                m.d.sync += a_reg[r0, lane].eq(pk)
+        if dual:
+            # one PE per multiplier (packing (1, 1)); lane l multiplies K elements l
+            # (wide mode: l + L in the odd k steps) or, narrow mode, the pair (l, l + L):
+            # (a_l + a_{l+L} 2**s)(b_{l+L} + b_l 2**s) has a_l b_l + a_{l+L} b_{l+L} in
+            # its middle field (pe.pack_pair)
+            for side, buf, nv, store, wb in (("a", buf_a, R, a_reg, cfg.mult_bits_a),
+                                             ("b", buf_b, C, packed, cfg.mult_bits_b)):
+                for v in range(nv):
+                    for lane in range(L):
+                        x, y = buf.rd_data[v][lane], buf.rd_data[v][lane + L]
+                        wide = Mux(half1, y, x)
+                        nar = (pack_pair(m, x, y, name=f"pp{side}_{v}_{lane}") if side == "a"
+                               else pack_pair(m, y, x, name=f"pp{side}_{v}_{lane}"))
+                        reg = Signal(signed(wb), name=f"{side}reg_{v}_{lane}")
+                        m.d.sync += reg.eq(Mux(c1.mode4, nar, wide))
+                        store[v, lane] = reg
+        else:
+            for g0, gn in groups:
+                for lane in range(L):
+                    pk = pack_operand(m, cfg, [buf_b.rd_data[g0 + j][lane] for j in range(gn)])
+                    packed[g0, lane] = Signal.like(pk, name=f"bpk_{g0}_{lane}")
+                    m.d.sync += packed[g0, lane].eq(pk)
+            for r0, rn in row_groups:
+                for lane in range(L):
+                    pk = pack_operand(m, cfg, [buf_a.rd_data[r0 + i][lane] for i in range(rn)],
+                                      side="a")
+                    a_reg[r0, lane] = Signal.like(pk, name=f"areg_{r0}_{lane}")
+                    m.d.sync += a_reg[r0, lane].eq(pk)
         for r0, rn in row_groups:
             for g0, gn in groups:
                 pe = PE(cfg, n=gn, r=rn, primitives=self.primitives)
@@ -412,7 +464,10 @@ class MacArray(wiring.Component):
                         m.d.sync += sel[c].eq(accs[r][c])
         m.d.sync += [s_valid.eq(d_issue), s_last.eq(d_last)]
         scale = Signal(signed(SCALE_BITS))
-        m.d.comb += scale.eq(job_eref - cfg.guard_bits - job_fsum)
+        if rf:
+            m.d.comb += scale.eq(job_eref - cfg.guard_bits - job_fsum)
+        else:
+            m.d.comb += scale.eq(job_eref - cfg.guard_bits - cfg.frac_a - cfg.frac_b)
         conv_acc, conv_valid_i, conv_last, conv_scale, conv_nan = (
             sel, s_valid, s_last, scale, job_nan)
         conv_bits = cfg.acc_bits
@@ -583,11 +638,11 @@ def assemble_output(cfg: MacArrayConfig, beats: list[list[int]], jobs, shape) ->
 def port_map(cfg: MacArrayConfig) -> dict:
     def fields(layout):
         return {name: {"offset": f.offset, "width": f.width} for name, f in layout}
+    la = operand_layout(cfg, cfg.man_bits_a, runtime_frac=cfg.dual_precision)
+    lb = operand_layout(cfg, cfg.man_bits_b, runtime_frac=cfg.dual_precision)
     return {
-        "a": {"payload_width": operand_layout(cfg, cfg.man_bits_a).size,
-              "fields": fields(operand_layout(cfg, cfg.man_bits_a))},
-        "b": {"payload_width": operand_layout(cfg, cfg.man_bits_b).size,
-              "fields": fields(operand_layout(cfg, cfg.man_bits_b))},
+        "a": {"payload_width": la.size, "fields": fields(la)},
+        "b": {"payload_width": lb.size, "fields": fields(lb)},
         "o": {"payload_width": output_layout(cfg).size, "fields": fields(output_layout(cfg))},
     }
 
@@ -595,6 +650,8 @@ def port_map(cfg: MacArrayConfig) -> dict:
 def generate(cfg: MacArrayConfig, outdir: str | Path, *, name: str = "mac_array",
              primitives: str | None = None) -> tuple[Path, Path]:
     """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``outdir``.
+
+    A ``dual_precision`` config is built with ``runtime_frac`` (its ports carry ``frac``).
 
     ``primitives="ecp5"`` instantiates MULT18X18D (with its registers) for the DSP
     mappings; simulating that Verilog needs a MULT18X18D model
@@ -615,9 +672,11 @@ def _cli_generate(args) -> int:
                          man_bits_a=args.man_bits_a,
                          man_bits_b=args.man_bits_b if args.man_bits_b else args.man_bits_a,
                          exp_bits=args.exp_bits, k_max=args.k_max, guard_bits=args.guard_bits,
-                         mapping=args.mapping)
+                         mapping=args.mapping, dual_precision=args.dual_precision)
     v, mf = generate(cfg, args.output, name=args.name, primitives=args.primitives)
-    print(f"wrote {v} and {mf} ({cfg.macs_per_cycle} MACs/cycle, accumulator "
+    narrow = (f", {cfg.macs_per_cycle_narrow} in the 4-bit mode" if cfg.dual_precision
+              else "")
+    print(f"wrote {v} and {mf} ({cfg.macs_per_cycle} MACs/cycle{narrow}, accumulator "
           f"{cfg.acc_bits} bits)")
     return 0
 
@@ -637,6 +696,9 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--k-max", type=int, default=d.k_max)
     p.add_argument("--guard-bits", type=int, default=d.guard_bits)
     p.add_argument("--mapping", choices=MULTIPLIER_MAPPINGS, default=d.mapping)
+    p.add_argument("--dual-precision", action="store_true",
+                   help="add the 4-bit mode (two products per multiplier) selected per job "
+                        "by the operands' frac header fields")
     p.add_argument("--name", default="mac_array", help="top module name")
     p.add_argument("--primitives", choices=[p for p in PRIMITIVES if p], default=None,
                    help="instantiate vendor DSP primitives (ecp5: MULT18X18D with its "

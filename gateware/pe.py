@@ -11,6 +11,9 @@ s0    input registers (operands and control)
 s1    ``lanes`` multipliers (LUT shift-add, DSP ``*``, or packed DSP ``*``), registered;
       ``config.mult_stages`` registers (3 for the DSP mappings: pipeline, product,
       and a fabric landing register)
+s1b   (``dual_precision`` only, ``config.unpack_stages``) the lane term, registered:
+      the full product, or in the narrow mode (``ctrl.mode4``) the middle field of
+      ``(a0 + a1 2**s)(b1 + b0 2**s)``, i.e. ``a0 b0 + a1 b1`` (see :func:`pack_pair`)
 s2    unpack the packed fields, adder tree over lanes -> partial sum, registered
       (``config.sum_stages`` registers: above 4 lanes the first level of pairs too)
 s3    block dot product ``P = sum over the tile / lanes steps`` (exact integer)
@@ -35,10 +38,10 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..config.mac_array import MacArrayConfig
+from ..config.mac_array import DUAL_FIELD, DUAL_MAN_BITS, MacArrayConfig
 
-__all__ = ["PE", "ctrl_layout", "pack_operand", "packed_bits", "packed_bits_a", "lut_multiply",
-           "PRIMITIVES", "ecp5_mult18x18d"]
+__all__ = ["PE", "ctrl_layout", "pack_operand", "pack_pair", "packed_bits", "packed_bits_a",
+           "lut_multiply", "PRIMITIVES", "ecp5_mult18x18d"]
 
 #: Vendor primitives the PE can instantiate: ``None`` (portable, simulatable) or ``"ecp5"``.
 PRIMITIVES = (None, "ecp5")
@@ -47,20 +50,41 @@ ECP5_DSP_WIDTH = 18
 
 def ctrl_layout(cfg: MacArrayConfig) -> data.StructLayout:
     """Control travelling with the operands through the PE pipeline."""
-    return data.StructLayout({
+    fields = {
         "valid": 1, "first_k": 1, "last_k": 1, "first_tile": 1,
         "win": range(cfg.windows), "shift": cfg.shift_bits,
-    })
+    }
+    if cfg.dual_precision:
+        fields["mode4"] = 1
+    return data.StructLayout(fields)
 
 
 def packed_bits(cfg: MacArrayConfig, n: int) -> int:
     """Width of a packed column operand holding ``n`` fields."""
-    return (n - 1) * cfg.prod_bits + cfg.man_bits_b
+    return (n - 1) * cfg.prod_bits + cfg.mult_bits_b
 
 
 def packed_bits_a(cfg: MacArrayConfig, r: int) -> int:
     """Width of a packed row operand holding ``r`` fields ``pack * prod_bits`` apart."""
-    return (r - 1) * cfg.pack * cfg.prod_bits + cfg.man_bits_a
+    return (r - 1) * cfg.pack * cfg.prod_bits + cfg.mult_bits_a
+
+
+def pack_pair(m: Module, lo, hi, *, name: str = "pp") -> Signal:
+    """``lo + hi * 2**DUAL_FIELD`` for narrow mantissas ``|lo|, |hi| <= 7`` held
+    sign-extended in wider signals: a concatenation of ``lo``'s low ``DUAL_FIELD`` bits
+    with ``hi - sign(lo)`` (the borrow of a negative low field), no wide adder.
+
+    A row operand ``a0 + a1 2**s`` times a column operand ``b1 + b0 2**s`` is
+    ``a0 b1 + (a0 b0 + a1 b1) 2**s + a1 b0 2**(2s)``; with ``|a0 b1| <= 49`` and
+    ``|a0 b0 + a1 b1| <= 98`` both below ``2**(s-1)``, the middle field is recovered
+    exactly as ``sext(P[s:2s] + P[s-1])``."""
+    s, w = DUAL_FIELD, DUAL_MAN_BITS
+    lo_s = Signal(signed(max(s, len(lo))), name=f"{name}_lo")   # sign-extended
+    hi_b = Signal(signed(w + 1), name=f"{name}_hi")
+    m.d.comb += [lo_s.eq(lo), hi_b.eq(hi - lo_s[-1])]
+    out = Signal(signed(s + w), name=name)
+    m.d.comb += out.eq(Cat(lo_s[:s], hi_b[:w]))
+    return out
 
 
 def pack_operand(m: Module, cfg: MacArrayConfig, bs: list, *, side: str = "b") -> Signal:
@@ -176,6 +200,8 @@ class PE(wiring.Component):
         c0 = Signal(cl)
         m.d.sync += c0.eq(self.ctrl)
         pw = pa + pb
+        if cfg.dual_precision:     # bits that carry a term: the product or the 2s fields
+            pw = max(cfg.prod_bits, 2 * DUAL_FIELD)
         prods = [Signal(signed(pw), name=f"prod{l}") for l in range(L)]
         use_dsp = (self.primitives == "ecp5" and cfg.mapping != "lut"
                    and max(pa, pb) <= ECP5_DSP_WIDTH)
@@ -204,6 +230,21 @@ class PE(wiring.Component):
             nxt = Signal(cl, name=f"c1_{st}")
             m.d.sync += nxt.eq(c1)
             c1 = nxt
+        lane_terms = prods
+        if cfg.dual_precision:
+            # s1b: the lane term, registered: the product, or (narrow mode) the middle
+            # field a0 b0 + a1 b1 with the low field's borrow added back
+            s = DUAL_FIELD
+            tw = max(cfg.prod_bits, s)
+            lane_terms = []
+            for l in range(L):
+                mid = (prods[l][s:2 * s] + prods[l][s - 1])[:s].as_signed()
+                t = Signal(signed(tw), name=f"term{l}")
+                m.d.sync += t.eq(Mux(c1.mode4, mid, prods[l][:cfg.prod_bits].as_signed()))
+                lane_terms.append(t)
+            nxt = Signal(cl, name="c1_unpack")
+            m.d.sync += nxt.eq(c1)
+            c1 = nxt
         # s2: unpack fields, sum over lanes. Product (i, j) sits in the prod_bits field
         # starting at (i * pack + j) * prod_bits; the fields below it form a signed
         # number that borrows its sign bit, added back here.
@@ -216,7 +257,7 @@ class PE(wiring.Component):
             terms = []
             for l in range(L):
                 if F == 1:
-                    terms.append(prods[l])
+                    terms.append(lane_terms[l])
                 else:
                     hi = pw if k == F - 1 else lo + p
                     f = prods[l][lo:hi]

@@ -101,8 +101,9 @@ class Bench:
         self.model = Model(self.cfg)
         self.checker = Checker(self.cfg, dut._log)
         self.monitor = OutputMonitor(dut, self.cfg, self.rng, self.stall)
-        self.la = operand_layout(self.cfg, self.cfg.man_bits_a)
-        self.lb = operand_layout(self.cfg, self.cfg.man_bits_b)
+        rf = self.cfg.dual_precision        # such arrays are built with runtime_frac
+        self.la = operand_layout(self.cfg, self.cfg.man_bits_a, runtime_frac=rf)
+        self.lb = operand_layout(self.cfg, self.cfg.man_bits_b, runtime_frac=rf)
         dut._log.info(f"MAC array {self.cfg.to_dict()}, HBFP_MAC_SEED={seed}")
 
     async def start(self) -> None:
@@ -117,12 +118,16 @@ class Bench:
         dut.rst.value = 0
         cocotb.start_soon(self.monitor.run())
 
-    def quantize(self, x, which="a", nonfinite="raise"):
+    def quantize(self, x, which="a", nonfinite="raise", man_bits=None):
         fmt = self.cfg.format_a() if which == "a" else self.cfg.format_b()
+        if man_bits is not None:
+            fmt = fmt.replace(man_bits=man_bits)
         return quantize(np.asarray(x, dtype=np.float32), fmt, nonfinite=nonfinite)
 
     async def gemm(self, what: str, sa, ta: bool, sb, tb: bool) -> None:
-        a_beats, b_beats, jobs, shape = gemm_beats(self.cfg, sa, ta, sb, tb)
+        a_beats, b_beats, jobs, shape = gemm_beats(self.cfg, sa, ta, sb, tb,
+                                                   man_bits_a=sa.fmt.man_bits,
+                                                   man_bits_b=sb.fmt.man_bits)
         da = StreamDriver(self.dut, "a", np.random.default_rng(self.rng.integers(2**32)),
                           1.0 - self.stall)
         db = StreamDriver(self.dut, "b", np.random.default_rng(self.rng.integers(2**32)),
@@ -222,3 +227,28 @@ async def hyperblock_training_gemms(dut):
     await b.gemm("forward Y = X W^T", X, False, W, True)
     await b.gemm("dX = dY W", dY, False, W, False)
     await b.gemm("dW = dY^T X", dY, True, X, False)
+
+
+@cocotb.test()
+async def dual_precision_modes(dut):
+    """``dual_precision`` arrays: 4-bit x 4-bit GEMMs (two products per multiplier)
+    alternating with 4 x 8, 8 x 4 and 8 x 8-bit ones, edge values included. Other
+    arrays: nothing to run."""
+    b = Bench(dut)
+    if not b.cfg.dual_precision:
+        return
+    await b.start()
+    cfg, rng, T = b.cfg, b.rng, b.cfg.tile
+    wide = (cfg.man_bits_a, cfg.man_bits_b)
+    for g, (ma, mb) in enumerate([(4, 4), (4, wide[1]), (wide[0], 4), (4, 4), wide, (4, 4)]):
+        M, K, N = _dims(rng, cfg)
+        A, B = _values(rng, (M, K)), _values(rng, (K, N))
+        A[: min(M, T), : min(K, T)] = np.float32(1.999)            # saturating block
+        if g == 3:
+            A *= np.float32(2.0**90)
+            B *= np.float32(2.0**40)                               # overflow to Inf
+        if g == 5:
+            B[0, 0] = np.nan
+        sa = b.quantize(A, "a", nonfinite="flag", man_bits=ma)
+        sb = b.quantize(B, "b", nonfinite="flag", man_bits=mb)
+        await b.gemm(f"dual {g}: {ma}-bit x {mb}-bit {M}x{K}x{N}", sa, False, sb, False)

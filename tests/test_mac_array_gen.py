@@ -29,6 +29,9 @@ ECP5_CONFIGS = {
     "packed4": ["--rows", "2", "--cols", "4", "--lanes", "2", "--tile", "4",
                 "--man-bits-a", "4", "--mapping", "dsp-packed", "--k-max", "32",
                 "--primitives", "ecp5"],
+    # 8-bit array with the 4-bit mode: 12-bit packed operand pairs into MULT18X18D
+    "dual8": ["--rows", "2", "--cols", "2", "--lanes", "2", "--tile", "8", "--man-bits-a", "8",
+              "--mapping", "dsp", "--k-max", "32", "--dual-precision", "--primitives", "ecp5"],
 }
 SWEEP_CONFIGS = {
     "lut8": ["--rows", "4", "--cols", "2", "--lanes", "4", "--tile", "4", "--man-bits-a", "8",
@@ -59,6 +62,16 @@ def test_cli_generate_writes_verilog_and_manifest(tmp_path, capsys):
     assert "16 MACs/cycle" in capsys.readouterr().out
 
 
+def test_cli_generate_dual_precision_manifest(tmp_path, capsys):
+    v, mf = _generate(tmp_path, ["--rows", "2", "--cols", "2", "--lanes", "2", "--tile", "4",
+                                 "--man-bits-a", "8", "--dual-precision"])
+    man = read_manifest(mf, kind="mac_array")
+    cfg = MacArrayConfig.from_dict(man["config"])
+    assert cfg.dual_precision and man["config"]["derived"]["macs_per_cycle_narrow"] == 16
+    assert man["ports"]["a"]["fields"]["frac"]["width"] == 3
+    assert "8 MACs/cycle, 16 in the 4-bit mode" in capsys.readouterr().out
+
+
 def test_cli_generate_rejects_bad_config(tmp_path, capsys):
     rc = cli_main(["generate", "mac-array", "--rows", "3", "--tile", "8", "-o", str(tmp_path)])
     assert rc == 2
@@ -66,10 +79,12 @@ def test_cli_generate_rejects_bad_config(tmp_path, capsys):
 
 
 @pytest.mark.skipif(shutil.which("verilator") is None, reason="verilator not installed")
-@pytest.mark.parametrize("mapping", ["lut", "dsp", "dsp-packed"])
+@pytest.mark.parametrize("mapping", ["lut", "dsp", "dsp-packed", "dual"])
 def test_verilator_lint(tmp_path, mapping):
+    extra = (["--man-bits-a", "8", "--mapping", "dsp", "--dual-precision"] if mapping == "dual"
+             else ["--man-bits-a", "4", "--mapping", mapping])
     v, _ = _generate(tmp_path, ["--rows", "2", "--cols", "4", "--lanes", "2", "--tile", "4",
-                                "--man-bits-a", "4", "--mapping", mapping])
+                                *extra])
     # -Wall minus the classes Amaranth's Verilog back end always produces (implicit
     # width casts, initialised procedural regs, casez without default, descending
     # ranges, unused bits of wide intermediate wires)

@@ -1,9 +1,13 @@
 # amaranth: UnusedElaboratable=no
 """``MacArray(runtime_frac=True)``: formats narrower than the ports (HBFP4 mantissas
 sign-extended in an 8-bit array) with the FP32 scale taken per job from the header
-beats' ``frac``, bit for bit against ``hbfp_hw.bfp_matmul`` of each GEMM's formats."""
+beats' ``frac``, bit for bit against ``hbfp_hw.bfp_matmul`` of each GEMM's formats;
+and the ``dual_precision`` array, whose HBFP4 x HBFP4 jobs run two products per
+multiplier."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +24,15 @@ from hbfp_hw.quantize import quantize
 
 CFG = MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=8, man_bits_b=8, k_max=64,
                      mapping="dsp")
+#: dual-precision arrays: narrow mode 1 k step (T = 2L), 2 k steps with a LUT multiplier
+#: and one lane, 8 lanes (two-stage lane sums) in a 16-wide tile
+DUAL_CFGS = [
+    CFG.replace(dual_precision=True),
+    MacArrayConfig(rows=2, cols=1, lanes=1, tile=4, man_bits_a=8, man_bits_b=6, k_max=64,
+                   mapping="lut", dual_precision=True, guard_bits=3),
+    MacArrayConfig(rows=2, cols=2, lanes=8, tile=16, man_bits_a=8, man_bits_b=8, k_max=64,
+                   mapping="dsp", dual_precision=True),
+]
 
 
 def _fmt(cfg: MacArrayConfig, man_bits: int) -> BFPFormat:
@@ -51,11 +64,13 @@ def edge_operand(rng, shape, T: int, nan: bool = False) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
+def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, cycles: bool = False,
+             **build):
     """Run GEMMs ``(sa, ta, sb, tb, man_bits_a, man_bits_b)`` back to back through one
     ``MacArray(cfg, runtime_frac=True, **build)`` (one beat stream per operand, so jobs
     of consecutive GEMMs overlap) with random valid gaps and ready back-pressure.
-    Returns the FP32 result of each GEMM."""
+    Returns the FP32 result of each GEMM (and, ``cycles=True``, the clock cycles until
+    the last output beat)."""
     dut = MacArray(cfg, runtime_frac=True, **build)
     ext = build.get("ext_eref", False)
     la = operand_layout(cfg, cfg.man_bits_a, ext, True)
@@ -71,6 +86,7 @@ def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
     n_out = per * sum(len(j) for j, _ in parts)
     seeds = rng.integers(0, 2**31, size=3)
     got: list[list[int]] = []
+    n_cycles = [0]
 
     def producer(port, beats, layout, seed):
         r = np.random.default_rng(seed)
@@ -87,7 +103,6 @@ def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
 
     async def consumer(ctx):
         r = np.random.default_rng(seeds[2])
-        cycles = 0
         while len(got) < n_out:
             rdy = int(r.random() >= stall)
             ctx.set(dut.o.ready, rdy)
@@ -97,8 +112,8 @@ def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
                 got.append(v["data"])
                 assert v["last"] == int(len(got) % per == 0), f"last wrong at {len(got)}"
             await ctx.tick()
-            cycles += 1
-            assert cycles < 400_000, "timeout waiting for output beats"
+            n_cycles[0] += 1
+            assert n_cycles[0] < 400_000, "timeout waiting for output beats"
         ctx.set(dut.o.ready, 0)
 
     sim = Simulator(dut)
@@ -112,7 +127,7 @@ def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, **build):
         k = per * len(jobs)
         out.append(assemble_output(cfg, got[n:n + k], jobs, shape))
         n += k
-    return out
+    return (out, n_cycles[0]) if cycles else out
 
 
 def _gemm(cfg, rng, ma, mb, nan=False):
@@ -187,3 +202,81 @@ def test_runtime_frac_layout_and_helpers():
     # the default build has no frac field and the same ports as before
     plain = MacArray(cfg)
     assert "frac" not in dict(plain.a.payload.shape().members)
+
+
+# ---- dual_precision ------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in ldexp:RuntimeWarning")
+@pytest.mark.parametrize("cfg", DUAL_CFGS, ids=lambda c: f"{c.rows}x{c.cols}x{c.lanes}-"
+                         f"t{c.tile}-{c.man_bits_a}b{c.man_bits_b}-{c.mapping}")
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_dual_precision_both_modes_back_to_back(cfg, build, rng):
+    """Narrow-mode (HBFP4 x HBFP4: two products per multiplier) and wide-mode jobs
+    (HBFP4 x HBFP8, HBFP8 x HBFP4, HBFP8 x HBFP8) interleaved in one stream with stalls,
+    edge tiles included: bit for bit against bfp_matmul."""
+    wide_b = min(8, cfg.man_bits_b)
+    pairs = [(4, 4), (4, wide_b), (8, 4), (8, wide_b), (4, 4), (3, 2)] * 2
+    order = rng.permutation(len(pairs))
+    gemms = [_gemm(cfg, rng, *pairs[i], nan=(n == 2)) for n, i in enumerate(order)]
+    outs = run_jobs(cfg, gemms, rng, stall=0.3, **BUILDS[build])
+    for n, ((sa, ta, sb, tb, ma, mb), got) in enumerate(zip(gemms, outs)):
+        _assert_equal(got, sa, ta, sb, tb, cfg, f"GEMM {n} HBFP{ma} x HBFP{mb}")
+
+
+def test_dual_precision_extremes(rng):
+    """Narrow mode at the field limits: every product pair at +-49 with equal and
+    opposite signs (middle field +-98, low field +-49 borrowing), K = k_max."""
+    cfg = DUAL_CFGS[0]
+    K = cfg.k_max
+    A = np.full((4, K), 1.75, np.float32)            # 1.75 * 4 = 7
+    A[1] = -1.75
+    A[2, ::2] = -1.75
+    A[3, 1::3] = 0
+    B = np.full((K, 4), 1.75, np.float32)
+    B[:, 1] = -1.75
+    B[1::2, 2] = -1.75
+    B[::5, 3] = 0.5
+    sa, sb = quantize(A, _fmt(cfg, 4)), quantize(B, _fmt(cfg, 4))
+    assert np.abs(sa.mantissas).max() == 7 and np.abs(sb.mantissas).max() == 7
+    (got,) = run_jobs(cfg, [(sa, False, sb, False, 4, 4)], rng, stall=0.2)
+    _assert_equal(got, sa, False, sb, False, cfg, "extremes")
+
+
+def test_dual_precision_narrow_mode_doubles_macs_per_cycle(rng):
+    """Compute-bound shape (T**2 >= rows * cols * 2 lanes): each extra K tile of a job
+    costs windows * T / lanes cycles in the wide mode and half that in the narrow mode,
+    i.e. 2 * rows * cols * lanes MACs per cycle."""
+    cfg = MacArrayConfig(rows=2, cols=2, lanes=2, tile=8, man_bits_a=8, man_bits_b=8,
+                         k_max=64, mapping="dsp", dual_precision=True)
+    assert cfg.k_steps_narrow * 2 == cfg.k_steps
+    assert cfg.macs_per_cycle_narrow == 2 * cfg.macs_per_cycle == 16
+    T = cfg.tile
+    took = {}
+    for mb in (4, 8):
+        for nk in (2, 6):
+            A = rng.standard_normal((T, nk * T)).astype(np.float32)
+            B = rng.standard_normal((nk * T, T)).astype(np.float32)
+            sa, sb = quantize(A, _fmt(cfg, 4)), quantize(B, _fmt(cfg, mb))
+            (got,), n = run_jobs(cfg, [(sa, False, sb, False, 4, mb)], rng, stall=0.0,
+                                 cycles=True)
+            _assert_equal(got, sa, False, sb, False, cfg, f"nk={nk} b={mb}")
+            took[mb, nk] = n
+    # an extra K tile also adds one exponent header beat before the job's first product
+    per_tile = {mb: (took[mb, 6] - took[mb, 2]) / 4 - 1 for mb in (4, 8)}
+    assert per_tile[8] == cfg.windows * cfg.k_steps, took
+    assert per_tile[4] == cfg.windows * cfg.k_steps_narrow, took
+    assert T ** 3 / per_tile[4] == cfg.macs_per_cycle_narrow
+    assert T ** 3 / per_tile[8] == cfg.macs_per_cycle
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(man_bits_a=4, man_bits_b=4, mapping="dsp-packed"),
+     "dual_precision needs one product per multiplier"),
+    (dict(man_bits_b=3), "dual_precision needs man_bits_b >= 4, got 3"),
+    (dict(lanes=4, tile=4), "dual_precision needs 2 * lanes = 8 to divide tile=4"),
+])
+def test_dual_precision_config_messages(kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        MacArrayConfig(**{**dict(rows=2, cols=2, lanes=2, tile=4, dual_precision=True), **kw})
+    with pytest.raises(ValueError, match="runtime_frac must be True"):
+        MacArray(DUAL_CFGS[0], runtime_frac=False)

@@ -16,7 +16,7 @@ from ..formats import (BFPFormat, exponent_bias, exponent_invalid_code, fraction
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
 from ..validate import check_int as _check_int
 
-__all__ = ["MULTIPLIER_MAPPINGS", "DSP_WIDTH", "MacArrayConfig"]
+__all__ = ["MULTIPLIER_MAPPINGS", "DSP_WIDTH", "DUAL_FIELD", "DUAL_MAN_BITS", "MacArrayConfig"]
 
 #: How the mantissa multipliers are built: ``lut`` (explicit shift-add partial
 #: products, never inferred as DSP), ``dsp`` (one ``*`` per product, inferred as
@@ -27,6 +27,13 @@ MULTIPLIER_MAPPINGS = ("lut", "dsp", "dsp-packed")
 DSP_WIDTH = 18
 #: The golden model converts the accumulator through float64.
 MAX_ACC_BITS = 53
+#: Mantissa width of the narrow mode of a ``dual_precision`` array (formats of at most
+#: this many bits, both operands, run two products per multiplier).
+DUAL_MAN_BITS = 4
+#: Field spacing ``s`` of the narrow mode's operand packing: the middle field of
+#: ``(a0 + a1 2**s)(b1 + b0 2**s)`` holds ``a0 b0 + a1 b1`` (``|.| <= 2 * 7 * 7 = 98``)
+#: and the low field ``|a0 b1| <= 49``; both fit ``s`` bits signed.
+DUAL_FIELD = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,12 @@ class MacArrayConfig:
         Accumulator guard bits ``G`` in ``[0, 24]`` (see :func:`hbfp_hw.bfp_matmul`).
     mapping
         One of :data:`MULTIPLIER_MAPPINGS`.
+    dual_precision
+        Build the narrow mode too: jobs whose operands both have at most
+        :data:`DUAL_MAN_BITS` mantissa bits (the ``frac`` header field) run two products
+        per multiplier, ``2 * rows * cols * lanes`` MACs per cycle. Needs unpacked
+        multipliers (``packing == (1, 1)``), ``man_bits_a, man_bits_b >= 4`` and
+        ``2 * lanes`` dividing ``tile``.
     """
 
     rows: int = 4
@@ -65,6 +78,7 @@ class MacArrayConfig:
     k_max: int = 1024
     guard_bits: int = DEFAULT_GUARD_BITS
     mapping: str = "dsp"
+    dual_precision: bool = False
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, 64)
@@ -91,6 +105,21 @@ class MacArrayConfig:
                 f"{self.man_bits_b}, tile {self.tile}, k_max={self.k_max}, guard_bits="
                 f"{self.guard_bits}) is out of range; accepted range is [2, {MAX_ACC_BITS}]: "
                 f"reduce k_max or guard_bits")
+        if not isinstance(self.dual_precision, bool):
+            raise TypeError(f"dual_precision must be a bool, got {self.dual_precision!r}")
+        if self.dual_precision:
+            if self.packing != (1, 1):
+                raise ValueError(
+                    f"dual_precision needs one product per multiplier; mapping="
+                    f"{self.mapping!r} packs {self.packing} PEs (man_bits {self.man_bits_a}x"
+                    f"{self.man_bits_b}): use mapping 'dsp' or 'lut'")
+            for name in ("man_bits_a", "man_bits_b"):
+                if getattr(self, name) < DUAL_MAN_BITS:
+                    raise ValueError(f"dual_precision needs {name} >= {DUAL_MAN_BITS}, got "
+                                     f"{getattr(self, name)}")
+            if self.tile % (2 * self.lanes):
+                raise ValueError(f"dual_precision needs 2 * lanes = {2 * self.lanes} to divide "
+                                 f"tile={self.tile}")
 
     # -- derived constants --------------------------------------------------------
     @property
@@ -153,6 +182,27 @@ class MacArrayConfig:
         return self.tile // self.lanes
 
     @property
+    def k_steps_narrow(self) -> int:
+        """Cycles per block dot product in the narrow mode of a ``dual_precision`` array
+        (``tile / (2 lanes)``); ``k_steps`` otherwise."""
+        return self.tile // (2 * self.lanes) if self.dual_precision else self.k_steps
+
+    @property
+    def mult_bits_a(self) -> int:
+        """Signed width of a multiplier's row operand (without ``dsp-packed``): the
+        mantissa, or with ``dual_precision`` at least a packed pair
+        (``DUAL_FIELD + DUAL_MAN_BITS`` bits)."""
+        if not self.dual_precision:
+            return self.man_bits_a
+        return max(self.man_bits_a, DUAL_FIELD + DUAL_MAN_BITS)
+
+    @property
+    def mult_bits_b(self) -> int:
+        if not self.dual_precision:
+            return self.man_bits_b
+        return max(self.man_bits_b, DUAL_FIELD + DUAL_MAN_BITS)
+
+    @property
     def packing(self) -> tuple[int, int]:
         """``(rows, cols)`` of the PE block one multiplier serves (``dsp-packed``).
 
@@ -193,6 +243,12 @@ class MacArrayConfig:
         return self.rows * self.cols * self.lanes
 
     @property
+    def macs_per_cycle_narrow(self) -> int:
+        """Peak MACs per cycle of the narrow mode (``dual_precision``: twice
+        ``macs_per_cycle``)."""
+        return self.macs_per_cycle * (2 if self.dual_precision else 1)
+
+    @property
     def multipliers(self) -> int:
         """Hardware multipliers (DSPs for the dsp mappings)."""
         return -(-self.rows // self.pack_rows) * -(-self.cols // self.pack) * self.lanes
@@ -216,9 +272,16 @@ class MacArrayConfig:
         return 1 if self.lanes <= 4 else 2
 
     @property
+    def unpack_stages(self) -> int:
+        """Registers between the products and the lane adder tree: 1 with
+        ``dual_precision`` (the narrow mode's middle field or the full product,
+        registered), else 0."""
+        return int(self.dual_precision)
+
+    @property
     def pe_latency(self) -> int:
         """PE pipeline depth: cycles from the PE inputs to the accumulator update."""
-        return 4 + self.mult_stages + self.sum_stages
+        return 4 + self.mult_stages + self.unpack_stages + self.sum_stages
 
     @property
     def cycles_per_tile_pair(self) -> int:
@@ -247,6 +310,10 @@ class MacArrayConfig:
             mult_stages=self.mult_stages, sum_stages=self.sum_stages,
             pe_latency=self.pe_latency,
             exp_bias=self.exp_bias, exp_invalid_code=self.exp_invalid_code)
+        if self.dual_precision:
+            d["derived"].update(k_steps_narrow=self.k_steps_narrow,
+                                macs_per_cycle_narrow=self.macs_per_cycle_narrow,
+                                mult_bits_a=self.mult_bits_a, mult_bits_b=self.mult_bits_b)
         return d
 
     @classmethod
