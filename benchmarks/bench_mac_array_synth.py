@@ -71,6 +71,11 @@ ECP5_CONFIGS = [
     # the 8-bit array with the narrow mode: 4-bit jobs at 2 products per MULT18X18D
     ("dual dsp", MacArrayConfig(rows=4, cols=4, lanes=4, tile=8, man_bits_a=8, man_bits_b=8,
                                 k_max=1024, mapping="dsp", dual_precision=True)),
+    # the same with 16-wide tiles: T**2 >= 2 rows cols lanes, the 4-bit mode's peak is
+    # also its sustained rate (with T = 8 both modes are load-bound at 64 MACs/cycle)
+    ("dual dsp t16", MacArrayConfig(rows=4, cols=4, lanes=4, tile=16, man_bits_a=8,
+                                    man_bits_b=8, k_max=1024, mapping="dsp",
+                                    dual_precision=True)),
 ]
 ICE40_CONFIGS = [
     ("4b dsp 2x2x2", MacArrayConfig(rows=2, cols=2, lanes=2, tile=4, man_bits_a=4,

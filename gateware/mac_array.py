@@ -40,7 +40,8 @@ read port addressed by a counter advanced on ``cin_take``).
 
 ``runtime_frac=True`` adds the operand field ``frac`` (unsigned, wide enough for
 ``cfg.frac_a`` / ``cfg.frac_b``): the fraction bits ``man_bits - 2`` of the job's
-operand format, on every header beat of the job. The array then serves formats
+operand format, on every exponent header beat of the job (the ``frac`` of a reference
+beat, ``ref=1``, is ignored). The array then serves formats
 narrower than its ports (mantissas sign-extended to the port width, e.g. HBFP4 in an
 8-bit array): the integer datapath is the same, only the FP32 scale of the job becomes
 ``e_ref - G - frac_a - frac_b`` with the job's values. :func:`operand_frac` gives the
@@ -210,9 +211,11 @@ class _OperandFrontEnd(wiring.Component):
                 m.d.sync += [emax.eq(Mux(~is_inv & (e > base_max), e, base_max)),
                              inv.eq(base_inv | is_inv), after_hdr.eq(1)]
                 if self.runtime_frac:
-                    m.d.sync += frac.eq(p.frac)
-                if cfg.dual_precision:
-                    m.d.sync += narrow.eq(p.frac <= fraction_bits(DUAL_MAN_BITS))
+                    # from the exponent headers; a reference beat's frac is ignored
+                    with m.If(~p.ref if self.ext_eref else 1):
+                        m.d.sync += frac.eq(p.frac)
+                        if cfg.dual_precision:
+                            m.d.sync += narrow.eq(p.frac <= fraction_bits(DUAL_MAN_BITS))
         with m.Else():
             m.d.comb += [self.o.valid.eq(self.i.valid), self.i.ready.eq(self.o.ready),
                          self.o.payload.data.eq(p.data),

@@ -64,6 +64,18 @@ def edge_operand(rng, shape, T: int, nan: bool = False) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def _with_neutral_refs(cfg: MacArrayConfig, beats: list[dict]) -> list[dict]:
+    """After each job's exponent headers, a reference beat at the smallest exponent
+    (changes no maximum) whose ``frac`` is wrong on purpose: the array ignores it."""
+    out = []
+    for n, beat in enumerate(beats):
+        out.append(beat)
+        if beat["header"] and not beats[n + 1]["header"]:
+            wrong = 6 if beat["frac"] <= 2 else 1
+            out.append(dict(header=1, ref=1, eref=-cfg.exp_bias, frac=wrong))
+    return out
+
+
 def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, cycles: bool = False,
              **build):
     """Run GEMMs ``(sa, ta, sb, tb, man_bits_a, man_bits_b)`` back to back through one
@@ -80,6 +92,8 @@ def run_jobs(cfg: MacArrayConfig, gemms, rng, *, stall: float = 0.3, cycles: boo
     a_all, b_all, parts = [], [], []
     for sa, ta, sb, tb, ma, mb in gemms:
         a, b, jobs, shape = gemm_beats(cfg, sa, ta, sb, tb, man_bits_a=ma, man_bits_b=mb)
+        if ext:
+            a, b = _with_neutral_refs(cfg, a), _with_neutral_refs(cfg, b)
         a_all += a
         b_all += b
         parts.append((jobs, shape))
@@ -150,6 +164,7 @@ def _assert_equal(got, sa, ta, sb, tb, cfg, what):
     return exp
 
 
+#: the top's build: reference header beats (neutral, with a wrong frac) in every job
 BUILDS = {"runtime_frac": {}, "top": {"ext_eref": True, "carry": True}}
 
 
@@ -280,3 +295,15 @@ def test_dual_precision_config_messages(kw, msg):
         MacArrayConfig(**{**dict(rows=2, cols=2, lanes=2, tile=4, dual_precision=True), **kw})
     with pytest.raises(ValueError, match="runtime_frac must be True"):
         MacArray(DUAL_CFGS[0], runtime_frac=False)
+
+
+def test_dual_precision_config_derived_and_roundtrip():
+    cfg = MacArrayConfig(rows=4, cols=4, lanes=4, tile=16, man_bits_a=8, man_bits_b=8,
+                         mapping="dsp", dual_precision=True)
+    assert (cfg.k_steps, cfg.k_steps_narrow) == (4, 2)
+    assert (cfg.macs_per_cycle, cfg.macs_per_cycle_narrow) == (64, 128)
+    assert (cfg.mult_bits_a, cfg.mult_bits_b) == (12, 12)       # 8 + 4-bit packed pair
+    assert cfg.multipliers == 64 and cfg.pe_latency == cfg.replace(
+        dual_precision=False).pe_latency + 1
+    assert MacArrayConfig.from_dict(cfg.to_dict()) == cfg
+    assert "k_steps_narrow" not in cfg.replace(dual_precision=False).to_dict()["derived"]
