@@ -40,7 +40,7 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
-from hbfp_hw.config.mac_array import MacArrayConfig
+from hbfp_hw.config.mac_array import DUAL_MAN_BITS, MacArrayConfig
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
@@ -77,20 +77,34 @@ UNSUPPORTED = {
 }
 
 def mac_config(cfg: AcceleratorConfig) -> MacArrayConfig:
-    """The MAC array configuration of an accelerator (tile = ``cfg.tile``)."""
+    """The MAC array configuration of an accelerator (tile = ``cfg.tile``).
+
+    The array is built for the widest mantissa of the slots. When a HyperBlock slot has
+    at most :data:`~hbfp_hw.config.mac_array.DUAL_MAN_BITS` mantissa bits (HBFP4) and
+    wider slots exist, the array is ``dual_precision``: jobs whose operands both have
+    at most that many bits run two products per multiplier (twice the MACs per cycle).
+    """
     T = cfg.tile
     lanes = next(n for n in (4, 2, 1) if T % n == 0)
-    return MacArrayConfig(rows=cfg.array_rows, cols=cfg.array_cols, lanes=lanes, tile=T,
+    base = MacArrayConfig(rows=cfg.array_rows, cols=cfg.array_cols, lanes=lanes, tile=T,
                           man_bits_a=cfg.man_bits_max, man_bits_b=cfg.man_bits_max,
                           exp_bits=cfg.exp_bits_max, k_max=cfg.k_max,
                           guard_bits=cfg.guard_bits, mapping="dsp")
+    narrow = [i for i in _tile_slots(cfg, base) if cfg.formats[i].man_bits <= DUAL_MAN_BITS]
+    if (narrow and cfg.man_bits_max > DUAL_MAN_BITS and T % (2 * lanes) == 0):
+        return base.replace(dual_precision=True)
+    return base
 
 
-def _array_exponent(cfg: AcceleratorConfig, f: BFPFormat) -> bool:
-    ref = mac_config(cfg).format_a()
+def _array_exponent(ref: BFPFormat, f: BFPFormat) -> bool:
     return (f.man_bits <= ref.man_bits and f.exp_bits == ref.exp_bits
             and f.exp_bias == ref.exp_bias and f.exp_invalid_code == ref.exp_invalid_code
             and f.emin == ref.emin and f.emax == ref.emax)
+
+
+def _tile_slots(cfg: AcceleratorConfig, mc: MacArrayConfig) -> list[int]:
+    return [i for i, f in enumerate(cfg.formats)
+            if cfg.block_2d(i) == (cfg.tile, cfg.tile) and _array_exponent(mc.format_a(), f)]
 
 
 def tile_slots(cfg: AcceleratorConfig) -> list[int]:
@@ -102,8 +116,7 @@ def tile_slots(cfg: AcceleratorConfig) -> list[int]:
     are those of the golden model, and the FP32 conversion takes the job's fraction bits
     (:func:`runtime_frac`).
     """
-    return [i for i, f in enumerate(cfg.formats)
-            if cfg.block_2d(i) == (cfg.tile, cfg.tile) and _array_exponent(cfg, f)]
+    return _tile_slots(cfg, mac_config(cfg))
 
 
 def mx_slots(cfg: AcceleratorConfig) -> list[int]:
@@ -115,7 +128,7 @@ def mx_slots(cfg: AcceleratorConfig) -> list[int]:
     for i, f in enumerate(cfg.formats):
         bh, bw = cfg.block_2d(i)
         if (bh == 1 and bw > 1 and bw & (bw - 1) == 0 and bw % T == 0 and bw <= 64
-                and (bh, bw) != (T, T) and _array_exponent(cfg, f)):
+                and (bh, bw) != (T, T) and _array_exponent(mac_config(cfg).format_a(), f)):
             out.append(i)
     return out
 

@@ -619,8 +619,12 @@ class Device:
         """Quantize ``a`` and ``b`` and multiply them on the device, any sizes.
 
         Bit-identical to ``bfp_matmul(quantize(a, fmt_a), quantize(b, fmt_b))`` (format
-        slot 0 when a format is not given). ``nonfinite="flag"`` lets NaN/Inf blocks
-        through as NaN outputs instead of raising. ``quantize_on``: ``"device"`` sends
+        slot 0 when a format is not given). Each operand is blocked along K, as MX
+        defines: an operand whose format blocks only the axis that is not K (MXINT8's
+        1-D blocks along the last axis, for ``b``) is quantized transposed, i.e.
+        ``quantize(b.T, fmt_b).T`` (and ``quantize(a.T, fmt_a).T`` for ``a``).
+        ``nonfinite="flag"`` lets NaN/Inf blocks through as NaN outputs instead of
+        raising. ``quantize_on``: ``"device"`` sends
         FP32 and quantizes with the device's quantizer; ``"host"`` quantizes with the
         golden model and sends BFP (about 4x fewer operand bytes; a stochastic format is
         then one random stream over the whole tensor, with no size limit); ``"auto"``
@@ -637,24 +641,38 @@ class Device:
         sa = self._quantize_slot(fmt_a, a.shape)
         sb = self._quantize_slot(fmt_b, b.shape)
         fa, fb = self.config.formats[sa], self.config.formats[sb]
-        if block_layout(a.shape, fa).block[1] != block_layout(b.shape, fb).block[0]:
-            raise ValueError(f"a's block length along K ({block_layout(a.shape, fa).block}) "
-                             f"differs from b's ({block_layout(b.shape, fb).block})")
+        # block both operands along K: a stored as (K, M) / b as (N, K) where their
+        # format blocks only the other axis (1-D formats such as MXINT8)
+        ta = (block_layout(a.shape, fa).block[1] == 1
+              and block_layout(a.shape[::-1], fa).block[0] > 1)
+        tb = (block_layout(b.shape, fb).block[0] == 1
+              and block_layout(b.shape[::-1], fb).block[1] > 1)
+        a_s = np.ascontiguousarray(a.T) if ta else a      # the tensors as stored
+        b_s = np.ascontiguousarray(b.T) if tb else b
+        ka = block_layout(a_s.shape, fa).block[0 if ta else 1]
+        kb = block_layout(b_s.shape, fb).block[1 if tb else 0]
+        if ka != kb:
+            raise ValueError(f"a's block length along K ({ka}, format {fa.name}) differs "
+                             f"from b's ({kb}, format {fb.name}); use formats with the same "
+                             f"block length along K")
         allow = nonfinite == "flag"
-        onchip = self._onchip_ok([(a.shape, sa), (b.shape, sb)], [(a.shape[0], b.shape[1])],
-                                 [a.shape[1]])
+        onchip = self._onchip_ok([(a_s.shape, sa), (b_s.shape, sb)],
+                                 [(a.shape[0], b.shape[1])], [a.shape[1]])
         where = self._where_quantize(quantize_on, onchip)
+
+        def used(q, t):
+            return q.T if t else q
         if where == "host":
-            a_q = self._host_quantize(a, fmt_a, sa, nonfinite, "a")
-            b_q = self._host_quantize(b, fmt_b, sb, nonfinite, "b")
+            a_q = used(self._host_quantize(a_s, fmt_a, sa, nonfinite, "a"), ta)
+            b_q = used(self._host_quantize(b_s, fmt_b, sb, nonfinite, "b"), tb)
         elif onchip:
-            self._quantize_into(a, sa, 0, fmt_a, "a", nonfinite)
-            self._quantize_into(b, sb, 1, fmt_b, "b", nonfinite)
-            return self._gemm_onchip(0, a.shape, False, sa, 1, b.shape, False, sb,
+            self._quantize_into(a_s, sa, 0, fmt_a, "a", nonfinite)
+            self._quantize_into(b_s, sb, 1, fmt_b, "b", nonfinite)
+            return self._gemm_onchip(0, a_s.shape, ta, sa, 1, b_s.shape, tb, sb,
                                      (a.shape[0], b.shape[1]), allow)
         else:
-            a_q = self.quantize(a, fmt_a, nonfinite=nonfinite, name="a")
-            b_q = self.quantize(b, fmt_b, nonfinite=nonfinite, name="b")
+            a_q = used(self.quantize(a_s, fmt_a, nonfinite=nonfinite, name="a"), ta)
+            b_q = used(self.quantize(b_s, fmt_b, nonfinite=nonfinite, name="b"), tb)
         return self.matmul_q(a_q, b_q, allow_invalid=allow)
 
     def train_step(self, x: Any, w: Any, dy: Any, fmt: BFPFormat | None = None, *,

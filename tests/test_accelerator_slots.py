@@ -160,3 +160,20 @@ def test_mx_gemm_invalid_blocks_and_errors(devs):
         assert (s[6], int.from_bytes(s[8:12], "little")) == code, seq
         if code[0] != P.ErrorCode.UNSUPPORTED:
             assert s == e, seq
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 4), (4, 2), (4, 4)])
+@pytest.mark.parametrize("mix", [(0, 0), (1, 1), (0, 1), (2, 2)])
+def test_sweep_array_shapes_and_slot_mixes(rows, cols, mix):
+    """Every array shape x slot mix: sim == bfp_matmul (``pytest -m sweep``)."""
+    cfg = CFG.replace(array_rows=rows, array_cols=cols)
+    rng = np.random.default_rng(rows * 10 + cols + 100 * mix[0] + 1000 * mix[1])
+    fa, fb = cfg.formats[mix[0]], cfg.formats[mix[1]]
+    a = rng.standard_normal((9, 40)).astype(np.float32)
+    b = rng.standard_normal((40, 7)).astype(np.float32)
+    qa = quantize(a, fa)
+    qb = (quantize(np.ascontiguousarray(b.T), fb).T if fb.block_size == 32
+          else quantize(b, fb))
+    dev = Device(SimTransport(cfg), timeout=0.0)
+    _same(dev.matmul_q(qa, qb), bfp_matmul(qa, qb))

@@ -4,8 +4,9 @@ Every test takes ``url`` from :data:`URLS`: ``emulate://`` (the golden device mo
 ``sim://`` (the accelerator RTL in Amaranth's simulator, :data:`SIM_SMALL`: SMALL's
 formats and buffers on a 2x2 MAC array). The simulator runs ~1k clocks/s, so sim:// is
 opened once per test process and its tests use small shapes; what needs features the
-RTL answers ``UNSUPPORTED`` (GEMM on non-HyperBlock slots) is skipped on sim:// with
-the reason. K split over several GEMMs (``EXT_EREF`` + ``ACCUMULATE``) runs on both.
+RTL answers ``UNSUPPORTED`` is skipped on sim:// with the reason. GEMMs on every slot
+(HBFP8, HBFP4, MXINT8) and K split over several GEMMs (``EXT_EREF`` + ``ACCUMULATE``) run
+on both.
 """
 
 from __future__ import annotations
@@ -220,10 +221,10 @@ def test_matmul_k_split_bit_exact(url, rng):
 
 @pytest.mark.parametrize("fa,fb", [(HBFP8, HBFP4), (HBFP4, HBFP4)])
 def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
-    _emulate_only(url, "the MAC array computes the HBFP8 slot only (HBFP4: UNSUPPORTED)")
-    a_q = quantize(_rand(rng, (50, 80)), fa)
-    b_q = quantize(_rand(rng, (30, 80)), fb).T          # stored (30, 80), used transposed
-    c_q = quantize(_rand(rng, (80, 200)), fb)
+    M, K, N, P_ = (50, 80, 30, 200) if url == "emulate://" else (20, 40, 12, 24)
+    a_q = quantize(_rand(rng, (M, K)), fa)
+    b_q = quantize(_rand(rng, (N, K)), fb).T            # stored (N, K), used transposed
+    c_q = quantize(_rand(rng, (K, P_)), fb)
     with _open(url) as dev:
         assert np.array_equal(dev.matmul_q(a_q, b_q), bfp_matmul(a_q, b_q))
         assert np.array_equal(dev.matmul_q(a_q.T.T, c_q), bfp_matmul(a_q, c_q))
@@ -231,12 +232,26 @@ def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
 
 
 def test_matmul_q_mxint8_rows_and_columns(url, rng):
-    _emulate_only(url, "the MAC array computes square HyperBlock slots only (MXINT8: "
-                       "UNSUPPORTED)")
-    a_q = quantize(_rand(rng, (20, 100)), MXINT8)                    # blocks along K
-    b_q = quantize(_rand(rng, (40, 100)), MXINT8).T                  # (100, 40) along K
+    M, K, N = (20, 100, 40) if url == "emulate://" else (4, 70, 3)
+    a_q = quantize(_rand(rng, (M, K)), MXINT8)                       # blocks along K
+    b_q = quantize(_rand(rng, (N, K)), MXINT8).T                     # (K, N) along K
     with _open(url) as dev:
         assert np.array_equal(dev.matmul_q(a_q, b_q), bfp_matmul(a_q, b_q))
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_matmul_mxint8_blocks_both_operands_along_k(url, rng, where):
+    """``matmul(a, b, MXINT8, MXINT8)``: a blocked along K as stored, b quantized
+    transposed (its 1-D blocks along K), as MX defines."""
+    M, K, N = (20, 100, 40) if url == "emulate://" else (3, 64, 2)
+    a, b = _rand(rng, (M, K)), _rand(rng, (K, N))
+    ref = bfp_matmul(quantize(a, MXINT8), quantize(np.ascontiguousarray(b.T), MXINT8).T)
+    with _open(url) as dev:
+        y = dev.matmul(a, b, MXINT8, MXINT8, quantize_on=where)
+        assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+        with pytest.raises(ValueError, match=r"a's block length along K \(32, format MXINT8\) "
+                                             r"differs from b's \(16, format HBFP8\)"):
+            dev.matmul(a, b, MXINT8, HBFP8)
 
 
 @pytest.mark.parametrize("B,I,O", [(9, 16, 14), (20, 40, 30), (64, 96, 48)])

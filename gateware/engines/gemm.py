@@ -523,7 +523,8 @@ class GemmEngine(wiring.Component):
                 with m.If(acc_f & ~g_fit):
                     error(P.ErrorCode.UNSUPPORTED, 2)
                 with m.Elif(store_f | g_fit):
-                    m.d.comb += gs.start.eq(1)
+                    # the stream addresses the buffers from this clock on
+                    m.d.comb += [gs.start.eq(1), mode.eq(1)]
                     m.next = "G_RUN"
                 with m.Else():
                     m.next = "G_DONE"

@@ -16,7 +16,7 @@ registers stepped by constant or registered strides.
 from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, Signal, signed
-from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..mac_array import MacArray, carry_bits, ref_exponent_limit
@@ -79,33 +79,42 @@ class GemmStream(wiring.Component):
         mt, nt, nk = j.mt, j.nt, j.nk
 
         # ---- sequencer: operand beats to the MAC array -------------------------------
+        # One beat per clock: the buffers are addressed from the *next* state, so the
+        # data of the current state's beat is there when it is issued (``primed`` from
+        # the clock after ``start``); a stalled beat keeps its address and its data.
         it, jt, kk = Signal(16), Signal(16), Signal(16)
         rr = Signal(range(T + 1))
         sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
-        issued, running = Signal(), Signal()
+        running, primed = Signal(), Signal()
         # block indices Mux(ta, kk * mt + it, it * nk + kk) / Mux(tb, jt * nk + kk,
         # kk * nt + jt), kept incrementally (a_bs / b_bs: their values at kk = 0)
         blk_a, blk_b, a_bs, b_bs = (Signal(32, name=n) for n in ("blk_a", "blk_b", "a_bs",
                                                                  "b_bs"))
+        regs = [it, jt, kk, rr, sph, running, blk_a, blk_b, a_bs, b_bs]
+        nxt = [Signal.like(r, name=f"n_{r.name}") for r in regs]
+        n_it, n_jt, n_kk, n_rr, n_sph, n_running, n_blk_a, n_blk_b, n_a_bs, n_b_bs = nxt
+        m.d.comb += [n.eq(r) for n, r in zip(nxt, regs)]
+        m.d.sync += [r.eq(n) for n, r in zip(nxt, regs)]
         ska, skb = Mux(j.ta, mt, 1), Mux(j.tb, 1, nt)   # strides of kk
         sia, sjb = Mux(j.ta, 1, nk), Mux(j.tb, nk, 1)   # strides of it / jt
         is_b = sph[0]
-        blk = Mux(is_b, blk_b, blk_a)
-        m.d.comb += [self.rd_elem.eq(blk), self.rd_word.eq((blk << tsh) + rr),
+        n_is_b = n_sph[0]
+        n_blk = Mux(n_is_b, n_blk_b, n_blk_a)
+        m.d.comb += [self.rd_elem.eq(n_blk), self.rd_word.eq((n_blk << tsh) + n_rr),
                      self.rd_buf.eq(Mux(is_b, j.b, j.a)),
-                     self.ref_addr.eq(self.ref_index(~j.rbank, is_b, Mux(is_b, jt, it)))]
+                     self.ref_addr.eq(self.ref_index(~j.rbank, n_is_b,
+                                                     Mux(n_is_b, n_jt, n_it)))]
         # the job's reference exponent, clamped to the largest value that matters
         r_lim = ref_exponent_limit(mc)
         ref_val = Mux(self.ref_data > r_lim, r_lim, self.ref_data)
         hdr_last = Mux(j.ext, nk, nk - 1)   # EXT_EREF: one reference header beat more
-        with m.If(self.start):
-            m.d.sync += [it.eq(0), jt.eq(0), kk.eq(0), rr.eq(0), sph.eq(0), issued.eq(0),
-                         running.eq(1), blk_a.eq(0), blk_b.eq(0), a_bs.eq(0), b_bs.eq(0)]
-        kk_inc = [kk.eq(kk + 1), blk_a.eq(blk_a + ska), blk_b.eq(blk_b + skb)]
-        kk_zero = [kk.eq(0), blk_a.eq(a_bs), blk_b.eq(b_bs)]
-        # one register stage per operand stream between the sequencer (buffer reads,
-        # reference clamp) and the MAC array's front end (header exponent logic)
-        up_ready = []
+        m.d.sync += primed.eq(self.start | (primed & n_running))
+        kk_inc = [n_kk.eq(kk + 1), n_blk_a.eq(blk_a + ska), n_blk_b.eq(blk_b + skb)]
+        kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs)]
+        # a small FIFO per operand stream between the sequencer (buffer reads, reference
+        # clamp) and the MAC array's front end: the sequencer's accept comes from the
+        # FIFO's registered level, not from the array
+        fifo_ready = []
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
             m.d.comb += [p.exp.eq(self.exp_data), p.transpose.eq(j.tb if which else j.ta),
@@ -115,45 +124,45 @@ class GemmStream(wiring.Component):
                 m.d.comb += p.frac.eq(j.frac_b if which else j.frac_a)
             for k in range(T):
                 m.d.comb += p.data[k].eq(self.man_data[mw * k: mw * k + mc.man_bits_a])
-            p_r = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}_r")
-            v_r = Signal(name=f"seq_{'ab'[which]}_valid")
-            rdy = Signal(name=f"seq_{'ab'[which]}_ready")
-            m.d.comb += [rdy.eq(~v_r | port.ready), port.valid.eq(v_r),
-                         port.payload.eq(p_r)]
-            with m.If(rdy):
-                m.d.sync += [v_r.eq(running & issued & (is_b == which)), p_r.eq(p)]
-            up_ready.append(rdy)
-        accepted = Mux(is_b, up_ready[1], up_ready[0]) & issued & running
-        with m.If(running & ~issued):
-            m.d.sync += issued.eq(1)
+            q = fifo.SyncFIFOBuffered(width=len(p.as_value()), depth=3)
+            m.submodules[f"seq_fifo_{'ab'[which]}"] = q
+            m.d.comb += [q.w_data.eq(p.as_value()),
+                         q.w_en.eq(running & primed & (is_b == which)),
+                         port.valid.eq(q.r_rdy), port.payload.eq(q.r_data),
+                         q.r_en.eq(port.ready)]
+            fifo_ready.append(q.w_rdy)
+        accepted = Mux(is_b, fifo_ready[1], fifo_ready[0]) & primed & running
         with m.If(accepted):
-            m.d.sync += issued.eq(0)
             with m.If(~sph[1]):  # header beats
                 with m.If(kk == hdr_last):
-                    m.d.sync += [*kk_zero, sph.eq(sph + 1)]
+                    m.d.comb += [*kk_zero, n_sph.eq(sph + 1)]
                 with m.Else():
-                    m.d.sync += kk_inc
+                    m.d.comb += kk_inc
             with m.Else():
                 with m.If(rr == T - 1):
-                    m.d.sync += rr.eq(0)
+                    m.d.comb += n_rr.eq(0)
                     with m.If(sph == 2):
-                        m.d.sync += sph.eq(3)
+                        m.d.comb += n_sph.eq(3)
                     with m.Elif(kk != nk - 1):
-                        m.d.sync += [sph.eq(2), *kk_inc]
+                        m.d.comb += [n_sph.eq(2), *kk_inc]
                     with m.Else():
-                        m.d.sync += [sph.eq(0), *kk_zero]
+                        m.d.comb += [n_sph.eq(0), *kk_zero]
                         with m.If(jt == nt - 1):
-                            m.d.sync += [jt.eq(0), b_bs.eq(0), blk_b.eq(0)]
+                            m.d.comb += [n_jt.eq(0), n_b_bs.eq(0), n_blk_b.eq(0)]
                             with m.If(it == mt - 1):
-                                m.d.sync += running.eq(0)
+                                m.d.comb += n_running.eq(0)
                             with m.Else():
-                                m.d.sync += [it.eq(it + 1), a_bs.eq(a_bs + sia),
-                                             blk_a.eq(a_bs + sia)]
+                                m.d.comb += [n_it.eq(it + 1), n_a_bs.eq(a_bs + sia),
+                                             n_blk_a.eq(a_bs + sia)]
                         with m.Else():
-                            m.d.sync += [jt.eq(jt + 1), b_bs.eq(b_bs + sjb),
-                                         blk_b.eq(b_bs + sjb)]
+                            m.d.comb += [n_jt.eq(jt + 1), n_b_bs.eq(b_bs + sjb),
+                                         n_blk_b.eq(b_bs + sjb)]
                 with m.Else():
-                    m.d.sync += rr.eq(rr + 1)
+                    m.d.comb += n_rr.eq(rr + 1)
+        with m.If(self.start):
+            m.d.comb += [n_it.eq(0), n_jt.eq(0), n_kk.eq(0), n_rr.eq(0), n_sph.eq(0),
+                         n_running.eq(1), n_blk_a.eq(0), n_blk_b.eq(0), n_a_bs.eq(0),
+                         n_b_bs.eq(0)]
 
         # ---- drain: MAC results -> out + statistics ---------------------------------
         R, C = mc.rows, mc.cols
