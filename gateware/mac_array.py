@@ -300,27 +300,28 @@ class MacArray(wiring.Component):
         esum_i, inv_i, first_i = Signal(signed(ES)), Signal(), Signal()
         go = ~busy_drain & buf_a.rd_valid & buf_b.rd_valid
         if dual:
-            # narrow mode: both operands' formats are narrow; the k step reads 2L lanes
-            # (T / 2L steps). Wide mode: read 2L lanes every other step, use one half.
-            mode4, last_k = Signal(), Signal()
-            half1 = Signal()             # wide mode: upper half of the 2L-lane read
-            rd_k = Mux(mode4, ks, ks >> 1)
+            # ks counts 2L-lane K slices (the tile-buffer read address), h the half of
+            # the slice a wide-mode step uses. Narrow mode (both operands' formats
+            # narrow): one step per slice, T / 2L steps; wide mode: two, T / L steps.
+            # The mode only enters the counters' next state, not the read address.
+            mode4, last_k, h = Signal(), Signal(), Signal()
+            half1 = Signal()             # h, aligned with the registered read
             m.d.comb += [mode4.eq(buf_a.rd_meta.narrow & buf_b.rd_meta.narrow),
-                         last_k.eq(ks == Mux(mode4, cfg.k_steps_narrow - 1,
-                                             cfg.k_steps - 1)),
+                         last_k.eq((ks == cfg.k_steps_narrow - 1) & (h | mode4)),
                          issue.mode4.eq(mode4)]
-            m.d.sync += half1.eq(ks[0] & ~mode4)
+            m.d.sync += half1.eq(h)
+            first_k = (ks == 0) & ~h
 
             def is_last_k():
                 return last_k
         else:
-            rd_k = ks
+            first_k = ks == 0
 
             def is_last_k():
                 return ks == cfg.k_steps - 1
         m.d.comb += [buf_a.rd_pos.eq(win // nwc), buf_b.rd_pos.eq(win % nwc),
-                     buf_a.rd_k.eq(rd_k), buf_b.rd_k.eq(rd_k),
-                     issue.valid.eq(go), issue.first_k.eq(ks == 0),
+                     buf_a.rd_k.eq(ks), buf_b.rd_k.eq(ks),
+                     issue.valid.eq(go), issue.first_k.eq(first_k),
                      issue.last_k.eq(is_last_k()), issue.win.eq(win),
                      issue.first_tile.eq(buf_a.rd_meta.first),
                      ea_i.eq(buf_a.rd_meta.exp), eb_i.eq(buf_b.rd_meta.exp),
@@ -332,12 +333,20 @@ class MacArray(wiring.Component):
         with m.If(go):
             with m.If(is_last_k()):
                 m.d.sync += ks.eq(0)
+                if dual:
+                    m.d.sync += h.eq(0)
                 with m.If(win == cfg.windows - 1):
                     m.d.sync += win.eq(0)
                 with m.Else():
                     m.d.sync += win.eq(win + 1)
             with m.Else():
-                m.d.sync += ks.eq(ks + 1)
+                if dual:
+                    with m.If(mode4 | h):
+                        m.d.sync += [ks.eq(ks + 1), h.eq(0)]
+                    with m.Else():
+                        m.d.sync += h.eq(1)
+                else:
+                    m.d.sync += ks.eq(ks + 1)
         m.d.comb += [buf_a.release.eq(tile_done), buf_b.release.eq(tile_done),
                      start_drain.eq(tile_done & buf_a.rd_meta.last)]
 
