@@ -221,6 +221,8 @@ def test_matmul_k_split_bit_exact(url, rng):
 
 @pytest.mark.parametrize("fa,fb", [(HBFP8, HBFP4), (HBFP4, HBFP4)])
 def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
+    if fa is HBFP8:
+        _emulate_only(url, "HBFP8 x HBFP4 on the RTL: tests/test_accelerator_slots.py")
     M, K, N, P_ = (50, 80, 30, 200) if url == "emulate://" else (20, 40, 12, 24)
     a_q = quantize(_rand(rng, (M, K)), fa)
     b_q = quantize(_rand(rng, (N, K)), fb).T            # stored (N, K), used transposed
@@ -232,6 +234,8 @@ def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
 
 
 def test_matmul_q_mxint8_rows_and_columns(url, rng):
+    _emulate_only(url, "MXINT8 on the RTL: test_matmul_mxint8_blocks_both_operands_along_k "
+                       "and tests/test_accelerator_slots.py")
     M, K, N = (20, 100, 40) if url == "emulate://" else (4, 70, 3)
     a_q = quantize(_rand(rng, (M, K)), MXINT8)                       # blocks along K
     b_q = quantize(_rand(rng, (N, K)), MXINT8).T                     # (K, N) along K
@@ -243,6 +247,8 @@ def test_matmul_q_mxint8_rows_and_columns(url, rng):
 def test_matmul_mxint8_blocks_both_operands_along_k(url, rng, where):
     """``matmul(a, b, MXINT8, MXINT8)``: a blocked along K as stored, b quantized
     transposed (its 1-D blocks along K), as MX defines."""
+    if where == "host":
+        _emulate_only(url, "the host-quantized path is the same GEMM frame as matmul_q")
     M, K, N = (20, 100, 40) if url == "emulate://" else (3, 64, 2)
     a, b = _rand(rng, (M, K)), _rand(rng, (K, N))
     ref = bfp_matmul(quantize(a, MXINT8), quantize(np.ascontiguousarray(b.T), MXINT8).T)

@@ -82,6 +82,8 @@ class GemmStream(wiring.Component):
         # One beat per clock: the buffers are addressed from the *next* state, so the
         # data of the current state's beat is there when it is issued (``primed`` from
         # the clock after ``start``); a stalled beat keeps its address and its data.
+        # The next state is a choice among registers (the incremented values are kept
+        # registered, ``*_1`` / ``*_k`` / ``*_i``), so no adder sits on the address path.
         it, jt, kk = Signal(16), Signal(16), Signal(16)
         rr = Signal(range(T + 1))
         sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
@@ -97,19 +99,33 @@ class GemmStream(wiring.Component):
         m.d.sync += [r.eq(n) for n, r in zip(nxt, regs)]
         ska, skb = Mux(j.ta, mt, 1), Mux(j.tb, 1, nt)   # strides of kk
         sia, sjb = Mux(j.ta, 1, nk), Mux(j.tb, nk, 1)   # strides of it / jt
+        blk_a_k, blk_b_k, a_bs_i, b_bs_j = (Signal(32, name=n) for n in (
+            "blk_a_k", "blk_b_k", "a_bs_i", "b_bs_j"))
+        it_1, jt_1, kk_1 = Signal(16), Signal(16), Signal(16)
+        rr_1 = Signal.like(rr)
+        m.d.sync += [blk_a_k.eq(n_blk_a + ska), blk_b_k.eq(n_blk_b + skb),
+                     a_bs_i.eq(n_a_bs + sia), b_bs_j.eq(n_b_bs + sjb),
+                     it_1.eq(n_it + 1), jt_1.eq(n_jt + 1), kk_1.eq(n_kk + 1),
+                     rr_1.eq(n_rr + 1)]
+        # the job's loop limits, registered at start
+        nk_m1, hdr_l, mt_m1, nt_m1 = (Signal(16, name=n) for n in ("nk_m1", "hdr_l", "mt_m1",
+                                                                   "nt_m1"))
+        with m.If(self.start):
+            m.d.sync += [nk_m1.eq(nk - 1), hdr_l.eq(Mux(j.ext, nk, nk - 1)),
+                         mt_m1.eq(mt - 1), nt_m1.eq(nt - 1)]
         is_b = sph[0]
         n_is_b = n_sph[0]
         n_blk = Mux(n_is_b, n_blk_b, n_blk_a)
-        m.d.comb += [self.rd_elem.eq(n_blk), self.rd_word.eq((n_blk << tsh) + n_rr),
+        m.d.comb += [self.rd_elem.eq(n_blk),
+                     self.rd_word.eq(Cat(n_rr[:tsh], n_blk) if tsh else n_blk),
                      self.rd_buf.eq(Mux(is_b, j.b, j.a)),
                      self.ref_addr.eq(self.ref_index(~j.rbank, n_is_b,
                                                      Mux(n_is_b, n_jt, n_it)))]
         # the job's reference exponent, clamped to the largest value that matters
         r_lim = ref_exponent_limit(mc)
         ref_val = Mux(self.ref_data > r_lim, r_lim, self.ref_data)
-        hdr_last = Mux(j.ext, nk, nk - 1)   # EXT_EREF: one reference header beat more
         m.d.sync += primed.eq(self.start | (primed & n_running))
-        kk_inc = [n_kk.eq(kk + 1), n_blk_a.eq(blk_a + ska), n_blk_b.eq(blk_b + skb)]
+        kk_inc = [n_kk.eq(kk_1), n_blk_a.eq(blk_a_k), n_blk_b.eq(blk_b_k)]
         kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs)]
         # a small FIFO per operand stream between the sequencer (buffer reads, reference
         # clamp) and the MAC array's front end: the sequencer's accept comes from the
@@ -118,7 +134,7 @@ class GemmStream(wiring.Component):
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
             m.d.comb += [p.exp.eq(self.exp_data), p.transpose.eq(j.tb if which else j.ta),
-                         p.header.eq(~sph[1]), p.last.eq(kk == nk - 1),
+                         p.header.eq(~sph[1]), p.last.eq(kk == nk_m1),
                          p.ref.eq(j.ext & ~sph[1] & (kk == nk)), p.eref.eq(ref_val)]
             if self.runtime_frac:
                 m.d.comb += p.frac.eq(j.frac_b if which else j.frac_a)
@@ -134,7 +150,7 @@ class GemmStream(wiring.Component):
         accepted = Mux(is_b, fifo_ready[1], fifo_ready[0]) & primed & running
         with m.If(accepted):
             with m.If(~sph[1]):  # header beats
-                with m.If(kk == hdr_last):
+                with m.If(kk == hdr_l):   # EXT_EREF: one reference header beat more
                     m.d.comb += [*kk_zero, n_sph.eq(sph + 1)]
                 with m.Else():
                     m.d.comb += kk_inc
@@ -143,22 +159,22 @@ class GemmStream(wiring.Component):
                     m.d.comb += n_rr.eq(0)
                     with m.If(sph == 2):
                         m.d.comb += n_sph.eq(3)
-                    with m.Elif(kk != nk - 1):
+                    with m.Elif(kk != nk_m1):
                         m.d.comb += [n_sph.eq(2), *kk_inc]
                     with m.Else():
                         m.d.comb += [n_sph.eq(0), *kk_zero]
-                        with m.If(jt == nt - 1):
+                        with m.If(jt == nt_m1):
                             m.d.comb += [n_jt.eq(0), n_b_bs.eq(0), n_blk_b.eq(0)]
-                            with m.If(it == mt - 1):
+                            with m.If(it == mt_m1):
                                 m.d.comb += n_running.eq(0)
                             with m.Else():
-                                m.d.comb += [n_it.eq(it + 1), n_a_bs.eq(a_bs + sia),
-                                             n_blk_a.eq(a_bs + sia)]
+                                m.d.comb += [n_it.eq(it_1), n_a_bs.eq(a_bs_i),
+                                             n_blk_a.eq(a_bs_i)]
                         with m.Else():
-                            m.d.comb += [n_jt.eq(jt + 1), n_b_bs.eq(b_bs + sjb),
-                                         n_blk_b.eq(b_bs + sjb)]
+                            m.d.comb += [n_jt.eq(jt_1), n_b_bs.eq(b_bs_j),
+                                         n_blk_b.eq(b_bs_j)]
                 with m.Else():
-                    m.d.comb += n_rr.eq(rr + 1)
+                    m.d.comb += n_rr.eq(rr_1)
         with m.If(self.start):
             m.d.comb += [n_it.eq(0), n_jt.eq(0), n_kk.eq(0), n_rr.eq(0), n_sph.eq(0),
                          n_running.eq(1), n_blk_a.eq(0), n_blk_b.eq(0), n_a_bs.eq(0),
