@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(VPY) -m pytest -n 2 $(PYTEST_ARGS)
 
 sweep: $(STAMP)
 	$(VPY) -m pytest -m sweep $(PYTEST_ARGS)
