@@ -10,7 +10,7 @@ is the GEMM ``Y = X Wᵀ`` (a convolution through im2col: ``X`` is
 * backward quantizes ``dY`` (gradient format) and computes ``dX = bfp_matmul(dYq, Wq)``
   and ``dW = bfp_matmul(dYqᵀ, Xq)``.
 
-With HyperBlock formats (2-D tiles over both axes of the 2-D operand, DESIGN.md §3)
+With HyperBlock formats (2-D tiles over both axes of the 2-D operand, ``docs/numerics.md``)
 ``X``, ``W`` and ``dY`` are each quantized **once** per step and the quantized tensor is
 reused, transposed without re-quantization, by both GEMMs it enters: 3 quantizer calls
 per layer per step. Formats blocked along one axis only (MXINT8, blocks of 32 along the
