@@ -256,20 +256,22 @@ class Accelerator(wiring.Component):
         super().__init__({"i": In(stream.Signature(8)), "o": Out(stream.Signature(8)),
                           "busy": Out(1)})
 
-    def engines(self) -> dict:
-        """The engine components, by :data:`ENGINES` name, in buffer-client order."""
+    def engines(self, names=None) -> dict:
+        """The engine components, by :data:`ENGINES` name, in buffer-client order
+        (``names``: only those, e.g. to test one engine on its own)."""
         cfg, specs, T, rom = self.config, self.specs, self.config.tile, len(self.info)
-        return {
-            "buffer_io": BufferIOEngine(specs, tile=T, info=self.info),
-            "stats": StatsEngine(specs, tile=T, rom_depth=rom),
-            "quantize": QuantizeEngine(cfg, specs, quant=self.quant,
-                                       rounding=quant_rounding(cfg, self.runtime_rounding),
-                                       rom_depth=rom),
-            "gemm": GemmEngine(cfg, specs, mac=self.mac, slots=tile_slots(cfg),
-                               mx_slots=mx_slots(cfg),
-                               acc_capacity=accumulator_capacity(cfg), rom_depth=rom,
-                               primitives=self.primitives, runtime_frac=runtime_frac(cfg)),
+        build = {
+            "buffer_io": lambda: BufferIOEngine(specs, tile=T, info=self.info),
+            "stats": lambda: StatsEngine(specs, tile=T, rom_depth=rom),
+            "quantize": lambda: QuantizeEngine(
+                cfg, specs, quant=self.quant,
+                rounding=quant_rounding(cfg, self.runtime_rounding), rom_depth=rom),
+            "gemm": lambda: GemmEngine(
+                cfg, specs, mac=self.mac, slots=tile_slots(cfg), mx_slots=mx_slots(cfg),
+                acc_capacity=accumulator_capacity(cfg), rom_depth=rom,
+                primitives=self.primitives, runtime_frac=runtime_frac(cfg)),
         }
+        return {n: f() for n, f in build.items() if names is None or n in names}
 
     def elaborate(self, platform):
         m = Module()

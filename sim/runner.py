@@ -16,12 +16,18 @@ configuration from there, never from a hand-written copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["verilator_root", "setup_verilator_env", "available_simulators", "run_cocotb"]
+__all__ = ["verilator_root", "setup_verilator_env", "available_simulators", "run_cocotb",
+           "quick_cxx", "CXX_OPT"]
+
+#: Compiler optimisation of Verilated models in the tests (make variables of verilated.mk):
+#: the C++ build dominates a test's time and ``-O1`` simulates as fast here as ``-Os``.
+CXX_OPT = "OPT_FAST=-O1 OPT_GLOBAL=-O0"
 
 
 def verilator_root() -> Path | None:
@@ -110,3 +116,18 @@ def run_cocotb(*, verilog_sources: list[str | Path], toplevel: str, test_module:
     assert num_tests > 0, f"cocotb ran no test from {test_module}"
     assert num_failed == 0, f"{num_failed} of {num_tests} cocotb tests failed ({results})"
     return results
+
+
+@contextlib.contextmanager
+def quick_cxx():
+    """Verilated C++ compiled with :data:`CXX_OPT`, passed to make as command-line
+    variables through ``MAKEFLAGS`` (:func:`run_cocotb` takes no make options)."""
+    old = os.environ.get("MAKEFLAGS")
+    os.environ["MAKEFLAGS"] = ((old + " ") if old else "") + CXX_OPT
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MAKEFLAGS"]
+        else:
+            os.environ["MAKEFLAGS"] = old

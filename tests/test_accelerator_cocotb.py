@@ -5,38 +5,20 @@ the golden device model, with random stalls on both byte streams (``sim/tb_accel
 100 frames), ``HBFP_SEED`` the seed (printed; the failure message repeats it).
 
 The Verilator build dominates the run time (about 100 s on two cores, 165 s with
-Verilator's default ``-Os``): :func:`_quick_cxx` compiles the model with ``-O1`` (as fast
-to simulate here) through ``MAKEFLAGS``, since :func:`run_cocotb` takes no make options.
+Verilator's default ``-Os``): :func:`~hbfp_hw.sim.runner.quick_cxx` compiles the model
+with ``-O1`` (as fast to simulate here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 from hbfp_hw.gateware.sim_device import SIM_CONFIG
 from hbfp_hw.gateware.top import generate
-from hbfp_hw.sim.runner import available_simulators, run_cocotb
+from hbfp_hw.sim.runner import available_simulators, quick_cxx, run_cocotb
 
 SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
-#: Compiler optimisation of the Verilated model (make variables of verilated.mk).
-CXX_OPT = "OPT_FAST=-O1 OPT_GLOBAL=-O0"
-
-
-@contextlib.contextmanager
-def _quick_cxx():
-    """Verilated C++ compiled with :data:`CXX_OPT`, passed to make as command-line
-    variables through ``MAKEFLAGS`` (``run_cocotb`` appends its own and restores ours)."""
-    old = os.environ.get("MAKEFLAGS")
-    os.environ["MAKEFLAGS"] = ((old + " ") if old else "") + CXX_OPT
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MAKEFLAGS"]
-        else:
-            os.environ["MAKEFLAGS"] = old
 
 
 def test_accelerator_frames_verilator(tmp_path, seed):
@@ -51,7 +33,7 @@ def test_accelerator_frames_verilator(tmp_path, seed):
         if os.environ.get(k):
             env[k] = os.environ[k]
     try:
-        with _quick_cxx():
+        with quick_cxx():
             run_cocotb(verilog_sources=[vpath], toplevel=f"{SIM_CONFIG.name}_accel",
                        test_module="tb_accelerator", build_dir=tmp_path / "build_verilator",
                        simulator="verilator", python_paths=[SIM_DIR], extra_env=env,
