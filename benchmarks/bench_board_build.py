@@ -8,7 +8,7 @@ on a 2-core machine: yosys and nextpnr are single-threaded WebAssembly builds).
 Run: ``.venv/bin/python benchmarks/bench_board_build.py [--variant 85F ...]
 [--clock-mhz 60] [--config JSON] [--router router2] [--out DIR]``; ``--json FILE`` also
 writes the results. Without ``--config`` the board's default configuration is built
-(ulx3s: ``hbfp_hw.gateware.build.ULX3S_CONFIG``, a 4x4 array).
+(ulx3s: ``hbfp_hw.gateware.board.ULX3S_CONFIG``, a 4x4 array).
 ``--manifest M.json ...`` prints the table of earlier builds from their manifests (the
 build results are stored there) without building again.
 """

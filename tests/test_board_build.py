@@ -20,7 +20,7 @@ import pytest
 
 from hbfp_hw import cli, protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
-from hbfp_hw.gateware import build as B
+from hbfp_hw.gateware import board as BD, build as B
 from hbfp_hw.gateware.synth import tool_path
 from hbfp_hw.gateware.sim_device import SIM_CONFIG
 from hbfp_hw.gateware.uart import uart_divisor
@@ -38,7 +38,7 @@ TINY = SIM_CONFIG.replace(array_rows=1, array_cols=1, operand_buffers=2, operand
 def test_unknown_board_names_value_and_accepted():
     with pytest.raises(ValueError, match=r"board='de10' is not supported; accepted boards "
                                          r"are ulx3s"):
-        B.board_platform("de10")
+        BD.board_platform("de10")
     with pytest.raises(ValueError, match="board='de10'"):
         B.build_board("de10", outdir="/nonexistent")
 
@@ -46,12 +46,12 @@ def test_unknown_board_names_value_and_accepted():
 def test_unknown_variant_names_value_and_accepted():
     with pytest.raises(ValueError, match=r"variant='99F' is not a ulx3s variant; accepted "
                                          r"variants are 12F, 25F, 45F, 85F"):
-        B.board_platform("ulx3s", "99F")
+        BD.board_platform("ulx3s", "99F")
 
 
 @pytest.mark.parametrize("variant", ULX3S_VARIANTS)
 def test_variants_map_to_devices(variant):
-    assert B.board_platform("ulx3s", variant).device == f"LFE5U-{variant}"
+    assert BD.board_platform("ulx3s", variant).device == f"LFE5U-{variant}"
 
 
 def test_cli_rejects_unknown_board_and_variant(capsys):
@@ -66,7 +66,7 @@ def test_cli_rejects_unknown_board_and_variant(capsys):
 # clock and UART divisor
 # ---------------------------------------------------------------------------------------
 def test_pll_60mhz_exact():
-    p = B.ecp5_pll(25_000_000, 60_000_000)
+    p = BD.ecp5_pll(25_000_000, 60_000_000)
     assert (p.refclk_div, p.feedback_div, p.output_div) == (5, 12, 10)
     assert p.fout == 60_000_000 and 400e6 <= p.fvco <= 800e6
     assert 3.125e6 <= 25e6 / p.refclk_div
@@ -79,24 +79,24 @@ def test_pll_matches_trellis_ecppll(tmp_path, mhz):
                          capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     want = [int(re.search(rf"{k}: (\d+)", out).group(1))
             for k in ("Refclk divisor", "Feedback divisor", "clkout0 divisor")]
-    p = B.ecp5_pll(25_000_000, mhz * 1_000_000)
+    p = BD.ecp5_pll(25_000_000, mhz * 1_000_000)
     assert [p.refclk_div, p.feedback_div, p.output_div] == want
 
 
 def test_pll_range_error():
     with pytest.raises(ValueError, match=r"500 MHz .*accepted range is \[10, 400\] MHz"):
-        B.ecp5_pll(25_000_000, 500_000_000)
+        BD.ecp5_pll(25_000_000, 500_000_000)
 
 
 def test_default_board_clock_and_divisor():
-    cfg, pll = B.board_config("ulx3s")
+    cfg, pll = BD.board_config("ulx3s")
     assert cfg.clock_hz == 45_000_000 and cfg.baud_rate == 3_000_000
     assert pll.fout == cfg.clock_hz
     assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 15
 
 
 def test_default_board_config_is_the_documented_4x4():
-    cfg, _ = B.board_config("ulx3s")
+    cfg, _ = BD.board_config("ulx3s")
     d = AcceleratorConfig.default()
     assert (cfg.array_rows, cfg.array_cols) == (4, 4)
     assert (cfg.operand_depth, cfg.input_depth, cfg.output_depth) == (16384, 4096, 4096)
@@ -117,16 +117,16 @@ def test_default_board_config_is_the_documented_4x4():
     (8, 64, 1, 1, 0),        # 512 bits: LUT RAM
 ])
 def test_dp16kd_count(width, depth, reads, writes, expected):
-    assert B._dp16kd(width, depth, reads, writes) == expected
+    assert BD._dp16kd(width, depth, reads, writes) == expected
 
 
 @pytest.fixture(scope="module")
 def board_estimate():
-    return B.resource_estimate(B.board_config("ulx3s")[0])
+    return BD.resource_estimate(BD.board_config("ulx3s")[0])
 
 
 def test_board_default_config_fits_the_85f(board_estimate):
-    cfg, _ = B.board_config("ulx3s")
+    cfg, _ = BD.board_config("ulx3s")
     e = board_estimate
     # the MAC array with ECP5 primitives: one MULT18X18D per 8-bit product
     lanes = 4
@@ -143,27 +143,27 @@ def test_board_default_config_fits_the_85f(board_estimate):
 
 def test_default_accelerator_does_not_fit_the_85f():
     # measured: nextpnr needs 261 MULT18X18D for the 8x8 default (docs/board.md)
-    e = B.resource_estimate(AcceleratorConfig.default())
+    e = BD.resource_estimate(AcceleratorConfig.default())
     assert e.dsps > 156 and not e.fits("ulx3s", "85F")
 
 
 def test_board_top_uses_ecp5_dsp_primitives():
-    b = B.BOARDS["ulx3s"]
-    assert B._primitives(b) == "ecp5"
+    b = BD.BOARDS["ulx3s"]
+    assert BD._primitives(b) == "ecp5"
     _, _, top, _ = B.build_plan(config=TINY)
     assert top.primitives == "ecp5"
-    e = B.resource_estimate(TINY, primitives="ecp5")
-    e0 = B.resource_estimate(TINY, primitives=None)
+    e = BD.resource_estimate(TINY, primitives="ecp5")
+    e0 = BD.resource_estimate(TINY, primitives=None)
     # the array's products become MULT18X18D instances, not '*' operators
     assert e.dsps == e0.dsps and len(e.multipliers) < len(e0.multipliers)
 
 
 def test_divisor_derives_from_the_achieved_clock():
     # 48 MHz is not reachable from 25 MHz (PFD >= 3.125 MHz): the PLL gives 46.875 MHz
-    cfg, pll = B.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000))
+    cfg, pll = BD.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000))
     assert cfg.clock_hz == 46_875_000 and pll.fout == 46_875_000
     assert uart_divisor(cfg.clock_hz, cfg.baud_rate) == 16  # 15.625 rounded; 2.3 % fast
-    cfg2, _ = B.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000),
+    cfg2, _ = BD.board_config("ulx3s", AcceleratorConfig(clock_hz=48_000_000),
                              clock_hz=45_000_000)
     assert cfg2.clock_hz == 45_000_000 and uart_divisor(cfg2.clock_hz, cfg2.baud_rate) == 15
 
@@ -171,8 +171,8 @@ def test_divisor_derives_from_the_achieved_clock():
 def test_board_clock_25mhz_cannot_carry_3mbaud():
     # 25 MHz / 3 Mbaud = 8.33 clocks per bit: the UART's own error, no silent wrong baud
     with pytest.raises(ValueError, match=r"baud=3000000 at clock_hz=25000000"):
-        B.board_config("ulx3s", clock_hz=25_000_000)
-    cfg, pll = B.board_config("ulx3s", AcceleratorConfig(clock_hz=25_000_000,
+        BD.board_config("ulx3s", clock_hz=25_000_000)
+    cfg, pll = BD.board_config("ulx3s", AcceleratorConfig(clock_hz=25_000_000,
                                                          baud_rate=1_000_000))
     assert pll is None and uart_divisor(cfg.clock_hz, cfg.baud_rate) == 25
 
@@ -287,7 +287,7 @@ def test_plan_constraints_match_platform_pins(fake_build):
     _, _, bdir = fake_build
     lpf = (bdir / "hbfp_sim_ulx3s.lpf").read_text()
     sites = dict(re.findall(r'LOCATE COMP "(\w+)" SITE "(\w+)"', lpf))
-    pins = B.board_pins("ulx3s", "85F")
+    pins = BD.board_pins("ulx3s", "85F")
     assert sites["clk25_0__io"] == pins["clk"][0] == "G2"
     assert sites["uart_0__rx__io"] == pins["rx"][0] == "M1"
     assert sites["uart_0__tx__io"] == pins["tx"][0] == "L4"

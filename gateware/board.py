@@ -1,0 +1,379 @@
+"""Boards: the platform, the PLL and the board top around the UART accelerator.
+
+:data:`BOARDS` lists the supported boards (an amaranth-boards platform, the UART and LED
+resources, the board's default :class:`~hbfp_hw.config.accelerator.AcceleratorConfig`
+overrides and the FPGA's resources). :class:`BoardTop` wraps
+:class:`~hbfp_hw.gateware.top.UartAccelerator` with the board clock (through
+:func:`ecp5_pll` when the design clock differs), the reset synchroniser, the UART pins and
+two LEDs. :func:`resource_estimate` predicts block RAM and multiplier use before a build.
+The build flow itself is :mod:`hbfp_hw.gateware.build`.
+
+Clocking
+--------
+The ULX3S has a 25 MHz oscillator. The design clock is made by an ECP5 ``EHXPLLL``
+whose dividers :func:`ecp5_pll` computes (the search of Trellis' ``ecppll``); the
+*achieved* PLL frequency (not the requested one) becomes the configuration's
+``clock_hz``, so the UART divisor (:func:`~hbfp_hw.gateware.uart.uart_divisor`), the
+partial-frame timeout and the device description all derive from the real clock. The
+board default is 45 MHz: an exact PLL ratio (25 MHz / 5 x 9) and an exact UART divisor
+of 15 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33), met by the routed
+board accelerator (Fmax 47.9 MHz, docs/board.md; 60 MHz, the next exact divisor, is not
+met). The 3 Mbaud link, not the clock, bounds the board's throughput.
+A requested clock equal to the board clock bypasses the PLL.
+
+Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
+reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth.lib import io
+from amaranth.lib.cdc import ResetSynchronizer
+
+from hbfp_hw.config.accelerator import AcceleratorConfig
+
+from .top import UartAccelerator
+from .uart import uart_divisor
+
+__all__ = ["BOARDS", "Board", "BoardTop", "PllParams", "ResourceEstimate", "ULX3S_CONFIG",
+           "board_config", "board_pins", "board_platform", "ecp5_pll", "resource_estimate"]
+
+
+# -------------------------------------------------------------------------------------
+# boards
+# -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Board:
+    """A supported board: its amaranth-boards platforms and defaults.
+
+    ``variants`` maps a variant name to ``(module, class name)`` in amaranth-boards;
+    ``family`` selects the tool chain (``"ecp5"`` or ``"ice40"``); ``clock_hz`` is the
+    default design clock for this board (see the module docstring).
+    """
+
+    name: str
+    variants: dict
+    default_variant: str
+    family: str
+    clock_hz: int
+    uart: str = "uart"
+    programmer: str = ""
+    #: fields of :meth:`AcceleratorConfig.default` changed for this board's default build
+    config: dict = field(default_factory=dict)
+    #: MULT18X18D / DP16KD available per variant (the resource check of
+    #: :func:`resource_estimate`)
+    resources: dict = field(default_factory=dict)
+
+
+#: The ULX3S default accelerator (changes to :meth:`AcceleratorConfig.default`). The
+#: default 8x8 array needs 261 MULT18X18D, the LFE5U-85F has 156: a 4x4 array (64
+#: products, 4 lanes each PE) fits with room to spare. Buffers: 16 Ki-element operand
+#: buffers (64 HyperBlock 16x16 tiles, e.g. a 128x128 operand; one DP16KD deep, 8 wide
+#: per buffer), 4 Ki-word ``fp_in`` / ``out`` (a 64x64 FP32 tile; 8 DP16KD each). Deeper
+#: buffers fit the block RAMs too (the default depths use ~173 of 208) but are built
+#: from cascades of DP16KD with read-data multiplexers and address fan-out on the
+#: critical read paths, and the 3 Mbaud link, not the buffer size, bounds the host's
+#: throughput (the host driver splits tensors and GEMMs to the buffer depths).
+ULX3S_CONFIG = {"array_rows": 4, "array_cols": 4, "operand_depth": 16384,
+                "input_depth": 4096, "output_depth": 4096}
+
+#: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
+ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}
+
+BOARDS: dict[str, Board] = {
+    "ulx3s": Board(
+        name="ulx3s",
+        variants={v: ("amaranth_boards.ulx3s", f"ULX3S_{v}_Platform")
+                  for v in ("12F", "25F", "45F", "85F")},
+        default_variant="85F", family="ecp5", clock_hz=45_000_000,
+        programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
+        config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
+}
+
+
+def _board(board: str) -> Board:
+    if board not in BOARDS:
+        raise ValueError(f"board={board!r} is not supported; accepted boards are "
+                         f"{', '.join(sorted(BOARDS))}")
+    return BOARDS[board]
+
+
+def board_platform(board: str = "ulx3s", variant: str | None = None):
+    """An amaranth-boards platform instance for ``board`` / ``variant``."""
+    b = _board(board)
+    variant = b.default_variant if variant is None else variant
+    if variant not in b.variants:
+        raise ValueError(f"variant={variant!r} is not a {board} variant; accepted variants "
+                         f"are {', '.join(b.variants)}")
+    import importlib
+    mod, cls = b.variants[variant]
+    return getattr(importlib.import_module(mod), cls)()
+
+
+# -------------------------------------------------------------------------------------
+# ECP5 PLL
+# -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PllParams:
+    """``EHXPLLL`` dividers for CLKOP fed back through CLKOP (as Trellis' ``ecppll``)."""
+
+    clkin_hz: int
+    refclk_div: int     # CLKI_DIV
+    feedback_div: int   # CLKFB_DIV
+    output_div: int     # CLKOP_DIV
+
+    @property
+    def fout(self) -> Fraction:
+        return Fraction(self.clkin_hz) / self.refclk_div * self.feedback_div
+
+    @property
+    def fvco(self) -> Fraction:
+        return self.fout * self.output_div
+
+    @property
+    def fout_hz(self) -> int:
+        """Achieved output frequency rounded to an integer number of Hz."""
+        return round(self.fout)
+
+
+# ECP5 sysCLOCK PLL limits (MHz), as in Trellis' ecppll.
+_PFD = (Fraction(3125, 1000), 400)
+_VCO = (400, 800)
+_OUT = (10, 400)
+
+
+def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
+    """The ``EHXPLLL`` dividers closest to ``fout_hz`` (ties: VCO nearest 600 MHz).
+
+    Same search and limits as Trellis' ``ecppll`` (PFD 3.125-400 MHz, VCO 400-800 MHz,
+    output 10-400 MHz), in exact arithmetic.
+    """
+    if not _OUT[0] * 1_000_000 <= fout_hz <= _OUT[1] * 1_000_000:
+        raise ValueError(f"clock {fout_hz / 1e6:g} MHz is outside the ECP5 PLL output range; "
+                         f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
+    fin = Fraction(clkin_hz, 1_000_000)
+    target = Fraction(fout_hz, 1_000_000)
+    best = None
+    for rd in range(1, 129):
+        pfd = fin / rd
+        if not _PFD[0] <= pfd <= _PFD[1]:
+            continue
+        for fd in range(1, 81):
+            fout = pfd * fd
+            for od in range(1, 129):
+                fvco = fout * od
+                if not _VCO[0] <= fvco <= _VCO[1]:
+                    continue
+                key = (abs(fout - target), abs(fvco - 600))
+                if best is None or key < best[0]:
+                    best = (key, PllParams(clkin_hz, rd, fd, od))
+    if best is None:  # pragma: no cover - every output in range has a solution
+        raise ValueError(f"no ECP5 PLL setting for {fout_hz} Hz from {clkin_hz} Hz")
+    return best[1]
+
+
+def _ehxplll(p: PllParams, clkin, clkout, locked) -> Instance:
+    return Instance(
+        "EHXPLLL",
+        a_FREQUENCY_PIN_CLKI=f"{p.clkin_hz / 1e6:g}",
+        a_FREQUENCY_PIN_CLKOP=f"{float(p.fout) / 1e6:g}",
+        a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+        a_MFG_GMCREF_SEL="2",
+        p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+        p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+        p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
+        p_CLKI_DIV=p.refclk_div, p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=p.output_div,
+        p_CLKOP_CPHASE=p.output_div - 1, p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP",
+        p_CLKFB_DIV=p.feedback_div,
+        i_RST=0, i_STDBY=0, i_CLKI=clkin, o_CLKOP=clkout, i_CLKFB=clkout,
+        i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+        i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
+
+
+# -------------------------------------------------------------------------------------
+# board top
+# -------------------------------------------------------------------------------------
+def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, *,
+                 clock_hz: int | None = None) -> tuple[AcceleratorConfig, PllParams | None]:
+    """The configuration actually built, and the PLL (``None``: the board clock direct).
+
+    Without ``config`` the board's default accelerator is built
+    (:meth:`AcceleratorConfig.default` with :attr:`Board.config`; ulx3s:
+    :data:`ULX3S_CONFIG`, a 4x4 array with smaller buffers).
+    The requested clock is ``clock_hz``, else ``config.clock_hz`` when a config is given,
+    else the board's default; the returned config's ``clock_hz`` is the achieved one.
+    Raises ``ValueError`` if the baud rate is not reachable from that clock.
+    """
+    b = _board(board)
+    cfg = config if config is not None else AcceleratorConfig.default().replace(
+        clock_hz=b.clock_hz, **b.config)
+    if not isinstance(cfg, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
+    want = cfg.clock_hz if clock_hz is None else clock_hz
+    board_hz = int(board_platform(board).default_clk_frequency)
+    if want == board_hz:
+        pll = None
+        actual = board_hz
+    elif b.family == "ecp5":
+        pll = ecp5_pll(board_hz, want)
+        actual = pll.fout_hz
+    else:  # pragma: no cover - no iCE40 board registered yet
+        raise ValueError(f"board {board} runs at its {board_hz} Hz clock only; "
+                         f"accepted clock_hz is {board_hz}")
+    cfg = cfg.replace(clock_hz=actual)
+    uart_divisor(cfg.clock_hz, cfg.baud_rate)  # fail early with the UART's own message
+    return cfg, pll
+
+
+def _primitives(b: Board) -> str | None:
+    """MAC array primitives for a board family (ECP5: registered MULT18X18D)."""
+    return "ecp5" if b.family == "ecp5" else None
+
+
+#: DP16KD aspect ratios (depth, width): true dual port up to 18 bits, 36 as a simple
+#: dual port (one write, one read port).
+DP16KD_MODES = ((16384, 1), (8192, 2), (4096, 4), (2048, 9), (1024, 18), (512, 36))
+#: Memories this small (bits) are left to LUTRAM / flip-flops in the estimate.
+LUTRAM_BITS = 2048
+
+
+@dataclass(frozen=True)
+class ResourceEstimate:
+    """DSP and block-RAM use of the accelerator, derived from the elaborated design.
+
+    ``dsps``: the ``MULT18X18D`` instances (the MAC array with ``primitives="ecp5"``)
+    plus one DSP per 18x18 piece of every multiplication of two non-constant operands
+    left in the design (yosys maps those to MULT18X18D). ``brams``: per memory, the
+    fewest DP16KD over the aspect ratios of :data:`DP16KD_MODES`, one copy per read port
+    (one write and one read port each; ROMs two read ports), memories of at most
+    :data:`LUTRAM_BITS` bits excluded. ``memories`` lists ``(path, width, depth,
+    read ports, DP16KD)``. An estimate, not yosys' mapping: yosys may trim constant or
+    unused bits (fewer BRAMs).
+    """
+
+    dsps: int
+    brams: int
+    multipliers: tuple
+    memories: tuple
+
+    def fits(self, board: str = "ulx3s", variant: str | None = None) -> bool:
+        b = _board(board)
+        dsp, bram = b.resources[variant or b.default_variant]
+        return self.dsps <= dsp and self.brams <= bram
+
+
+def _dp16kd(width: int, depth: int, reads: int, writes: int) -> int:
+    if width * depth <= LUTRAM_BITS:
+        return 0
+    one = min(-(-depth // d) * -(-width // w) for d, w in DP16KD_MODES)
+    copies = reads if writes else -(-reads // 2)
+    return one * max(1, copies)
+
+
+def _significant(v) -> int:
+    """Bits of a netlist value without its zero / sign extension."""
+    nets = list(v)
+    while len(nets) > 1 and ((nets[-1].is_const and nets[-1] == nets[-1].from_const(0))
+                             or nets[-1] == nets[-2]):
+        nets.pop()
+    return len(nets)
+
+
+def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ecp5",
+                      uart: bool = True) -> ResourceEstimate:
+    """DSPs and DP16KD of the (UART) accelerator for ``config``, without synthesis (see
+    :class:`ResourceEstimate`); elaborates the design (a few seconds)."""
+    from amaranth.hdl import Fragment
+    from amaranth.hdl import _ir, _nir
+
+    from .top import Accelerator
+    top = (UartAccelerator(config, primitives=primitives) if uart
+           else Accelerator(config, primitives=primitives))
+    netlist = _ir.build_netlist(Fragment.get(top, None), name="top")
+    mems, mults, dsps = {}, [], 0
+    ports = {}
+    for idx, cell in enumerate(netlist.cells):
+        if isinstance(cell, _nir.Memory):
+            mems[idx] = cell
+        elif isinstance(cell, (_nir.SyncReadPort, _nir.AsyncReadPort)):
+            ports.setdefault(cell.memory, [0, 0])[0] += 1
+        elif isinstance(cell, _nir.SyncWritePort):
+            ports.setdefault(cell.memory, [0, 0])[1] += 1
+        elif isinstance(cell, _nir.Instance) and cell.type == "MULT18X18D":
+            dsps += 1
+        elif isinstance(cell, _nir.Operator) and cell.operator == "*":
+            if not any(all(n.is_const for n in v) for v in cell.inputs):
+                mults.append(tuple(_significant(v) for v in cell.inputs))
+    memories = []
+    for idx, mem in mems.items():
+        r, w = ports.get(idx, (0, 0))
+        memories.append((mem.name, mem.width, mem.depth, r, _dp16kd(mem.width, mem.depth, r, w)))
+    dsps += sum(-(-wa // 18) * -(-wb // 18) for wa, wb in mults)
+    return ResourceEstimate(dsps=dsps, brams=sum(m[-1] for m in memories),
+                            multipliers=tuple(mults), memories=tuple(memories))
+
+
+class BoardTop(Elaboratable):
+    """:class:`UartAccelerator` on a board: clock (via the PLL), reset, UART, LEDs."""
+
+    def __init__(self, config: AcceleratorConfig, pll: PllParams | None = None,
+                 uart: str = "uart", primitives: str | None = None) -> None:
+        self.config = config
+        self.pll = pll
+        self.uart = uart
+        #: MAC array DSP primitives (``"ecp5"`` on ECP5 boards: registered MULT18X18D)
+        self.primitives = primitives
+        #: UART clocks per bit, as :class:`UartAccelerator` computes it
+        self.divisor = uart_divisor(config.clock_hz, config.baud_rate)
+
+    def elaborate(self, platform):
+        m = Module()
+        clk_in = platform.request(platform.default_clk, dir="-")
+        m.submodules.clk_buf = clk_buf = io.Buffer("i", clk_in)
+        m.domains.sync = ClockDomain("sync")
+        clk = Signal()
+        if self.pll is None:
+            locked = Signal(init=1)
+            m.d.comb += clk.eq(clk_buf.i)
+        else:
+            locked = Signal()
+            m.submodules.pll = _ehxplll(self.pll, clk_buf.i, clk, locked)
+        m.d.comb += ClockSignal("sync").eq(clk)
+        platform.add_clock_constraint(clk, self.config.clock_hz)
+        m.submodules.rst_sync = ResetSynchronizer(~locked, domain="sync")
+
+        m.submodules.accel = acc = UartAccelerator(self.config, primitives=self.primitives)
+        assert acc.divisor == self.divisor
+        uart = platform.request(self.uart, 0, dir="-")
+        m.submodules.rx_buf = rx_buf = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [acc.rx.eq(rx_buf.i), tx_buf.o.eq(acc.tx)]
+        for i, sig in enumerate((acc.busy, locked)):
+            led = io.Buffer("o", platform.request("led", i, dir="-"))
+            m.submodules[f"led{i}_buf"] = led
+            m.d.comb += led.o.eq(sig)
+        return m
+
+
+def _pins(platform, name: str, number: int = 0) -> dict:
+    res = platform.lookup(name, number)
+    out = {}
+    for sub in res.ios:
+        if hasattr(sub, "ios") and sub.ios and hasattr(sub.ios[0], "names"):
+            out[sub.name] = list(sub.ios[0].names)
+    return out
+
+
+def board_pins(board: str = "ulx3s", variant: str | None = None) -> dict:
+    """Pin names of the board signals the top uses (``{"rx": ["M1"], ...}``)."""
+    b = _board(board)
+    plat = board_platform(board, variant)
+    uart = _pins(plat, b.uart)
+    clk = plat.lookup(plat.default_clk, 0)
+    return {"clk": list(clk.ios[0].names), "rx": uart["rx"], "tx": uart["tx"],
+            "led_busy": list(plat.lookup("led", 0).ios[0].names),
+            "led_locked": list(plat.lookup("led", 1).ios[0].names)}
