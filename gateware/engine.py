@@ -34,7 +34,7 @@ from hbfp_hw import protocol as P
 
 __all__ = ["args_layout", "cmd_layout", "seg_layout", "status_layout", "FIX_BYTES",
            "buffer_geometry", "buffer_ports", "port_name", "engine_signature",
-           "status_ok", "status_error", "rom_id"]
+           "status_ok", "status_error", "status_register", "EngineStatus", "rom_id"]
 
 #: Fixed-field bytes an engine answers with (INFO's fixed fields come from its ROM).
 FIX_BYTES = max(max(L.header_size for op, L in P.RESPONSES.items() if op != P.Op.INFO),
@@ -145,3 +145,29 @@ def status_register(m, eng) -> tuple[Signal, Signal]:
     with m.If(eng.status.valid & eng.status.ready):
         m.d.sync += v.eq(0)
     return pay, v
+
+
+class EngineStatus:
+    """The status register of an engine and the end of its command FSM.
+
+    ``done(stmts)`` (inside an FSM state) sets the registered status beat with ``stmts``
+    and goes to ``DONE``; ``error(code, detail)`` does so with an error status;
+    :meth:`done_state` adds the ``DONE`` state, which returns to ``IDLE`` on the status
+    handshake.
+    """
+
+    def __init__(self, m, eng) -> None:
+        self.m, self.eng = m, eng
+        self.pay, self.valid = status_register(m, eng)
+
+    def done(self, stmts) -> None:
+        self.m.d.sync += list(stmts) + [self.valid.eq(1)]
+        self.m.next = "DONE"
+
+    def error(self, code: P.ErrorCode, detail) -> None:
+        self.done(status_error(self.pay, code, detail))
+
+    def done_state(self) -> None:
+        with self.m.State("DONE"):
+            with self.m.If(self.eng.status.ready):
+                self.m.next = "IDLE"

@@ -13,17 +13,17 @@ import numpy as np
 
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware.sim_device import SIM_CONFIG
-from hbfp_hw.gateware.top import ENGINES, Accelerator
-from hbfp_hw.sim.engine_bench import BufferModel, check_answers, fold, run_amaranth
+from hbfp_hw.gateware.top import ENGINES
+from hbfp_hw.sim.engine_bench import (BufferModel, check_answers, fold, run_amaranth,
+                                      standalone)
 from hbfp_hw.sim.engine_scripts import SCRIPTS
 
 
 def _run(name: str, seed: int, cfg=SIM_CONFIG, **kw):
     rng = np.random.default_rng(seed)
-    acc = Accelerator(cfg)
-    eng = acc.engines([name])[name]
-    script = SCRIPTS[name](cfg, acc.info, rng, **kw)
-    model = BufferModel(acc.specs, cfg.tile, acc.info)
+    eng, info, specs = standalone(cfg, name)
+    script = SCRIPTS[name](cfg, info, rng, **kw)
+    model = BufferModel(specs, cfg.tile, info)
     res = run_amaranth(eng, model, script, rng, p_valid=float(rng.uniform(0.3, 1)),
                        p_ready=float(rng.uniform(0.3, 1)))
     check_answers(script, res["answers"], res["checks"])

@@ -21,8 +21,8 @@ from amaranth.lib.wiring import Out
 
 from hbfp_hw import protocol as P
 
-from ..engine import (buffer_geometry, engine_signature, port_name, rom_id, status_error,
-                      status_ok, status_register)
+from ..engine import (EngineStatus, buffer_geometry, engine_signature, port_name, rom_id,
+                      status_ok)
 
 __all__ = ["BufferIOEngine", "by_id"]
 
@@ -62,7 +62,8 @@ class BufferIOEngine(wiring.Component):
         nbuf = len(specs)
         a = self.cmd.payload.args
         length = self.cmd.payload.length
-        pay, st_v = status_register(m, self)
+        fin = EngineStatus(m, self)
+        pay = fin.pay
         fixed = P.RESPONSES[P.Op.INFO].header_size
         hs_w = P.REQUESTS[P.Op.WRITE].header_size
         assert (P.REQUESTS[P.Op.READ].offsets()["buffer"]
@@ -105,12 +106,7 @@ class BufferIOEngine(wiring.Component):
             with m.Elif(wr_en & (b_id == i)):
                 m.d.comb += wp.en.eq(one)
 
-        def done(stmts):
-            m.d.sync += stmts + [st_v.eq(1)]
-            m.next = "DONE"
-
-        def error(code, detail):
-            done(status_error(pay, code, detail))
+        done, error = fin.done, fin.error
 
         m.d.comb += self.cmd.ready.eq(0)
         with m.FSM(name="bufio"):
@@ -203,7 +199,5 @@ class BufferIOEngine(wiring.Component):
                 with m.If(clr == max_depth - 1):
                     m.d.comb += self.soft_reset.eq(1)
                     done(status_ok(m, pay))
-            with m.State("DONE"):
-                with m.If(self.status.ready):
-                    m.next = "IDLE"
+            fin.done_state()
         return m

@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-from ..engine import engine_signature, port_name, status_error, status_ok, status_register
+from ..engine import EngineStatus, engine_signature, port_name, status_ok
 from .gemm_stream import GemmStream
 from .mx_stream import MxStream, mx_stream_signature
 
@@ -79,7 +79,8 @@ class GemmEngine(wiring.Component):
         T = cfg.tile
         tsh = T.bit_length() - 1
         a = self.cmd.payload.args.gemm
-        pay, st_v = status_register(m, self)
+        fin = EngineStatus(m, self)
+        pay = fin.pay
         by_op = lambda kind: sorted((s for s in specs if s.kind == kind),  # noqa: E731
                                     key=lambda s: s.operand)
         man_specs = by_op(P.BufferKind.MANTISSA)
@@ -313,12 +314,7 @@ class GemmEngine(wiring.Component):
                      ref_w.data.eq(Mux(p_v, x_mx, u_new))]
 
         # ---- command FSM ----------------------------------------------------------------
-        def done(stmts):
-            m.d.sync += stmts + [st_v.eq(1)]
-            m.next = "DONE"
-
-        def error(code, detail):
-            done(status_error(pay, code, detail))
+        done, error = fin.done, fin.error
 
         fl = a.flags
         nb_ab = [Signal(32, name=f"nb_{name}") for name in "ab"]
@@ -538,7 +534,5 @@ class GemmEngine(wiring.Component):
                              acc_fb.eq(g_fb), k_tot.eq(k_new)]
                 with m.If(~acc_f):
                     m.d.sync += rbank.eq(~rbank)
-            with m.State("DONE"):
-                with m.If(self.status.ready):
-                    m.next = "IDLE"
+            fin.done_state()
         return m

@@ -21,7 +21,7 @@ from amaranth.lib.wiring import Out
 from hbfp_hw import protocol as P
 from hbfp_hw.formats import ROUNDING_MODES
 
-from ..engine import engine_signature, port_name, status_error, status_ok, status_register
+from ..engine import EngineStatus, engine_signature, port_name, status_ok
 from ..quantizer import Quantizer
 
 __all__ = ["QuantizeEngine", "cmul", "in_range"]
@@ -77,7 +77,8 @@ class QuantizeEngine(wiring.Component):
         cfg, specs, T = self.config, self.specs, self.config.tile
         tsh = T.bit_length() - 1
         a = self.cmd.payload.args.quantize
-        pay, st_v = status_register(m, self)
+        fin = EngineStatus(m, self)
+        pay = fin.pay
         man_specs = sorted((s for s in specs if s.kind == P.BufferKind.MANTISSA),
                            key=lambda s: s.operand)
         exp_specs = sorted((s for s in specs if s.kind == P.BufferKind.EXPONENT),
@@ -178,12 +179,7 @@ class QuantizeEngine(wiring.Component):
                     with m.If(q_ninv == 0):
                         m.d.sync += q_finv.eq(q_ob)
 
-        def done(stmts):
-            m.d.sync += stmts + [st_v.eq(1)]
-            m.next = "DONE"
-
-        def error(code, detail):
-            done(status_error(pay, code, detail))
+        done, error = fin.done, fin.error
 
         nb, n = Signal(34), Signal(64)
         q_rc = Signal(32)
@@ -276,9 +272,7 @@ class QuantizeEngine(wiring.Component):
                                                seg1=(ms.id, 0, q_n[:16])))
                 with m.Else():
                     done(status_ok(m, pay, fix=fix, nfix=nfix))
-            with m.State("DONE"):
-                with m.If(self.status.ready):
-                    m.next = "IDLE"
+            fin.done_state()
 
         # ---- slot quantizers: element stream <-> lanes-wide beats -------------------
         for k, qcfg in enumerate(self.quant):

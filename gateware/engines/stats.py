@@ -15,7 +15,7 @@ from amaranth.lib.wiring import In
 
 from hbfp_hw import protocol as P
 
-from ..engine import engine_signature, status_error, status_ok, status_register
+from ..engine import EngineStatus, engine_signature, status_error, status_ok
 from ..range_tracker import RangeTracker
 
 __all__ = ["StatsEngine"]
@@ -45,7 +45,8 @@ class StatsEngine(wiring.Component):
                      qst_clear_r.eq(qst_clear | self.soft_reset)]
         m.d.comb += [stats.clear.eq(st_clear_r), qstats.clear.eq(qst_clear_r)]
 
-        pay, st_v = status_register(m, self)
+        fin = EngineStatus(m, self)
+        pay = fin.pay
         fl = self.cmd.payload.args.read_stats.flags
         s_q = (fl & int(P.StatsFlag.QUANTIZE_INPUT)).any()
         s_clr = (fl & int(P.StatsFlag.CLEAR)).any()
@@ -63,9 +64,7 @@ class StatsEngine(wiring.Component):
                                     Cat(stats.count, stats.n_nonfinite, stats.min,
                                         stats.max)))
                         m.d.comb += [st_clear.eq(s_clr & ~s_q), qst_clear.eq(s_clr & s_q)]
-                    m.d.sync += st_v.eq(1)
+                    m.d.sync += fin.valid.eq(1)
                     m.next = "DONE"
-            with m.State("DONE"):
-                with m.If(self.status.ready):
-                    m.next = "IDLE"
+            fin.done_state()
         return m
