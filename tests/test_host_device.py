@@ -39,6 +39,12 @@ def url(request) -> str:
     return request.param
 
 
+#: ``url`` for tests whose sim:// run takes minutes and whose RTL behaviour the frame-level
+#: tests of the top cover: sim:// only in the sweep (``make sweep``).
+SIM_IN_SWEEP = pytest.mark.parametrize(
+    "url", ["emulate://", pytest.param("sim://", marks=pytest.mark.sweep)])
+
+
 def _cfg(url):
     return SIM_SMALL if url == "sim://" else SMALL
 
@@ -97,6 +103,7 @@ def _static_exp_input(rng, shape):
 
 @pytest.mark.parametrize("shape", [(1, 1), (19, 32), (37, 53), (100, 90)])
 @pytest.mark.parametrize("fmt", [HBFP8, HBFP4, MXINT8.replace(rounding="stochastic", seed=3)])
+@SIM_IN_SWEEP
 def test_quantize_static_exponent_bit_exact(url, rng, shape, fmt):
     """Device.quantize(exponent=E) == quantize(x, fmt, exponent=E), one E for every
     tile: E far below the data (most elements saturate), inside it, far above it
@@ -199,6 +206,7 @@ def test_matmul_random_shapes_incl_larger_than_buffers(url, rng):
             assert np.array_equal(y, ref), (M, K, N)
 
 
+@SIM_IN_SWEEP
 def test_matmul_k_split_bit_exact(url, rng):
     """K longer than one on-chip GEMM holds: the driver splits K over GEMMs with the
     whole-K reference exponents in ``eref`` and ACCUMULATE; bit-identical to the unsplit
@@ -220,6 +228,7 @@ def test_matmul_k_split_bit_exact(url, rng):
 
 
 @pytest.mark.parametrize("fa,fb", [(HBFP8, HBFP4), (HBFP4, HBFP4)])
+@SIM_IN_SWEEP
 def test_matmul_q_mixed_formats_and_orientations(url, rng, fa, fb):
     if fa is HBFP8:
         _emulate_only(url, "HBFP8 x HBFP4 on the RTL: tests/test_accelerator_slots.py")

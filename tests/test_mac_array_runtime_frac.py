@@ -30,8 +30,10 @@ DUAL_CFGS = [
     CFG.replace(dual_precision=True),
     MacArrayConfig(rows=2, cols=1, lanes=1, tile=4, man_bits_a=8, man_bits_b=6, k_max=64,
                    mapping="lut", dual_precision=True, guard_bits=3),
-    MacArrayConfig(rows=2, cols=2, lanes=8, tile=16, man_bits_a=8, man_bits_b=8, k_max=64,
-                   mapping="dsp", dual_precision=True),
+    # tile 16, 8 lanes: about 100 s per build in the simulator, so in the sweep
+    pytest.param(MacArrayConfig(rows=2, cols=2, lanes=8, tile=16, man_bits_a=8,
+                                man_bits_b=8, k_max=64, mapping="dsp", dual_precision=True),
+                 marks=pytest.mark.sweep),
 ]
 
 
