@@ -79,11 +79,11 @@ def main(argv=None) -> int:
                                         a_cols=args.k, b_rows=stored_b.shape[0],
                                         b_cols=stored_b.shape[1], out_offset=0))
         seq += 1
-        assert out[5] == P.Op.GEMM | P.RESPONSE_FLAG, f"slot {slot}: {out.hex()}"
+        assert P.decode_frame(out)[1] == P.Op.GEMM | P.RESPONSE_FLAG, f"slot {slot}: {out.hex()}"
         got, _ = _call(sim, _frame(seq, P.Op.READ, buffer=specs["out"].id, offset=0,
                                    count=args.m * args.n))
         seq += 1
-        y = np.frombuffer(got[P.HEADER_BYTES: -P.CRC_BYTES], dtype=np.float32)
+        y = np.frombuffer(P.split_answer(P.decode_frame(got)[2])[1], dtype=np.float32)
         ref = bfp_matmul(qa, qb).reshape(-1)
         assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"slot {slot}"
         macs = args.m * args.k * args.n

@@ -1,8 +1,8 @@
 """Byte-stream frame parser and CRC checker for the wire protocol (Amaranth 0.5).
 
-Everything comes from :mod:`hbfp_hw.protocol`: the sync bytes, the header layout, the
-payload limit and the CRC (the byte-wide CRC-32 update is derived as a GF(2) matrix
-from :func:`hbfp_hw.protocol.crc32_update`, not written by hand).
+Everything comes from :mod:`hbfp_hw.protocol`: the delimiter and the byte stuffing, the
+header layout, the payload limit and the CRC (the byte-wide CRC-32 update is derived as
+a GF(2) matrix from :func:`hbfp_hw.protocol.crc32_update`, not written by hand).
 
 Ports
 -----
@@ -18,14 +18,14 @@ Ports
 ``seq``, ``opcode``, ``length``: ``Out``
     Header of the current frame, valid from the payload on and at the strobe.
 
-A partial frame is abandoned after ``idle_cycles`` clocks without an input byte
-(the protocol's line-idle timeout). Unlike the host parser, the hardware does not
-rescan a bad frame's bytes for a hidden sync: it resumes the search at the next byte,
-and the host's retry recovers.
+A frame starts at the delimiter; escaped bytes are unstuffed on the fly (the escape
+byte is consumed without output). A delimiter inside a partial frame abandons it
+(``abort``) and starts the next one; so does ``idle_cycles`` clocks without an input
+byte (the protocol's line-idle timeout). Bytes outside a frame are skipped.
 """
 
 
-from amaranth import Module, Signal, Cat, Const
+from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -51,7 +51,7 @@ def crc32_byte_matrix() -> list[tuple[int, int]]:
 
 
 class FrameDecoder(wiring.Component):
-    """Frame parser: sync search, header, payload pass-through, CRC-32 check."""
+    """Frame parser: delimiter, unstuffing, header, payload pass-through, CRC-32 check."""
 
     i: In(stream.Signature(8))
     o: Out(stream.Signature(8))
@@ -74,7 +74,7 @@ class FrameDecoder(wiring.Component):
         m = Module()
         crc = Signal(32, init=0xFFFFFFFF)
         crc_next = Signal(32)
-        byte = self.i.payload
+        byte = Signal(8)        # the received byte, unstuffed
         for j, (sm, bm) in enumerate(crc32_byte_matrix()):
             terms = [crc[i] for i in range(32) if sm >> i & 1]
             terms += [byte[i] for i in range(8) if bm >> i & 1]
@@ -86,35 +86,41 @@ class FrameDecoder(wiring.Component):
         count = Signal(16)
         rx_crc = Signal(32)
         idle = Signal(range(self.idle_cycles + 1))
-        take = Signal()  # a byte is consumed this cycle
+        take = Signal()  # a data byte (unstuffed) is consumed this cycle
+        esc = Signal()   # the previous byte was the escape
 
-        m.d.comb += take.eq(self.i.valid & self.i.ready)
+        raw = self.i.payload
+        is_delim = raw == P.DELIM
+        is_esc = (raw == P.ESC) & ~esc
+        m.d.comb += byte.eq(Mux(esc, raw ^ P.ESC_XOR, raw))
+        got = self.i.valid & self.i.ready
+        m.d.comb += take.eq(got & ~is_delim & ~is_esc)
         m.d.sync += [self.frame_ok.eq(0), self.frame_bad.eq(0), self.oversize.eq(0),
                      self.abort.eq(0)]
-
-        with m.If(take):
-            m.d.sync += idle.eq(0)
+        with m.If(got):
+            m.d.sync += [idle.eq(0), esc.eq(is_esc)]
         with m.Elif(idle != self.idle_cycles):
             m.d.sync += idle.eq(idle + 1)
 
+        def restart(mid_frame: bool):
+            """A delimiter: a new frame starts (a partial one is abandoned)."""
+            m.d.sync += [crc.eq(0xFFFFFFFF), esc.eq(0)]
+            if mid_frame:
+                m.d.sync += self.abort.eq(1)
+            m.next = "LEN0"
+
         with m.FSM():
-            with m.State("SYNC0"):
+            with m.State("HUNT"):
                 m.d.comb += self.i.ready.eq(1)
-                with m.If(take & (byte == P.SYNC[0])):
-                    m.next = "SYNC1"
-            with m.State("SYNC1"):
-                m.d.comb += self.i.ready.eq(1)
-                with m.If(take):
-                    m.d.sync += crc.eq(0xFFFFFFFF)
-                    with m.If(byte == P.SYNC[1]):
-                        m.next = "LEN0"
-                    with m.Elif(byte != P.SYNC[0]):
-                        m.next = "SYNC0"
+                with m.If(got & is_delim):
+                    restart(False)
             for state, nxt, target in (("LEN0", "LEN1", None), ("LEN1", "SEQ", None),
                                        ("SEQ", "OP", self.seq), ("OP", "PAYLOAD", self.opcode)):
                 with m.State(state):
                     m.d.comb += self.i.ready.eq(1)
-                    with m.If(take):
+                    with m.If(got & is_delim):
+                        restart(state != "LEN0")
+                    with m.Elif(take):
                         m.d.sync += crc.eq(crc_next)
                         if state == "LEN0":
                             m.d.sync += self.length[:8].eq(byte)
@@ -126,38 +132,45 @@ class FrameDecoder(wiring.Component):
                         if state == "LEN1":
                             with m.If(Cat(self.length[:8], byte) > P.MAX_PAYLOAD):
                                 m.d.sync += self.oversize.eq(1)
-                                m.next = "SYNC0"
+                                m.next = "HUNT"
                         if state == "OP":
                             m.d.sync += count.eq(0)
                             with m.If(self.length == 0):
                                 m.next = "CRC"
-                    with m.Elif(idle == self.idle_cycles):
-                        m.d.sync += self.abort.eq(1)
-                        m.next = "SYNC0"
+                    with m.Elif(~got & (idle == self.idle_cycles)):
+                        m.d.sync += [self.abort.eq(1), esc.eq(0)]
+                        m.next = "HUNT"
             with m.State("PAYLOAD"):
-                m.d.comb += [self.o.payload.eq(byte), self.o.valid.eq(self.i.valid),
-                             self.i.ready.eq(self.o.ready)]
-                with m.If(take):
+                # escapes and delimiters are taken without waiting for the consumer
+                data_byte = ~is_delim & ~is_esc
+                m.d.comb += [self.o.payload.eq(byte),
+                             self.o.valid.eq(self.i.valid & data_byte),
+                             self.i.ready.eq(Mux(data_byte, self.o.ready, 1))]
+                with m.If(got & is_delim):
+                    restart(True)
+                with m.Elif(take):
                     m.d.sync += [crc.eq(crc_next), count.eq(count + 1)]
                     with m.If(count + 1 == self.length):
                         m.d.sync += count.eq(0)
                         m.next = "CRC"
-                with m.Elif(idle == self.idle_cycles):
-                    m.d.sync += self.abort.eq(1)
-                    m.next = "SYNC0"
+                with m.Elif(~got & (idle == self.idle_cycles)):
+                    m.d.sync += [self.abort.eq(1), esc.eq(0)]
+                    m.next = "HUNT"
             with m.State("CRC"):
                 m.d.comb += self.i.ready.eq(1)
-                with m.If(take):
+                with m.If(got & is_delim):
+                    restart(True)
+                with m.Elif(take):
                     m.d.sync += [rx_crc.eq(Cat(rx_crc[8:], byte)), count.eq(count + 1)]
                     with m.If(count == P.CRC_BYTES - 1):
                         m.next = "CHECK"
-                with m.Elif(idle == self.idle_cycles):
-                    m.d.sync += self.abort.eq(1)
-                    m.next = "SYNC0"
+                with m.Elif(~got & (idle == self.idle_cycles)):
+                    m.d.sync += [self.abort.eq(1), esc.eq(0)]
+                    m.next = "HUNT"
             with m.State("CHECK"):
                 with m.If(rx_crc == (crc ^ 0xFFFFFFFF)):
                     m.d.sync += self.frame_ok.eq(1)
                 with m.Else():
                     m.d.sync += self.frame_bad.eq(1)
-                m.next = "SYNC0"
+                m.next = "HUNT"
         return m

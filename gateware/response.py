@@ -1,10 +1,14 @@
 """The response encoder: a response descriptor in, one answer frame out.
 
-Sends sync, ``LEN``, ``SEQ``, ``OP``, the descriptor's fixed bytes, ``seg0.count``
-elements of buffer ``seg0.buf`` from ``seg0.offset``, then ``seg1`` likewise (each
-element as its buffer's wire bytes, little endian; mantissa buffers lane by lane), and
-the CRC-32. It reads the buffers as a buffer-manager client; it takes the descriptor
-(``desc.ready``) after the frame's last byte.
+Sends the delimiter, ``LEN``, ``SEQ``, ``OP``, the session token (``token``), the
+descriptor's fixed bytes, ``seg0.count`` elements of buffer ``seg0.buf`` from
+``seg0.offset``, then ``seg1`` likewise (each element as its buffer's wire bytes, little
+endian; mantissa buffers lane by lane), and the CRC-32, every byte after the delimiter
+stuffed (:func:`hbfp_hw.protocol.stuff`: a byte equal to the delimiter or the escape
+goes out as the escape and the byte XOR 0x20, one more clock). The descriptor's
+``length`` counts the answer without the token. It reads the buffers as a
+buffer-manager client; it takes the descriptor (``desc.ready``) after the frame's last
+byte.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ResponseEncoder(wiring.Component):
     def __init__(self, specs, *, tile: int, rom_depth: int) -> None:
         self.specs, self.tile = list(specs), tile
         super().__init__({"desc": In(stream.Signature(response_layout())),
+                          "token": In(8 * P.SESSION_BYTES),
                           "o": Out(stream.Signature(8)),
                           "bufs": Out(buffer_ports(self.specs, tile, rom_depth))})
 
@@ -79,8 +84,21 @@ class ResponseEncoder(wiring.Component):
                                              else data)]
             with m.Case(len(specs)):
                 m.d.comb += [src_wb.eq(1), src_byte.eq(bufs.rom_r.data)]
-        take = self.o.ready
-        hdr_bytes = Cat(Const(P.SYNC[0], 8), Const(P.SYNC[1], 8), d.length, d.seq, d.op)
+        # byte stuffing between the FSM's bytes and ``o``: ``take`` advances the FSM
+        f_valid = Signal()      # the FSM offers ``byte``
+        is_delim = Signal()     # ``byte`` is the frame's delimiter: sent as it is
+        esc_sent = Signal()
+        need = ((byte == P.DELIM) | (byte == P.ESC)) & ~is_delim
+        take = Signal()
+        m.d.comb += [self.o.valid.eq(f_valid),
+                     self.o.payload.eq(Mux(need & ~esc_sent, P.ESC,
+                                           Mux(need, byte ^ P.ESC_XOR, byte))),
+                     take.eq(self.o.ready & (~need | esc_sent))]
+        with m.If(f_valid & self.o.ready):
+            m.d.sync += esc_sent.eq(need & ~esc_sent)
+        n_hdr = P.HEADER_BYTES + P.SESSION_BYTES
+        hdr_bytes = Cat(Const(P.DELIM, 8), (d.length + P.SESSION_BYTES)[:16], d.seq, d.op,
+                        self.token)
         with m.FSM(name="enc"):
             with m.State("IDLE"):
                 with m.If(self.desc.valid):
@@ -89,30 +107,30 @@ class ResponseEncoder(wiring.Component):
                     m.d.sync += idx.eq(0)
                     m.next = "E_HDR"
             with m.State("E_HDR"):
-                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:3], 8)), self.o.valid.eq(1),
-                             self.o.payload.eq(byte)]
+                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:4], 8)), f_valid.eq(1),
+                             is_delim.eq(idx == 0)]
                 with m.If(take):
-                    with m.If(idx >= 2):
+                    with m.If(idx >= 1):
                         m.d.sync += crc.eq(crc_n)
                     with m.Else():
                         m.d.sync += crc.eq(0xFFFFFFFF)
                     m.d.sync += idx.eq(idx + 1)
-                    with m.If(idx == 5):
+                    with m.If(idx == n_hdr - 1):
                         m.d.sync += [idx.eq(0), seg.eq(d.seg0.count == 0), bi.eq(0),
                                      rem.eq(Mux(d.seg0.count != 0, d.seg0.count,
                                                 d.seg1.count))]
                         m.next = "E_FIX"
             with m.State("E_FIX"):
-                m.d.comb += [byte.eq(d.fix.word_select(idx[:4], 8)), self.o.payload.eq(byte)]
+                m.d.comb += byte.eq(d.fix.word_select(idx[:4], 8))
                 with m.If(idx == d.nfix):
                     m.d.sync += idx.eq(0)
                     m.next = "E_DATA"
                 with m.Else():
-                    m.d.comb += self.o.valid.eq(1)
+                    m.d.comb += f_valid.eq(1)
                     with m.If(take):
                         m.d.sync += [crc.eq(crc_n), idx.eq(idx + 1)]
             with m.State("E_DATA"):
-                m.d.comb += [byte.eq(src_byte), self.o.payload.eq(byte)]
+                m.d.comb += byte.eq(src_byte)
                 with m.If(rem == 0):
                     with m.If(~seg):
                         m.d.sync += [seg.eq(1), rem.eq(d.seg1.count)]
@@ -120,7 +138,7 @@ class ResponseEncoder(wiring.Component):
                     with m.Else():
                         m.next = "E_CRC"
                 with m.Else():
-                    m.d.comb += self.o.valid.eq(1)
+                    m.d.comb += f_valid.eq(1)
                     with m.If(take):
                         m.d.sync += crc.eq(crc_n)
                         with m.If(bi == src_wb - 1):
@@ -130,8 +148,7 @@ class ResponseEncoder(wiring.Component):
                             m.d.sync += bi.eq(bi + 1)
             with m.State("E_CRC"):
                 final = crc ^ 0xFFFFFFFF
-                m.d.comb += [self.o.valid.eq(1),
-                             self.o.payload.eq(final.word_select(idx[:2], 8))]
+                m.d.comb += [f_valid.eq(1), byte.eq(final.word_select(idx[:2], 8))]
                 with m.If(take):
                     m.d.sync += idx.eq(idx + 1)
                     with m.If(idx == P.CRC_BYTES - 1):

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import TextIO
 
+from amaranth import ClockDomain, Elaboratable, Module
+
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.formats import HBFP4, MXINT8, BFPFormat
 from hbfp_hw.host.transport import Transport
@@ -109,15 +111,32 @@ class SimTransport(Transport):
         self.sim_seconds = 0.0
         self._quiet = 0
         self._target = 0
-        self._sim = Simulator(self.dut)
+        self._top = _WithReset(self.dut)
+        self._reset_cycles = 0
+        self._sim = Simulator(self._top)
         self._sim.add_clock(1.0 / self.config.clock_hz)
         self._sim.add_testbench(self._bench, background=True)
         self._period = 1.0 / self.config.clock_hz
+
+    def reset_device(self, cycles: int = 4) -> None:
+        """Pulse the design's reset for ``cycles`` clocks, as a reset button or a
+        watchdog would: every register returns to its reset value (the session token to
+        0, the executor's replay record, the accumulators and statistics); block RAM
+        keeps its contents. Bytes queued for the device and answers not yet read are
+        lost."""
+        self._tx.clear()
+        self._rx.clear()
+        self._reset_cycles = int(cycles)
+        self._quiet = 0
+        self._run(cycles + 4, cycles + 2)
 
     async def _bench(self, ctx) -> None:
         dut = self.dut
         ctx.set(dut.o.ready, 1)
         while True:
+            ctx.set(self._top.cd.rst, int(self._reset_cycles > 0))
+            if self._reset_cycles:
+                self._reset_cycles -= 1
             if self._tx:
                 ctx.set(dut.i.valid, 1)
                 ctx.set(dut.i.payload, self._tx[0])
@@ -193,6 +212,21 @@ class SimTransport(Transport):
 
     def close(self) -> None:
         self._tx.clear()
+
+
+class _WithReset(Elaboratable):
+    """The top with its ``sync`` domain defined here, so the simulation can pulse its
+    reset."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.cd = ClockDomain("sync")
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = self.cd
+        m.submodules.top = self.inner
+        return m
 
 
 def sim_transport(config: AcceleratorConfig | None = None, *,

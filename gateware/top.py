@@ -60,8 +60,8 @@ __all__ = ["Accelerator", "UartAccelerator", "ENGINES", "UNSUPPORTED", "unsuppor
 #: The engine that executes each opcode (names of :meth:`Accelerator.engines`).
 ENGINES = {
     P.Op.INFO: "buffer_io", P.Op.WRITE: "buffer_io", P.Op.READ: "buffer_io",
-    P.Op.RESET: "buffer_io", P.Op.READ_STATS: "stats", P.Op.QUANTIZE: "quantize",
-    P.Op.GEMM: "gemm",
+    P.Op.RESET: "buffer_io", P.Op.SESSION: "buffer_io", P.Op.READ_STATS: "stats",
+    P.Op.QUANTIZE: "quantize", P.Op.GEMM: "gemm",
 }
 
 #: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``
@@ -302,7 +302,8 @@ class Accelerator(wiring.Component):
         st, io, q, g = (engines[n] for n in ("stats", "buffer_io", "quantize", "gemm"))
         wiring.connect(m, q.sample, st.quant_sample)
         wiring.connect(m, g.sample, st.gemm_sample)
-        m.d.comb += [st.soft_reset.eq(io.soft_reset), g.soft_reset.eq(io.soft_reset)]
+        m.d.comb += [st.soft_reset.eq(io.soft_reset), g.soft_reset.eq(io.soft_reset),
+                     enc.token.eq(io.token)]
         wiring.connect(m, wiring.flipped(self.i), ex.i)
         wiring.connect(m, enc.o, wiring.flipped(self.o))
         m.d.comb += self.busy.eq(ex.busy)

@@ -8,22 +8,37 @@ manifest.
 
 Frame (all multi-byte integers little endian)::
 
-    +------+------+---------+-----+----+-----------------+---------+
-    | 0xA5 | 0x5A | LEN u16 | SEQ | OP | PAYLOAD (LEN B) | CRC u32 |
-    +------+------+---------+-----+----+-----------------+---------+
-      sync (2)      length    tag  code  0..MAX_PAYLOAD    CRC-32
+    +------+--------------------------------------------------------------+
+    | 0x7E | stuffed( LEN u16 | SEQ | OP | PAYLOAD (LEN B) | CRC u32 )    |
+    +------+--------------------------------------------------------------+
+     delimiter  length   tag  code  0..MAX_PAYLOAD       CRC-32
 
-* ``LEN`` counts payload bytes only; a frame with ``LEN > MAX_PAYLOAD`` is rejected
-  while scanning for the next sync.
+* **Delimiting data cannot forge.** :data:`DELIM` (0x7E) starts every frame and occurs
+  nowhere else: after it every byte equal to :data:`DELIM` or :data:`ESC` (0x7D) is sent
+  as :data:`ESC` followed by the byte XOR :data:`ESC_XOR` (0x20), the HDLC byte
+  stuffing (:func:`stuff` / :func:`unstuff`). A receiver drops a partial frame when a
+  delimiter arrives, so a complete, CRC-valid frame inside WRITE data is never parsed
+  as a frame, whatever line errors hit the frame carrying it. Stuffing adds 2/256 of
+  the bytes on random data, at most doubles them.
+* ``LEN`` counts payload bytes only (unstuffed); a frame with ``LEN > MAX_PAYLOAD`` is
+  rejected.
 * ``SEQ`` is chosen by the host (incremented per new request, kept on retries); the
   response echoes it.
 * ``OP`` is an :class:`Op` for requests, ``op | RESPONSE_FLAG`` for responses and
   :data:`ERROR_OPCODE` for error frames.
 * ``CRC`` is CRC-32/ISO-HDLC (the Ethernet / zlib CRC: reflected polynomial
   0xEDB88320, init 0xFFFFFFFF, final XOR 0xFFFFFFFF) over ``LEN, SEQ, OP, PAYLOAD``
-  (everything after the sync bytes). In hardware it is a 32-flop register updated one
-  byte per clock by an XOR network (:func:`crc32_update`); 32 bits keep the chance of
-  an undetected corrupted frame at 2**-32.
+  (unstuffed). In hardware it is a 32-flop register updated one byte per clock by an
+  XOR network (:func:`crc32_update`); 32 bits keep the chance of an undetected
+  corrupted frame at 2**-32.
+
+**Session token.** The payload of every response and error frame starts with the
+device's session token (:data:`SESSION_BYTES`, u32), then the layout of
+:data:`RESPONSES` / :data:`ERROR_LAYOUT`. The token is 0 after power-up and after any
+hardware reset; ``SESSION`` sets it. The host sets a random non-zero token when it opens
+the device and checks it in every answer: a device that was reset (and lost its buffers)
+answers with another token, so the host never takes a result computed from lost
+operands.
 
 Reliability: the device remembers the last request (``SEQ`` and CRC) and its response;
 a retransmitted request is answered from that record without executing it again, so
@@ -45,7 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config.accelerator import AcceleratorConfig
 
 __all__ = [
-    "PROTOCOL_VERSION", "SYNC", "HEADER_BYTES", "CRC_BYTES", "FRAME_OVERHEAD", "MAX_DATA",
+    "PROTOCOL_VERSION", "DELIM", "ESC", "ESC_XOR", "SESSION_BYTES", "HEADER_BYTES",
+    "CRC_BYTES", "FRAME_OVERHEAD", "MAX_DATA", "stuff", "unstuff", "decode_frame",
+    "split_answer",
     "MAX_PAYLOAD", "RESPONSE_FLAG", "ERROR_OPCODE", "IDLE_TIMEOUT_BYTES", "Op", "ErrorCode",
     "QuantizeFlag", "GemmFlag", "StatsFlag", "Field", "Layout", "REQUESTS", "RESPONSES",
     "ERROR_LAYOUT", "BufferKind", "BufferSpec", "buffer_map", "crc32", "crc32_update",
@@ -54,11 +71,18 @@ __all__ = [
 ]
 
 #: 2: QUANTIZE carries ``exp_code`` (``STATIC_EXP``), READ_STATS ``QUANTIZE_INPUT``.
-PROTOCOL_VERSION = 2
-#: Start-of-frame marker.
-SYNC = b"\xA5\x5A"
-#: Sync, LEN, SEQ, OP.
-HEADER_BYTES = 6
+#: 3: delimiter and byte stuffing instead of two sync bytes; the session token in every
+#: answer; ``SESSION``.
+PROTOCOL_VERSION = 3
+#: Start-of-frame delimiter: occurs nowhere else on the wire.
+DELIM = 0x7E
+#: Escape byte of the stuffing: ``ESC, byte ^ ESC_XOR`` stands for ``DELIM`` or ``ESC``.
+ESC = 0x7D
+ESC_XOR = 0x20
+#: Bytes of the session token that starts every answer's payload.
+SESSION_BYTES = 4
+#: Delimiter, LEN, SEQ, OP (before stuffing).
+HEADER_BYTES = 5
 CRC_BYTES = 4
 FRAME_OVERHEAD = HEADER_BYTES + CRC_BYTES
 #: Largest bulk data block in one frame (WRITE data, READ / QUANTIZE / INFO answers).
@@ -85,6 +109,7 @@ class Op(IntEnum):
     GEMM = 0x05        #: BFP operand buffers -> accumulators (-> FP32 into out)
     READ_STATS = 0x06  #: online min/max of the stored GEMM outputs (or QUANTIZE inputs)
     RESET = 0x07       #: clear buffers, accumulators, statistics
+    SESSION = 0x08     #: set the session token every answer carries (0 after a reset)
 
 
 class ErrorCode(IntEnum):
@@ -232,6 +257,7 @@ REQUESTS: dict[Op, Layout] = {
                 ("out_offset", 4)),
     Op.READ_STATS: _L(("flags", 1)),
     Op.RESET: _L(),
+    Op.SESSION: _L(("token", 4)),
 }
 
 #: Response payload layouts (opcode ``op | RESPONSE_FLAG``).
@@ -243,6 +269,7 @@ RESPONSES: dict[Op, Layout] = {
     Op.GEMM: _L(("k_total", 4)),
     Op.READ_STATS: _L(("count", 4), ("n_nonfinite", 4), ("min", 4, "f32"), ("max", 4, "f32")),
     Op.RESET: _L(),
+    Op.SESSION: _L(),
 }
 
 #: Error frame payload layout (opcode :data:`ERROR_OPCODE`).
@@ -271,8 +298,39 @@ def crc32_update(state: int, byte: int) -> int:
     return state
 
 
+def stuff(data: bytes) -> bytes:
+    """Byte stuffing: every :data:`DELIM` / :data:`ESC` becomes ``ESC, byte ^ ESC_XOR``."""
+    if DELIM not in data and ESC not in data:
+        return bytes(data)
+    out = bytearray()
+    for b in data:
+        if b == DELIM or b == ESC:
+            out += bytes((ESC, b ^ ESC_XOR))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unstuff(data: bytes) -> bytes:
+    """Inverse of :func:`stuff` (``data`` holds no delimiter; a trailing lone
+    :data:`ESC` raises ``ValueError``)."""
+    if ESC not in data:
+        return bytes(data)
+    out = bytearray()
+    it = iter(data)
+    for b in it:
+        if b == ESC:
+            nxt = next(it, None)
+            if nxt is None:
+                raise ValueError("stuffed data ends with an escape byte")
+            out.append(nxt ^ ESC_XOR)
+        else:
+            out.append(b)
+    return bytes(out)
+
+
 def encode_frame(seq: int, opcode: int, payload: bytes = b"") -> bytes:
-    """A complete frame (sync, header, payload, CRC)."""
+    """A complete frame: the delimiter, then header, payload and CRC, stuffed."""
     if not 0 <= seq <= 0xFF:
         raise ValueError(f"seq={seq} is out of range; accepted range is [0, 255]")
     if not 0 <= opcode <= 0xFF:
@@ -281,7 +339,32 @@ def encode_frame(seq: int, opcode: int, payload: bytes = b"") -> bytes:
         raise ValueError(f"payload of {len(payload)} bytes; accepted range is "
                          f"[0, {MAX_PAYLOAD}]")
     body = struct.pack("<HBB", len(payload), seq, opcode) + bytes(payload)
-    return SYNC + body + struct.pack("<I", crc32(body))
+    return bytes((DELIM,)) + stuff(body + struct.pack("<I", crc32(body)))
+
+
+def decode_frame(raw: bytes) -> tuple[int, int, bytes]:
+    """``(seq, opcode, payload)`` of exactly one encoded frame (``ValueError`` if ``raw``
+    is not one complete frame with a good CRC)."""
+    if len(raw) < 1 or raw[0] != DELIM or DELIM in raw[1:]:
+        raise ValueError("not one frame: it must start with the delimiter 0x7e and hold "
+                         "no other")
+    body = unstuff(raw[1:])
+    if len(body) < HEADER_BYTES - 1 + CRC_BYTES:
+        raise ValueError(f"frame of {len(body)} unstuffed bytes is too short")
+    length, seq, op = struct.unpack_from("<HBB", body, 0)
+    if len(body) != 4 + length + CRC_BYTES:
+        raise ValueError(f"LEN={length} does not match the frame's {len(body)} bytes")
+    if crc32(body[:-CRC_BYTES]) != struct.unpack_from("<I", body, len(body) - CRC_BYTES)[0]:
+        raise ValueError("CRC mismatch")
+    return seq, op, bytes(body[4:-CRC_BYTES])
+
+
+def split_answer(payload: bytes) -> tuple[int, bytes]:
+    """``(session token, rest)`` of a response or error frame's payload."""
+    if len(payload) < SESSION_BYTES:
+        raise ValueError(f"answer payload of {len(payload)} bytes has no session token")
+    return (int.from_bytes(payload[:SESSION_BYTES], "little"),
+            bytes(payload[SESSION_BYTES:]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,7 +459,9 @@ def protocol_json() -> dict:
     """The configuration-independent protocol definition."""
     return {
         "version": PROTOCOL_VERSION,
-        "sync": list(SYNC),
+        "framing": {"delimiter": DELIM, "escape": ESC, "escape_xor": ESC_XOR,
+                    "stuffed": "LEN SEQ OP PAYLOAD CRC"},
+        "session_bytes": SESSION_BYTES,
         "header_bytes": HEADER_BYTES,
         "crc": {"name": "CRC-32/ISO-HDLC", "poly_reflected": CRC32_POLY_REFLECTED,
                 "init": 0xFFFFFFFF, "xorout": 0xFFFFFFFF, "bytes": CRC_BYTES,

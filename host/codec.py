@@ -1,11 +1,10 @@
 """Sans-IO codec of the wire protocol: bytes in, events out; requests in, bytes out.
 
 Nothing here reads a clock or a port. :class:`FrameParser` turns a byte stream into
-frame events and resynchronises after garbage (it looks for the sync bytes, checks
-the length limit and the CRC, and after a bad frame rescans from the byte after the
-false sync, so a real frame hidden inside a corrupted one is still found).
-:class:`HostCodec` adds the host's view: it numbers requests, and classifies frames as
-the awaited response, a device error, or a stale/mismatched frame. The device side
+frame events: it starts a frame at each delimiter, unstuffs, checks the length limit
+and the CRC. :class:`HostCodec` adds the host's view: it numbers requests, splits the
+session token off every answer, and classifies frames as the awaited response, a device
+error, or a frame for another sequence tag. The device side
 (:mod:`hbfp_hw.host.emulator`) uses :class:`FrameParser` directly.
 """
 
@@ -70,6 +69,7 @@ class Response:
     op: P.Op
     fields: dict[str, Any]
     data: bytes
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class DeviceErrorFrame:
     code: int
     opcode: int
     detail: int
+    session: int = 0
 
     @property
     def name(self) -> str:
@@ -91,11 +92,13 @@ class DeviceErrorFrame:
 
 @dataclass(frozen=True)
 class SequenceMismatch:
-    """A valid frame for another sequence tag (a late or duplicated response)."""
+    """A valid frame for another sequence tag (a late or duplicated response, or the
+    answer to a request the host never sent)."""
 
     expected: int | None
     got: int
     opcode: int
+    payload: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -111,71 +114,100 @@ Event = Union[Frame, CrcError, Oversize, Garbage, Truncated, Response, DeviceErr
 
 # -- framing ----------------------------------------------------------------------------
 class FrameParser:
-    """Byte stream -> :class:`Frame` / error events. Resynchronises after garbage."""
+    """Byte stream -> :class:`Frame` / error events (see :mod:`hbfp_hw.protocol`).
+
+    A frame starts at the delimiter; its bytes are unstuffed as they arrive. A delimiter
+    inside a partial frame drops it (:class:`Truncated`) and starts the next; bytes
+    outside a frame are counted as :class:`Garbage`. Delimiting does not depend on
+    ``LEN``, so data cannot hide a frame and one line error loses at most the frames it
+    hits.
+    """
 
     def __init__(self, max_payload: int = P.MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._buf = bytearray()
+        self._frame: bytearray | None = None    # unstuffed bytes of the current frame
+        self._raw = 0                           # wire bytes of the current frame
+        self._esc = False
+        self._skip = False                      # rest of an oversize frame
 
     @property
     def pending(self) -> int:
-        """Bytes held (a partial frame or an incomplete sync)."""
-        return len(self._buf)
+        """Wire bytes held (a partial frame)."""
+        return self._raw if self._frame is not None else 0
 
     def feed(self, data: bytes) -> list[Event]:
-        buf = self._buf
-        buf += data
         events: list[Event] = []
-        skipped = 0
-        while buf:
-            i = buf.find(P.SYNC)
-            if i < 0:
-                keep = 1 if buf[-1] == P.SYNC[0] else 0
-                skipped += len(buf) - keep
-                del buf[: len(buf) - keep]
+        garbage = [0]
+        data = bytes(data)
+        pos = 0
+        while pos < len(data):
+            j = data.find(P.DELIM, pos)
+            end = j if j >= 0 else len(data)
+            if end > pos:
+                self._take(data[pos:end], events, garbage)
+            if j < 0:
                 break
-            if i:
-                skipped += i
-                del buf[:i]
-            if len(buf) < P.HEADER_BYTES:
-                break
-            length, seq, op = struct.unpack_from("<HBB", buf, 2)
-            if length > self.max_payload:
-                events.append(Oversize(length))
-                del buf[:1]
-                continue
-            total = P.HEADER_BYTES + length + P.CRC_BYTES
-            if len(buf) < total:
-                break
-            body = bytes(buf[2: P.HEADER_BYTES + length])
-            (crc,) = struct.unpack_from("<I", buf, P.HEADER_BYTES + length)
-            if P.crc32(body) != crc:
-                events.append(CrcError(seq, op, length))
-                del buf[:1]
-                continue
-            events.append(Frame(seq, op, body[4:]))
-            del buf[:total]
-        if skipped:
-            events.insert(0, Garbage(skipped))
+            if self._frame is not None and self._raw > 1 and not self._skip:
+                events.append(Truncated(self._raw))
+            self._frame, self._raw, self._esc, self._skip = bytearray(), 1, False, False
+            pos = j + 1
+        if garbage[0]:
+            events.insert(0, Garbage(garbage[0]))
         return events
+
+    def _take(self, seg: bytes, events: list, garbage: list) -> None:
+        if self._frame is None or self._skip:
+            garbage[0] += len(seg)
+            return
+        self._raw += len(seg)
+        out, i = self._frame, 0
+        if self._esc:
+            out.append(seg[0] ^ P.ESC_XOR)
+            i, self._esc = 1, False
+        while True:
+            k = seg.find(P.ESC, i)
+            if k < 0:
+                out += seg[i:]
+                break
+            out += seg[i:k]
+            if k + 1 < len(seg):
+                out.append(seg[k + 1] ^ P.ESC_XOR)
+                i = k + 2
+            else:
+                self._esc = True
+                break
+        fr = self._frame
+        if len(fr) < 4:
+            return
+        length, seq, op = struct.unpack_from("<HBB", fr, 0)
+        if length > self.max_payload:
+            events.append(Oversize(length))
+            self._skip = True
+            return
+        total = 4 + length + P.CRC_BYTES
+        if len(fr) < total:
+            return
+        body = bytes(fr[: 4 + length])
+        (crc,) = struct.unpack_from("<I", fr, 4 + length)
+        if P.crc32(body) != crc:
+            events.append(CrcError(seq, op, length))
+        else:
+            events.append(Frame(seq, op, body[4:]))
+        extra = len(fr) - total
+        if extra:   # bytes after a complete frame, before the next delimiter
+            garbage[0] += extra
+        self._frame, self._raw, self._esc = None, 0, False
 
     def idle(self) -> list[Event]:
-        """The line went idle: drop a partial frame (the hardware's idle timeout).
-
-        The held bytes are rescanned from the byte after their sync first, so complete
-        frames inside a stalled false frame are still delivered.
-        """
-        if not self._buf:
-            return []
-        events: list[Event] = [Truncated(len(self._buf))]
-        while self._buf:  # each pass drops at least one byte
-            held = bytes(self._buf)
-            self._buf.clear()
-            events += self.feed(held[1:])
-        return events
+        """The line went idle: drop a partial frame (the hardware's idle timeout)."""
+        ev: list[Event] = []
+        if self._frame is not None and self._raw > 1 and not self._skip:
+            ev.append(Truncated(self._raw))
+        self.reset()
+        return ev
 
     def reset(self) -> None:
-        self._buf.clear()
+        self._frame, self._raw, self._esc, self._skip = None, 0, False, False
 
 
 # -- host view --------------------------------------------------------------------------
@@ -223,21 +255,25 @@ class HostCodec:
     def _classify(self, ev: Event) -> Event:
         if not isinstance(ev, Frame):
             return ev
+        try:
+            session, body = P.split_answer(ev.payload)
+        except ValueError as e:
+            return Malformed(f"frame 0x{ev.opcode:02x}: {e}")
         if ev.opcode == P.ERROR_OPCODE:
             try:
-                f, _ = P.ERROR_LAYOUT.unpack(ev.payload)
+                f, _ = P.ERROR_LAYOUT.unpack(body)
             except ValueError as e:
                 return Malformed(f"error frame: {e}")
             if ev.seq == self.seq or f["code"] == P.ErrorCode.BAD_CRC:
-                return DeviceErrorFrame(ev.seq, f["code"], f["opcode"], f["detail"])
-            return SequenceMismatch(self.seq, ev.seq, ev.opcode)
+                return DeviceErrorFrame(ev.seq, f["code"], f["opcode"], f["detail"], session)
+            return SequenceMismatch(self.seq, ev.seq, ev.opcode, ev.payload)
         if ev.seq != self.seq or self.pending is None:
-            return SequenceMismatch(self.seq, ev.seq, ev.opcode)
+            return SequenceMismatch(self.seq, ev.seq, ev.opcode, ev.payload)
         if ev.opcode != (self.pending | P.RESPONSE_FLAG):
             return Malformed(f"response opcode 0x{ev.opcode:02x} to a "
                              f"{self.pending.name} request")
         try:
-            f, data = P.RESPONSES[self.pending].unpack(ev.payload)
+            f, data = P.RESPONSES[self.pending].unpack(body)
         except ValueError as e:
             return Malformed(f"{self.pending.name} response: {e}")
-        return Response(ev.seq, self.pending, f, data)
+        return Response(ev.seq, self.pending, f, data, session)

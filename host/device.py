@@ -34,11 +34,19 @@ from .codec import (CrcError, DeviceErrorFrame, HostCodec, Malformed, Oversize, 
                     Response, SequenceMismatch, Truncated)
 from .transport import LoopbackTransport, SerialTransport, Transport
 
-__all__ = ["Device", "DeviceError", "LinkError", "ConfigMismatchError", "FormatMismatchError",
-           "open", "URL_SCHEMES"]
+__all__ = ["Device", "DeviceError", "LinkError", "DeviceResetError", "ProtocolError",
+           "ConfigMismatchError", "FormatMismatchError", "open", "URL_SCHEMES",
+           "gemm_clock_bound"]
 
 URL_SCHEMES = ("emulate", "sim", "serial")
 _U16 = 0xFFFF
+
+
+def gemm_clock_bound(M: int, K: int, N: int) -> int:
+    """Clocks a GEMM of ``M x K @ K x N`` takes on the device at most, whatever the slot:
+    the operand scans (a few clocks per element) plus the slowest datapath (the MX
+    reference datapath, about six clocks per product). Added to the answer timeout."""
+    return 6 * M * N * K + 8 * (M * K + K * N + M * N) + 4096
 
 
 class DeviceError(RuntimeError):
@@ -58,7 +66,21 @@ class DeviceError(RuntimeError):
 
 
 class LinkError(TimeoutError):
-    """No valid answer after all retries (timeouts or corrupted frames)."""
+    """No valid answer after all retries (timeouts or corrupted frames), or the link
+    itself failed (a serial port that vanished)."""
+
+
+class DeviceResetError(LinkError):
+    """The device was reset (power cycle, reconfiguration) since the session began: its
+    answer carries another session token, so operands it held are gone. The host has
+    dropped what it cached on the device and opened a new session; the operation that
+    saw the reset did not complete and may be run again."""
+
+
+class ProtocolError(LinkError):
+    """A valid answer to a request this host never sent (another host on the link, or
+    a frame the device parsed out of corrupted bytes). The host resynchronised and
+    dropped what it cached on the device; the operation did not complete."""
 
 
 class ConfigMismatchError(ValueError):
@@ -148,6 +170,8 @@ class Device:
             raise ValueError(f"chunk={chunk!r} is out of range; accepted range is "
                              f"[4, {P.MAX_DATA}] bytes")
         self.chunk = chunk
+        self._frame_chunk = chunk        # shrinks on a bad link, grows back
+        self._ok_streak = 0
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.progress = progress
@@ -156,6 +180,10 @@ class Device:
         self._bar = None
         self._resident: dict[int, tuple] = {}
         self._closed = False
+        self._clock_hz = 0.0             # known after INFO: bounds compute time
+        self._benign: set[tuple[int, int]] = set()   # (seq, opcode) of old answers
+        self.session = 0
+        self._new_session()
         if expected_config is not None and expected_hash is None:
             expected_hash = P.device_hash(expected_config)
         self.description, self.hash = self._read_info()
@@ -170,31 +198,88 @@ class Device:
             raise ConfigMismatchError(
                 f"device description hash {self.hash.hex()[:16]}... does not match the "
                 f"expected {bytes(expected_hash).hex()[:16]}...{diff}")
+        self._clock_hz = float(self.config.clock_hz)
         self._specs = {s.name: s for s in P.buffer_map(self.config)}
         if [s.to_json() for s in self._specs.values()] != self.description["buffers"]:
             raise ConfigMismatchError("device buffer map differs from the one derived from "
                                       "its configuration (protocol version skew?)")
 
     # -- link layer --------------------------------------------------------------------
-    def _call(self, op: P.Op, data: bytes = b"", **fields: Any) -> Response:
+    #: Smallest bulk chunk the link falls back to on errors (bytes).
+    MIN_CHUNK = 256
+
+    def _new_session(self) -> None:
+        """A fresh random non-zero session token, set on the device (``SESSION``)."""
+        import secrets
+        self.session = secrets.randbits(32) or 1
+        self._call(P.Op.SESSION, token=self.session)
+
+    def _device_reset(self, got: int) -> None:
+        self.link["device_resets"] += 1
+        self._resident.clear()
+        expected = self.session
+        self._new_session()
+        raise DeviceResetError(
+            f"the device was reset: its answer carries session token 0x{got:08x}, this "
+            f"host set 0x{expected:08x}; the operands it held are lost, the operation did "
+            f"not complete (a new session is open, run it again)")
+
+    def _unexpected(self, ev: SequenceMismatch) -> None:
+        self.link["unexpected_answers"] += 1
+        self._resident.clear()
+        self._resync()
+        raise ProtocolError(
+            f"the device answered a request this host never sent (SEQ {ev.got}, opcode "
+            f"0x{ev.opcode:02x}; awaited SEQ {ev.expected}); its buffers are no longer "
+            f"trusted and were dropped from the host's cache")
+
+    def _resync(self) -> None:
+        """Drain the line until it is quiet, then forget any partial frame."""
+        quiet = max(0.05, 64 / self.transport.byte_rate) if self.transport.byte_rate \
+            else 0.05
+        for _ in range(64):
+            if not self._io(self.transport.read, quiet):
+                break
+        self._codec._parser.reset()
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:       # a vanished serial port, a closed pipe
+            raise LinkError(f"the link failed: {e}") from e
+
+    def _link_trouble(self) -> None:
+        self._ok_streak = 0
+        self._frame_chunk = max(min(self.MIN_CHUNK, self.chunk), self._frame_chunk // 2)
+
+    def _link_ok(self) -> None:
+        self._ok_streak += 1
+        if self._ok_streak >= 32 and self._frame_chunk < self.chunk:
+            self._frame_chunk = min(self.chunk, self._frame_chunk * 2)
+            self._ok_streak = 0
+
+    def _call(self, op: P.Op, data: bytes = b"", *, compute_clocks: int = 0,
+              **fields: Any) -> Response:
         if self._closed:
             raise RuntimeError("device is closed")
         req = Request(op, fields, data)
         frame = self._codec.encode(req)
         rate = self.transport.byte_rate
-        timeout = self.timeout + (2 * (len(frame) + P.MAX_PAYLOAD) / rate if rate else 0.0)
+        timeout = self.timeout + (2 * (len(frame) + 2 * P.MAX_PAYLOAD) / rate if rate else 0.0)
+        if compute_clocks and self._clock_hz and rate:
+            timeout += compute_clocks / self._clock_hz
         last = "no answer"
         for attempt in range(self.retries + 1):
             if attempt:
                 self.link["retries"] += 1
                 frame = self._codec.encode(req, retry=True)
-            self.transport.write(frame)
+            self._io(self.transport.write, frame)
             self.link["bytes_tx"] += len(frame)
             self.link["frames_tx"] += 1
             deadline = time.monotonic() + timeout
             retry = False
             while not retry:
-                chunk = self.transport.read(max(0.0, deadline - time.monotonic()))
+                chunk = self._io(self.transport.read, max(0.0, deadline - time.monotonic()))
                 self.link["bytes_rx"] += len(chunk)
                 if chunk:
                     events = self._codec.feed(chunk)
@@ -204,23 +289,44 @@ class Device:
                     events = self._codec.idle()
                     retry = True
                 for ev in events:
+                    if isinstance(ev, (Response, DeviceErrorFrame)) and \
+                            ev.session != self.session:
+                        self._benign.add((ev.seq, P.ERROR_OPCODE))
+                        self._benign.add((ev.seq, int(op) | P.RESPONSE_FLAG))
+                        self._device_reset(ev.session)
                     if isinstance(ev, Response):
                         if self._bar is not None:
                             self._bar.update(len(frame) + len(ev.data))
+                        self._benign = {(ev.seq, int(op) | P.RESPONSE_FLAG),
+                                        (ev.seq, P.ERROR_OPCODE)}
+                        if attempt == 0:
+                            self._link_ok()
                         return ev
                     if isinstance(ev, DeviceErrorFrame):
                         if ev.code == P.ErrorCode.BAD_CRC:
                             self.link["device_crc_errors"] += 1
                             last = "device saw a bad CRC"
                             retry = True
+                            self._link_trouble()
                         else:
+                            self._benign = {(ev.seq, int(op) | P.RESPONSE_FLAG),
+                                            (ev.seq, P.ERROR_OPCODE)}
                             raise DeviceError(ev.code, ev.opcode, ev.detail)
                     elif isinstance(ev, (CrcError, Oversize, Malformed, Truncated)):
                         self.link[type(ev).__name__] += 1
                         last = type(ev).__name__
                         retry = True
+                        self._link_trouble()
                     elif isinstance(ev, SequenceMismatch):
-                        self.link["stale_frames"] += 1
+                        if (ev.got, ev.opcode) in self._benign:
+                            self.link["stale_frames"] += 1   # a duplicate of an old answer
+                        else:
+                            self._unexpected(ev)
+            if last == "timeout":
+                self._link_trouble()
+        # an answer to this request may still come: it is not a foreign request's
+        self._benign |= {(self._codec.seq, int(op) | P.RESPONSE_FLAG),
+                         (self._codec.seq, P.ERROR_OPCODE)}
         raise LinkError(f"{op.name}: no valid answer after {self.retries} retries "
                         f"(last problem: {last})")
 
@@ -265,23 +371,26 @@ class Device:
         if s.kind == P.BufferKind.FP32:
             raw = raw.astype(np.float32).view("<u4")
         raw = raw.astype(dt[s.wire_bytes]).tobytes()
-        step = self.chunk // s.wire_bytes * s.wire_bytes
-        for i in range(0, len(raw), step):
+        i = 0
+        while i < len(raw):   # the chunk adapts to the link between frames
+            step = max(s.wire_bytes, self._frame_chunk // s.wire_bytes * s.wire_bytes)
             self._call(P.Op.WRITE, raw[i: i + step], buffer=s.id,
                        offset=offset + i // s.wire_bytes)
             self.link["payload_tx"] += len(raw[i: i + step])
+            i += step
 
     def _read(self, name: str, offset: int, count: int) -> np.ndarray:
         s = self._specs[name]
-        per = self.chunk // s.wire_bytes
         parts = []
-        for i in range(0, count, per):
-            n = min(per, count - i)
+        i = 0
+        while i < count:
+            n = min(max(1, self._frame_chunk // s.wire_bytes), count - i)
             r = self._call(P.Op.READ, buffer=s.id, offset=offset + i, count=n)
             if len(r.data) != n * s.wire_bytes:
                 raise LinkError(f"READ of {n} elements returned {len(r.data)} bytes")
             parts.append(r.data)
             self.link["payload_rx"] += len(r.data)
+            i += n
         raw = b"".join(parts)
         if s.kind == P.BufferKind.FP32:
             return np.frombuffer(raw, "<f4").astype(np.float32)
@@ -377,7 +486,8 @@ class Device:
         code = 0 if exponent is None else exponent + self.config.formats[slot].exp_bias
         return self._call(P.Op.QUANTIZE, slot=slot, dst=dst, flags=int(flags),
                           rows=x.shape[0], cols=x.shape[1], src_offset=0,
-                          rounding=fmt.rounding_code, seed=fmt.seed, exp_code=code)
+                          rounding=fmt.rounding_code, seed=fmt.seed, exp_code=code,
+                          compute_clocks=8 * x.size + 4096)
 
     def _check_exponent(self, exponent: Any, slot: int) -> int | None:
         """``exponent`` as an int in the slot format's ``[emin, emax]`` (or None)."""
@@ -476,9 +586,12 @@ class Device:
               slot_b: int, flags: int) -> int:
         G = P.GemmFlag
         flags |= (G.TRANS_A if ta else 0) | (G.TRANS_B if tb else 0)
+        M, K = (a_shape[1], a_shape[0]) if ta else a_shape
+        N = b_shape[0] if tb else b_shape[1]
         r = self._call(P.Op.GEMM, a=a, b=b, flags=int(flags), slot_a=slot_a, slot_b=slot_b,
                        a_rows=a_shape[0], a_cols=a_shape[1], b_rows=b_shape[0],
-                       b_cols=b_shape[1], out_offset=0)
+                       b_cols=b_shape[1], out_offset=0,
+                       compute_clocks=gemm_clock_bound(M, K, N))
         return r.fields["k_total"]
 
     def _check_operands(self, a_q: BFPTensor, b_q: BFPTensor, allow_invalid: bool,

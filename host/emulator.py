@@ -15,7 +15,10 @@ accelerator top is specified to:
   the unsplit golden GEMM;
 * READ_STATS keeps two records, as the top's two range trackers: the stored GEMM
   outputs and (flag ``QUANTIZE_INPUT``) the FP32 tensor elements QUANTIZE read; RESET
-  clears both.
+  clears both;
+* every answer starts with the session token (``session``: 0 for a new emulator, i.e.
+  after power-up; set by ``SESSION``; RESET keeps it). A new ``Emulator`` is a device
+  that was power-cycled.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Emulator:
         self._parser = FrameParser()
         self._last: tuple[int, int, bytes, bytes] | None = None
         self.counters: Counter = Counter()
+        self.session = 0
         self._reset_state()
 
     # -- byte interface --------------------------------------------------------------
@@ -116,7 +120,10 @@ class Emulator:
     def _error(self, seq: int, opcode: int, code: P.ErrorCode, detail: int = 0) -> bytes:
         self.counters[f"error_{code.name}"] += 1
         payload = P.ERROR_LAYOUT.pack(code=int(code), opcode=opcode & 0xFF, detail=detail)
-        return P.encode_frame(seq, P.ERROR_OPCODE, payload)
+        return P.encode_frame(seq, P.ERROR_OPCODE, self._token() + payload)
+
+    def _token(self) -> bytes:
+        return self.session.to_bytes(P.SESSION_BYTES, "little")
 
     def _execute(self, fr: Frame) -> bytes:
         try:
@@ -134,7 +141,7 @@ class Emulator:
             return self._error(fr.seq, fr.opcode, e.code, e.detail)
         self.counters[op.name] += 1
         payload = P.RESPONSES[op].pack(rdata, **rfields)
-        return P.encode_frame(fr.seq, op | P.RESPONSE_FLAG, payload)
+        return P.encode_frame(fr.seq, op | P.RESPONSE_FLAG, self._token() + payload)
 
     # -- helpers ---------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -349,6 +356,10 @@ class Emulator:
         for back in self._backing:
             back[GUARD_ELEMENTS: len(back) - GUARD_ELEMENTS] = 0
         self._reset_state()
+        return {}, b""
+
+    def _op_session(self, f, data):
+        self.session = f["token"]
         return {}, b""
 
 

@@ -190,12 +190,15 @@ class Script:
         return ans
 
     def emulate(self, op: P.Op, payload: bytes) -> tuple[int, bytes]:
-        """The emulator's answer (not a step: prepares state for :meth:`load`)."""
+        """The emulator's answer ``(opcode, payload after the session token)`` (not a
+        step: prepares state for :meth:`load`)."""
         self._seq = (self._seq + 1) % 256
         frames = [e for e in FrameParser().feed(
             self.emu.feed(P.encode_frame(self._seq, op, payload))) if isinstance(e, Frame)]
         assert len(frames) == 1, frames
-        return frames[0].opcode, bytes(frames[0].payload)
+        token, body = P.split_answer(frames[0].payload)
+        assert token == self.emu.session
+        return frames[0].opcode, body
 
     def samples(self, port: str, words: list[int]) -> None:
         self.steps.append(("samples", port, list(words)))
@@ -291,7 +294,7 @@ def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Gene
 
     Returns ``{"answers": [(opcode, payload)], "samples": {port: [words]},
     "pulses": {port: cycles high}, "checks": [buffer mismatches at check steps],
-    "cycles": n}``.
+    "cycles": n, "token": the session token output at the end (or None)}``.
     """
     from amaranth.sim import Simulator
 
@@ -300,13 +303,14 @@ def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Gene
     mem = engine.signature.members
     pulses = [n for n in ("soft_reset",) if n in mem and mem[n].flow is wiring.Flow.Out]
     res = {"answers": [], "samples": {n: [] for n in out_samples},
-           "pulses": {n: 0 for n in pulses}, "checks": [], "cycles": 0}
+           "pulses": {n: 0 for n in pulses}, "checks": [], "cycles": 0, "token": None}
+    token = [engine.token] if "token" in mem else []
     sig_r = [(n, p.addr, p.en) for n, p in reads.items()]
     sig_w = [(n, p.addr, p.data, p.en) for n, p in writes.items()]
     flat = [s for _, *ss in sig_r for s in ss] + [s for _, *ss in sig_w for s in ss]
     watch = [getattr(engine, n).valid for n in out_samples] + \
             [getattr(engine, n).payload for n in out_samples] + \
-            [getattr(engine, n) for n in pulses]
+            [getattr(engine, n) for n in pulses] + token
 
     async def memories(ctx):
         for n in out_samples:
@@ -328,6 +332,8 @@ def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Gene
                     res["samples"][n].append(int(vals[k + no + j]))
             for j, n in enumerate(pulses):
                 res["pulses"][n] += int(vals[k + 2 * no + j])
+            if token:
+                res["token"] = int(vals[-1])
             for n, v in model.clock(rd, wr).items():
                 ctx.set(reads[n].data, v)
             res["cycles"] += 1

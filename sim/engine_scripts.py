@@ -51,8 +51,9 @@ def _start(cfg, rom: bytes, rng) -> Script:
 
 
 def buffer_io_script(cfg, rom: bytes, rng, n: int = 24) -> Script:
-    """WRITE / READ / INFO with random buffers, offsets and lengths (some out of range or
-    of a bad length), then RESET and reads of the cleared buffers."""
+    """WRITE / READ / INFO / SESSION with random buffers, offsets, lengths and tokens
+    (some out of range or of a bad length), then RESET and reads of the cleared
+    buffers."""
     sc = _start(cfg, rom, rng)
     specs = sc.emu.specs
     for s in specs:                                   # random contents everywhere
@@ -76,13 +77,16 @@ def buffer_io_script(cfg, rom: bytes, rng, n: int = 24) -> Script:
             data = rng.integers(0, 256, cnt * s.wire_bytes + (rng.random() < 0.1),
                                 dtype=np.uint8).tobytes()
             sc.cmd(P.Op.WRITE, data, buffer=bid, offset=off)
-        elif kind < 0.85:
+        elif kind < 0.8:
             cnt = int(rng.integers(0, 24)) if rng.random() > 0.05 else P.MAX_DATA
             sc.cmd(P.Op.READ, buffer=bid, offset=off, count=cnt)
+        elif kind < 0.9:
+            sc.cmd(P.Op.SESSION, token=int(rng.integers(0, 2**32)))
         else:
             sc.cmd(P.Op.INFO, offset=int(rng.integers(0, len(rom) + 8)))
         if k % 6 == 5:
             sc.check()
+    sc.cmd(P.Op.SESSION, token=int(rng.integers(1, 2**32)))
     sc.cmd(P.Op.RESET)
     for s in specs:
         sc.cmd(P.Op.READ, buffer=s.id, offset=s.depth - 4, count=4)

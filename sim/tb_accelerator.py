@@ -72,30 +72,34 @@ def _load() -> tuple[dict, AcceleratorConfig, dict[str, P.BufferSpec]]:
 
 def _describe(frame: bytes) -> str:
     """One line naming a frame: SEQ, opcode, decoded request fields."""
-    if len(frame) < P.FRAME_OVERHEAD:
-        return f"short frame {frame.hex()}"
-    ln, seq, op = struct.unpack_from("<HBB", frame, 2)
-    payload = frame[P.HEADER_BYTES:-P.CRC_BYTES]
+    try:
+        seq, op, payload = P.decode_frame(frame)
+    except ValueError as e:
+        return f"not one frame ({e}): {frame[:24].hex()}"
     try:
         o = P.Op(op)
         fields, data = P.REQUESTS[o].unpack(payload)
         return f"seq={seq} {o.name} {fields} +{len(data)} data bytes"
     except ValueError:
-        return f"seq={seq} op=0x{op:02x} LEN={ln} payload={payload[:16].hex()}"
+        return f"seq={seq} op=0x{op:02x} LEN={len(payload)} payload={payload[:16].hex()}"
 
 
 def _describe_answer(ans: bytes) -> str:
-    if len(ans) < P.HEADER_BYTES:
-        return f"{len(ans)} bytes {ans.hex()}"
-    op = ans[5]
-    if op == P.ERROR_OPCODE and len(ans) >= P.HEADER_BYTES + 6:
-        code, opc, detail = struct.unpack_from("<BBI", ans, P.HEADER_BYTES)
+    try:
+        seq, op, payload = P.decode_frame(ans)
+        token, body = P.split_answer(payload)
+    except ValueError as e:
+        return f"{len(ans)} bytes, not one answer frame ({e}): {ans[:24].hex()}"
+    if op == P.ERROR_OPCODE and len(body) >= 6:
+        code, opc, detail = struct.unpack_from("<BBI", body, 0)
         try:
             name = P.ErrorCode(code).name
         except ValueError:
             name = str(code)
-        return f"{len(ans)} bytes: error {name} op=0x{opc:02x} detail={detail}"
-    return f"{len(ans)} bytes: op=0x{op:02x} seq={ans[4]} head={ans[:24].hex()}"
+        return (f"{len(ans)} bytes: error {name} op=0x{opc:02x} detail={detail} "
+                f"token=0x{token:08x}")
+    return (f"{len(ans)} bytes: op=0x{op:02x} seq={seq} token=0x{token:08x} "
+            f"head={body[:16].hex()}")
 
 
 class Env:

@@ -141,5 +141,6 @@ async def engine_against_emulator(dut):
         assert fold(res["samples"]) == script.emu._stats, "GEMM samples"
     if name == "buffer_io":
         assert res["pulses"] >= 1, "RESET gave no soft_reset pulse"
+        assert int(dut.token.value) == script.emu.session, "session token"
     dut._log.info(f"engine {name}: {len(res['answers'])} answers equal the emulator's, "
                   f"{res['cycles']} clocks")

@@ -35,6 +35,9 @@ from hbfp_hw.host.emulator import Emulator
 
 SPECS = P.buffer_map(SIM_CONFIG)
 ROM = bytes(range(40, 80))
+#: The session token the harness gives the encoder (answers carry it).
+TOKEN_VALUE = 0x7E7D_2A5A
+TOKEN = TOKEN_VALUE.to_bytes(4, "little")
 
 
 def test_every_opcode_has_an_engine_and_an_emulator_handler():
@@ -118,7 +121,7 @@ class Harness(wiring.Component):
         wiring.connect(m, enc.bufs, bm.c1)
         wiring.connect(m, ex.desc, enc.desc)
         wiring.connect(m, ex.stage_w, bm.stage_w)
-        m.d.comb += bm.owner.eq(ex.owner)
+        m.d.comb += [bm.owner.eq(ex.owner), enc.token.eq(TOKEN_VALUE)]
         wiring.connect(m, wiring.flipped(self.i), ex.i)
         wiring.connect(m, enc.o, wiring.flipped(self.o))
         return m
@@ -139,27 +142,29 @@ def _requests(rng):
         frame = P.encode_frame(seq, op, hdr + data)
         count += 1
         if op == P.Op.RESET:
-            want = (P.ERROR_OPCODE, struct.pack("<BBI", P.ErrorCode.BAD_ARGUMENT, op,
-                                                0x1234_5678))
+            want = (P.ERROR_OPCODE, TOKEN + struct.pack("<BBI", P.ErrorCode.BAD_ARGUMENT, op,
+                                                        0x1234_5678))
         else:
             body = bytes([count % 256]) + hdr[:_nfix(op)]
             if op == P.Op.INFO:
                 off = struct.unpack("<I", hdr)[0]
                 body += ROM[off: off + 3]
-            want = (op | P.RESPONSE_FLAG, body)
+            want = (op | P.RESPONSE_FLAG, TOKEN + body)
         out.append((seq, frame, want))
         if rng.random() < 0.3:                        # a retry: answered from the record
             out.append((seq, frame, want))
     # the executor's own checks: never reach the engine
     out.append((100, P.encode_frame(100, 0x42, b"x"),
-                (P.ERROR_OPCODE, struct.pack("<BBI", P.ErrorCode.UNKNOWN_OPCODE, 0x42, 0x42))))
+                (P.ERROR_OPCODE, TOKEN + struct.pack("<BBI", P.ErrorCode.UNKNOWN_OPCODE, 0x42,
+                                                     0x42))))
     out.append((101, P.encode_frame(101, P.Op.READ, b"\0"),
-                (P.ERROR_OPCODE, struct.pack("<BBI", P.ErrorCode.BAD_LENGTH, P.Op.READ, 1))))
+                (P.ERROR_OPCODE, TOKEN + struct.pack("<BBI", P.ErrorCode.BAD_LENGTH,
+                                                     P.Op.READ, 1))))
     bad = bytearray(P.encode_frame(102, P.Op.READ_STATS, b"\0"))
     bad[-1] ^= 1
     out.append((102, bytes(bad),
-                (P.ERROR_OPCODE, struct.pack("<BBHH", P.ErrorCode.BAD_CRC, P.Op.READ_STATS,
-                                             1, 0))))
+                (P.ERROR_OPCODE, TOKEN + struct.pack("<BBHH", P.ErrorCode.BAD_CRC,
+                                                     P.Op.READ_STATS, 1, 0))))
     return out
 
 

@@ -38,6 +38,16 @@ def _both(pair, frame: bytes) -> tuple[bytes, bytes]:
     return emu.feed(frame), sim.read(0.0)
 
 
+def _op(frame: bytes) -> int:
+    """The opcode of one encoded frame."""
+    return P.decode_frame(frame)[1]
+
+
+def _body(frame: bytes) -> bytes:
+    """An answer frame's payload after the session token."""
+    return P.split_answer(P.decode_frame(frame)[2])[1]
+
+
 def _req(op, seq=1, data=b"", **f):
     return P.encode_frame(seq, op, P.REQUESTS[op].pack(data, **f))
 
@@ -91,7 +101,7 @@ def test_replay_is_not_reexecuted(pair):
     assert first[0] == first[1] and again == first
     st = _both(pair, _req(P.Op.READ_STATS, 24, flags=0))
     assert st[0] == st[1]
-    count = struct.unpack_from("<I", st[1], P.HEADER_BYTES)[0]
+    count = struct.unpack_from("<I", _body(st[1]), 0)[0]
     assert count == 64  # the replayed GEMM did not add its outputs twice
 
 
@@ -143,17 +153,17 @@ def _ksplit_gemm(seq, flags, a=0, b=1, M=16, K=24, N=16, ta=False):
 
 def _reply(frame: bytes) -> tuple[int, int, int]:
     """(opcode, first 32-bit field, error detail or 0) of a response frame."""
-    op = frame[5]
+    op = _op(frame)
     if op == P.ERROR_OPCODE:
-        code, _, detail = struct.unpack_from("<BBI", frame, P.HEADER_BYTES)
+        code, _, detail = struct.unpack_from("<BBI", _body(frame), 0)
         return op, code, detail
-    return op, struct.unpack_from("<I", frame, P.HEADER_BYTES)[0], 0
+    return op, struct.unpack_from("<I", _body(frame), 0)[0], 0
 
 
 def _read_out(pair, seq, n):
     e, s = _both(pair, _req(P.Op.READ, seq, buffer=B["out"].id, offset=0, count=n))
     assert s == e
-    return np.frombuffer(s[P.HEADER_BYTES + P.RESPONSES[P.Op.READ].header_size:][:4 * n],
+    return np.frombuffer(_body(s)[P.RESPONSES[P.Op.READ].header_size:][:4 * n],
                          dtype=np.float32)
 
 
@@ -260,7 +270,7 @@ def test_ksplit_gemm_error_frames_identical(pair):
             _write_eref(pair, seq, what[1], what[2])
             continue
         seq += 1
-        fr = P.encode_frame(seq, P.Op.GEMM, what[P.HEADER_BYTES:-P.CRC_BYTES])
+        fr = P.encode_frame(seq, P.Op.GEMM, P.decode_frame(what)[2])
         e, s = _both(pair, fr)
         assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
         op, code, detail = _reply(s)
@@ -377,10 +387,10 @@ def test_quantize_edge_values_identical(pair):
                                    rounding=rnd, seed=1000 + seq, dst=rnd % 3)
                 e, s = _both(pair, fr)
                 assert s == e, f"{fr.hex()}: sim {s.hex()} != emulator {e.hex()}"
-                assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+                assert _op(e) == P.Op.QUANTIZE | P.RESPONSE_FLAG
             _read_all(pair, seq, rnd % 3, 256, 4)
     # the NaN / Inf blocks were reported: image 1 (last written) has 2 invalid blocks
-    n_inv, first = struct.unpack_from("<II", e, P.HEADER_BYTES)
+    n_inv, first = struct.unpack_from("<II", _body(e), 0)
     assert (n_inv, first) == (2, 1)
 
 
@@ -419,8 +429,8 @@ def test_quantize_error_frames_and_replay_identical(pair):
     for k, (kw, want) in enumerate(zip(cases, expected)):
         e, s = _both(pair, _quantize_req(70 + k, **kw))
         assert s == e, f"{kw}: sim {s.hex()} != emulator {e.hex()}"
-        assert e[5] == P.ERROR_OPCODE
-        assert struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (want[0], P.Op.QUANTIZE,
+        assert _op(e) == P.ERROR_OPCODE
+        assert struct.unpack_from("<BBI", _body(s), 0) == (want[0], P.Op.QUANTIZE,
                                                                  want[1]), kw
     # a retransmitted QUANTIZE is answered from the record (same bytes, stochastic too)
     fr = _quantize_req(90, rows=9, cols=7, rounding=3, seed=5)
@@ -452,7 +462,7 @@ def test_quantize_static_exp_identical(pair, rng):
                                rounding=rnd, seed=7 * seq, dst=k % 3, exp_code=code)
             e, s = _both(pair, fr)
             assert s == e, f"code {code}: sim {s.hex()} != emulator {e.hex()}"
-            assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+            assert _op(e) == P.Op.QUANTIZE | P.RESPONSE_FLAG
             if not ret:
                 _read_all(pair, seq, k % 3, 256, 4)
             # the answer is golden quantize(..., exponent=E) of the tensor
@@ -461,11 +471,11 @@ def test_quantize_static_exp_identical(pair, rng):
                 rounding=("nearest_even", "nearest_away", "toward_zero",
                           "stochastic")[rnd], seed=7 * seq),
                 nonfinite="flag", exponent=code - bias)
-            n_inv = struct.unpack_from("<I", e, P.HEADER_BYTES)[0]
+            n_inv = struct.unpack_from("<I", _body(e), 0)[0]
             assert n_inv == q.invalid.sum() and (img_i == 0 or n_inv == 2 or rows == 13)
             if ret:
                 gc, gm = q.stream()
-                body = e[P.HEADER_BYTES + 8: -P.CRC_BYTES]
+                body = _body(e)[8:]
                 assert body == gc.astype(np.uint8).tobytes() + gm.astype(np.int8).tobytes()
     cases = [(dict(flags=int(Q.STATIC_EXP), exp_code=2 * bias + 1), (E.BAD_ARGUMENT, 8)),
              (dict(flags=int(Q.STATIC_EXP), exp_code=0xFFFF), (E.BAD_ARGUMENT, 8)),
@@ -480,15 +490,15 @@ def test_quantize_static_exp_identical(pair, rng):
         e, s = _both(pair, _quantize_req(seq, **{"rows": 16, "cols": 16, **kw}))
         assert s == e, f"{kw}: sim {s.hex()} != emulator {e.hex()}"
         if want is None:
-            assert e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+            assert _op(e) == P.Op.QUANTIZE | P.RESPONSE_FLAG
         else:
-            assert struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (
+            assert struct.unpack_from("<BBI", _body(s), 0) == (
                 want[0], P.Op.QUANTIZE, want[1]), kw
 
 
 def _stats(frame: bytes) -> tuple:
-    assert frame[5] == P.Op.READ_STATS | P.RESPONSE_FLAG, frame.hex()
-    return struct.unpack_from("<IIff", frame, P.HEADER_BYTES)
+    assert _op(frame) == P.Op.READ_STATS | P.RESPONSE_FLAG, frame.hex()
+    return struct.unpack_from("<IIff", _body(frame), 0)
 
 
 def test_read_stats_quantize_input_identical(pair, rng):
@@ -510,7 +520,7 @@ def test_read_stats_quantize_input_identical(pair, rng):
         seq += 2
         e, s = _both(pair, _quantize_req(seq, rows=rows, cols=cols, src_offset=src,
                                          flags=flags, exp_code=FMT.exp_bias))
-        assert s == e and e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+        assert s == e and _op(e) == P.Op.QUANTIZE | P.RESPONSE_FLAG
         seen.append(x[src: src + rows * cols])
         e, s = _both(pair, _req(P.Op.READ_STATS, seq + 1, flags=int(S.QUANTIZE_INPUT)))
         assert s == e, f"after QUANTIZE {k}: sim {s.hex()} != emulator {e.hex()}"
@@ -534,18 +544,18 @@ def test_read_stats_quantize_input_identical(pair, rng):
     count, nonfin, lo, hi = _stats(s)
     assert (count, nonfin) == (3, 0) and lo == np.float32(-1e-40)
     assert hi == 0.0 and not np.signbit(hi)
-    raw = struct.unpack_from("<II", s, P.HEADER_BYTES + 8)
+    raw = struct.unpack_from("<II", _body(s), 8)
     assert raw == (int(np.float32(-1e-40).view(np.uint32)), 0)
     e, s = _both(pair, _quantize_req(35, rows=1, cols=1, src_offset=40, flags=0))
     e, s = _both(pair, _req(P.Op.READ_STATS, 36, flags=int(S.QUANTIZE_INPUT | S.CLEAR)))
     assert s == e and _stats(s)[0] == 4
     e, s = _both(pair, _quantize_req(37, rows=1, cols=1, src_offset=40, flags=0))
     e, s = _both(pair, _req(P.Op.READ_STATS, 38, flags=int(S.QUANTIZE_INPUT)))
-    assert s == e and struct.unpack_from("<IIII", s, P.HEADER_BYTES) == (
+    assert s == e and struct.unpack_from("<IIII", _body(s), 0) == (
         1, 0, 0x80000000, 0x80000000)                                   # -0.0 alone
     # unknown stats flag bits: BAD_ARGUMENT 0 on both
     e, s = _both(pair, _req(P.Op.READ_STATS, 39, flags=6))
-    assert s == e and struct.unpack_from("<BBI", s, P.HEADER_BYTES) == (
+    assert s == e and struct.unpack_from("<BBI", _body(s), 0) == (
         P.ErrorCode.BAD_ARGUMENT, P.Op.READ_STATS, 0)
     # a GEMM's outputs go to the GEMM record only; RESET clears both
     _put(pair, 40, 0, quantize(np.eye(8, dtype=np.float32), FMT))
@@ -599,11 +609,11 @@ def test_quantize_mixed_slots_identical():
                                flags=int(Q.STATIC_EXP | Q.RETURN))
             e, s = _both(pair2, fr)
             assert s == e, f"slot {slot} code {code}: sim {s.hex()} != emulator {e.hex()}"
-            assert (e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG) == ok
+            assert (_op(e) == P.Op.QUANTIZE | P.RESPONSE_FLAG) == ok
     # 64 blocks of 64 mantissas + 64 codes do not fit one answer: BAD_LENGTH (detail n)
     e, s = _both(pair2, _quantize_req(20, rows=1, cols=512))
-    assert s == e and struct.unpack_from("<BI", s, P.HEADER_BYTES + 1) == (
-        P.Op.QUANTIZE, 4096) and s[P.HEADER_BYTES] == P.ErrorCode.BAD_LENGTH
+    assert s == e and struct.unpack_from("<BI", _body(s), 1) == (
+        P.Op.QUANTIZE, 4096) and _body(s)[0] == P.ErrorCode.BAD_LENGTH
 
 
 def test_quantize_fixed_rounding_build():
@@ -618,8 +628,8 @@ def test_quantize_fixed_rounding_build():
     other = (FMT.rounding_code + 1) % 4
     sim.write(_quantize_req(3, rounding=other))
     out = sim.read(0.0)
-    assert out[5] == P.ERROR_OPCODE
-    assert struct.unpack_from("<BBI", out, P.HEADER_BYTES) == (P.ErrorCode.UNSUPPORTED,
+    assert _op(out) == P.ERROR_OPCODE
+    assert struct.unpack_from("<BBI", _body(out), 0) == (P.ErrorCode.UNSUPPORTED,
                                                                P.Op.QUANTIZE, 7)
     js = json.loads(sim.dut.info[P.RESPONSES[P.Op.INFO].header_size:])
     assert len(js["gateware"]["unsupported"]["quantize_rounding"]["0"]) == 3

@@ -38,6 +38,7 @@ def test_buffer_io_engine(seed):
     script, res = _run("buffer_io", seed)
     n_reset = sum(1 for st in script.steps if st[0] == "cmd" and st[1].name == "RESET")
     assert n_reset == 1 and res["pulses"]["soft_reset"] >= 1
+    assert res["token"] == script.emu.session != 0     # RESET keeps the session token
 
 
 def test_stats_engine(seed):

@@ -16,8 +16,19 @@ SMALL = AcceleratorConfig(formats=(HBFP4, MXINT8), operand_depth=256, input_dept
 
 
 def _ask(emu: Emulator, seq: int, op: int, payload: bytes) -> list[Frame]:
-    out = emu.feed(P.encode_frame(seq, op, payload))
-    return [e for e in FrameParser().feed(out) if isinstance(e, Frame)]
+    """The answer frames, their payloads without the session token (checked: the
+    emulator's)."""
+    return _answers(emu, emu.feed(P.encode_frame(seq, op, payload)))
+
+
+def _answers(emu: Emulator, out: bytes) -> list[Frame]:
+    frames = []
+    for e in FrameParser().feed(out):
+        if isinstance(e, Frame):
+            token, rest = P.split_answer(e.payload)
+            assert token == emu.session
+            frames.append(Frame(e.seq, e.opcode, rest))
+    return frames
 
 
 def _err(fr: Frame) -> tuple[int, int]:
@@ -66,7 +77,7 @@ def test_error_frames():
     assert _err(r) == (P.ErrorCode.BAD_LENGTH, 1)
     bad = bytearray(P.encode_frame(3, P.Op.RESET, b""))
     bad[-1] ^= 1
-    (r,) = [e for e in FrameParser().feed(emu.feed(bytes(bad))) if isinstance(e, Frame)]
+    (r,) = _answers(emu, emu.feed(bytes(bad)))
     assert r.seq == 3 and _err(r)[0] == P.ErrorCode.BAD_CRC
     # GEMM with a K block mismatch (HBFP4 16x16 tiles against MXINT8 1x32 rows)
     g = P.REQUESTS[P.Op.GEMM].pack(a=0, b=1, flags=int(P.GemmFlag.STORE | P.GemmFlag.TRANS_B),
@@ -166,7 +177,7 @@ def test_partial_frame_dropped_on_idle(cut):
     assert emu.feed(f[:cut]) == b""
     emu.idle()
     out = emu.feed(P.encode_frame(2, P.Op.RESET, b""))
-    (r,) = [e for e in FrameParser().feed(out) if isinstance(e, Frame)]
+    (r,) = _answers(emu, out)
     assert r.seq == 2 and r.opcode == P.Op.RESET | P.RESPONSE_FLAG
 
 

@@ -76,8 +76,8 @@ def test_frames_from_host_codec(rng):
     frames = [codec.encode(r) for r in reqs]
     bad = bytearray(codec.encode(Request(P.Op.INFO, {"offset": 0})))
     bad[7] ^= 0x10
-    oversize = P.SYNC + (P.MAX_PAYLOAD + 1).to_bytes(2, "little")
-    stream = b"\x00\x13" + frames[0] + frames[1] + bytes(bad) + oversize + frames[2] + b"\xA5"
+    oversize = bytes([P.DELIM]) + P.stuff((P.MAX_PAYLOAD + 1).to_bytes(2, "little"))
+    stream = b"\x00\x13" + frames[0] + frames[1] + bytes(bad) + oversize + frames[2] + b"\x7e"
     ev = _run(stream, rng)
     oks = [e for e in ev if e[0] == "ok"]
     assert oks == [("ok", 41, P.Op.RESET, b""),
@@ -92,8 +92,24 @@ def test_idle_timeout_abandons_partial_frame(rng):
     # pause longer than the timeout between the partial frame and a good one
     ev = _run(cut + good, rng, idle_cycles=4, gaps=False, pause_at=len(cut), pause=10)
     assert ev == [("abort",), ("ok", 6, P.Op.RESET, b"")]
-    # without the pause the good frame's bytes are swallowed by the partial one
+    # without the pause the good frame's delimiter abandons the partial one
     ev = _run(cut + good, rng, idle_cycles=4, gaps=False)
-    assert ("ok", 6, P.Op.RESET, b"") not in ev
+    assert ev == [("abort",), ("ok", 6, P.Op.RESET, b"")]
     with pytest.raises(ValueError, match="idle_cycles=0 is out of range"):
         FrameDecoder(idle_cycles=0)
+
+
+def test_stuffed_bytes_and_an_embedded_frame(rng):
+    """Payload bytes equal to the delimiter and the escape arrive unstuffed; a complete
+    frame inside WRITE data is never executed, even when the carrying frame loses a
+    byte (its delimiter, a length byte, an escape)."""
+    inner = P.encode_frame(9, P.Op.RESET)
+    data = bytes([0x7E, 0x7D, 0x5E, 0x5D]) + inner + bytes([0x7D, 0x7E])
+    carrier = P.encode_frame(7, P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+        data, buffer=0, offset=0))
+    ev = _run(carrier, rng)
+    assert [e for e in ev if e[0] == "ok"] == [
+        ("ok", 7, P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(data, buffer=0, offset=0))]
+    for cut in (0, 1, 2, 6, int(rng.integers(7, len(carrier)))):
+        ev = _run(carrier[:cut] + carrier[cut + 1:], rng, gaps=False)
+        assert not [e for e in ev if e[0] == "ok" and e[2] == P.Op.RESET], cut

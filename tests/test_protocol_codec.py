@@ -39,19 +39,46 @@ def test_bitwise_crc_register_matches(data):
 
 def test_frame_layout_by_hand():
     f = P.encode_frame(7, P.Op.READ, b"\x01\x02")
-    assert f[:2] == b"\xA5\x5A"
-    assert f[2:4] == (2).to_bytes(2, "little")
-    assert f[4] == 7 and f[5] == P.Op.READ
-    assert f[6:8] == b"\x01\x02"
-    assert f[8:] == zlib.crc32(f[2:8]).to_bytes(4, "little")
-    assert len(f) == P.FRAME_OVERHEAD + 2
+    body = (2).to_bytes(2, "little") + bytes([7, P.Op.READ]) + b"\x01\x02"
+    assert f[0] == 0x7E
+    assert f[1:7] == body
+    assert f[7:] == P.stuff(zlib.crc32(body).to_bytes(4, "little"))
+    assert len(P.unstuff(f[1:])) + 1 == P.FRAME_OVERHEAD + 2
+
+
+def test_stuffing_hides_the_delimiter():
+    payload = bytes([0x7E, 0x7D, 0x00, 0x7E, 0x5E, 0x5D, 0x7D])
+    f = P.encode_frame(0x7E, 0x7D, payload)
+    assert f[0] == P.DELIM and P.DELIM not in f[1:]
+    assert f[1:7] == bytes([7, 0, 0x7D, 0x5E, 0x7D, 0x5D])   # LEN, SEQ 0x7e, OP 0x7d
+    assert f[7:11] == bytes([0x7D, 0x5E, 0x7D, 0x5D])
+    assert P.decode_frame(f) == (0x7E, 0x7D, payload)
+    assert P.unstuff(P.stuff(bytes(range(256)))) == bytes(range(256))
+    with pytest.raises(ValueError, match="escape"):
+        P.unstuff(b"ab\x7d")
+    with pytest.raises(ValueError, match="CRC"):
+        P.decode_frame(f[:-1] + bytes([f[-1] ^ 1]))
+
+
+def test_a_frame_inside_data_is_never_parsed_as_a_frame():
+    """WRITE data that holds a complete encoded RESET frame: whatever single byte of the
+    carrying frame is destroyed, the parser never delivers the embedded frame."""
+    inner = P.encode_frame(3, P.Op.RESET)
+    outer = P.encode_frame(4, P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+        b"\x00" * 5 + inner + b"\x11" * 7, buffer=0, offset=0))
+    assert inner not in outer
+    for i in range(len(outer)):
+        for bad in (outer[:i] + outer[i + 1:], outer[:i] + b"\x00" + outer[i + 1:]):
+            p = FrameParser()
+            ev = p.feed(bad) + p.idle()
+            assert all(e.opcode != P.Op.RESET for e in ev if isinstance(e, Frame)), i
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(frames, min_size=1, max_size=6), st.lists(st.integers(1, 50), max_size=20),
        st.binary(max_size=40))
 def test_round_trip_any_chunking_after_garbage(fs, cuts, garbage):
-    garbage = garbage.replace(b"\xA5", b"\x00")  # garbage that holds no sync
+    garbage = garbage.replace(b"\x7e", b"\x00")  # garbage that holds no delimiter
     stream = garbage + b"".join(P.encode_frame(*f) for f in fs)
     p = FrameParser()
     events, pos = [], 0
@@ -69,7 +96,7 @@ def test_round_trip_any_chunking_after_garbage(fs, cuts, garbage):
 @given(frames, frames, st.data())
 def test_corruption_detected_and_next_frame_recovered(f1, f2, data):
     a, b = P.encode_frame(*f1), P.encode_frame(*f2)
-    i = data.draw(st.integers(2, len(a) - 1))          # a byte after the sync
+    i = data.draw(st.integers(1, len(a) - 1))          # a byte after the delimiter
     x = data.draw(st.integers(1, 255))
     bad = a[:i] + bytes([a[i] ^ x]) + a[i + 1:]
     p = FrameParser()
@@ -80,20 +107,23 @@ def test_corruption_detected_and_next_frame_recovered(f1, f2, data):
     assert any(isinstance(e, (CrcError, Truncated, Oversize)) for e in events)
 
 
-def test_truncated_frame_reported_on_idle_and_hidden_frame_found():
+def test_truncated_frame_dropped_at_the_next_delimiter_and_on_idle():
     a, b = P.encode_frame(1, 2, b"x" * 100), P.encode_frame(2, 3, b"yz")
     p = FrameParser()
-    ev = p.feed(a[:50] + b)   # a cut short: b is swallowed as a's payload for now
-    assert _frames_of(ev) == []
-    ev = p.idle()
-    assert isinstance(ev[0], Truncated)
+    ev = p.feed(a[:50] + b)   # a cut short: b's delimiter ends it, b is delivered
+    assert isinstance(ev[0], Truncated) and ev[0].count == 50
     assert _frames_of(ev) == [(2, 3, b"yz")]
+    ev = p.feed(a[:30])
+    assert ev == [] and p.pending == 30
+    ev = p.idle()
+    assert ev == [Truncated(30)] and p.pending == 0
 
 
 def test_oversize_length_rejected():
-    bogus = P.SYNC + (P.MAX_PAYLOAD + 1).to_bytes(2, "little") + b"\x00\x00"
+    bogus = bytes([P.DELIM]) + P.stuff((P.MAX_PAYLOAD + 1).to_bytes(2, "little")) + b"\0\0"
     p = FrameParser()
-    ev = p.feed(bogus + P.encode_frame(9, 1, b""))
+    ev = p.feed(bogus + b"\x01" * 50 + P.encode_frame(9, 1, b""))
+    assert isinstance(ev[0], Oversize) and ev[0].length == P.MAX_PAYLOAD + 1
     assert _frames_of(ev) == [(9, 1, b"")]
 
 
@@ -128,26 +158,32 @@ def test_host_codec_classifies():
     c = HostCodec(seq=10)
     req = Request(P.Op.READ, {"buffer": 0, "offset": 0, "count": 2})
     frame = c.encode(req)
-    assert frame[4] == 11
-    assert c.encode(req, retry=True)[4] == 11
-    good = P.encode_frame(11, P.Op.READ | P.RESPONSE_FLAG, b"abcdefgh")
-    stale = P.encode_frame(10, P.Op.READ | P.RESPONSE_FLAG, b"zz")
-    wrong_op = P.encode_frame(11, P.Op.WRITE | P.RESPONSE_FLAG, P.RESPONSES[P.Op.WRITE].pack(
-        count=1))
-    err = P.encode_frame(11, P.ERROR_OPCODE, P.ERROR_LAYOUT.pack(code=5, opcode=3, detail=9))
-    crc_err = P.encode_frame(99, P.ERROR_OPCODE, P.ERROR_LAYOUT.pack(code=1, opcode=3,
-                                                                      detail=0))
-    ev = c.feed(stale + wrong_op + err + crc_err + good)
+    assert P.decode_frame(frame)[0] == 11
+    assert P.decode_frame(c.encode(req, retry=True))[0] == 11
+    tok = (0x1234_5678).to_bytes(4, "little")
+    good = P.encode_frame(11, P.Op.READ | P.RESPONSE_FLAG, tok + b"abcdefgh")
+    stale = P.encode_frame(10, P.Op.READ | P.RESPONSE_FLAG, tok + b"zz")
+    wrong_op = P.encode_frame(11, P.Op.WRITE | P.RESPONSE_FLAG,
+                              tok + P.RESPONSES[P.Op.WRITE].pack(count=1))
+    err = P.encode_frame(11, P.ERROR_OPCODE,
+                         tok + P.ERROR_LAYOUT.pack(code=5, opcode=3, detail=9))
+    crc_err = P.encode_frame(99, P.ERROR_OPCODE,
+                             tok + P.ERROR_LAYOUT.pack(code=1, opcode=3, detail=0))
+    no_token = P.encode_frame(11, P.Op.READ | P.RESPONSE_FLAG, b"ab")
+    ev = c.feed(stale + wrong_op + err + crc_err + no_token + good)
     assert isinstance(ev[0], SequenceMismatch) and ev[0].got == 10
     assert isinstance(ev[1], Malformed)
     assert isinstance(ev[2], DeviceErrorFrame) and ev[2].name == "OUT_OF_RANGE"
+    assert ev[2].session == 0x1234_5678
     assert isinstance(ev[3], DeviceErrorFrame) and ev[3].code == P.ErrorCode.BAD_CRC
-    assert isinstance(ev[4], Response) and ev[4].data == b"abcdefgh"
+    assert isinstance(ev[4], Malformed) and "session token" in ev[4].reason
+    assert isinstance(ev[5], Response) and ev[5].data == b"abcdefgh"
+    assert ev[5].session == 0x1234_5678
 
 
 def test_sequence_wraps():
     c = HostCodec(seq=255)
-    assert c.encode(Request(P.Op.RESET))[4] == 0
+    assert P.decode_frame(c.encode(Request(P.Op.RESET)))[0] == 0
 
 
 # -- configuration and buffer map ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""INFO, WRITE, READ and RESET: the commands that move buffer contents.
+"""INFO, WRITE, READ, RESET and SESSION: the commands that move buffer contents, and the
+session token.
 
 Checks follow the emulator (:class:`hbfp_hw.host.emulator.Emulator`) in its order, so
 error frames carry its code and detail:
@@ -11,6 +12,8 @@ error frames carry its code and detail:
 * READ: unknown buffer, size over ``MAX_DATA``, past the buffer; answer: the elements.
 * RESET: clears every buffer (one word per clock, the deepest buffer's depth) and pulses
   ``soft_reset`` (statistics and the GEMM accumulators forget their state).
+* SESSION: sets the ``token`` register (0 after a hardware reset, kept by RESET) that the
+  response encoder puts in every answer.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def by_id(m, idx, values: list[int], name: str) -> Signal:
 
 
 class BufferIOEngine(wiring.Component):
-    """Engine for INFO, WRITE, READ and RESET.
+    """Engine for INFO, WRITE, READ, RESET and SESSION.
 
     Parameters
     ----------
@@ -53,7 +56,8 @@ class BufferIOEngine(wiring.Component):
     def __init__(self, specs, *, tile: int, info: bytes) -> None:
         self.specs, self.tile, self.info = list(specs), tile, bytes(info)
         super().__init__(engine_signature(self.specs, tile, len(self.info),
-                                          soft_reset=Out(1)))
+                                          soft_reset=Out(1),
+                                          token=Out(8 * P.SESSION_BYTES)))
 
     def elaborate(self, platform):
         m = Module()
@@ -170,6 +174,9 @@ class BufferIOEngine(wiring.Component):
                     with m.Case(P.Op.RESET):
                         m.d.sync += clr.eq(0)
                         m.next = "CLEAR"
+                    with m.Case(P.Op.SESSION):
+                        m.d.sync += self.token.eq(a.session.token)
+                        done(status_ok(m, pay))
             # WRITE: staged payload -> buffer (the staging RAM answers a clock later)
             with m.State("WCOPY"):
                 byte = self.bufs.stage_r.data
