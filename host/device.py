@@ -224,6 +224,18 @@ class Device:
             f"host set 0x{expected:08x}; the operands it held are lost, the operation did "
             f"not complete (a new session is open, run it again)")
 
+    def _after_answer(self, rest: list) -> None:
+        """Frames that came with the answer, in the same read: duplicates of it are
+        counted, an answer to a request this host never sent raises."""
+        for ev in rest:
+            if isinstance(ev, (Response, DeviceErrorFrame)):
+                self.link["stale_frames"] += 1            # a second copy of the answer
+            elif isinstance(ev, SequenceMismatch):
+                if (ev.got, ev.opcode) in self._benign:
+                    self.link["stale_frames"] += 1
+                else:
+                    self._unexpected(ev)
+
     def _unexpected(self, ev: SequenceMismatch) -> None:
         self.link["unexpected_answers"] += 1
         self._resident.clear()
@@ -258,16 +270,25 @@ class Device:
             self._frame_chunk = min(self.chunk, self._frame_chunk * 2)
             self._ok_streak = 0
 
+    def answer_timeout(self, frame_bytes: int, compute_clocks: int = 0) -> float:
+        """Seconds to wait for an answer: ``timeout``, plus on a transport with a byte
+        rate the transfer of the request and of the largest answer (stuffed: up to twice
+        the bytes), plus ``compute_clocks`` at the device's clock."""
+        rate = self.transport.byte_rate
+        t = self.timeout
+        if rate:
+            t += 2 * (frame_bytes + 2 * P.MAX_PAYLOAD) / rate
+            if compute_clocks and self._clock_hz:
+                t += compute_clocks / self._clock_hz
+        return t
+
     def _call(self, op: P.Op, data: bytes = b"", *, compute_clocks: int = 0,
               **fields: Any) -> Response:
         if self._closed:
             raise RuntimeError("device is closed")
         req = Request(op, fields, data)
         frame = self._codec.encode(req)
-        rate = self.transport.byte_rate
-        timeout = self.timeout + (2 * (len(frame) + 2 * P.MAX_PAYLOAD) / rate if rate else 0.0)
-        if compute_clocks and self._clock_hz and rate:
-            timeout += compute_clocks / self._clock_hz
+        timeout = self.answer_timeout(len(frame), compute_clocks)
         last = "no answer"
         for attempt in range(self.retries + 1):
             if attempt:
@@ -288,7 +309,7 @@ class Device:
                     last = "timeout"
                     events = self._codec.idle()
                     retry = True
-                for ev in events:
+                for i, ev in enumerate(events):
                     if isinstance(ev, (Response, DeviceErrorFrame)) and \
                             ev.session != self.session:
                         self._benign.add((ev.seq, P.ERROR_OPCODE))
@@ -301,6 +322,7 @@ class Device:
                                         (ev.seq, P.ERROR_OPCODE)}
                         if attempt == 0:
                             self._link_ok()
+                        self._after_answer(events[i + 1:])
                         return ev
                     if isinstance(ev, DeviceErrorFrame):
                         if ev.code == P.ErrorCode.BAD_CRC:
@@ -311,6 +333,7 @@ class Device:
                         else:
                             self._benign = {(ev.seq, int(op) | P.RESPONSE_FLAG),
                                             (ev.seq, P.ERROR_OPCODE)}
+                            self._after_answer(events[i + 1:])
                             raise DeviceError(ev.code, ev.opcode, ev.detail)
                     elif isinstance(ev, (CrcError, Oversize, Malformed, Truncated)):
                         self.link[type(ev).__name__] += 1

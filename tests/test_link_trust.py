@@ -22,7 +22,8 @@ import pytest
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware.sim_device import SIM_CONFIG, SimTransport
 from hbfp_hw.gemm import bfp_matmul
-from hbfp_hw.host.device import Device, DeviceResetError, LinkError
+from hbfp_hw.host.device import (Device, DeviceResetError, LinkError, ProtocolError,
+                                 gemm_clock_bound)
 from hbfp_hw.host.emulator import Emulator
 from hbfp_hw.host.transport import FaultInjectingTransport, LoopbackTransport, Transport
 from hbfp_hw.quantize import quantize
@@ -181,3 +182,69 @@ def test_embedded_frames_under_line_errors_rtl(rng, seed, sim):
     print("sim:// embedded frames:", out, dict(tr.counts), dict(dev.link))
     assert out["silent_wrong"] == 0
     assert tr.total_faults > 0
+
+
+class _Tap(LoopbackTransport):
+    """A loopback whose answers can be doubled or joined by a foreign answer frame."""
+
+    def __init__(self, device, *, double: bool = False) -> None:
+        super().__init__(device)
+        self.double, self.inject, self.writes = double, None, 0
+
+    def write(self, data: bytes) -> None:
+        before = len(self._rx)
+        super().write(data)
+        self.writes += 1
+        if self.double:
+            self._rx += self._rx[before:]
+        if self.inject is not None and self.writes == self.inject[0]:
+            self._rx += self.inject[1]
+
+
+def test_foreign_answer_raises_protocol_error_and_duplicates_do_not(rng):
+    cfg = SIM_ONE
+    emu = Emulator(cfg)
+    tap = _Tap(emu, double=True)
+    dev = Device(tap, timeout=0.0, expected_config=cfg)
+    a, b, ref = _operands(rng, 16, 16, 16)
+    assert np.array_equal(dev.matmul(a, b), ref)         # every answer arrived twice
+    assert dev.link["stale_frames"] > 0 and dev.link["unexpected_answers"] == 0
+    tap.double = False
+    foreign = P.encode_frame(77, P.Op.RESET | P.RESPONSE_FLAG,
+                             emu.session.to_bytes(4, "little"))
+    tap.inject = (tap.writes + 2, foreign)
+    with pytest.raises(ProtocolError, match=r"never sent \(SEQ 77, opcode 0x87"):
+        dev.matmul(a, b)
+    assert dev.link["unexpected_answers"] == 1
+    assert np.array_equal(dev.matmul(a, b), ref)         # resynchronised
+
+
+class _Vanishing(LoopbackTransport):
+    def __init__(self, device) -> None:
+        super().__init__(device)
+        self.gone = False
+
+    def read(self, timeout: float) -> bytes:
+        if self.gone:
+            raise OSError(5, "Input/output error: the serial port vanished")
+        return super().read(timeout)
+
+
+def test_vanished_port_raises_link_error():
+    tr = _Vanishing(Emulator(SIM_ONE))
+    dev = Device(tr, timeout=0.0)
+    tr.gone = True
+    with pytest.raises(LinkError, match="the link failed: .*vanished"):
+        dev.read_stats()
+
+
+def test_answer_timeout_includes_compute_time():
+    tr = LoopbackTransport(Emulator(SIM_ONE))
+    dev = Device(tr, timeout=0.5)
+    assert dev.answer_timeout(100, 10**9) == 0.5           # no byte rate: no bound
+    tr.byte_rate = 300_000.0                                # a 3 Mbaud UART
+    base = dev.answer_timeout(100)
+    assert base > 0.5
+    clocks = gemm_clock_bound(256, 4096, 256)
+    assert dev.answer_timeout(100, clocks) == pytest.approx(base + clocks / SIM_ONE.clock_hz)
+    assert clocks / SIM_ONE.clock_hz > 1.0                  # seconds of compute are waited
