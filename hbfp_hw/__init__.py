@@ -5,6 +5,8 @@ helpers and the host driver are the subpackages ``hbfp_hw.gateware``, ``hbfp_hw.
 and ``hbfp_hw.host``.
 """
 
+from .conv import (ConvGeometry, bfp_conv2d, bfp_conv2d_input_grad, bfp_conv2d_weight_grad,
+                   conv_format)
 from .formats import (BFPFormat, CBFP8, FORMATS, HBFP4, HBFP8, MXINT8, ROUNDING_MODES,
                       get_format)
 from .gemm import (DEFAULT_GUARD_BITS, accumulator_bits, bfp_matmul, matmul_error_bound,
@@ -18,4 +20,6 @@ __all__ = [
     "MXINT8", "NonFiniteBlockError", "ROUNDING_MODES", "accumulator_bits", "bfp_matmul",
     "block_layout", "dequantize", "get_format", "matmul_error_bound", "matmul_reference",
     "quantize",
+    "ConvGeometry", "bfp_conv2d", "bfp_conv2d_input_grad", "bfp_conv2d_weight_grad",
+    "conv_format",
 ]
