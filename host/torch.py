@@ -18,6 +18,14 @@ reduction axis) cannot be transposed that way, so the layer re-quantizes every o
 along each GEMM's reduction axis, as microscaling does: 6 calls per layer per step.
 :attr:`BFPLayerMixin.quant_calls` counts them.
 
+Convolutions with HyperBlock formats run by default as HyperBlock convolutions
+(``conv_mode="hyperblock"``, ``docs/conv.md``): ``X[N, C, H, W]``, ``W`` and ``dY`` are
+quantized once each with one exponent per (samples x channels) block at every spatial
+position, and forward, dX and dW are the implicit-GEMM convolutions of
+:mod:`hbfp_hw.conv` on those three tensors (:func:`fast_bfp_conv2d` and its two
+gradients, bit-identical in PyTorch). ``conv_mode="im2col_tiles"`` keeps the im2col GEMM
+above; it is also what runs on a backend without convolutions (:class:`DeviceBackend`).
+
 Per-tensor uniform int8 quantizers from :mod:`hbfp_hw.host.ranges` (dynamic or
 in-hindsight ranges) can be used as the activation and gradient "formats" too; their
 GEMMs run in FP32 on the dequantized integers (the accelerator has no int8 mode).
@@ -37,6 +45,7 @@ GEMM through a ``hbfp_hw.host`` device (``Device.quantize`` / ``Device.matmul_q`
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from collections import Counter
 from functools import lru_cache
@@ -47,9 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbfp_hw.conv import (ConvGeometry, bfp_conv2d, bfp_conv2d_input_grad,
+                          bfp_conv2d_weight_grad, conv_format, conv_operand_blocks)
 from hbfp_hw.formats import HBFP8, BFPFormat
 from hbfp_hw.gemm import DEFAULT_GUARD_BITS, accumulator_bits, k_block_length
-from hbfp_hw.quantize import BFPTensor, block_layout, quantize
+from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout, quantize
 
 from . import torch_kernels as _kernels
 from .ranges import StaticExpQuantizer, UniformQuantizer
@@ -61,6 +72,11 @@ __all__ = [
     "DeviceBackend",
     "get_backend",
     "fast_bfp_matmul",
+    "fast_bfp_conv2d",
+    "fast_bfp_conv2d_input_grad",
+    "fast_bfp_conv2d_weight_grad",
+    "conv_quantize",
+    "CONV_MODES",
     "BFPLinear",
     "BFPConv2d",
     "convert",
@@ -382,12 +398,383 @@ def _to_fp32(acc, scale_exp, a, b, Mp, Np, bm, bn) -> np.ndarray:
     return out[: a.shape[0], : b.shape[1]].numpy()
 
 
+# -- the HyperBlock convolution in PyTorch ----------------------------------------------
+
+_LO = -(1 << 14)        # exponent of an invalid block in the row/column maxima
+
+
+def _conv_dtype(L: int, fa: BFPFormat, fb: BFPFormat, guard_bits: int):
+    """Block-product dtype, shift clamp and largest accumulator term of a convolution
+    whose reduction blocks hold ``L`` elements: float32 when every block product is an
+    integer below ``2**24``, else float64; shifts are clamped to ``c`` with
+    ``2**(G - c) * max|P| < 1`` (a pair with a clamped shift floors to 0 or -1 either
+    way, as the golden model's shift does); a term is at most ``max|P| * 2**G``."""
+    pmax = L * fa.mmax * fb.mmax
+    dt = torch.float32 if pmax < 2**24 else torch.float64
+    return dt, pmax.bit_length() + guard_bits + 1, pmax << guard_bits
+
+
+def _pow2(k: np.ndarray, dt) -> torch.Tensor:
+    """Exact ``2**k`` (integer ``k`` inside the dtype's normal range) as a torch tensor."""
+    return torch.from_numpy(np.ldexp(1.0, k.astype(np.int32))).to(dt)
+
+
+def _np_taps(a: np.ndarray, geo, kh: int, kw: int, ho: int, wo: int) -> np.ndarray:
+    """``(kh, kw, *lead, ho, wo)`` view of the positions each tap reads, from an array
+    padded by ``geo.padding`` on its last two axes."""
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    st = a.strides
+    return np.lib.stride_tricks.as_strided(
+        a, (kh, kw) + a.shape[:-2] + (ho, wo),
+        (st[-2] * dh, st[-1] * dw) + st[:-2] + (st[-2] * sh, st[-1] * sw), writeable=False)
+
+
+def _torch_taps(t: torch.Tensor, geo, kh: int, kw: int, ho: int, wo: int) -> torch.Tensor:
+    """:func:`_np_taps` for a contiguous torch tensor."""
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    st = t.stride()
+    return t.as_strided((kh, kw) + tuple(t.shape[:-2]) + (ho, wo),
+                        (st[-2] * dh, st[-1] * dw) + st[:-2] + (st[-2] * sh, st[-1] * sw))
+
+
+def _pad_np(a: np.ndarray, ph: int, pw: int, value) -> np.ndarray:
+    if ph == 0 and pw == 0:
+        return a
+    return np.pad(a, [(0, 0), (0, 0), (ph, ph), (pw, pw)], constant_values=value)
+
+
+def _valid_exps(t: BFPTensor) -> np.ndarray:
+    e = t.exponents.astype(np.int64)
+    return np.where(t.invalid, _LO, e) if t.invalid.any() else e
+
+
+def _product_sum(a: torch.Tensor, b: torch.Tensor, term_max: int) -> torch.Tensor:
+    """Block products of pre-shifted operands, floored, summed over the leading (batch)
+    axis. Every term is an integer of magnitude at most ``term_max``: runs of up to
+    ``(2**24 - 1) // term_max`` terms are summed in float32 (every partial sum an integer
+    below ``2**24``: exact), the run sums in float64 (integers below ``2**53``: exact in
+    any order)."""
+    p = torch.matmul(a, b)
+    p.floor_()
+    n = p.shape[0]
+    m = (2**24 - 1) // term_max if p.dtype == torch.float32 else 0
+    if m >= n:
+        return p.sum(dim=0).to(torch.float64)
+    if m >= 2:
+        q = n // m
+        acc = p[: q * m].view((q, m) + tuple(p.shape[1:])).sum(dim=1).to(torch.float64)
+        acc = acc.sum(dim=0)
+        if n > q * m:
+            acc += p[q * m:].sum(dim=0)
+        return acc
+    if n <= 32:             # a loop over contiguous slices is the fastest on CPU
+        acc = p[0].to(torch.float64)
+        for k in range(1, n):
+            acc += p[k]
+        return acc
+    return p.to(torch.float64).sum(dim=0)
+
+
+def _conv_fp32(acc: torch.Tensor, scale_exp: np.ndarray, bad: np.ndarray) -> torch.Tensor:
+    """``acc * 2**scale_exp`` to float32 as the golden model converts it (flush below
+    ``2**-126``, nearest even, overflow to +-Inf), NaN where ``bad`` (broadcast)."""
+    v = acc * torch.from_numpy(np.ldexp(1.0, np.clip(scale_exp, -1100, 1100).astype(np.int32)))
+    v.masked_fill_(v.abs() < 2.0**-126, 0.0)
+    out = v.to(torch.float32)
+    if bad.any():
+        out.masked_fill_(torch.from_numpy(np.broadcast_to(bad, out.shape).copy()), float("nan"))
+    return out
+
+
+def _conv_blocks(a: BFPTensor, b: BFPTensor, names: tuple, red: tuple):
+    """Blocks of two conv operands, or None when the golden model must handle (and
+    reject) them: ``red`` says which block axis of each operand is the reduction one."""
+    try:
+        ba = conv_operand_blocks(a, names[0])
+        bb = conv_operand_blocks(b, names[1])
+    except (TypeError, ValueError):
+        return None
+    if ba[red[0]] != bb[red[1]]:
+        return None
+    return ba, bb
+
+
+def fast_bfp_conv2d(xq: BFPTensor, wq: BFPTensor, geometry: ConvGeometry, *,
+                    guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
+    """:func:`hbfp_hw.conv.bfp_conv2d`, bit for bit, computed with PyTorch.
+
+    All taps at once: the positions each tap reads are a strided view of the padded
+    mantissas; the shift ``s = (row max - Ex) + (column max - Ew)`` of every block pair is
+    separable, so ``2**(G - sx)`` and ``2**-sw`` scale the operands (exact powers of two);
+    one batched ``matmul`` over (tap, channel block) forms every block product
+    ``P * 2**(G - s)`` exactly, ``floor`` gives the accumulator terms, a float64 sum
+    over taps and channel blocks the accumulator (order independent, exact)."""
+    geo = geometry
+    G = guard_bits
+    blocks = _conv_blocks(xq, wq, ("x", "w"), (1, 1))
+    if blocks is None or xq.shape[1] != wq.shape[1]:
+        return bfp_conv2d(xq, wq, geometry=geo, guard_bits=G)
+    (bn, bc), (bo, _) = blocks
+    N, C, H, W = xq.shape
+    O, _, KH, KW = wq.shape
+    Ho, Wo = geo.output_size((H, W), (KH, KW))
+    Np, Cp = xq.mantissas.shape[:2]
+    Op = wq.mantissas.shape[0]
+    gn, gc, go = Np // bn, Cp // bc, Op // bo
+    if _acc_bits(xq.fmt.man_bits, wq.fmt.man_bits, bc, Cp * KH * KW, G) > 53:
+        return bfp_conv2d(xq, wq, geometry=geo, guard_bits=G)
+    dt, c, tmax = _conv_dtype(bc, xq.fmt, wq.fmt, G)
+    ph, pw = geo.padding
+    emin = xq.fmt.emin
+    # block grid (NumPy): reference exponents, shifts, invalid rows/columns
+    xe = _pad_np(xq.exponents.astype(np.int64), ph, pw, emin)               # (gn,gc,Hp,Wp)
+    xe_t = _np_taps(xe, geo, KH, KW, Ho, Wo)                               # (KH,KW,gn,gc,Ho,Wo)
+    if xq.invalid.any():
+        xv_t = _np_taps(_pad_np(_valid_exps(xq), ph, pw, emin), geo, KH, KW, Ho, Wo)
+        bad_row = _np_taps(_pad_np(xq.invalid, ph, pw, False), geo, KH, KW, Ho, Wo
+                           ).any(axis=(0, 1, 3))
+    else:
+        xv_t, bad_row = xe_t, np.zeros((gn, Ho, Wo), bool)
+    row = xv_t.max(axis=(0, 1, 3))                                          # (gn, Ho, Wo)
+    we = wq.exponents.astype(np.int64)                                     # (go,gc,KH,KW)
+    col = _valid_exps(wq).max(axis=(1, 2, 3))                              # (go,)
+    sx = np.clip(row[None, None, :, None] - xe_t, 0, c)
+    sw = np.clip(col[:, None, None, None] - we, 0, c)
+    # elements (torch): pre-shifted operands, one batched product over (tap, c-block)
+    xm = torch.from_numpy(xq.mantissas).to(dt)
+    if ph or pw:
+        xm = F.pad(xm, (pw, pw, ph, ph))
+    ce = C if gc == 1 else bc               # one channel block: its padding left out
+    xt = _torch_taps(xm.view(gn, bn, gc, bc, H + 2 * ph, W + 2 * pw), geo, KH, KW, Ho, Wo)
+    a = torch.empty((KH, KW, gc, gn, Ho, Wo, bn, ce), dtype=dt)
+    torch.mul(xt[:, :, :, :, :, :ce].permute(0, 1, 4, 2, 6, 7, 3, 5),
+              _pow2(G - sx, dt).permute(0, 1, 3, 2, 4, 5)[..., None, None], out=a)
+    b = (torch.from_numpy(wq.mantissas).to(dt).view(go, bo, gc, bc, KH, KW)[:, :, :, :ce]
+         * _pow2(-sw, dt)[:, None, :, None]).permute(4, 5, 2, 3, 0, 1)
+    acc = _product_sum(a.view(KH * KW * gc, gn * Ho * Wo * bn, ce),
+                       b.reshape(KH * KW * gc, ce, Op), tmax)                   # (M, Op)
+    e_ref = row[:, :, :, None] + col[None, None, None, :]                  # (gn,Ho,Wo,go)
+    bad = bad_row[:, :, :, None] | wq.invalid.any(axis=(1, 2, 3))[None, None, None, :]
+    k = e_ref - G - xq.fmt.frac_bits - wq.fmt.frac_bits
+    out = _conv_fp32(acc.view(gn, Ho, Wo, bn, go, bo), k[:, :, :, None, :, None],
+                     bad[:, :, :, None, :, None])
+    out = out.view(gn, Ho, Wo, bn, Op).permute(0, 3, 4, 1, 2).reshape(Np, Op, Ho, Wo)
+    return out[:N, :O].contiguous().numpy()
+
+
+def _upsampled(n_out: int, s: int, lead: int, n_z: int):
+    """Where the rows of an ``n_out``-long axis land when spread ``s`` apart from offset
+    ``lead`` in an axis of ``n_z`` (rows falling outside are dropped): ``(source slice,
+    target slice)``, or None if none lands."""
+    p0 = max(0, -(lead // s)) if lead < 0 else 0
+    p1 = min(n_out - 1, (n_z - 1 - lead) // s) if n_z - 1 - lead >= 0 else -1
+    if p0 > p1:
+        return None
+    return slice(p0, p1 + 1), slice(lead + s * p0, lead + s * p1 + 1, s)
+
+
+def fast_bfp_conv2d_input_grad(gq: BFPTensor, wq: BFPTensor, input_size, geometry, *,
+                               guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
+    """:func:`hbfp_hw.conv.bfp_conv2d_input_grad`, bit for bit, computed with PyTorch.
+
+    The blocks tap ``(i, j)`` of input position ``(h, w)`` reads are those of ``dY``
+    spread ``stride`` apart (zero blocks, exponent ``emin``, in between) and shifted by
+    ``dilation*(k-1) - padding``, read by the flipped tap with stride 1: a strided view
+    again; then the same pre-shifted batched product, floor and exact sum as
+    :func:`fast_bfp_conv2d`."""
+    geo = geometry
+    G = guard_bits
+    H, W = (int(v) for v in input_size)
+    blocks = _conv_blocks(gq, wq, ("dy", "w"), (1, 0))
+    if (blocks is None or gq.shape[1] != wq.shape[0]
+            or geo.output_size((H, W), wq.shape[2:]) != tuple(gq.shape[2:])):
+        return bfp_conv2d_input_grad(gq, wq, (H, W), geometry=geo, guard_bits=G)
+    (bn, bo), (_, bc) = blocks
+    N, O, Ho, Wo = gq.shape
+    _, C, KH, KW = wq.shape
+    Np, Op = gq.mantissas.shape[:2]
+    Cp = wq.mantissas.shape[1]
+    gn, go, gc = Np // bn, Op // bo, Cp // bc
+    if _acc_bits(gq.fmt.man_bits, wq.fmt.man_bits, bo, Op * KH * KW, G) > 53:
+        return bfp_conv2d_input_grad(gq, wq, (H, W), geometry=geo, guard_bits=G)
+    dt, c, tmax = _conv_dtype(bo, gq.fmt, wq.fmt, G)
+    (sh, sw_), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    Zh, Zw = H + dh * (KH - 1), W + dw * (KW - 1)
+    rh = _upsampled(Ho, sh, dh * (KH - 1) - ph, Zh)
+    rw = _upsampled(Wo, sw_, dw * (KW - 1) - pw, Zw)
+    up_geo = ConvGeometry((1, 1), (0, 0), (dh, dw))
+
+    def up(a, fill):
+        if isinstance(a, torch.Tensor):
+            z = torch.full(tuple(a.shape[:-2]) + (Zh, Zw), fill, dtype=a.dtype)
+        else:
+            z = np.full(a.shape[:-2] + (Zh, Zw), fill, dtype=a.dtype)
+        if rh is not None and rw is not None:
+            z[..., rh[1], rw[1]] = a[..., rh[0], rw[0]]
+        return z
+
+    emin = gq.fmt.emin
+    ge_t = _np_taps(up(gq.exponents.astype(np.int64), emin), up_geo, KH, KW, H, W)
+    if gq.invalid.any():                                     # (KH, KW, gn, go, H, W)
+        gv_t = _np_taps(up(_valid_exps(gq), emin), up_geo, KH, KW, H, W)
+        bad_row = _np_taps(up(gq.invalid, False), up_geo, KH, KW, H, W).any(axis=(0, 1, 3))
+    else:
+        gv_t, bad_row = ge_t, np.zeros((gn, H, W), bool)
+    row = gv_t.max(axis=(0, 1, 3))                                         # (gn, H, W)
+    we = wq.exponents.astype(np.int64)[:, :, ::-1, ::-1]                   # flipped taps
+    col = _valid_exps(wq).max(axis=(0, 2, 3))                              # (gc,)
+    sg = np.clip(row[None, None, :, None] - ge_t, 0, c)
+    sw = np.clip(col[None, :, None, None] - we, 0, c)                      # (go,gc,KH,KW)
+    gm = up(torch.from_numpy(gq.mantissas).to(dt), 0.0)
+    gt = _torch_taps(gm.view(gn, bn, go, bo, Zh, Zw), up_geo, KH, KW, H, W)
+    a = torch.empty((KH, KW, go, gn, H, W, bn, bo), dtype=dt)
+    torch.mul(gt.permute(0, 1, 4, 2, 6, 7, 3, 5),
+              _pow2(G - sg, dt).permute(0, 1, 3, 2, 4, 5)[..., None, None], out=a)
+    ce = C if gc == 1 else bc               # one channel block: its padding left out
+    b = (torch.from_numpy(wq.mantissas).to(dt).view(go, bo, gc, bc, KH, KW)[:, :, :, :ce]
+         .flip((4, 5)) * _pow2(-sw, dt)[:, None, :, None]).permute(4, 5, 0, 1, 2, 3)
+    acc = _product_sum(a.view(KH * KW * go, gn * H * W * bn, bo),
+                       b.reshape(KH * KW * go, bo, gc * ce), tmax)          # (M, Ce)
+    e_ref = row[:, :, :, None] + col[None, None, None, :]                  # (gn,H,W,gc)
+    bad = bad_row[:, :, :, None] | wq.invalid.any(axis=(0, 2, 3))[None, None, None, :]
+    k = e_ref - G - gq.fmt.frac_bits - wq.fmt.frac_bits
+    out = _conv_fp32(acc.view(gn, H, W, bn, gc, ce), k[:, :, :, None, :, None],
+                     bad[:, :, :, None, :, None])
+    out = out.view(gn, H, W, bn, gc * ce).permute(0, 3, 4, 1, 2).reshape(Np, gc * ce, H, W)
+    return out[:N, :C].contiguous().numpy()
+
+
+def fast_bfp_conv2d_weight_grad(gq: BFPTensor, xq: BFPTensor, kernel_size, geometry, *,
+                                guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
+    """:func:`hbfp_hw.conv.bfp_conv2d_weight_grad`, bit for bit, computed with PyTorch
+    (per tap and K-block ``(sample block, p, q)`` the pre-shifted block products in one
+    batched ``matmul``, floor, float64 sum over the K-blocks)."""
+    geo = geometry
+    G = guard_bits
+    KH, KW = (int(v) for v in kernel_size)
+    blocks = _conv_blocks(gq, xq, ("dy", "x"), (0, 0))
+    if (blocks is None or gq.shape[0] != xq.shape[0]
+            or geo.output_size(xq.shape[2:], (KH, KW)) != tuple(gq.shape[2:])):
+        return bfp_conv2d_weight_grad(gq, xq, (KH, KW), geometry=geo, guard_bits=G)
+    (bn, bo), (_, bc) = blocks
+    N, O, Ho, Wo = gq.shape
+    _, C, H, W = xq.shape
+    Np, Op = gq.mantissas.shape[:2]
+    Cp = xq.mantissas.shape[1]
+    gn, go, gc = Np // bn, Op // bo, Cp // bc
+    nk = gn * Ho * Wo
+    if _acc_bits(gq.fmt.man_bits, xq.fmt.man_bits, bn, Np * Ho * Wo, G) > 53:
+        return bfp_conv2d_weight_grad(gq, xq, (KH, KW), geometry=geo, guard_bits=G)
+    dt, c, tmax = _conv_dtype(bn, gq.fmt, xq.fmt, G)
+    ph, pw = geo.padding
+    emin = xq.fmt.emin
+    ge = gq.exponents.astype(np.int64)                                     # (gn,go,Ho,Wo)
+    row = _valid_exps(gq).max(axis=(0, 2, 3))                              # (go,)
+    bad_row = gq.invalid.any(axis=(0, 2, 3))
+    xe_t = _np_taps(_pad_np(xq.exponents.astype(np.int64), ph, pw, emin), geo, KH, KW, Ho, Wo)
+    if xq.invalid.any():
+        xv_t = _np_taps(_pad_np(_valid_exps(xq), ph, pw, emin), geo, KH, KW, Ho, Wo)
+        bad_col = _np_taps(_pad_np(xq.invalid, ph, pw, False), geo, KH, KW, Ho, Wo
+                           ).any(axis=(2, 4, 5))
+    else:
+        xv_t, bad_col = xe_t, np.zeros((KH, KW, gc), bool)
+    col = xv_t.max(axis=(2, 4, 5))                                         # (KH, KW, gc)
+    sg = np.clip(row[None, :, None, None] - ge, 0, c)                      # (gn,go,Ho,Wo)
+    sx = np.clip(col[:, :, None, :, None, None] - xe_t, 0, c)              # (KH,KW,gn,gc,Ho,Wo)
+    a = torch.empty((gn, Ho, Wo, go, bo, bn), dtype=dt)
+    torch.mul(torch.from_numpy(gq.mantissas).to(dt).view(gn, bn, go, bo, Ho, Wo
+                                                          ).permute(0, 4, 5, 2, 3, 1),
+              _pow2(G - sg, dt).permute(0, 2, 3, 1)[..., None, None], out=a)
+    xm = torch.from_numpy(xq.mantissas).to(dt)
+    if ph or pw:
+        xm = F.pad(xm, (pw, pw, ph, ph))
+    ce = C if gc == 1 else bc               # one channel block: its padding left out
+    xt = _torch_taps(xm.view(gn, bn, gc, bc, H + 2 * ph, W + 2 * pw), geo, KH, KW, Ho, Wo)
+    b = torch.empty((gn, Ho, Wo, bn, KH, KW, gc, ce), dtype=dt)
+    torch.mul(xt[:, :, :, :, :, :ce].permute(2, 6, 7, 3, 0, 1, 4, 5),
+              _pow2(-sx, dt).permute(2, 4, 5, 0, 1, 3)[:, :, :, None, :, :, :, None], out=b)
+    # one product per K-block for all taps: (Op x bn) @ (bn x kh*kw*Ce)
+    acc = _product_sum(a.view(nk, Op, bn), b.view(nk, bn, KH * KW * gc * ce), tmax)
+    e_ref = row[:, None, None, None] + col[None]                           # (go,KH,KW,gc)
+    bad = bad_row[:, None, None, None] | bad_col[None]
+    k = e_ref - G - gq.fmt.frac_bits - xq.fmt.frac_bits
+    out = _conv_fp32(acc.view(go, bo, KH, KW, gc, ce), k[:, None, :, :, :, None],
+                     bad[:, None, :, :, :, None])
+    out = out.view(Op, KH, KW, gc * ce)[:O, :, :, :C].permute(0, 3, 1, 2)
+    return out.contiguous().numpy()
+
+
+def conv_quantize(x: torch.Tensor, fmt: BFPFormat) -> BFPTensor:
+    """:func:`hbfp_hw.quantize.quantize` of a 4-D conv operand blocked over axes 0 and 1
+    (:func:`hbfp_hw.conv.conv_format`), bit for bit, through the 2-D quantizer.
+
+    Blocks ``(rows x cols)`` at every spatial position, numbered row-major over the grid
+    ``(N/rows, C/cols, H, W)``, are the 2-D tiles of the matrix ``(grid blocks * rows,
+    cols)`` that lists each block's rows one after the other: the same blocks in the
+    same stream order, hence the same exponents, mantissas and stochastic-rounding bits.
+    Tensors holding NaN/Inf go to the golden model (its error or flags)."""
+    x = _as_f32_tensor(x)
+    N, C, H, W = x.shape
+    lay = _conv_layout(tuple(x.shape), fmt)
+    bn, bc = lay.block[0], lay.block[1]
+    Np, Cp = lay.padded[:2]
+    gn, gc = Np // bn, Cp // bc
+    xp = x
+    if (Np, Cp) != (N, C):
+        xp = F.pad(x, (0, 0, 0, 0, 0, Cp - C, 0, Np - N))
+    z = xp.reshape(gn, bn, gc, bc, H, W).permute(0, 2, 4, 5, 1, 3).reshape(-1, bc)
+    try:
+        q = torch_quantize(z, fmt)
+    except NonFiniteBlockError:         # the golden model names the block of the 4-D tensor
+        return quantize(x.numpy(), fmt)
+    man = np.ascontiguousarray(
+        q.mantissas.reshape(gn, gc, H, W, bn, bc).transpose(0, 4, 1, 5, 2, 3)
+    ).reshape(Np, Cp, H, W)
+    return BFPTensor(fmt, (N, C, H, W), man, q.exponents.reshape(gn, gc, H, W),
+                     np.zeros((gn, gc, H, W), bool))
+
+
+def _conv_layout(shape: tuple, fmt: BFPFormat):
+    key = (shape, fmt.block_axes, fmt.block_shape)
+    lay = _layouts.get(key)
+    if lay is None:
+        if len(_layouts) > 4096:
+            _layouts.clear()
+        lay = _layouts[key] = block_layout(shape, fmt)
+    return lay
+
+
+def _is_conv_blocking(shape: tuple, fmt: BFPFormat) -> bool:
+    """A 4-D tensor blocked over axes 0 and 1 only (a HyperBlock conv operand)."""
+    return len(shape) == 4 and sorted(a % 4 for a in fmt.block_axes) in ([0, 1], [0], [1])
+
+
+@lru_cache(maxsize=256)
+def _conv_fmt_cached(fmt: BFPFormat) -> BFPFormat:
+    return conv_format(fmt)
+
+
+def _conv_fmt(fmt: BFPFormat) -> BFPFormat:
+    """The conv-operand format of a role's 2-D tile format (stochastic formats: one cache
+    entry for all seeds)."""
+    if fmt.rounding == "stochastic":
+        return _with_seed(_conv_fmt_cached(_with_seed(fmt, 0)), fmt.seed)
+    return _conv_fmt_cached(fmt)
+
+
 # -- backends --------------------------------------------------------------------------
 
 class Backend:
-    """Where quantizations and BFP GEMMs run. Counts calls in :attr:`calls`."""
+    """Where quantizations and BFP GEMMs run. Counts calls in :attr:`calls`.
+
+    :attr:`supports_conv` says whether the backend runs the HyperBlock convolutions of
+    :mod:`hbfp_hw.conv` (:meth:`conv2d`, :meth:`conv2d_input_grad`,
+    :meth:`conv2d_weight_grad`); :class:`BFPConv2d` falls back to its im2col-tile GEMMs
+    on a backend that does not.
+    """
 
     name = "backend"
+    supports_conv = False
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -416,6 +803,32 @@ class Backend:
         self.calls["range_pass"] += 1
         return self._input_range(x, fmt)
 
+    def conv2d(self, xq: BFPTensor, wq: BFPTensor, geometry: ConvGeometry) -> np.ndarray:
+        """:func:`hbfp_hw.conv.bfp_conv2d` of two quantized conv operands."""
+        self.calls["conv2d"] += 1
+        return self._conv2d(xq, wq, geometry)
+
+    def conv2d_input_grad(self, gq: BFPTensor, wq: BFPTensor, input_size: tuple[int, int],
+                          geometry: ConvGeometry) -> np.ndarray:
+        """:func:`hbfp_hw.conv.bfp_conv2d_input_grad`."""
+        self.calls["conv2d_input_grad"] += 1
+        return self._conv2d_input_grad(gq, wq, input_size, geometry)
+
+    def conv2d_weight_grad(self, gq: BFPTensor, xq: BFPTensor, kernel_size: tuple[int, int],
+                           geometry: ConvGeometry) -> np.ndarray:
+        """:func:`hbfp_hw.conv.bfp_conv2d_weight_grad`."""
+        self.calls["conv2d_weight_grad"] += 1
+        return self._conv2d_weight_grad(gq, xq, kernel_size, geometry)
+
+    def _conv2d(self, xq, wq, geometry):
+        raise NotImplementedError(f"{type(self).__name__} has no HyperBlock convolution")
+
+    def _conv2d_input_grad(self, gq, wq, input_size, geometry):
+        raise NotImplementedError(f"{type(self).__name__} has no HyperBlock convolution")
+
+    def _conv2d_weight_grad(self, gq, xq, kernel_size, geometry):
+        raise NotImplementedError(f"{type(self).__name__} has no HyperBlock convolution")
+
     def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -434,16 +847,32 @@ class Backend:
 
 class EmulateBackend(Backend):
     """The golden model in-process, in PyTorch: :func:`~hbfp_hw.host.torch_quant.torch_quantize`
-    (bit-identical to :func:`~hbfp_hw.quantize.quantize`) and :func:`fast_bfp_matmul`
-    (bit-identical to :func:`~hbfp_hw.gemm.bfp_matmul`)."""
+    (bit-identical to :func:`~hbfp_hw.quantize.quantize`; 4-D conv operands through
+    :func:`conv_quantize`), :func:`fast_bfp_matmul` (bit-identical to
+    :func:`~hbfp_hw.gemm.bfp_matmul`) and the HyperBlock convolutions
+    :func:`fast_bfp_conv2d`, :func:`fast_bfp_conv2d_input_grad`,
+    :func:`fast_bfp_conv2d_weight_grad` (bit-identical to :mod:`hbfp_hw.conv`)."""
 
     name = "emulate"
+    supports_conv = True
 
     def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:
-        return torch_quantize(_as_f32_tensor(x), fmt)
+        x = _as_f32_tensor(x)
+        if _is_conv_blocking(tuple(x.shape), fmt):
+            return conv_quantize(x, fmt)
+        return torch_quantize(x, fmt)
 
     def _matmul(self, a: BFPTensor, b: BFPTensor) -> np.ndarray:
         return fast_bfp_matmul(a, b)
+
+    def _conv2d(self, xq, wq, geometry):
+        return fast_bfp_conv2d(xq, wq, geometry)
+
+    def _conv2d_input_grad(self, gq, wq, input_size, geometry):
+        return fast_bfp_conv2d_input_grad(gq, wq, input_size, geometry)
+
+    def _conv2d_weight_grad(self, gq, xq, kernel_size, geometry):
+        return fast_bfp_conv2d_weight_grad(gq, xq, kernel_size, geometry)
 
     def _quantize_static(self, x, fmt, exponent):
         a = _as_f32_array(x)
@@ -466,6 +895,11 @@ class DeviceBackend(Backend):
     restarts per command) is quantized on the host by the golden model instead, so both
     backends draw one stream per tensor and give identical bits; ``calls`` counts these
     as ``"host_quantize"``.
+
+    The accelerator has no convolution command: :attr:`supports_conv` is False, so
+    :class:`BFPConv2d` layers on this backend run their im2col-tile GEMMs on the device
+    (``conv_mode="im2col_tiles"``, with a warning when the HyperBlock convolution was
+    the default).
     """
 
     def __init__(self, device: Any) -> None:
@@ -879,6 +1313,90 @@ class _BFPGemm(torch.autograd.Function):
         return t(dx), t(dw), db, None
 
 
+def _conv_direct(layer: "BFPConv2d", x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a HyperBlock conv step takes the direct path: the plain
+    :class:`EmulateBackend` with the compiled kernels, float32 CPU operands, and neither
+    the layer's quantizer nor its step formats replaced (on the instance or in a
+    subclass); otherwise the per-call path goes through the backend's methods."""
+    d = layer.__dict__
+    if not _kernels.ENABLED or type(layer.backend) is not EmulateBackend:
+        return False
+    if "_quant" in d or "_act_fmt_for_step" in d or "_grad_fmt_for_step" in d:
+        return False
+    cls = type(layer)
+    if (cls._quant is not BFPLayerMixin._quant
+            or cls._act_fmt_for_step is not BFPLayerMixin._act_fmt_for_step
+            or cls._grad_fmt_for_step is not BFPLayerMixin._grad_fmt_for_step):
+        return False
+    return (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu")
+
+
+class _BFPConv(torch.autograd.Function):
+    """HyperBlock convolution (:mod:`hbfp_hw.conv`): ``X`` (act), ``W`` (weight) and
+    ``dY`` (grad) quantized once each with exponents shared over (samples x channels)
+    at every position; forward, dX and dW are implicit-GEMM convolutions of those three
+    tensors, the forward's ``Xq`` reused by dW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias, layer: "BFPConv2d"):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.in_hw = (int(x.shape[2]), int(x.shape[3]))
+        xd, wd = x.detach(), w.detach()
+        fx, fw = _conv_fmt(layer._act_fmt_for_step()), _conv_fmt(layer.weight_fmt)
+        be, geo = layer.backend, layer.geometry
+        ctx.direct = _conv_direct(layer, xd, wd)
+        if ctx.direct:
+            xq, wq = conv_quantize(xd, fx), conv_quantize(wd, fw)
+            y = fast_bfp_conv2d(xq, wq, geo)
+            qc, bc = layer.quant_calls, be.calls
+            qc["act"] += 1
+            qc["weight"] += 1
+            bc["quantize"] += 2
+            bc["conv2d"] += 1
+            fused_calls["forward"] += 1
+        else:
+            xq = layer._quant(xd, fx, "act")
+            wq = layer._quant(wd, fw, "weight")
+            y = be.conv2d(xq, wq, geo)
+        ctx.saved = (xq, wq)
+        out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
+        if bias is not None:
+            out = out + bias.detach().view(1, -1, 1, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        layer = ctx.layer
+        be, geo = layer.backend, layer.geometry
+        xq, wq = ctx.saved
+        gfmt = _conv_fmt(layer._grad_fmt_for_step())
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ksize = tuple(wq.shape[2:])
+        if ctx.direct:
+            gq = conv_quantize(dy.detach(), gfmt)
+            dx = fast_bfp_conv2d_input_grad(gq, wq, ctx.in_hw, geo) if need_dx else None
+            dw = fast_bfp_conv2d_weight_grad(gq, xq, ksize, geo) if need_dw else None
+            layer.quant_calls["grad"] += 1
+            bc = be.calls
+            bc["quantize"] += 1
+            bc["conv2d_input_grad"] += need_dx
+            bc["conv2d_weight_grad"] += need_dw
+            fused_calls["backward"] += 1
+        else:
+            gq = layer._quant(dy.detach(), gfmt, "grad")
+            dx = be.conv2d_input_grad(gq, wq, ctx.in_hw, geo) if need_dx else None
+            dw = be.conv2d_weight_grad(gq, xq, ksize, geo) if need_dw else None
+        layer._step += 1
+        ctx.saved = None
+
+        def t(a):
+            return None if a is None else torch.from_numpy(
+                np.ascontiguousarray(a, dtype=np.float32)).to(dy.device)
+        db = dy.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return t(dx), t(dw), db, None
+
+
 # -- layers ----------------------------------------------------------------------------
 
 class BFPLayerMixin:
@@ -1041,12 +1559,31 @@ class BFPLinear(nn.Linear, BFPLayerMixin):
         return nn.Linear.extra_repr(self) + ", " + self.extra_repr_bfp()
 
 
-class BFPConv2d(nn.Conv2d, BFPLayerMixin):
-    """:class:`torch.nn.Conv2d` as im2col + BFP GEMM (``groups=1``, zero padding).
+#: convolution modes of :class:`BFPConv2d`
+CONV_MODES = ("hyperblock", "im2col_tiles")
 
-    ``X`` is the unfolded input, ``(batch·out_positions) × (in·kh·kw)``; ``W`` is the
-    weight viewed as ``out × (in·kh·kw)``. The col2im of ``dX`` is an FP32 sum.
-    Format arguments as :class:`BFPLinear`.
+
+class BFPConv2d(nn.Conv2d, BFPLayerMixin):
+    """:class:`torch.nn.Conv2d` in BFP (``groups=1``, zero padding), in one of two modes
+    (``conv_mode``):
+
+    * ``"hyperblock"`` (the default for HyperBlock BFP formats, see
+      ``docs/conv.md``): ``X[N, C, H, W]``, ``W[O, C, kh, kw]`` and ``dY[N, O, H', W']``
+      are quantized once each with one exponent per (samples x channels) block at every
+      spatial position or tap (the roles' 2-D tiles read as ``(Bn x Bc)``, ``(Bo x
+      Bc)``, ``(Bn x Bo)``), and forward, dX and dW are the exact implicit-GEMM
+      convolutions of :mod:`hbfp_hw.conv` (one rounding to FP32 each, dX included);
+    * ``"im2col_tiles"``: ``X`` is the unfolded input, ``(batch·out_positions) ×
+      (in·kh·kw)``, ``W`` the weight viewed as ``out × (in·kh·kw)``, each a 2-D operand
+      of the BFP GEMM with the format's tiles; the col2im of ``dX`` is an FP32 sum. The
+      only mode for MX/1-D block formats, per-tensor int quantizers and
+      :class:`~hbfp_hw.host.ranges.StaticExpQuantizer` roles.
+
+    ``conv_mode=None`` picks ``"hyperblock"`` when the formats allow it and the backend
+    runs HyperBlock convolutions (:attr:`Backend.supports_conv`); on a backend that does
+    not (:class:`DeviceBackend`: the accelerator has no convolution command) it falls
+    back to ``"im2col_tiles"`` with a :class:`UserWarning`. :attr:`conv_mode` holds the
+    mode that runs. Format arguments as :class:`BFPLinear`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
@@ -1056,7 +1593,8 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
                  grad_fmt: Quantizer | None = None,
                  backend: Union[str, Backend, None] = "emulate", grad_stochastic: bool = False,
                  seed: int = 0, shadow_fmt: BFPFormat | None = None, layer_id: int = 0,
-                 act_stochastic: bool = False, device=None, dtype=None) -> None:
+                 act_stochastic: bool = False, conv_mode: str | None = None, device=None,
+                 dtype=None) -> None:
         if groups != 1:
             raise ValueError(f"groups={groups}; BFPConv2d supports groups=1 only")
         if padding_mode != "zeros":
@@ -1069,8 +1607,48 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
                         backend=backend, grad_stochastic=grad_stochastic, seed=seed,
                         shadow_fmt=shadow_fmt, layer_id=layer_id,
                         act_stochastic=act_stochastic)
+        #: the convolution mode that runs (``"hyperblock"`` or ``"im2col_tiles"``)
+        self.conv_mode = self._resolve_conv_mode(conv_mode)
+        self._geo = None
+
+    def _resolve_conv_mode(self, conv_mode: str | None) -> str:
+        hb = self._mode == "hyperblock" and not self._static
+        if conv_mode is None:
+            if not hb:
+                return "im2col_tiles"
+            if not self.backend.supports_conv:
+                warnings.warn(
+                    "BFPConv2d: this backend has no HyperBlock convolution (the accelerator "
+                    "has no convolution command); the layer runs its im2col-tile GEMMs on "
+                    "it instead (conv_mode='im2col_tiles')", UserWarning, stacklevel=4)
+                return "im2col_tiles"
+            return "hyperblock"
+        if conv_mode not in CONV_MODES:
+            raise ValueError(f"conv_mode={conv_mode!r}; accepted values are "
+                             f"{', '.join(repr(m) for m in CONV_MODES)} or None")
+        if conv_mode == "hyperblock":
+            if not hb:
+                raise ValueError(
+                    "conv_mode='hyperblock' needs HyperBlock (2-D tile) BFP formats in all "
+                    "three roles (not MX/1-D blocks, int quantizers or static exponents)")
+            if not self.backend.supports_conv:
+                raise ValueError(
+                    f"conv_mode='hyperblock': backend {self.backend.name!r} has no HyperBlock "
+                    "convolution (the accelerator has no convolution command); use "
+                    "conv_mode='im2col_tiles' or the emulate backend")
+        return conv_mode
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """Stride, padding and dilation as a :class:`hbfp_hw.conv.ConvGeometry`."""
+        key = (tuple(self.stride), tuple(self.padding), tuple(self.dilation))
+        if self._geo is None or self._geo[0] != key:
+            self._geo = (key, ConvGeometry(*key))
+        return self._geo[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_mode == "hyperblock":
+            return _BFPConv.apply(x, self.weight, self.bias, self)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
@@ -1083,7 +1661,8 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
             n, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:
-        return nn.Conv2d.extra_repr(self) + ", " + self.extra_repr_bfp()
+        return (nn.Conv2d.extra_repr(self) + ", " + self.extra_repr_bfp()
+                + f", conv_mode={self.conv_mode}")
 
 
 # -- model conversion ------------------------------------------------------------------
@@ -1099,7 +1678,7 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             grad_stochastic: bool = False, seed: int = 0,
             shadow_fmt: BFPFormat | None = None,
             input_act_fmt: Quantizer | None = None,
-            input_act_stochastic: bool = False) -> nn.Module:
+            input_act_stochastic: bool = False, conv_mode: str | None = None) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
     (in place) with its BFP counterpart, keeping the parameters.
 
@@ -1108,7 +1687,9 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
     otherwise 4-bit model. ``input_act_stochastic=True`` rounds that layer's input
     stochastically in training mode (a dither of the model input; see
     :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend
-    instance (so its :attr:`Backend.calls` counts the whole model). Returns ``model``.
+    instance (so its :attr:`Backend.calls` counts the whole model). ``conv_mode`` is
+    passed to every :class:`BFPConv2d` (None: HyperBlock convolutions where the formats
+    and the backend allow them). Returns ``model``.
     """
     be = get_backend(backend)
     counter = [0]
@@ -1133,7 +1714,8 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             elif type(child) is nn.Conv2d:
                 new = BFPConv2d(child.in_channels, child.out_channels, child.kernel_size,
                                 child.stride, child.padding, child.dilation, child.groups,
-                                child.bias is not None, child.padding_mode, **kw())
+                                child.bias is not None, child.padding_mode,
+                                conv_mode=conv_mode, **kw())
             else:
                 swap(child)
                 continue

@@ -176,8 +176,10 @@ def _step(model, x, y, opt=None):
 
 
 def test_hyperblock_quantizes_each_tensor_once(rng):
+    """The im2col-tile mode: every layer is one GEMM per direction (the HyperBlock
+    convolution's counterpart is in test_torch_conv.py)."""
     be = RecordingBackend()
-    model = convert(_tiny_cnn(), HBFP8, backend=be)
+    model = convert(_tiny_cnn(), HBFP8, backend=be, conv_mode="im2col_tiles")
     layers = bfp_layers(model)
     x = torch.from_numpy(rng.random((16, 1, 8, 8), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, 16))
@@ -287,13 +289,16 @@ def _train_steps(backend, base, x, y, steps=3, **kw):
 
 @pytest.mark.parametrize("fmt", [HBFP8, HBFP4, MXINT8])
 def test_device_api_backend_equals_emulate(fmt, rng):
+    """Every quantization and GEMM through the Device API (the device has no convolution
+    command: the conv layer runs its im2col-tile GEMMs on both backends)."""
     x = torch.from_numpy(rng.random((32, 1, 8, 8), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, 32))
     torch.manual_seed(0)
     base = _tiny_cnn()
     dev = GoldenDevice()
-    l1, p1 = _train_steps("emulate", base, x, y, fmt=fmt, grad_stochastic=True)
-    l2, p2 = _train_steps(DeviceBackend(dev), base, x, y, fmt=fmt, grad_stochastic=True)
+    kw = dict(fmt=fmt, grad_stochastic=True, conv_mode="im2col_tiles")
+    l1, p1 = _train_steps("emulate", base, x, y, **kw)
+    l2, p2 = _train_steps(DeviceBackend(dev), base, x, y, **kw)
     assert l1 == l2
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
@@ -322,8 +327,9 @@ def test_emulate_url_backend_equals_emulate(batch, sr, rng):
     torch.manual_seed(1)
     base = _tiny_cnn()
     be = DeviceBackend("emulate://")
-    l1, p1 = _train_steps("emulate", base, x, y, fmt=HBFP8, grad_stochastic=sr)
-    l2, p2 = _train_steps(be, base, x, y, fmt=HBFP8, grad_stochastic=sr)
+    kw = dict(fmt=HBFP8, grad_stochastic=sr, conv_mode="im2col_tiles")
+    l1, p1 = _train_steps("emulate", base, x, y, **kw)
+    l2, p2 = _train_steps(be, base, x, y, **kw)
     assert l1 == l2
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
