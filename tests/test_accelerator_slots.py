@@ -131,6 +131,7 @@ def test_mx_gemm_invalid_blocks_and_errors(devs):
     assert np.isnan(ref[2]).all() and np.isfinite(ref[[0, 1, 3]]).all()
 
     pair = (Emulator(CFG), sim.transport)   # the frames below write every buffer they use
+    pair[0].session = sim.session           # the RTL's token: the Device's session
     G = P.GemmFlag
 
     def both(seq, op, data=b"", **f):
@@ -144,11 +145,11 @@ def test_mx_gemm_invalid_blocks_and_errors(devs):
                                                    (0, 2, 4, 64)), start=2):
         e, s = both(seq, P.Op.QUANTIZE, slot=slot, dst=dst, flags=0, rows=rows, cols=cols,
                     src_offset=0, rounding=0, seed=0, exp_code=0)
-        assert s == e and e[5] == P.Op.QUANTIZE | P.RESPONSE_FLAG
+        assert s == e and P.decode_frame(e)[1] == P.Op.QUANTIZE | P.RESPONSE_FLAG
     gemm = dict(a=0, b=1, flags=int(G.STORE | G.TRANS_B), slot_a=2, slot_b=2, a_rows=4,
                 a_cols=64, b_rows=3, b_cols=64, out_offset=0)
     e, s = both(10, P.Op.GEMM, **gemm)
-    assert s == e and e[5] == P.Op.GEMM | P.RESPONSE_FLAG
+    assert s == e and P.decode_frame(e)[1] == P.Op.GEMM | P.RESPONSE_FLAG
     want = {11: (dict(flags=int(G.STORE)), (P.ErrorCode.BAD_ARGUMENT, 5)),
             12: (dict(flags=int(G.STORE | G.TRANS_B | G.ACCUMULATE)),
                  (P.ErrorCode.UNSUPPORTED, 2)),
@@ -156,8 +157,10 @@ def test_mx_gemm_invalid_blocks_and_errors(devs):
                  (P.ErrorCode.BAD_ARGUMENT, 5))}
     for seq, (kw, code) in want.items():
         e, s = both(seq, P.Op.GEMM, **{**gemm, **kw})
-        assert s[5] == P.ERROR_OPCODE, seq
-        assert (s[6], int.from_bytes(s[8:12], "little")) == code, seq
+        _, op, payload = P.decode_frame(s)
+        body = P.split_answer(payload)[1]
+        assert op == P.ERROR_OPCODE, seq
+        assert (body[0], int.from_bytes(body[2:6], "little")) == code, seq
         if code[0] != P.ErrorCode.UNSUPPORTED:
             assert s == e, seq
 
