@@ -5,22 +5,29 @@ download; fixed stratified 80/20 split) in several number formats, for several s
 then prints the final test accuracy per format (mean, min-max spread) and writes a PNG
 of the learning curves. The formats:
 
-========== =============================================================================
-fp32       PyTorch's own layers
-hbfp8      HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic rounding of G
-hb4        HyperBlock 16x16 tiles, 4-bit mantissas for W/A/G, stochastic rounding of G
-hb4-t8     as hb4 with 8x8 tiles (finer shared exponents)
-hb4-in8    as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
-hb4-sr     as hb4 (all 4-bit, 16x16 tiles), plus stochastic rounding of the model input
-           (first layer's X) in training; evaluation rounds it to nearest
-mxint8     OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
-int8-hs    per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
-int8-dyn   per-tensor asymmetric int8, dynamic (current batch) A/G ranges
-int8p2-hs  per-tensor symmetric int8 with a power-of-two scale: HBFP8 16x16 tiles that
-           all share one static exponent per tensor (the accelerator's QUANTIZE
-           STATIC_EXP), in-hindsight A/G exponents from the range tracker's min/max
-int8p2-dyn as int8p2-hs with dynamic (current batch) A/G exponents
-========== =============================================================================
+============ ===========================================================================
+fp32         PyTorch's own layers
+hbfp8        HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic rounding of G;
+             convolutions quantize X, W, dY once each with 16 (samples) x 16 (channels)
+             blocks per position (HyperBlock convolution, ``docs/conv.md``)
+hb4          as hbfp8 with 4-bit mantissas for W/A/G
+hbfp8-im2col as hbfp8, convolutions as im2col GEMMs with 16x16 tiles on the unfolded input
+hb4-im2col   as hb4, convolutions as im2col GEMMs with 16x16 tiles on the unfolded input
+hb4-t8       as hb4 with 8x8 tiles (finer shared exponents)
+hb4-in8      as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
+hb4-sr       as hb4 (all 4-bit, 16x16 tiles), plus stochastic rounding of the model input
+             (first layer's X) in training; evaluation rounds it to nearest
+mxint8       OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
+int8-hs      per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
+int8-dyn     per-tensor asymmetric int8, dynamic (current batch) A/G ranges
+int8p2-hs    per-tensor symmetric int8 with a power-of-two scale: HBFP8 16x16 tiles that
+             all share one static exponent per tensor (the accelerator's QUANTIZE
+             STATIC_EXP), in-hindsight A/G exponents from the range tracker's min/max
+int8p2-dyn   as int8p2-hs with dynamic (current batch) A/G exponents
+============ ===========================================================================
+
+``--blocks BNxBC`` gives the HyperBlock formats other blocks: X and dY ``Bn x Bc``
+(samples x channels or features), W ``Bc x Bc``.
 
 Bias, ReLU, pooling, softmax/cross-entropy and the SGD optimizer stay FP32 (FP32 master
 weights). See ``docs/training.md``.
@@ -38,7 +45,7 @@ __all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digi
            "format_table", "plot_curves", "register_cli"]
 
 FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
-                "int8-dyn", "int8p2-hs", "int8p2-dyn")
+                "int8-dyn", "int8p2-hs", "int8p2-dyn", "hbfp8-im2col", "hb4-im2col")
 MODEL_NAMES = ("mlp", "cnn")
 
 
@@ -52,6 +59,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     backend: str = "emulate"
+    #: HyperBlock blocks (Bn, Bc) instead of the formats' own tiles (None: 16x16)
+    blocks: tuple | None = None
 
 
 @dataclass
@@ -94,14 +103,44 @@ def make_model(name: str):
     raise ValueError(f"unknown model {name!r}; accepted names are {', '.join(MODEL_NAMES)}")
 
 
-def format_kwargs(name: str) -> dict | None:
+def format_kwargs(name: str, blocks: tuple[int, int] | None = None) -> dict | None:
     """Keyword arguments of :func:`hbfp_hw.host.torch.convert` for a format name
-    (``None`` for fp32)."""
+    (``None`` for fp32). ``blocks = (Bn, Bc)`` re-blocks a HyperBlock format: X and dY
+    in ``Bn x Bc`` tiles/blocks, W in ``Bc x Bc``."""
+    kw = _format_kwargs(name)
+    if blocks is None or kw is None:
+        return kw
+    return _with_blocks(name, kw, blocks)
+
+
+def _with_blocks(name: str, kw: dict, blocks: tuple[int, int]) -> dict:
+    from hbfp_hw.formats import BFPFormat
+    bn, bc = (int(b) for b in blocks)
+    fmt = kw.get("fmt")
+    if not (isinstance(fmt, BFPFormat) and len(fmt.block_shape) == 2):
+        raise ValueError(f"blocks apply to the HyperBlock formats; {name!r} is not one")
+
+    def tile(f, shape):
+        return f.replace(block_shape=shape, name=f"{f.name}-{shape[0]}x{shape[1]}")
+
+    kw = dict(kw)
+    kw.update(act_fmt=tile(fmt, (bn, bc)), weight_fmt=tile(fmt, (bc, bc)),
+              grad_fmt=tile(fmt, (bn, bc)))
+    if kw.get("input_act_fmt") is not None:
+        kw["input_act_fmt"] = tile(kw["input_act_fmt"], (bn, bc))
+    return kw
+
+
+def _format_kwargs(name: str) -> dict | None:
     from hbfp_hw.formats import HBFP4, HBFP8, MXINT8
 
     from .ranges import StaticExpQuantizer, UniformQuantizer
     if name == "fp32":
         return None
+    if name in ("hbfp8-im2col", "hb4-im2col"):
+        kw = _format_kwargs(name[: -len("-im2col")])
+        kw["conv_mode"] = "im2col_tiles"
+        return kw
     if name == "hbfp8":
         return dict(fmt=HBFP8, grad_stochastic=True)
     if name == "hb4":
@@ -150,7 +189,7 @@ def train_one(model_name: str, fmt_name: str, seed: int, cfg: TrainConfig, data=
     xtr, ytr, xte, yte = data if data is not None else load_digits_split()
     torch.manual_seed(seed)
     model = make_model(model_name)
-    kw = format_kwargs(fmt_name)
+    kw = format_kwargs(fmt_name, cfg.blocks)
     if kw is not None:
         convert(model, backend=cfg.backend, seed=seed, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -217,6 +256,7 @@ def summarise(results) -> dict:
 
 
 _TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
+            "hbfp8-im2col": ("fp32", 0.5), "hb4-im2col": ("fp32", 1.0),
             "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5),
             "int8p2-hs": ("int8p2-dyn", 0.5)}
 
@@ -272,7 +312,7 @@ def _run(args) -> int:
     for f in formats:
         if f not in FORMAT_NAMES:
             raise ValueError(f"unknown format {f!r}; accepted names are {', '.join(FORMAT_NAMES)}")
-    cfg = TrainConfig(backend=args.backend)
+    cfg = TrainConfig(backend=args.backend, blocks=_parse_blocks(args.blocks))
     if args.quick:
         cfg.epochs = 4
         seeds = args.seeds if args.seeds is not None else 1
@@ -300,14 +340,27 @@ def _run(args) -> int:
         if limits is not None:
             limits.restore_original_limits()
     print()
+    blk = f", HyperBlock blocks {cfg.blocks[0]}x{cfg.blocks[1]}" if cfg.blocks else ""
     print(f"final test accuracy on digits (360 test images), {cfg.epochs} epochs, "
-          f"backend {cfg.backend}, seeds 0..{seeds - 1}:")
+          f"backend {cfg.backend}, seeds 0..{seeds - 1}{blk}:")
     print(format_table(results))
     if args.plot:
         plot_curves(results, args.plot)
         print(f"learning curves: {args.plot}")
     print(f"total time {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _parse_blocks(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        bn, bc = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--blocks={text!r}; accepted form is BNxBC, e.g. 16x16") from None
+    if not (1 <= bn <= 4096 and 1 <= bc <= 4096):
+        raise ValueError(f"--blocks={text!r} is out of range; each side in [1, 4096]")
+    return bn, bc
 
 
 def register_cli(subparsers, generate_subparsers) -> None:
@@ -322,6 +375,9 @@ def register_cli(subparsers, generate_subparsers) -> None:
                    help=f"comma-separated subset of {','.join(FORMAT_NAMES)} (default all)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 15)")
+    p.add_argument("--blocks", default="",
+                   help="HyperBlock blocks BNxBC for the HBFP formats: X and dY BNxBC "
+                        "(samples x channels/features), W BCxBC (default: 16x16)")
     p.add_argument("--quick", action="store_true",
                    help="short run for the demo: MLP, 4 epochs, 1 seed, 4 formats")
     p.add_argument("--plot", default="train_curves.png", help="PNG path ('' for none)")

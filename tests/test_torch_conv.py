@@ -389,3 +389,29 @@ def test_cnn_trains_with_hyperblock_4bit_convolutions():
     from hbfp_hw.host.train import TrainConfig, train_one
     r = train_one("cnn", "hb4", 0, TrainConfig(epochs=3), progress=False)
     assert r.final >= 90.0, r.test_acc
+
+
+def test_train_formats_and_blocks_option(capsys):
+    """hbfp-hw train: the '-im2col' names pin the im2col-tile convolution, the plain names
+    run HyperBlock convolutions; --blocks BNxBC re-blocks the HyperBlock roles (X, dY
+    Bn x Bc, W Bc x Bc) and is refused for other formats."""
+    pytest.importorskip("sklearn")
+    from hbfp_hw.cli import main
+    from hbfp_hw.host.train import FORMAT_NAMES, format_kwargs, make_model
+    assert {"hbfp8-im2col", "hb4-im2col"} <= set(FORMAT_NAMES)
+    assert format_kwargs("hb4-im2col") == dict(format_kwargs("hb4"), conv_mode="im2col_tiles")
+    for name, mode in (("hb4", "hyperblock"), ("hb4-im2col", "im2col_tiles"),
+                       ("hbfp8", "hyperblock"), ("mxint8", "im2col_tiles")):
+        m = convert(make_model("cnn"), **format_kwargs(name))
+        assert [la.conv_mode for la in bfp_layers(m)[:2]] == [mode, mode], name
+    kw = format_kwargs("hb4-in8", (8, 16))
+    assert kw["act_fmt"].block_shape == (8, 16) and kw["grad_fmt"].block_shape == (8, 16)
+    assert kw["weight_fmt"].block_shape == (16, 16) and kw["weight_fmt"].man_bits == 4
+    assert kw["input_act_fmt"].block_shape == (8, 16) and kw["input_act_fmt"].man_bits == 8
+    conv = bfp_layers(convert(make_model("cnn"), **format_kwargs("hb4", (8, 16))))[1]
+    assert conv.conv_mode == "hyperblock"
+    assert conv_format(conv.act_fmt).block_shape == (8, 16)
+    with pytest.raises(ValueError, match="HyperBlock formats"):
+        format_kwargs("mxint8", (8, 16))
+    assert main(["train", "--formats", "hb4", "--blocks", "8by16"]) == 2
+    assert "accepted form is BNxBC" in capsys.readouterr().err
