@@ -25,5 +25,14 @@ sweep: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hbfp-hw demo
 
+# The benchmarks that need no board and no synthesis, with their quick defaults
+# (bench_link: the emulate:// transport only). The synthesis / place-and-route and
+# board-build benchmarks take many minutes each: run them by hand (docs/cli.md).
+bench: $(STAMP)
+	$(VPY) benchmarks/bench_quantize.py
+	$(VPY) benchmarks/bench_link.py --url emulate://
+	$(VPY) benchmarks/bench_accelerator_modes.py
+	$(VPY) benchmarks/bench_train.py
+
 clean:
 	rm -rf $(VENV) build sim_build out .pytest_cache .hypothesis

@@ -36,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES, BFPFormat, get_format, mantissa_max
-from hbfp_hw.manifest import write_manifest
+from hbfp_hw.manifest import check_verilog_identifier, config_from_source, write_manifest
 
 from .fp32 import FP32_EXP_BIAS, FP32_EXP_SPECIAL, FP32Layout
 from .prng import XorshiftLanes
@@ -431,7 +431,10 @@ def Shape_width(shape) -> int:  # noqa: N802 - helper mirroring Shape.cast(...).
 
 def generate(config: QuantizerConfig, out_dir: str | Path, *, name: str = "quantizer") \
         -> tuple[Path, Path]:
-    """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``out_dir``."""
+    """Write ``<name>.v`` and ``<name>.json`` (manifest) into ``out_dir``.
+
+    ``name`` (the top module and file name) must be a Verilog identifier."""
+    check_verilog_identifier(name, "name")
     q = Quantizer(config)
     text = verilog.convert(q, name=name, emit_src=False)
     out = Path(out_dir)
@@ -440,15 +443,21 @@ def generate(config: QuantizerConfig, out_dir: str | Path, *, name: str = "quant
     vpath.write_text(text)
     mpath = write_manifest(
         out / f"{name}.json", kind="quantizer", top=name, config=config.to_dict(),
-        ports=_port_map(q, name),
-        extra={"latency_cycles": q.latency, "banks": q.banks,
-               "verilog": vpath.name})
+        ports=_port_map(q, name), verilog=vpath, latency_cycles=q.latency,
+        extra={"banks": q.banks})
     return vpath, mpath
 
 
 # ------------------------------------------------------------------------------- CLI
 def _config_from_args(a: argparse.Namespace) -> QuantizerConfig:
-    fmt = get_format(a.format) if a.format else BFPFormat()
+    """``--config`` (if given) as the base, then every option given on top of it."""
+    base = None
+    if getattr(a, "config", None):
+        base = config_from_source(a.config, "quantizer", QuantizerConfig.from_dict)
+    if a.format:
+        fmt = get_format(a.format)
+    else:
+        fmt = base.format if base is not None else BFPFormat()
     changes = {}
     if a.man_bits is not None:
         changes["man_bits"] = a.man_bits
@@ -464,7 +473,15 @@ def _config_from_args(a: argparse.Namespace) -> QuantizerConfig:
         changes["seed"] = a.seed
     if changes:
         fmt = fmt.replace(**changes)
-    return QuantizerConfig(format=fmt, lanes=a.lanes, runtime_rounding=a.runtime_rounding)
+
+    def pick(value, field, default):
+        if value is not None:
+            return value
+        return getattr(base, field) if base is not None else default
+
+    return QuantizerConfig(format=fmt, lanes=pick(a.lanes, "lanes", 1),
+                           runtime_rounding=pick(a.runtime_rounding, "runtime_rounding", False),
+                           static_exponent=base.static_exponent if base is not None else False)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -480,18 +497,23 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p = generate_subparsers.add_parser(
         "quantizer", help="streaming FP32 -> BFP quantizer",
         description="Write the quantizer's Verilog and JSON manifest. Start from "
-                    "--format (default: 8-bit mantissas, 8-bit exponent, blocks of 32, "
-                    "nearest_even) and override single fields.")
+                    "--config or --format (default: 8-bit mantissas, 8-bit exponent, blocks "
+                    "of 32, nearest_even, 1 lane) and override single fields.")
+    p.add_argument("--config", metavar="JSON",
+                   help="QuantizerConfig JSON (a file or literal text; a quantizer manifest "
+                        "works too) to start from; the options below override it")
     p.add_argument("--format", help="preset format name (mxint8, hbfp8, hbfp4, cbfp8)")
     p.add_argument("--man-bits", type=int, help="mantissa bits incl. sign [2, 16]")
     p.add_argument("--exp-bits", type=int, help="shared-exponent bits [2, 10]")
     p.add_argument("--block", type=int, help="block size in elements (1-D)")
-    p.add_argument("--lanes", type=int, default=1, help="FP32 values per beat (default 1)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="FP32 values per beat (default 1, or --config's)")
     p.add_argument("--rounding", choices=ROUNDING_MODES, help="rounding mode")
-    p.add_argument("--runtime-rounding", action="store_true",
+    p.add_argument("--runtime-rounding", action="store_true", default=None,
                    help="build every rounding mode, selected by the 'rounding' port")
     p.add_argument("--sr-bits", type=int, help="random bits per element for stochastic")
     p.add_argument("--seed", type=int, help="stochastic-rounding seed after reset")
-    p.add_argument("--name", default="quantizer", help="top module name")
+    p.add_argument("--name", default="quantizer",
+                   help="top module name, a Verilog identifier (default quantizer)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=_cmd_generate)

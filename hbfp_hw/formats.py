@@ -20,6 +20,7 @@ Numeric rules (see ``docs/numerics.md`` for the full statement):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Literal
 from .validate import check_int as _check_int
@@ -38,6 +39,7 @@ __all__ = [
     "CBFP8",
     "FORMATS",
     "get_format",
+    "check_keys",
 ]
 
 Rounding = Literal["nearest_even", "nearest_away", "toward_zero", "stochastic"]
@@ -53,6 +55,25 @@ BLOCK_SIZE_MAX = 65536
 SR_BITS_RANGE = (1, 24)
 SEED_RANGE = (0, 2**32 - 1)
 SR_LANES_RANGE = (1, 256)
+
+
+def check_keys(what: str, d: dict, accepted, ignored=()) -> None:
+    """Raise ``ValueError`` if ``d`` has keys outside ``accepted`` (or ``ignored``: the
+    derived keys a ``to_dict`` writes), naming them, a close match and the accepted keys.
+
+    Used by the ``from_dict`` of formats and unit configurations, so that a misspelt key
+    in a ``--config`` JSON is an error rather than a silently ignored setting.
+    """
+    known = set(accepted) | set(ignored)
+    unknown = [k for k in d if k not in known]
+    if not unknown:
+        return
+    named = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), list(accepted), n=1, cutoff=0.6)
+        named.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+    raise ValueError(f"unknown {'key' if len(unknown) == 1 else 'keys'} {', '.join(named)} "
+                     f"in the {what}; accepted keys are {', '.join(sorted(accepted))}")
 
 
 def mantissa_max(man_bits: int) -> int:
@@ -203,8 +224,19 @@ class BFPFormat:
         return self.man_bits + self.exp_bits / self.block_size
 
     def replace(self, **changes: object) -> "BFPFormat":
-        """Return a copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """Return a copy with some fields changed (validated again).
+
+        A named format whose element width, exponent width or block size changes gets a
+        derived name unless ``name=`` is given: ``HBFP8.replace(block_shape=(1, 16))``
+        is ``"HBFP8[1x16]"``, ``HBFP8.replace(man_bits=4)`` is ``"HBFP8[man_bits=4]"``
+        (a preset's variants are named against the preset, so replacing back gives the
+        preset's name again). Rounding, stochastic-rounding settings and the block's
+        orientation (``block_axes``, :meth:`transposed`) keep the name.
+        """
+        new = dataclasses.replace(self, **changes)
+        if "name" not in changes and self.name and _identity(new) != _identity(self):
+            object.__setattr__(new, "name", _derived_name(self, new))
+        return new
 
     def transposed(self) -> "BFPFormat":
         """The format of the transpose of a 2-D tensor quantized with this format."""
@@ -228,8 +260,12 @@ class BFPFormat:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BFPFormat":
-        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        """Inverse of :meth:`to_dict` (derived keys are ignored; unknown keys raise
+        ``ValueError`` naming them and the accepted keys)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a format must be a JSON object, got {type(d).__name__} {d!r}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        check_keys("format", d, fields, _DERIVED_KEYS)
         kw = {k: v for k, v in d.items() if k in fields}
         for k in ("block_shape", "block_axes"):
             if k in kw:
@@ -246,6 +282,37 @@ class BFPFormat:
         return (f"{label}{self.man_bits}-bit mantissas, {self.exp_bits}-bit shared exponent "
                 f"[{self.emin}, {self.emax}], blocks {blk} on axes {self.block_axes}, "
                 f"{rnd}, {self.bits_per_element:.3f} bits/element")
+
+
+#: Keys :meth:`BFPFormat.to_dict` adds to the fields (ignored by ``from_dict``).
+_DERIVED_KEYS = ("emin", "emax", "exp_bias", "exp_invalid_code", "mmax", "block_size")
+
+
+def _identity(f: BFPFormat) -> tuple:
+    """What a format's name stands for: widths and block extents (in any orientation)."""
+    return f.man_bits, f.exp_bits, tuple(sorted(f.block_shape))
+
+
+def _derived_name(old: BFPFormat, new: BFPFormat) -> str:
+    """Name of ``new``, made from ``old`` by :meth:`BFPFormat.replace` with other numerics.
+
+    A preset or a variant of one (``"HBFP8"``, ``"HBFP8[1x16]"``) is named against the
+    preset; any other name gets the changes against ``old`` appended.
+    """
+    stem = old.name.split("[", 1)[0] if old.name.endswith("]") else old.name
+    preset = FORMATS.get(stem.lower())
+    if preset is not None and preset.name == stem:
+        base, ref = stem, preset
+    else:
+        base, ref = old.name, old
+    parts = []
+    if sorted(new.block_shape) != sorted(ref.block_shape):
+        parts.append("x".join(str(b) for b in new.block_shape))
+    if new.man_bits != ref.man_bits:
+        parts.append(f"man_bits={new.man_bits}")
+    if new.exp_bits != ref.exp_bits:
+        parts.append(f"exp_bits={new.exp_bits}")
+    return f"{base}[{', '.join(parts)}]" if parts else base
 
 
 #: OCP MXINT8: 8-bit elements k/64, blocks of 32 along the last axis, E8M0 scale.
@@ -266,6 +333,9 @@ FORMATS: dict[str, BFPFormat] = {f.name.lower(): f for f in (MXINT8, HBFP8, HBFP
 
 def get_format(name: str) -> BFPFormat:
     """Look up a preset by (case-insensitive) name."""
+    if not isinstance(name, str):
+        raise ValueError(f"a format name must be a string, got {type(name).__name__} "
+                         f"{name!r}; accepted names are {', '.join(sorted(FORMATS))}")
     try:
         return FORMATS[name.lower()]
     except KeyError:

@@ -73,8 +73,22 @@ def accumulator_bits(man_bits_a: int, man_bits_b: int, block_len: int, k_max: in
     return bound.bit_length() + 1
 
 
-def k_block_length(a: BFPTensor, b: BFPTensor) -> int:
+def _check_operands(a, b, fn: str) -> None:
+    """``TypeError`` naming the argument unless both operands are :class:`BFPTensor`."""
+    for arg, v in (("a", a), ("b", b)):
+        if not isinstance(v, BFPTensor):
+            kind = type(v).__module__ + "." + type(v).__qualname__
+            if kind.startswith("builtins."):
+                kind = type(v).__qualname__
+            raise TypeError(
+                f"{fn}: argument {arg!r} is a {kind}, not a BFPTensor; quantize it first: "
+                f"{fn}(quantize(a, fmt), quantize(b, fmt)), both blocked along K (with a "
+                f"1-D format such as MXINT8, quantize b with fmt.transposed())")
+
+
+def k_block_length(a: BFPTensor, b: BFPTensor, fn: str = "bfp_matmul") -> int:
     """The common block length along K of ``a (M, K)`` and ``b (K, N)``; validates."""
+    _check_operands(a, b, fn)
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"bfp_matmul needs 2-D operands, got shapes {a.shape} and {b.shape}")
     if a.shape[1] != b.shape[0]:
@@ -171,13 +185,14 @@ def acc_to_fp32(acc: np.ndarray, scale_exp: np.ndarray, bad: np.ndarray | None =
 
 def matmul_reference(a: BFPTensor, b: BFPTensor) -> np.ndarray:
     """float64 product of the dequantized operands (the exact value of the BFP GEMM)."""
+    _check_operands(a, b, "matmul_reference")
     return a.dequantize().astype(np.float64) @ b.dequantize().astype(np.float64)
 
 
 def matmul_error_bound(a: BFPTensor, b: BFPTensor,
                        guard_bits: int = DEFAULT_GUARD_BITS) -> np.ndarray:
     """Per-output bound on ``|bfp_matmul(a, b) - matmul_reference(a, b)|``."""
-    L = k_block_length(a, b)
+    L = k_block_length(a, b, "matmul_error_bound")
     nkb = a.layout.padded[1] // L
     ea_row, eb_col = _row_col_max(a, b)
     e_ref = (np.repeat(ea_row, a.layout.block[0])[: a.shape[0], None]

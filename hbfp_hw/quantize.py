@@ -226,6 +226,22 @@ def _as_float32(x) -> np.ndarray:
         f"quantize needs a real floating-point (or integer) array, got dtype {a.dtype}")
 
 
+def _first_overflow(x_in, x32: np.ndarray):
+    """``(index, value)`` of the first finite element of ``x_in`` that became +-Inf in
+    its float32 cast ``x32`` (a float64 above FLT_MAX), or None."""
+    a = np.asarray(x_in)
+    if a.dtype == np.float32 or a.shape != x32.shape:
+        return None
+    if a.dtype.kind == "f":
+        bad = np.isfinite(a) & np.isinf(x32)
+    else:                       # integers: every value is finite
+        bad = np.isinf(x32)
+    if not bad.any():
+        return None
+    pos = tuple(int(i) for i in np.argwhere(bad)[0])
+    return pos, a[pos].item()
+
+
 def _pow2_f32(k: np.ndarray) -> np.ndarray:
     """Exact float32 powers of two for integer exponents in [-126, 127], from their bits."""
     return ((k.astype(np.int32) + 127) << 23).view(np.float32)
@@ -280,8 +296,12 @@ def check_exponent(exponent, fmt: BFPFormat, where: str = "") -> int:
     """``exponent`` as an int if it is a valid static shared exponent of ``fmt`` (an
     integer in ``[fmt.emin, fmt.emax]``), else ``ValueError`` naming the value and the
     range (``where`` says whose range, e.g. a device's format slot)."""
-    if (isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer))
-            or not fmt.emin <= exponent <= fmt.emax):
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, np.integer)):
+        raise ValueError(f"exponent={exponent!r} is not an integer (got "
+                         f"{type(exponent).__name__}); the shared exponent is an int in "
+                         f"[{fmt.emin}, {fmt.emax}] (the exponent range of "
+                         f"{where + ', ' if where else ''}{fmt.describe()})")
+    if not fmt.emin <= exponent <= fmt.emax:
         raise ValueError(f"exponent={exponent!r} is out of range; accepted range is "
                          f"[{fmt.emin}, {fmt.emax}] (the exponent range of "
                          f"{where + ', ' if where else ''}{fmt.describe()})")
@@ -324,7 +344,8 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
     if exponent is not None:
         exponent = check_exponent(exponent, fmt)
-    x = _as_float32(x)
+    x_in = x
+    x = x32 = _as_float32(x)
     lay = block_layout(x.shape, fmt)
     if lay.padded != x.shape:
         x = np.pad(x, [(0, p - s) for s, p in zip(x.shape, lay.padded)])
@@ -407,6 +428,18 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
         span = ", ".join(f"{i * b}:{min((i + 1) * b, s)}"
                          for i, b, s in zip(idx, lay.block, lay.shape))
         what = f"tensor {name!r}" if name else "tensor"
+        big = _first_overflow(x_in, x32)
+        if big is not None:
+            pos, v = big
+            idx = tuple(p // b for p, b in zip(pos, lay.block))
+            flat = int(np.ravel_multi_index(idx, lay.grid))
+            raise NonFiniteBlockError(
+                f"{what} holds {v!r} at index {pos}, outside the FP32 range "
+                f"(|x| <= {float(np.finfo(np.float32).max):.8g}): it overflows to Inf when "
+                f"cast to float32, the accelerator's input format (block {idx}, "
+                f"block {flat} of {lay.num_blocks} in stream order); scale the tensor "
+                f"into the FP32 range, or pass nonfinite='flag' to mark such blocks invalid",
+                idx, flat, name)
         raise NonFiniteBlockError(
             f"{what} holds NaN or Inf in block {idx} (block {flat} of {lay.num_blocks} in "
             f"stream order; elements [{span}]); pass nonfinite='flag' to mark such blocks "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..formats import HBFP8, BFPFormat
+from ..formats import FORMATS, HBFP8, BFPFormat, check_keys, get_format
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
 from ..validate import check_int as _check_int
 
@@ -29,6 +29,28 @@ CLOCK_HZ_RANGE = (1_000_000, 1_000_000_000)
 MAX_FORMATS = 8
 #: The golden model converts accumulators exactly through float64 (53 bits).
 MAX_ACCUMULATOR_BITS = 53
+
+
+def _formats_from_json(entries) -> tuple[BFPFormat, ...]:
+    """``formats`` of a config JSON: a list of preset names and format objects."""
+    if isinstance(entries, (str, dict)):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"formats must be a list of preset names or format objects, got "
+                         f"{type(entries).__name__} {entries!r}")
+    out = []
+    for i, e in enumerate(entries):
+        try:
+            if isinstance(e, str):
+                out.append(get_format(e))
+            elif isinstance(e, dict):
+                out.append(BFPFormat.from_dict(e))
+            else:
+                raise ValueError(f"{e!r} is neither a preset name ({', '.join(sorted(FORMATS))}) "
+                                 f"nor a format object")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"formats[{i}]: {err}") from None
+    return tuple(out)
 
 
 def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
@@ -190,11 +212,20 @@ class AcceleratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AcceleratorConfig":
-        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Inverse of :meth:`to_dict` (derived keys are ignored).
+
+        Unknown keys raise ``ValueError`` naming them and the accepted keys. Each entry
+        of ``formats`` is a format object (:meth:`BFPFormat.to_dict` keys) or a preset
+        name (``"hbfp8"``, see :data:`hbfp_hw.formats.FORMATS`).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"an accelerator config must be a JSON object, got "
+                             f"{type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        check_keys("accelerator config", d, names, ("accumulator_bits", "exponent_depth"))
         kw = {k: v for k, v in d.items() if k in names}
         if "formats" in kw:
-            kw["formats"] = tuple(BFPFormat.from_dict(f) for f in kw["formats"])
+            kw["formats"] = _formats_from_json(kw["formats"])
         return cls(**kw)
 
     @classmethod

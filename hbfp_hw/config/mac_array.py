@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..formats import (BFPFormat, exponent_bias, exponent_invalid_code, fraction_bits,
-                       mantissa_max)
+from ..formats import (BFPFormat, check_keys, exponent_bias, exponent_invalid_code,
+                       fraction_bits, mantissa_max)
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
 from ..validate import check_int as _check_int
 
@@ -318,5 +318,11 @@ class MacArrayConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MacArrayConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
+        """Inverse of :meth:`to_dict` (``derived`` is ignored; unknown keys raise
+        ``ValueError`` naming them and the accepted keys)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a MAC-array config must be a JSON object, got "
+                             f"{type(d).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        check_keys("MAC-array config", d, fields, ("derived",))
         return cls(**{k: v for k, v in d.items() if k in fields})

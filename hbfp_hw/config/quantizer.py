@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..formats import ROUNDING_MODES, BFPFormat
+from ..formats import ROUNDING_MODES, BFPFormat, check_keys, get_format
 
 __all__ = ["QuantizerConfig", "LANES_RANGE"]
 
@@ -69,6 +69,10 @@ class QuantizerConfig:
         if not isinstance(self.static_exponent, bool):
             raise ValueError(
                 f"static_exponent must be True or False, got {self.static_exponent!r}")
+        if self.format.sr_lanes != self.lanes:
+            # the unit has one stochastic-rounding generator per lane: the format it
+            # implements (and its manifest) says so
+            object.__setattr__(self, "format", self.format.replace(sr_lanes=self.lanes))
 
     # -- derived constants -----------------------------------------------------------
     @property
@@ -123,6 +127,20 @@ class QuantizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizerConfig":
-        return cls(format=BFPFormat.from_dict(d["format"]), lanes=int(d["lanes"]),
-                   runtime_rounding=bool(d["runtime_rounding"]),
-                   static_exponent=bool(d.get("static_exponent", False)))
+        """Inverse of :meth:`to_dict` (derived keys are ignored; unknown keys raise
+        ``ValueError`` naming them and the accepted keys). ``format`` is a format object
+        or a preset name; missing keys take the defaults (``format``: ``BFPFormat()``)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a quantizer config must be a JSON object, got "
+                             f"{type(d).__name__}")
+        check_keys("quantizer config", d,
+                   ("format", "lanes", "runtime_rounding", "static_exponent"),
+                   ("block_size", "beats_per_block", "rounding_modes"))
+        f = d.get("format", {})
+        try:
+            fmt = get_format(f) if isinstance(f, str) else BFPFormat.from_dict(f)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"format: {e}") from None
+        return cls(format=fmt, lanes=d.get("lanes", 1),
+                   runtime_rounding=d.get("runtime_rounding", False),
+                   static_exponent=d.get("static_exponent", False))
