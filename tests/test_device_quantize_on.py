@@ -23,6 +23,10 @@ def _wire(dev) -> int:
     return dev.link["bytes_tx"] + dev.link["bytes_rx"]
 
 
+def _payload(link) -> tuple[int, int, int]:
+    return link["payload_tx"], link["payload_rx"], link["frames_tx"]
+
+
 @pytest.mark.parametrize("shape", [(8, 16, 8), (40, 70, 30), (70, 600, 20)])
 def test_every_choice_is_bit_exact(shape, rng):
     M, K, N = shape
@@ -39,16 +43,22 @@ def test_host_quantization_moves_fewer_bytes(rng):
     back and sends it again; the host path sends BFP once."""
     a = rng.standard_normal((64, 256)).astype(np.float32)
     b = rng.standard_normal((256, 64)).astype(np.float32)
-    wire = {}
+    wire, links = {}, {}
     with host.open("emulate://", config=SMALL, progress=False) as dev:
         for where in ("device", "host", "auto"):
             before = _wire(dev)
+            link0 = dev.link.copy()
             dev.matmul(a, b, quantize_on=where)
             wire[where] = _wire(dev) - before
+            links[where] = dev.link - link0
+    auto_link, host_link = links["auto"], links["host"]
     fp32_operands = 4 * (a.size + b.size)
     # the device path also sent the FP32 operands and read their BFP form back
     assert wire["device"] - wire["host"] > fp32_operands + (a.size + b.size)
-    assert wire["auto"] == wire["host"]                # does not fit: auto -> host
+    # does not fit: auto -> host (the same frames; byte stuffing of the SEQ and CRC
+    # bytes, which differ between the two runs, adds a few bytes either way)
+    assert abs(wire["auto"] - wire["host"]) <= 2 * dev.link["frames_tx"] // 3
+    assert _payload(auto_link) == _payload(host_link)
 
 
 def test_auto_keeps_device_quantizer_when_operands_fit(rng):
@@ -62,7 +72,7 @@ def test_auto_keeps_device_quantizer_when_operands_fit(rng):
             dev.matmul(a, b, quantize_on=where)
             wire[where] = _wire(dev) - before
     assert wire["device"] > wire["host"] + 3 * (a.size + b.size)   # FP32 vs int8 operands
-    assert wire["auto"] == wire["device"]              # fits on chip: auto -> device
+    assert abs(wire["auto"] - wire["device"]) <= 16    # fits on chip: auto -> device
 
 
 def test_stochastic_format_larger_than_one_quantize(rng):
