@@ -17,11 +17,15 @@ Ports
     is abandoned after the idle timeout: the consumer drops what it staged.
 ``seq``, ``opcode``, ``length``: ``Out``
     Header of the current frame, valid from the payload on and at the strobe.
+``stall``: ``In(1)``
+    Take no byte (the executor is running a command). Bytes offered meanwhile do not
+    count towards the idle timeout.
 
 A frame starts at the delimiter; escaped bytes are unstuffed on the fly (the escape
 byte is consumed without output). A delimiter inside a partial frame abandons it
-(``abort``) and starts the next one; so does ``idle_cycles`` clocks without an input
-byte (the protocol's line-idle timeout). Bytes outside a frame are skipped.
+(``abort``) and starts the next one; so does ``idle_cycles`` clocks in which no byte is
+offered on ``i`` (the protocol's line-idle timeout; a byte waiting while ``o`` is stalled
+does not count as idle). Bytes outside a frame are skipped.
 """
 
 
@@ -62,6 +66,7 @@ class FrameDecoder(wiring.Component):
     seq: Out(8)
     opcode: Out(8)
     length: Out(16)
+    stall: In(1)
 
     def __init__(self, *, idle_cycles: int = 1 << 16) -> None:
         if not isinstance(idle_cycles, int) or not 1 <= idle_cycles <= 1 << 30:
@@ -98,7 +103,11 @@ class FrameDecoder(wiring.Component):
         m.d.sync += [self.frame_ok.eq(0), self.frame_bad.eq(0), self.oversize.eq(0),
                      self.abort.eq(0)]
         with m.If(got):
-            m.d.sync += [idle.eq(0), esc.eq(is_esc)]
+            m.d.sync += esc.eq(is_esc)
+        # the line is idle only while no byte is offered: a byte waiting for a busy
+        # consumer (``o`` stalled, the executor running a command) is not idleness
+        with m.If(self.i.valid):
+            m.d.sync += idle.eq(0)
         with m.Elif(idle != self.idle_cycles):
             m.d.sync += idle.eq(idle + 1)
 
@@ -137,14 +146,14 @@ class FrameDecoder(wiring.Component):
                             m.d.sync += count.eq(0)
                             with m.If(self.length == 0):
                                 m.next = "CRC"
-                    with m.Elif(~got & (idle == self.idle_cycles)):
+                    with m.Elif(idle == self.idle_cycles):
                         m.d.sync += [self.abort.eq(1), esc.eq(0)]
                         m.next = "HUNT"
             with m.State("PAYLOAD"):
                 # escapes and delimiters are taken without waiting for the consumer
                 data_byte = ~is_delim & ~is_esc
                 m.d.comb += [self.o.payload.eq(byte),
-                             self.o.valid.eq(self.i.valid & data_byte),
+                             self.o.valid.eq(self.i.valid & data_byte & ~self.stall),
                              self.i.ready.eq(Mux(data_byte, self.o.ready, 1))]
                 with m.If(got & is_delim):
                     restart(True)
@@ -153,7 +162,7 @@ class FrameDecoder(wiring.Component):
                     with m.If(count + 1 == self.length):
                         m.d.sync += count.eq(0)
                         m.next = "CRC"
-                with m.Elif(~got & (idle == self.idle_cycles)):
+                with m.Elif(idle == self.idle_cycles):
                     m.d.sync += [self.abort.eq(1), esc.eq(0)]
                     m.next = "HUNT"
             with m.State("CRC"):
@@ -164,7 +173,7 @@ class FrameDecoder(wiring.Component):
                     m.d.sync += [rx_crc.eq(Cat(rx_crc[8:], byte)), count.eq(count + 1)]
                     with m.If(count == P.CRC_BYTES - 1):
                         m.next = "CHECK"
-                with m.Elif(~got & (idle == self.idle_cycles)):
+                with m.Elif(idle == self.idle_cycles):
                     m.d.sync += [self.abort.eq(1), esc.eq(0)]
                     m.next = "HUNT"
             with m.State("CHECK"):
@@ -173,4 +182,6 @@ class FrameDecoder(wiring.Component):
                 with m.Else():
                     m.d.sync += self.frame_bad.eq(1)
                 m.next = "HUNT"
+        with m.If(self.stall):      # the consumer is busy: take nothing, time nothing out
+            m.d.comb += self.i.ready.eq(0)
         return m

@@ -32,13 +32,20 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-__all__ = ["args_layout", "cmd_layout", "seg_layout", "status_layout", "FIX_BYTES",
+__all__ = ["sample_signature", "args_layout", "cmd_layout", "seg_layout", "status_layout",
+           "FIX_BYTES",
            "buffer_geometry", "buffer_ports", "port_name", "engine_signature",
            "status_ok", "status_error", "status_register", "EngineStatus", "rom_id"]
 
 #: Fixed-field bytes an engine answers with (INFO's fixed fields come from its ROM).
 FIX_BYTES = max(max(L.header_size for op, L in P.RESPONSES.items() if op != P.Op.INFO),
                 P.ERROR_LAYOUT.header_size)
+
+
+def sample_signature() -> stream.Signature:
+    """A sample port: FP32 bit patterns for the statistics engine, at most one per clock,
+    without back-pressure (``always_ready``: the statistics engine takes every beat)."""
+    return stream.Signature(32, always_ready=True)
 
 
 def args_layout(op: P.Op) -> data.StructLayout:

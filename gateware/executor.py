@@ -98,8 +98,8 @@ class Executor(wiring.Component):
         E = self.engines
         m.submodules.dec = dec = FrameDecoder(idle_cycles=self.idle_cycles)
         idle = Signal()
-        m.d.comb += [dec.i.payload.eq(self.i.payload), dec.i.valid.eq(self.i.valid & idle),
-                     self.i.ready.eq(dec.i.ready & idle), dec.o.ready.eq(1)]
+        m.d.comb += [dec.i.payload.eq(self.i.payload), dec.i.valid.eq(self.i.valid),
+                     dec.stall.eq(~idle), self.i.ready.eq(dec.i.ready), dec.o.ready.eq(1)]
 
         # ---- payload staging and the request header -------------------------------
         HDR = max(L.header_size for L in P.REQUESTS.values())

@@ -2,9 +2,9 @@
 
 The request is checked in the emulator's order: flags, then per operand the slot
 (unknown: ``BAD_ARGUMENT`` 3 / 4; a slot the array does not compute: ``UNSUPPORTED`` 3 /
-4), buffer, shape and depth; then the stored operands are scanned (A mantissas, A codes,
-B mantissas, B codes, then invalid blocks of A and B unless ``ALLOW_INVALID``), one
-element per clock, the first bad one reported; then the GEMM shape, ``out`` range,
+4), buffer, shape and depth, and that operand's stored data (mantissas, then codes, one
+element per clock, the first bad one reported) -- A's fields and data before B's; then
+the invalid blocks of A and B unless ``ALLOW_INVALID``; then the GEMM shape, ``out`` range,
 ``ACCUMULATE`` meta, ``K_OVERFLOW`` and the ``eref`` range.
 
 Two short phases compute the reference exponents: **G_OWN** reads every exponent code
@@ -22,12 +22,12 @@ conversion takes each job's fraction bits).
 from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import memory, stream, wiring
+from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, engine_signature, sample_signature, port_name, status_ok
 from .gemm_stream import GemmStream
 from .mx_stream import MxStream, mx_stream_signature
 
@@ -71,7 +71,7 @@ class GemmEngine(wiring.Component):
         self.acc_capacity = acc_capacity
         self.primitives, self.runtime_frac = primitives, runtime_frac
         super().__init__(engine_signature(self.specs, config.tile, rom_depth,
-                                          sample=Out(stream.Signature(32)), soft_reset=In(1)))
+                                          sample=Out(sample_signature()), soft_reset=In(1)))
 
     def elaborate(self, platform):
         m = Module()
@@ -187,8 +187,7 @@ class GemmEngine(wiring.Component):
                          out_w.en.eq(mx.out_en)]
         m.d.comb += [self.sample.valid.eq(gs.sample.valid | mx.sample.valid),
                      self.sample.payload.eq(Mux(mx.sample.valid, mx.sample.payload,
-                                                gs.sample.payload)),
-                     gs.sample.ready.eq(1), mx.sample.ready.eq(1)]
+                                                gs.sample.payload))]
 
         # ---- scan machinery (operand checks) ------------------------------------------
         sc, sc_next = Signal(32), Signal(32)
@@ -350,8 +349,11 @@ class GemmEngine(wiring.Component):
                                              lwd[which].eq(max(sh + sw - tsh, 0)),
                                              is_mx[which].eq(k in self.mx_slots)]
                 m.next = "G_CHECK_A"
-            for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_CHECK_B"),
-                                                      ("G_CHECK_B", "G_SCAN_INIT"))):
+            # the emulator's order: A's fields, A's data, B's fields, B's data, then the
+            # invalid blocks of both (G_CHECK_B runs between the scan phases of A and B)
+            b_checked = Signal()
+            for which, (st, nxt_state) in enumerate((("G_CHECK_A", "G_SCAN_INIT"),
+                                                      ("G_CHECK_B", "G_SCAN_SET"))):
                 name = "ab"[which]
                 slot = getattr(a, f"slot_{name}")
                 buf = getattr(a, name)
@@ -374,6 +376,8 @@ class GemmEngine(wiring.Component):
                         error(P.ErrorCode.OUT_OF_RANGE, nb)
                     with m.Else():
                         m.d.sync += (nb_a if which == 0 else nb_b).eq(nb)
+                        if which == 1:
+                            m.d.sync += b_checked.eq(1)
                         with m.Switch(slot):
                             for k in self.slots:
                                 with m.Case(k):
@@ -381,7 +385,8 @@ class GemmEngine(wiring.Component):
                                                  (mm_b if which else mm_a).eq(mmaxes[k])]
                         m.next = nxt_state
             with m.State("G_SCAN_INIT"):
-                m.d.sync += [g_a.eq(a.a), g_b.eq(a.b), k_cnt.eq(0), g_off.eq(a.out_offset)]
+                m.d.sync += [g_a.eq(a.a), g_b.eq(a.b), k_cnt.eq(0), g_off.eq(a.out_offset),
+                             b_checked.eq(0)]
                 m.d.comb += x_init.eq(1)
                 m.next = "G_SCAN_SET"
             # scan phases: A mantissas, A codes, B mantissas, B codes, A invalid, B invalid
@@ -402,7 +407,9 @@ class GemmEngine(wiring.Component):
                                     m.d.sync += scan_n.eq(0)
                     with m.Default():
                         m.next = "G_SHAPE0"
-                with m.If(k_cnt < 6):
+                with m.If((k_cnt == 2) & ~b_checked):
+                    m.next = "G_CHECK_B"
+                with m.Elif(k_cnt < 6):
                     m.next = "G_SCAN"
             # the check of element ``sc`` is registered (``chk_*``) and acted on in the
             # next cycle; elements are still checked in order (the first bad one is

@@ -16,9 +16,10 @@ registers stepped by constant or registered strides.
 from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, Signal, signed
-from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib import data, fifo, memory, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..engine import sample_signature
 from ..mac_array import MacArray, carry_bits, ref_exponent_limit
 from .quantize import cmul
 
@@ -59,7 +60,7 @@ class GemmStream(wiring.Component):
             "man_data": In(man_width * mc.tile), "exp_data": In(exp_width),
             "ref_addr": Out(ref_addr_bits), "ref_data": In(signed(ref_width)),
             "out_addr": Out(32), "out_data": Out(32), "out_en": Out(1),
-            "sample": Out(stream.Signature(32))})
+            "sample": Out(sample_signature())})
 
     def ref_index(self, bank, which, idx):
         """Reference memory address of row block ``idx`` of A (``which`` 0) or column

@@ -26,8 +26,10 @@ data of the address presented a clock earlier).
 from __future__ import annotations
 
 from amaranth import Module, Mux, Signal, signed
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
+
+from ..engine import sample_signature
 
 from ..fp32_convert import SCALE_BITS, Fp32Convert
 
@@ -61,7 +63,7 @@ def mx_stream_signature(*, tile: int, operand_buffers: int, man_width: int,
         "rd_buf": Out(range(operand_buffers)), "rd_word": Out(32), "rd_elem": Out(32),
         "man_data": In(man_width * tile), "exp_data": In(exp_width),
         "out_addr": Out(32), "out_data": Out(32), "out_en": Out(1),
-        "sample": Out(stream.Signature(32))})
+        "sample": Out(sample_signature())})
 
 
 class MxStream(wiring.Component):

@@ -15,13 +15,13 @@ padding) leaves on ``sample`` for the statistics engine.
 from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import stream, wiring
+from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
 from hbfp_hw import protocol as P
 from hbfp_hw.formats import ROUNDING_MODES
 
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, engine_signature, sample_signature, port_name, status_ok
 from ..quantizer import Quantizer
 
 __all__ = ["QuantizeEngine", "cmul", "in_range"]
@@ -70,7 +70,7 @@ class QuantizeEngine(wiring.Component):
         self.config, self.specs = config, list(specs)
         self.quant, self.rounding = list(quant), list(rounding)
         super().__init__(engine_signature(self.specs, config.tile, rom_depth,
-                                          sample=Out(stream.Signature(32))))
+                                          sample=Out(sample_signature())))
 
     def elaborate(self, platform):
         m = Module()

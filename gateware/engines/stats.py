@@ -10,12 +10,12 @@ selects), and with ``CLEAR`` clears that one; ``soft_reset`` (RESET) clears both
 from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, Signal
-from amaranth.lib import stream, wiring
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In
 
 from hbfp_hw import protocol as P
 
-from ..engine import EngineStatus, engine_signature, status_error, status_ok
+from ..engine import EngineStatus, engine_signature, sample_signature, status_error, status_ok
 from ..range_tracker import RangeTracker
 
 __all__ = ["StatsEngine"]
@@ -26,8 +26,8 @@ class StatsEngine(wiring.Component):
 
     def __init__(self, specs, *, tile: int, rom_depth: int) -> None:
         super().__init__(engine_signature(
-            specs, tile, rom_depth, gemm_sample=In(stream.Signature(32)),
-            quant_sample=In(stream.Signature(32)), soft_reset=In(1)))
+            specs, tile, rom_depth, gemm_sample=In(sample_signature()),
+            quant_sample=In(sample_signature()), soft_reset=In(1)))
 
     def elaborate(self, platform):
         m = Module()
@@ -36,7 +36,7 @@ class StatsEngine(wiring.Component):
                                                     count_bits=32)
         for tr, src in ((stats, self.gemm_sample), (qstats, self.quant_sample)):
             m.d.comb += [tr.i.valid.eq(src.valid), tr.i.payload[0].eq(src.payload),
-                         src.ready.eq(1), tr.o.ready.eq(1)]
+                         tr.o.ready.eq(1)]
         # the clears are registered: the command decode then ends in two flops instead
         # of in the trackers' counters; no sample arrives while READ_STATS or RESET runs
         st_clear, qst_clear = Signal(), Signal()
