@@ -46,6 +46,7 @@ from typing import Callable, Iterable
 from amaranth.back import rtlil
 from amaranth.hdl import Assert, Assume, Const, Fragment, Module, Signal, Value, signed
 from amaranth.hdl import _ast
+from amaranth.hdl._ir import PortDirection
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import Out
 
@@ -394,6 +395,19 @@ class ProofResult:
         return "\n".join(lines)
 
 
+def _ports(top: wiring.Component) -> dict:
+    """The harness's ports for ``rtlil.convert`` (constant members, such as ``ready`` of an
+    always-ready stream, are not ports)."""
+    ports = {}
+    for path, member, value in top.signature.flatten(top):
+        value = Value.cast(value)
+        if isinstance(value, Const):
+            continue
+        ports["__".join(map(str, path))] = (
+            value, PortDirection.Input if member.flow != Out else PortDirection.Output)
+    return ports
+
+
 def tool_dir() -> Path:
     """The directory of the running interpreter (the venv's ``bin``): the YoWASP tools
     and ``yices-smt2`` are installed there."""
@@ -437,7 +451,7 @@ def prove(dut_factory: Callable, *, mode: str = "prove", depth: int = 10,
     work = Path(workdir) if workdir is not None else Path(
         tempfile.mkdtemp(prefix=f"hbfp-formal-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / f"{name}.il").write_text(rtlil.convert(top, name="top"))
+    (work / f"{name}.il").write_text(rtlil.convert(top, name="top", ports=_ports(top)))
     (work / f"{name}.sby").write_text(_sby_text(name, mode, depth, timeout, solver))
 
     bindir = tool_dir()
