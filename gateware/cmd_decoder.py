@@ -18,8 +18,8 @@ Ports
 ``seq``, ``opcode``, ``length``: ``Out``
     Header of the current frame, valid from the payload on and at the strobe.
 ``stall``: ``In(1)``
-    Take no byte (the executor is running a command). Bytes offered meanwhile do not
-    count towards the idle timeout.
+    Take no byte outside a payload (the executor is running a command). Bytes offered
+    meanwhile do not count towards the idle timeout.
 
 A frame starts at the delimiter; escaped bytes are unstuffed on the fly (the escape
 byte is consumed without output). A delimiter inside a partial frame abandons it
@@ -118,7 +118,7 @@ class FrameDecoder(wiring.Component):
                 m.d.sync += self.abort.eq(1)
             m.next = "LEN0"
 
-        with m.FSM():
+        with m.FSM() as fsm:
             with m.State("HUNT"):
                 m.d.comb += self.i.ready.eq(1)
                 with m.If(got & is_delim):
@@ -146,14 +146,14 @@ class FrameDecoder(wiring.Component):
                             m.d.sync += count.eq(0)
                             with m.If(self.length == 0):
                                 m.next = "CRC"
-                    with m.Elif(idle == self.idle_cycles):
+                    with m.Elif(~self.i.valid & (idle == self.idle_cycles)):
                         m.d.sync += [self.abort.eq(1), esc.eq(0)]
                         m.next = "HUNT"
             with m.State("PAYLOAD"):
                 # escapes and delimiters are taken without waiting for the consumer
                 data_byte = ~is_delim & ~is_esc
                 m.d.comb += [self.o.payload.eq(byte),
-                             self.o.valid.eq(self.i.valid & data_byte & ~self.stall),
+                             self.o.valid.eq(self.i.valid & data_byte),
                              self.i.ready.eq(Mux(data_byte, self.o.ready, 1))]
                 with m.If(got & is_delim):
                     restart(True)
@@ -162,7 +162,7 @@ class FrameDecoder(wiring.Component):
                     with m.If(count + 1 == self.length):
                         m.d.sync += count.eq(0)
                         m.next = "CRC"
-                with m.Elif(idle == self.idle_cycles):
+                with m.Elif(~self.i.valid & (idle == self.idle_cycles)):
                     m.d.sync += [self.abort.eq(1), esc.eq(0)]
                     m.next = "HUNT"
             with m.State("CRC"):
@@ -173,7 +173,7 @@ class FrameDecoder(wiring.Component):
                     m.d.sync += [rx_crc.eq(Cat(rx_crc[8:], byte)), count.eq(count + 1)]
                     with m.If(count == P.CRC_BYTES - 1):
                         m.next = "CHECK"
-                with m.Elif(idle == self.idle_cycles):
+                with m.Elif(~self.i.valid & (idle == self.idle_cycles)):
                     m.d.sync += [self.abort.eq(1), esc.eq(0)]
                     m.next = "HUNT"
             with m.State("CHECK"):
@@ -182,6 +182,9 @@ class FrameDecoder(wiring.Component):
                 with m.Else():
                     m.d.sync += self.frame_bad.eq(1)
                 m.next = "HUNT"
-        with m.If(self.stall):      # the consumer is busy: take nothing, time nothing out
+        # the consumer is busy (between frames): take nothing, time nothing out. A payload
+        # already streaming is not stopped, so ``o`` keeps the stream rules whatever
+        # ``stall`` does
+        with m.If(self.stall & ~fsm.ongoing("PAYLOAD")):
             m.d.comb += self.i.ready.eq(0)
         return m

@@ -254,11 +254,6 @@ def test_frame_decoder_stream_rules_as_connected(tmp_path):
                     depth=6, checks=[consumer_always_ready]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FrameDecoder.o breaks the stream rules when its consumer may stall: the bounded "
-    "check finds a trace from reset, within 12 clocks with idle_cycles=3 (also with "
-    "stall held low), in which o.valid drops and o.payload changes before a handshake. "
-    "Harmless in the top as long as the executor keeps o.ready high"))
 def test_frame_decoder_stream_rules(tmp_path):
     assert_pass(run(lambda: FrameDecoder(idle_cycles=3), tmp_path, "decoder", mode="bmc",
                     depth=12))
