@@ -39,10 +39,9 @@ delivery like any other).
 **Which framer.** For the emulator the framer is :class:`FrameParser` itself
 (:func:`parser_events`). For the RTL it is :func:`hw_framing`: a new parser started
 after every event it reports, i.e. a framer that never looks back at bytes it has
-consumed, as the gateware's frame decoder (``gateware/cmd_decoder.py``). With the
-delimited framing the two agree (``test_hw_framing_is_the_parser`` checks it); the
-gateware model also tells where each frame ends on the wire (see
-:data:`GATEWARE_DIFFERENCES` for why the RTL drivers need that).
+consumed, as the gateware's frame decoder (``gateware/cmd_decoder.py``); it also tells
+the byte where each event ends. With the delimited framing the two agree
+(``test_hw_framing_is_the_parser`` checks it).
 """
 
 from __future__ import annotations
@@ -62,9 +61,8 @@ from hbfp_hw.quantize import block_layout
 
 __all__ = ["Profile", "RequestGen", "MUTATIONS", "GARBAGE", "Mutator", "Burst", "FuzzStats",
            "Fuzzer", "schedule", "parser_events", "AmbiguousStream", "hw_framing",
-           "hw_events", "frame_ends", "split_at", "bad_crc_frame", "GATEWARE_DIFFERENCES",
-           "operand_fields_ok", "Shadow", "answer_frames", "count_events",
-           "check_delivered", "hw_bursts", "describe", "mismatch"]
+           "hw_events", "bad_crc_frame", "operand_fields_ok", "Shadow", "answer_frames",
+           "count_events", "check_delivered", "hw_bursts", "describe", "mismatch"]
 
 G, Q, S = P.GemmFlag, P.QuantizeFlag, P.StatsFlag
 
@@ -727,18 +725,6 @@ def hw_events(pieces: list[bytes]) -> list:
     return [ev for per_piece in hw_framing(pieces) for ev, _ in per_piece]
 
 
-def frame_ends(framing: list[tuple[object, int]]) -> list[int]:
-    """Indices (in the piece) of the bytes that complete a frame the device answers (a
-    delivered frame or a CRC failure), from one piece's :func:`hw_framing`."""
-    return [k for ev, k in framing if isinstance(ev, (Frame, CrcError))]
-
-
-def split_at(piece: bytes, ends: list[int]) -> list[bytes]:
-    """``piece`` cut after each index of ``ends`` (the segments, none empty)."""
-    cuts = [0] + [k + 1 for k in ends] + [len(piece)]
-    return [piece[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
 @lru_cache(maxsize=4096)
 def bad_crc_frame(seq: int, opcode: int, length: int) -> bytes:
     """Wire bytes on which :class:`FrameParser` (fed them, then idle) reports exactly one
@@ -759,22 +745,6 @@ def bad_crc_frame(seq: int, opcode: int, length: int) -> bytes:
     raise AssertionError(f"no one-bit change of a frame makes a CRC failure {want}")
 
 
-#: Differences between the gateware and the emulator found by this fuzzer; each has a
-#: minimal reproducer marked ``xfail(strict=True)`` in ``tests/test_fuzz_rtl.py``. The
-#: RTL's reference (:class:`Shadow` with ``gateware=True``) answers as the gateware does
-#: there, or the stimulus steers clear of it, so the fuzzer goes on finding others.
-GATEWARE_DIFFERENCES = {
-    "gemm_b_fields_first": "GEMM checks operand B's slot, buffer and shape before "
-                           "operand A's stored data (test_gemm_checks_b_fields_before_a_data)",
-    "frame_after_long_command": "a frame whose delimiter the top takes in the clock after "
-                                "the previous frame ended is dropped if that command keeps "
-                                "the top busy longer than the idle timeout "
-                                "(test_frame_right_after_a_long_command); the RTL drivers "
-                                "wait for the top to go busy after every frame end "
-                                "(:func:`split_at`, :func:`frame_ends`)",
-}
-
-
 def operand_fields_ok(cfg: AcceleratorConfig, buf: int, slot: int, rows: int,
                       cols: int) -> bool:
     """Whether a GEMM operand's fields pass the checks that precede its data: slot,
@@ -788,22 +758,12 @@ def operand_fields_ok(cfg: AcceleratorConfig, buf: int, slot: int, rows: int,
 
 class Shadow:
     """The shadow model: an :class:`Emulator` that receives only intact frames (and CRC
-    failures with the same header), see the module text.
+    failures with the same header), see the module text."""
 
-    ``gateware=True``: the reference of the RTL, which differs where
-    :data:`GATEWARE_DIFFERENCES` says: a GEMM whose operand-B fields fail their checks
-    is answered as the emulator answers it with operand A's stored data cleared (the
-    gateware reports B's field error before looking at A's data; the error changes no
-    state either way). :attr:`differences` counts the frames this applied to.
-    """
-
-    def __init__(self, cfg: AcceleratorConfig, *, gateware: bool = False) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: AcceleratorConfig) -> None:
         self.emu = Emulator(cfg)
-        self.gateware = gateware
         self.delivered = 0
         self.crc_errors = 0
-        self.differences: Counter = Counter()
 
     def answer(self, events: list) -> bytes:
         """The answer bytes to the framer ``events`` (the shadow's state follows)."""
@@ -811,39 +771,12 @@ class Shadow:
         for ev in events:
             if isinstance(ev, Frame):
                 self.delivered += 1
-                out.append(self._frame(ev))
+                out.append(self.emu.feed(P.encode_frame(ev.seq, ev.opcode, ev.payload)))
             elif isinstance(ev, CrcError):
                 self.crc_errors += 1
                 out.append(self.emu.feed(bad_crc_frame(ev.seq, ev.opcode, ev.length)))
                 out.append(self.emu.idle())      # leaves the parser empty
         return b"".join(out)
-
-    def _frame(self, ev: Frame) -> bytes:
-        frame = P.encode_frame(ev.seq, ev.opcode, ev.payload)
-        if not (self.gateware and ev.opcode == P.Op.GEMM):
-            return self.emu.feed(frame)
-        try:
-            f, _ = P.REQUESTS[P.Op.GEMM].unpack(ev.payload)
-        except ValueError:
-            return self.emu.feed(frame)
-        if operand_fields_ok(self.cfg, f["b"], f["slot_b"], f["b_rows"], f["b_cols"]) \
-                or f["a"] >= self.cfg.operand_buffers:
-            return self.emu.feed(frame)
-        emu = self.emu
-        held = [(i, emu.buffers[i].copy()) for i, s in enumerate(emu.specs)
-                if s.operand == f["a"] and s.kind in (P.BufferKind.MANTISSA,
-                                                      P.BufferKind.EXPONENT)]
-        for i, _ in held:
-            emu.buffers[i][:] = 0
-        try:
-            out = emu.feed(frame)
-        finally:
-            for i, x in held:
-                emu.buffers[i][:] = x
-        (a,) = answer_frames(out)
-        assert a.opcode == P.ERROR_OPCODE, f"GEMM with bad operand-B fields answered {a}"
-        self.differences["gemm_b_fields_first"] += 1
-        return out
 
     def request(self, frame: bytes) -> bytes:
         """The answer to a clean request."""
@@ -877,22 +810,19 @@ def check_delivered(events: list, burst: Burst) -> None:
 
 def hw_bursts(fz: Fuzzer, shadow: Shadow, n_frames: int, burst_max: int = 6):
     """Bursts for the RTL until ``fz`` built ``n_frames`` frames: yields ``(burst,
-    segments, expected answer bytes)``; ``segments``: per piece, the piece cut after
-    every frame end (:func:`split_at`); the shadow is fed the :func:`hw_framing` events
-    (a burst whose framing is ambiguous, :class:`AmbiguousStream`, is dropped unsent)."""
+    expected answer bytes)``, the shadow fed the :func:`hw_events` of each (a burst whose
+    framing is ambiguous, :class:`AmbiguousStream`, is dropped unsent)."""
     while fz.stats.frames < n_frames:
         burst = fz.burst(int(fz.rng.integers(1, burst_max + 1)), count=False)
         try:
-            framing = hw_framing(burst.pieces)
+            events = hw_events(burst.pieces)
         except AmbiguousStream:
             fz.stats.dropped += 1
             continue
         fz.stats.add(burst)
-        events = [ev for per_piece in framing for ev, _ in per_piece]
         count_events(fz.stats, events)
         check_delivered(events, burst)
-        segments = [split_at(p, frame_ends(f)) for p, f in zip(burst.pieces, framing)]
-        yield burst, segments, shadow.answer(events)
+        yield burst, shadow.answer(events)
 
 
 def describe(data: bytes, limit: int = 12) -> str:

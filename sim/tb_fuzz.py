@@ -14,10 +14,9 @@ configuration comes from the manifest next to the Verilog. Environment:
 Bursts of mutated and hostile frames and garbage (:mod:`hbfp_hw.sim.fuzz`) are driven
 into ``i`` with random valid gaps (:class:`StreamDriver`, probability of offering a byte
 drawn per burst in [0.3, 1]) while :class:`StreamMonitor` takes the answers from ``o``
-under random back-pressure; after a byte that completes a frame the driver waits for the
-top to turn busy before offering the next one (see ``frame_after_long_command`` in
-:data:`~hbfp_hw.sim.fuzz.GATEWARE_DIFFERENCES`); after every piece of a burst the line
-stays idle until the top has been quiet for the timeout (a partial frame is dropped).
+under random back-pressure (the bytes of frames queued behind a busy top wait on
+``i``); after every piece of a burst the line stays idle until the top has been quiet
+for the timeout (a partial frame is dropped).
 The answers of a burst must be the shadow emulator's (fed the events of the gateware's
 framer, :func:`~hbfp_hw.sim.fuzz.hw_framing`) byte for byte; every buffer and both
 statistics records read back equal to the shadow's.
@@ -56,7 +55,7 @@ class Env:
         self.fz = Fuzzer(self.cfg, np.random.default_rng(self.seed),
                          Profile.for_rtl(self.cfg, max_dim=32, max_data=1024),
                          long_garbage=(2000, 12000))
-        self.shadow = Shadow(self.cfg, gateware=True)
+        self.shadow = Shadow(self.cfg)
         self.probed = 0
 
     async def start(self) -> None:
@@ -81,21 +80,9 @@ class Env:
             busy = int(self.dut.busy.value) or int(self.dut.o__valid.value)
             q = 0 if busy else q + 1
 
-    async def until_busy(self, limit: int = 16) -> None:
-        """After a frame end: wait until the top is busy with it (at most ``limit``)."""
-        for _ in range(limit):
-            await FallingEdge(self.dut.clk)
-            await ReadOnly()
-            if int(self.dut.busy.value):
-                return
-
-    async def send_piece(self, segments: list[bytes]) -> None:
-        """One piece, cut at its frame ends (the top turns busy before the next byte),
-        then the line idle past the timeout."""
-        for k, seg in enumerate(segments):
-            if k:
-                await self.until_busy()
-            await self.driver.send(list(seg))
+    async def send(self, data: bytes) -> None:
+        """One piece, then the line idle past the timeout."""
+        await self.driver.send(list(data))
         await self.quiet(self.idle + 16)
 
     async def probe(self, what: str) -> None:
@@ -124,13 +111,13 @@ async def test_fuzz_against_emulator(dut):
                   f"{env.frames} frames, HBFP_FUZZ_SEED={env.seed}")
     st = env.fz.stats
     cycles0 = env.monitor.cycle
-    for k, (burst, segments, want) in enumerate(hw_bursts(env.fz, env.shadow, env.frames)):
+    for k, (burst, want) in enumerate(hw_bursts(env.fz, env.shadow, env.frames)):
         r = env.rng
         pv, pr = (1.0, 1.0) if r.random() < 0.15 else map(float, r.uniform(0.3, 1.0, 2))
         env.driver.p_valid, env.monitor.p_ready = pv, pr
         env.rx.clear()
-        for piece in segments:
-            await env.send_piece(piece)
+        for piece in burst.pieces:
+            await env.send(piece)
         msg = mismatch(f"HBFP_FUZZ_SEED={env.seed} burst {k} (p_valid={pv:.2f} "
                        f"p_ready={pr:.2f}, {dict(burst.kinds)})", bytes(env.rx), want, burst)
         assert msg is None, msg
@@ -139,6 +126,5 @@ async def test_fuzz_against_emulator(dut):
     await env.probe("at the end")
     assert env.shadow.emu.guards_intact()
     dut._log.info(f"{st.summary()}; state read back {env.probed} times; "
-                  f"{env.monitor.cycle - cycles0} clocks; known gateware differences "
-                  f"applied: {dict(env.shadow.differences)}")
+                  f"{env.monitor.cycle - cycles0} clocks")
     assert st.frames >= env.frames

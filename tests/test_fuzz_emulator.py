@@ -6,7 +6,7 @@ shadow, gets only what the framer delivered intact. After every burst: the answe
 the shadow's byte for byte, they are valid frames, the clean request that ended the
 burst (after garbage) was answered, and every buffer and both statistics records read
 back equal to the shadow's. ``HBFP_SEED=N`` replays a run; ``HBFP_FUZZ_FRAMES`` sets
-the number of mutated + hostile frames (default 10000).
+the number of mutated + hostile frames (default 20000).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _report(cfg, fz: Fuzzer, dut: Emulator, seconds: float) -> None:
 
 
 def test_fuzz_emulator_against_shadow(seed):
-    target = int(os.environ.get("HBFP_FUZZ_FRAMES", "10000"))
+    target = int(os.environ.get("HBFP_FUZZ_FRAMES", "20000"))
     t0 = time.perf_counter()
     fz, dut = _fuzz(SIM_CONFIG, seed, target)
     _report(SIM_CONFIG, fz, dut, time.perf_counter() - t0)
