@@ -5,7 +5,8 @@ descriptor's fixed bytes, ``seg0.count`` elements of buffer ``seg0.buf`` from
 ``seg0.offset``, then ``seg1`` likewise (each element as its buffer's wire bytes, little
 endian; mantissa buffers lane by lane), and the CRC-32, every byte after the delimiter
 stuffed (:func:`hbfp_hw.protocol.stuff`: a byte equal to the delimiter or the escape
-goes out as the escape and the byte XOR 0x20, one more clock). The descriptor's
+goes out as the escape and the byte XOR 0x20, one more clock) in a registered output
+stage. The descriptor's
 ``length`` counts the answer without the token. It reads the buffers as a
 buffer-manager client; it takes the descriptor (``desc.ready``) after the frame's last
 byte.
@@ -84,18 +85,27 @@ class ResponseEncoder(wiring.Component):
                                              else data)]
             with m.Case(len(specs)):
                 m.d.comb += [src_wb.eq(1), src_byte.eq(bufs.rom_r.data)]
-        # byte stuffing between the FSM's bytes and ``o``: ``take`` advances the FSM
+        # byte stuffing in a registered output stage: ``take`` (the stage can load the
+        # FSM's ``byte``) depends on the stage's state and ``o.ready`` only, never on the
+        # byte read from a buffer, so no path runs from block RAM data to its address
         f_valid = Signal()      # the FSM offers ``byte``
         is_delim = Signal()     # ``byte`` is the frame's delimiter: sent as it is
-        esc_sent = Signal()
+        full = Signal()         # the stage holds a byte
+        esc_first = Signal()    # ... and sends the escape before it
+        held = Signal(8)
         need = ((byte == P.DELIM) | (byte == P.ESC)) & ~is_delim
         take = Signal()
-        m.d.comb += [self.o.valid.eq(f_valid),
-                     self.o.payload.eq(Mux(need & ~esc_sent, P.ESC,
-                                           Mux(need, byte ^ P.ESC_XOR, byte))),
-                     take.eq(self.o.ready & (~need | esc_sent))]
-        with m.If(f_valid & self.o.ready):
-            m.d.sync += esc_sent.eq(need & ~esc_sent)
+        m.d.comb += [self.o.valid.eq(full),
+                     self.o.payload.eq(Mux(esc_first, P.ESC, held)),
+                     take.eq(~full | (self.o.ready & ~esc_first))]
+        with m.If(self.o.valid & self.o.ready):
+            with m.If(esc_first):
+                m.d.sync += esc_first.eq(0)
+            with m.Else():
+                m.d.sync += full.eq(0)
+        with m.If(f_valid & take):
+            m.d.sync += [full.eq(1), esc_first.eq(need),
+                         held.eq(Mux(need, byte ^ P.ESC_XOR, byte))]
         n_hdr = P.HEADER_BYTES + P.SESSION_BYTES
         hdr_bytes = Cat(Const(P.DELIM, 8), (d.length + P.SESSION_BYTES)[:16], d.seq, d.op,
                         self.token)
