@@ -107,9 +107,13 @@ class Executor(wiring.Component):
         pcount = Signal(16)
         pcrc = Signal(32, init=0xFFFFFFFF)
         pcrc_n = crc_next(m, pcrc, dec.o.payload)
-        m.d.comb += [self.stage_w.addr.eq(pcount), self.stage_w.data.eq(dec.o.payload),
-                     self.stage_w.en.eq(dec.o.valid)]
-        with m.If(dec.o.valid):
+        # staged only while no command runs (the decoder is stalled then; the gate keeps
+        # the header and the staging RAM unchanged under any decoder state)
+        take = Signal()
+        m.d.comb += [take.eq(dec.o.valid & idle),
+                     self.stage_w.addr.eq(pcount), self.stage_w.data.eq(dec.o.payload),
+                     self.stage_w.en.eq(take)]
+        with m.If(take):
             m.d.sync += [pcount.eq(pcount + 1), pcrc.eq(pcrc_n)]
             for k in range(HDR):
                 with m.If(pcount == k):

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from amaranth import Signal
-from amaranth.lib import data, wiring
+from amaranth import Module, Signal
+from amaranth.lib import data, stream, wiring
 
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware.engine import (FIX_BYTES, buffer_geometry, cmd_layout, port_name,
@@ -256,10 +256,48 @@ def generate_engine(cfg, name: str, outdir):
     eng, _, _ = standalone(cfg, name)
     top = f"{cfg.name}_{name}"
     vpath = outdir / f"{top}.v"
-    vpath.write_text(verilog.convert(eng, name=top, emit_src=False))
+    vpath.write_text(verilog.convert(_Top(eng), name=top, emit_src=False))
     mpath = write_manifest(outdir / f"{top}.json", kind="engine", top=top,
                            config=cfg.to_dict(), ports={}, extra={"engine": name})
     return vpath, mpath, top
+
+
+class _Top(wiring.Component):
+    """An engine with the same ports, its always-ready sample streams given a ``ready``
+    port (a constant ``ready`` cannot be a Verilog port): an output's ``ready`` is
+    ignored, an input's is 1."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        members = {}
+        self._samples = []
+        for name, mem in inner.signature.members.items():
+            sig = mem.signature if mem.is_signature else None
+            if isinstance(sig, stream.Signature) and sig.always_ready:
+                self._samples.append(name)
+                members[name] = mem.flow(stream.Signature(sig.members["payload"].shape))
+            else:
+                members[name] = mem
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.eng = eng = self.inner
+        for name in self.signature.members:
+            outer, inner = getattr(self, name), getattr(eng, name)
+            if name in self._samples:
+                if self.signature.members[name].flow == wiring.Out:
+                    m.d.comb += [outer.valid.eq(inner.valid), outer.payload.eq(inner.payload)]
+                else:
+                    m.d.comb += [inner.valid.eq(outer.valid), inner.payload.eq(outer.payload),
+                                 outer.ready.eq(1)]
+            elif self.signature.members[name].is_signature:
+                wiring.connect(m, wiring.flipped(outer), inner)
+            elif self.signature.members[name].flow == wiring.Out:
+                m.d.comb += outer.eq(inner)
+            else:
+                m.d.comb += inner.eq(outer)
+        return m
 
 
 class Mismatch(AssertionError):
