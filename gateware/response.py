@@ -20,10 +20,15 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-from .engine import buffer_ports, port_name
+from .engine import FIX_BYTES, buffer_ports, port_name
 from .executor import crc_next, response_layout
 
 __all__ = ["ResponseEncoder"]
+
+
+def _bits(n: int) -> int:
+    """Index bits that select one of ``n`` bytes."""
+    return max(1, (n - 1).bit_length())
 
 
 class ResponseEncoder(wiring.Component):
@@ -117,8 +122,8 @@ class ResponseEncoder(wiring.Component):
                     m.d.sync += idx.eq(0)
                     m.next = "E_HDR"
             with m.State("E_HDR"):
-                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:4], 8)), f_valid.eq(1),
-                             is_delim.eq(idx == 0)]
+                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:_bits(n_hdr)], 8)),
+                             f_valid.eq(1), is_delim.eq(idx == 0)]
                 with m.If(take):
                     with m.If(idx >= 1):
                         m.d.sync += crc.eq(crc_n)
@@ -131,7 +136,7 @@ class ResponseEncoder(wiring.Component):
                                                 d.seg1.count))]
                         m.next = "E_FIX"
             with m.State("E_FIX"):
-                m.d.comb += byte.eq(d.fix.word_select(idx[:4], 8))
+                m.d.comb += byte.eq(d.fix.word_select(idx[:_bits(FIX_BYTES)], 8))
                 with m.If(idx == d.nfix):
                     m.d.sync += idx.eq(0)
                     m.next = "E_DATA"
@@ -158,7 +163,8 @@ class ResponseEncoder(wiring.Component):
                             m.d.sync += bi.eq(bi + 1)
             with m.State("E_CRC"):
                 final = crc ^ 0xFFFFFFFF
-                m.d.comb += [f_valid.eq(1), byte.eq(final.word_select(idx[:2], 8))]
+                m.d.comb += [f_valid.eq(1),
+                             byte.eq(final.word_select(idx[:_bits(P.CRC_BYTES)], 8))]
                 with m.If(take):
                     m.d.sync += idx.eq(idx + 1)
                     with m.If(idx == P.CRC_BYTES - 1):

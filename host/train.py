@@ -386,17 +386,3 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
-
-
-def demo_stage(args) -> None:
-    """The training stage of ``hbfp-hw demo`` (``make demo``): a quick run."""
-    from pathlib import Path
-
-    from hbfp_hw.cli import main
-
-    out = Path("out")
-    out.mkdir(exist_ok=True)
-    print("\n== training on scikit-learn digits (hbfp-hw train --quick)")
-    rc = main(["train", "--quick", "--plot", str(out / "demo_train_curves.png")])
-    if rc:
-        raise RuntimeError(f"hbfp-hw train --quick failed with exit code {rc}")

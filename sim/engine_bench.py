@@ -38,7 +38,7 @@ from hbfp_hw.host.codec import Frame, FrameParser
 from hbfp_hw.host.emulator import Emulator, _empty_stats, _fold_stats
 
 __all__ = ["BufferModel", "Script", "cmd_word", "decode_status", "answer", "fold",
-           "check_answers", "run_amaranth", "prepared_emulator", "standalone",
+           "check_answers", "model_step", "run_amaranth", "prepared_emulator", "standalone",
            "generate_engine"]
 
 
@@ -304,6 +304,19 @@ class Mismatch(AssertionError):
     pass
 
 
+def model_step(step, model: BufferModel, res: dict) -> bool:
+    """Carry out a ``check`` or ``load`` step on the buffer model (``True``), or leave a
+    step the driver runs (``False``)."""
+    if step[0] == "check":
+        res["checks"] += [f"after command {len(res['answers'])}: {c}"
+                          for c in model.mismatches(step[1])]
+        return True
+    if step[0] == "load":
+        model.load(step[1])
+        return True
+    return False
+
+
 def check_answers(script: Script, got: list, model_checks: list[str]) -> None:
     """Raise :class:`Mismatch` naming the first differing command or buffer."""
     for k, ((op, wop, wpay), (gop, gpay)) in enumerate(zip(script.answers, got)):
@@ -383,12 +396,7 @@ def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Gene
     async def commands(ctx):
         cmd, st = engine.cmd, engine.status
         for step in script.steps:
-            if step[0] == "check":
-                res["checks"] += [f"after command {len(res['answers'])}: {c}"
-                                  for c in model.mismatches(step[1])]
-                continue
-            if step[0] == "load":
-                model.load(step[1])
+            if model_step(step, model, res):
                 continue
             if step[0] == "samples":
                 s = getattr(engine, step[1])

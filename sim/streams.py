@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from cocotb.triggers import FallingEdge, ReadOnly
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
 
-__all__ = ["StreamDriver", "StreamMonitor"]
+__all__ = ["StreamDriver", "StreamMonitor", "start_byte_top"]
 
 
 class StreamDriver:
@@ -75,3 +77,18 @@ class StreamMonitor:
             if ready and int(self.valid.value):
                 self.cycles.append(self.cycle)
                 self.on_word(self.payload.value.to_unsigned())
+
+
+async def start_byte_top(dut, monitor: StreamMonitor) -> None:
+    """Clock and reset a top with byte streams ``i`` / ``o`` (both idle during reset),
+    then start ``monitor`` on ``o``."""
+    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
+    dut.rst.value = 1
+    dut.i__valid.value = 0
+    dut.i__payload.value = 0
+    dut.o__ready.value = 0
+    await ClockCycles(dut.clk, 3)
+    await FallingEdge(dut.clk)
+    dut.rst.value = 0
+    cocotb.start_soon(monitor.run())
+    await ClockCycles(dut.clk, 2)

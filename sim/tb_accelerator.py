@@ -41,7 +41,6 @@ from collections import Counter
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
 
 from hbfp_hw import protocol as P
@@ -50,7 +49,7 @@ from hbfp_hw.formats import ROUNDING_MODES
 from hbfp_hw.gateware.top import gemm_slots, quant_rounding
 from hbfp_hw.host.emulator import Emulator
 from hbfp_hw.manifest import read_manifest
-from hbfp_hw.sim.streams import StreamDriver, StreamMonitor
+from hbfp_hw.sim.streams import StreamDriver, StreamMonitor, start_byte_top
 
 G, Q, S = P.GemmFlag, P.QuantizeFlag, P.StatsFlag
 
@@ -127,17 +126,7 @@ class Env:
                       f"{[f.name for f in self.cfg.formats]}, HBFP_ACC_SEED={self.seed}")
 
     async def start(self) -> None:
-        dut = self.dut
-        cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-        dut.rst.value = 1
-        dut.i__valid.value = 0
-        dut.i__payload.value = 0
-        dut.o__ready.value = 0
-        await ClockCycles(dut.clk, 3)
-        await FallingEdge(dut.clk)
-        dut.rst.value = 0
-        cocotb.start_soon(self.monitor.run())
-        await ClockCycles(dut.clk, 2)
+        await start_byte_top(self.dut, self.monitor)
 
     def next_seq(self) -> int:
         self.seq = (self.seq + 1) & 0xFF

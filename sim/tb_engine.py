@@ -26,7 +26,7 @@ from cocotb.triggers import FallingEdge, ReadOnly
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.manifest import read_manifest
 from hbfp_hw.sim.engine_bench import (BufferModel, answer, check_answers, cmd_word,
-                                      decode_status, fold, standalone)
+                                      decode_status, fold, model_step, standalone)
 from hbfp_hw.sim.engine_scripts import SCRIPTS
 
 
@@ -60,12 +60,7 @@ async def memories(dut, model: BufferModel, name: str, res: dict) -> None:
 async def commands(dut, model: BufferModel, script, rng, p_valid: float, p_ready: float,
                    res: dict) -> None:
     for step in script.steps:
-        if step[0] == "check":
-            res["checks"] += [f"after command {len(res['answers'])}: {c}"
-                              for c in model.mismatches(step[1])]
-            continue
-        if step[0] == "load":
-            model.load(step[1])
+        if model_step(step, model, res):
             continue
         if step[0] == "samples":
             valid = getattr(dut, f"{step[1]}__valid")

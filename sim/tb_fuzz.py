@@ -28,14 +28,13 @@ import os
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
+from cocotb.triggers import FallingEdge, ReadOnly
 
 from hbfp_hw import protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.manifest import read_manifest
 from hbfp_hw.sim.fuzz import Fuzzer, Profile, Shadow, answer_frames, hw_bursts, mismatch
-from hbfp_hw.sim.streams import StreamDriver, StreamMonitor
+from hbfp_hw.sim.streams import StreamDriver, StreamMonitor, start_byte_top
 
 
 class Env:
@@ -59,17 +58,7 @@ class Env:
         self.probed = 0
 
     async def start(self) -> None:
-        dut = self.dut
-        cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-        dut.rst.value = 1
-        dut.i__valid.value = 0
-        dut.i__payload.value = 0
-        dut.o__ready.value = 0
-        await ClockCycles(dut.clk, 3)
-        await FallingEdge(dut.clk)
-        dut.rst.value = 0
-        cocotb.start_soon(self.monitor.run())
-        await ClockCycles(dut.clk, 2)
+        await start_byte_top(self.dut, self.monitor)
 
     async def quiet(self, cycles: int) -> None:
         """Wait until nothing came out and the top was idle for ``cycles`` clocks."""
