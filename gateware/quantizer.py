@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hbfp_hw.config.quantizer import QuantizerConfig
-from hbfp_hw.formats import ROUNDING_MODES, BFPFormat, get_format, mantissa_max
+from hbfp_hw.formats import ROUNDING_MODES, BFPFormat, get_bfp_format, mantissa_max
 from hbfp_hw.manifest import check_verilog_identifier, config_from_source, write_manifest
 
 from .fp32 import FP32_EXP_BIAS, FP32_EXP_SPECIAL, FP32Layout
@@ -455,7 +455,7 @@ def _config_from_args(a: argparse.Namespace) -> QuantizerConfig:
     if getattr(a, "config", None):
         base = config_from_source(a.config, "quantizer", QuantizerConfig.from_dict)
     if a.format:
-        fmt = get_format(a.format)
+        fmt = get_bfp_format(a.format, "the quantizer")
     else:
         fmt = base.format if base is not None else BFPFormat()
     changes = {}

@@ -7,8 +7,8 @@ and ``hbfp_hw.host``.
 
 from .conv import (ConvGeometry, bfp_conv2d, bfp_conv2d_input_grad, bfp_conv2d_weight_grad,
                    conv_format)
-from .formats import (BFPFormat, CBFP8, FORMATS, HBFP4, HBFP8, MXINT8, ROUNDING_MODES,
-                      get_format)
+from .formats import (BFPFormat, CBFP8, FORMATS, FP32, HBFP4, HBFP8, MXINT8, ROUNDING_MODES,
+                      SCHEME_FORMATS, get_format, register_format)
 from .gemm import (DEFAULT_GUARD_BITS, accumulator_bits, bfp_matmul, matmul_error_bound,
                    matmul_reference)
 from .quantize import BFPTensor, NonFiniteBlockError, block_layout, dequantize, quantize
@@ -16,7 +16,8 @@ from .quantize import BFPTensor, NonFiniteBlockError, block_layout, dequantize, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BFPFormat", "BFPTensor", "CBFP8", "DEFAULT_GUARD_BITS", "FORMATS", "HBFP4", "HBFP8",
+    "BFPFormat", "BFPTensor", "CBFP8", "DEFAULT_GUARD_BITS", "FORMATS", "FP32", "HBFP4",
+    "HBFP8", "SCHEME_FORMATS", "register_format",
     "MXINT8", "NonFiniteBlockError", "ROUNDING_MODES", "accumulator_bits", "bfp_matmul",
     "block_layout", "dequantize", "get_format", "matmul_error_bound", "matmul_reference",
     "quantize",

@@ -38,6 +38,12 @@ __all__ = [
     "HBFP4",
     "CBFP8",
     "FORMATS",
+    "SCHEME_FORMATS",
+    "FP32",
+    "FP32Format",
+    "FP32Tensor",
+    "register_format",
+    "is_bfp",
     "get_format",
     "check_keys",
 ]
@@ -331,14 +337,109 @@ CBFP8 = BFPFormat(man_bits=8, exp_bits=8, block_shape=(16,), block_axes=(1,),
 FORMATS: dict[str, BFPFormat] = {f.name.lower(): f for f in (MXINT8, HBFP8, HBFP4, CBFP8)}
 
 
-def get_format(name: str) -> BFPFormat:
-    """Look up a preset by (case-insensitive) name."""
+@dataclass(frozen=True)
+class FP32Tensor:
+    """The "quantized" tensor of :data:`FP32`: the float32 values themselves."""
+
+    values: "object"
+    fmt: "FP32Format"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def dequantize(self):
+        return self.values.copy()
+
+
+@dataclass(frozen=True)
+class FP32Format:
+    """No quantization: values are cast to float32 (the roles a scheme leaves in FP32,
+    e.g. the forward pass of LUQ's "4-bit gradients, FP32 forward").
+
+    :func:`hbfp_hw.quantize` returns an :class:`FP32Tensor`; ``dequantize`` gives the
+    float32 values back unchanged.
+    """
+
+    name: str = "fp32"
+
+    def replace(self, **changes: object) -> "FP32Format":
+        return dataclasses.replace(self, **changes)
+
+    def quantize_array(self, x, **kw) -> FP32Tensor:
+        import numpy as np
+        if kw:
+            raise TypeError(f"the fp32 format takes no quantize options, got "
+                            f"{', '.join(sorted(kw))}")
+        return FP32Tensor(np.array(x, dtype=np.float32), self)
+
+    def describe(self) -> str:
+        return "FP32 (no quantization)"
+
+
+#: The identity format (``get_format("fp32")``).
+FP32 = FP32Format()
+
+#: Registered formats of the other schemes (LUQ, MLS, ...), by lower-case name. They
+#: are quantized by the same :func:`hbfp_hw.quantize` (which calls their
+#: ``quantize_array``) and dequantized by :func:`hbfp_hw.dequantize`.
+SCHEME_FORMATS: dict[str, object] = {"fp32": FP32}
+
+
+def is_bfp(fmt: object) -> bool:
+    """True for a :class:`BFPFormat` (the formats the BFP datapath runs)."""
+    return isinstance(fmt, BFPFormat)
+
+
+def register_format(fmt: object) -> object:
+    """Register a preset of another scheme under ``fmt.name.lower()``, so that
+    :func:`get_format` finds it. The object must have a ``name``, ``replace(**changes)``
+    and ``quantize_array(x, **kw)`` returning a tensor with ``dequantize()``. Returns
+    ``fmt``."""
+    name = getattr(fmt, "name", "")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a registered format needs a non-empty name, got {fmt!r}")
+    for attr in ("replace", "quantize_array"):
+        if not callable(getattr(fmt, attr, None)):
+            raise TypeError(f"format {name!r} has no {attr}() method; a registered format "
+                            "needs replace() and quantize_array()")
+    key = name.lower()
+    if key in FORMATS:
+        raise ValueError(f"format name {name!r} is taken by a BFP preset")
+    old = SCHEME_FORMATS.get(key)
+    if old is not None and old != fmt:
+        raise ValueError(f"format name {name!r} is already registered as {old!r}")
+    SCHEME_FORMATS[key] = fmt
+    return fmt
+
+
+def _all_names() -> str:
+    return ", ".join(sorted({*FORMATS, *SCHEME_FORMATS}))
+
+
+def get_format(name: str):
+    """Look up a preset by (case-insensitive) name: a :class:`BFPFormat` of
+    :data:`FORMATS` or a registered format of another scheme (:data:`SCHEME_FORMATS`)."""
     if not isinstance(name, str):
         raise ValueError(f"a format name must be a string, got {type(name).__name__} "
-                         f"{name!r}; accepted names are {', '.join(sorted(FORMATS))}")
-    try:
-        return FORMATS[name.lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown format {name!r}; accepted names are {', '.join(sorted(FORMATS))}"
-        ) from None
+                         f"{name!r}; accepted names are {_all_names()}")
+    key = name.lower()
+    if key in FORMATS:
+        return FORMATS[key]
+    if key in SCHEME_FORMATS:
+        return SCHEME_FORMATS[key]
+    raise ValueError(f"unknown format {name!r}; accepted names are {_all_names()}")
+
+
+def get_bfp_format(name: str, what: str = "this unit") -> BFPFormat:
+    """:func:`get_format` restricted to the BFP presets (what the gateware runs)."""
+    if isinstance(name, str) and name.lower() not in SCHEME_FORMATS:
+        if name.lower() in FORMATS:
+            return FORMATS[name.lower()]
+        raise ValueError(f"unknown format {name!r}; accepted names are "
+                         f"{', '.join(sorted(FORMATS))}")
+    fmt = get_format(name)
+    if not isinstance(fmt, BFPFormat):
+        raise ValueError(f"format {name!r} is not a block-floating-point format; {what} "
+                         f"takes one of {', '.join(sorted(FORMATS))}")
+    return fmt

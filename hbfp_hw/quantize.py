@@ -309,8 +309,12 @@ def check_exponent(exponent, fmt: BFPFormat, where: str = "") -> int:
 
 
 def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
-             name: str | None = None, exponent: int | None = None) -> BFPTensor:
-    """Quantize a tensor to BFP.
+             name: str | None = None, exponent: int | None = None, **kw) -> BFPTensor:
+    """Quantize a tensor to BFP (or to another scheme's format).
+
+    A format that is not a :class:`BFPFormat` (LUQ, MLS, ``get_format("fp32")``, ...)
+    quantizes through its own ``quantize_array(x, **kw)``; the keyword arguments are
+    that format's (see its documentation). The rest of this description is BFP's.
 
     Parameters
     ----------
@@ -338,6 +342,12 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
     -------
     BFPTensor
     """
+    if not isinstance(fmt, BFPFormat):
+        return _scheme_quantize(x, fmt, nonfinite=nonfinite, name=name, exponent=exponent,
+                                **kw)
+    if kw:
+        raise TypeError(f"unexpected keyword arguments for a BFP format: "
+                        f"{', '.join(sorted(kw))}")
     if not isinstance(fmt, BFPFormat):
         raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
     if nonfinite not in ("raise", "flag"):
@@ -447,12 +457,32 @@ def quantize(x, fmt: BFPFormat, *, nonfinite: str = "raise",
     return BFPTensor(fmt, tuple(lay.shape), man, exps_all, invalid_all)
 
 
+def _scheme_quantize(x, fmt, *, nonfinite, name, exponent, **kw):
+    fn = getattr(fmt, "quantize_array", None)
+    if not callable(fn):
+        raise TypeError(f"fmt must be a BFPFormat or a registered scheme format (with "
+                        f"quantize_array), got {type(fmt).__name__} {fmt!r}")
+    if exponent is not None:
+        raise TypeError(f"exponent= is a BFP option; format {fmt.name!r} does not take it")
+    if nonfinite != "raise":
+        kw["nonfinite"] = nonfinite
+    if name is not None:
+        kw["name"] = name
+    return fn(x, **kw)
+
+
 def dequantize(q: BFPTensor) -> np.ndarray:
-    """The float32 values of a :class:`BFPTensor`, in the original shape.
+    """The float32 values of a :class:`BFPTensor` (or another scheme's quantized
+    tensor, through its ``dequantize()``), in the original shape.
 
     Exact: every BFP value ``m * 2**(E - (man_bits-2))`` is representable in float32.
     Invalid blocks come back as NaN.
     """
+    if not isinstance(q, BFPTensor):
+        fn = getattr(q, "dequantize", None)
+        if not callable(fn):
+            raise TypeError(f"dequantize takes a quantized tensor, got {type(q).__name__}")
+        return fn()
     lay = q.layout
     e = np.maximum(q.exponents.astype(np.int32) - q.fmt.frac_bits, -150)
     e1 = np.maximum(e, -126)

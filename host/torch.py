@@ -64,6 +64,7 @@ from hbfp_hw.quantize import BFPTensor, NonFiniteBlockError, block_layout, quant
 
 from . import torch_kernels as _kernels
 from .ranges import StaticExpQuantizer, UniformQuantizer
+from .torch_fake import ROLE_IDS, FakeConv, FakeGemm, fake_quantize, is_scheme_format
 from .torch_quant import supports, torch_quantize
 
 __all__ = [
@@ -1007,6 +1008,13 @@ def _bfp_of(q: Quantizer) -> Quantizer:
 
 
 def _check_formats(w: Quantizer, a: Quantizer, g: Quantizer) -> str:
+    if any(is_scheme_format(q) for q in (w, a, g)):
+        for role, q in (("weight", w), ("act", a), ("grad", g)):
+            if not (isinstance(q, BFPFormat) or is_scheme_format(q)):
+                raise TypeError(
+                    f"{role} format {q!r}: a layer with a scheme format (LUQ, MLS, fp32 ...) "
+                    "takes BFP or scheme formats in its other roles, not int quantizers")
+        return "fake"
     for role, q in (("weight", w), ("act", a), ("grad", g)):
         if not isinstance(q, (BFPFormat, UniformQuantizer, StaticExpQuantizer)):
             raise TypeError(f"{role} format must be a BFPFormat, UniformQuantizer or "
@@ -1433,6 +1441,12 @@ class BFPLayerMixin:
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed!r} is out of range; accepted range is [0, 2**32-1]")
         self.backend = get_backend(backend)
+        if self._mode == "fake" and not isinstance(self.backend, EmulateBackend):
+            raise ValueError(
+                f"scheme formats (LUQ, MLS, fp32 roles) train on the emulate backend only "
+                f"(backend {self.backend.name!r}): the accelerator runs BFP GEMMs")
+        #: per-role state of the scheme formats' train_quantize (fake mode)
+        self._fake_state = {"act": {}, "weight": {}, "grad": {}}
         if self._mode == "uniform" and not isinstance(self.backend, EmulateBackend):
             raise ValueError(
                 f"per-tensor int quantizers run on the emulate backend only (backend "
@@ -1465,6 +1479,13 @@ class BFPLayerMixin:
         xq, (lo, hi) = be.quantize_static(x, q.fmt, q.exponent(cur))
         q.observe(lo, hi, update=self.training or role == "grad")
         return xq
+
+    def _fake_quant(self, x: np.ndarray, fmt, role: str) -> np.ndarray:
+        """One fake quantization (fake mode, :mod:`hbfp_hw.host.torch_fake`)."""
+        self.quant_calls[role] += 1
+        seed = _mix_seed(self.seed, self.layer_id, self._step, ROLE_IDS[role]) % 2**32
+        return fake_quantize(fmt, x, role=role, seed=seed, state=self._fake_state[role],
+                             update=self.training or role == "grad")
 
     def _uquant(self, x: np.ndarray, q: UniformQuantizer, role: str) -> np.ndarray:
         self.quant_calls[role] += 1
@@ -1503,6 +1524,8 @@ class BFPLayerMixin:
 
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
         w2d = self.weight.reshape(self.weight.shape[0], -1)
+        if self._mode == "fake":
+            return FakeGemm.apply(x2d, w2d, self.bias, self)
         return _BFPGemm.apply(x2d, w2d, self.bias, self)
 
     def extra_repr_bfp(self) -> str:
@@ -1579,6 +1602,10 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
       only mode for MX/1-D block formats, per-tensor int quantizers and
       :class:`~hbfp_hw.host.ranges.StaticExpQuantizer` roles.
 
+    A layer with a scheme format (LUQ, MLS, ``get_format("fp32")`` ...) in any role
+    runs ``conv_mode="fake"``: an FP32 convolution on the quantized 4-D operands
+    (:mod:`hbfp_hw.host.torch_fake`).
+
     ``conv_mode=None`` picks ``"hyperblock"`` when the formats allow it and the backend
     runs HyperBlock convolutions (:attr:`Backend.supports_conv`); on a backend that does
     not (:class:`DeviceBackend`: the accelerator has no convolution command) it falls
@@ -1612,6 +1639,12 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
         self._geo = None
 
     def _resolve_conv_mode(self, conv_mode: str | None) -> str:
+        if self._mode == "fake":
+            if conv_mode not in (None, "fake"):
+                raise ValueError(f"conv_mode={conv_mode!r}: a layer with scheme formats "
+                                 "(LUQ, MLS, fp32 ...) runs its convolutions in FP32 on the "
+                                 "quantized operands (conv_mode None or 'fake')")
+            return "fake"
         hb = self._mode == "hyperblock" and not self._static
         if conv_mode is None:
             if not hb:
@@ -1649,6 +1682,8 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_mode == "hyperblock":
             return _BFPConv.apply(x, self.weight, self.bias, self)
+        if self.conv_mode == "fake":
+            return FakeConv.apply(x, self.weight, self.bias, self)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
@@ -1678,7 +1713,8 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             grad_stochastic: bool = False, seed: int = 0,
             shadow_fmt: BFPFormat | None = None,
             input_act_fmt: Quantizer | None = None,
-            input_act_stochastic: bool = False, conv_mode: str | None = None) -> nn.Module:
+            input_act_stochastic: bool = False, conv_mode: str | None = None,
+            sparsity: str | None = None, mask_period: int = 100) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
     (in place) with its BFP counterpart, keeping the parameters.
 
@@ -1689,7 +1725,14 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
     :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend
     instance (so its :attr:`Backend.calls` counts the whole model). ``conv_mode`` is
     passed to every :class:`BFPConv2d` (None: HyperBlock convolutions where the formats
-    and the backend allow them). Returns ``model``.
+    and the backend allow them). ``sparsity`` (e.g. ``"2:4-transposable"``, ``"2:4"``)
+    prunes every converted layer's weight with N:M masks recomputed every
+    ``mask_period`` steps, straight-through to the dense weights
+    (:func:`hbfp_hw.host.torch_sparsity.apply_sparsity`, ``docs/sparsity.md``). Returns
+    ``model``.
+
+    Formats of the other schemes (LUQ, MLS, ``get_format("fp32")`` ...) in any role put
+    the layers in the fake-quantization mode of :mod:`hbfp_hw.host.torch_fake`.
     """
     be = get_backend(backend)
     counter = [0]
@@ -1725,6 +1768,9 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             setattr(parent, name, new)
 
     swap(model)
+    if sparsity is not None:
+        from .torch_sparsity import apply_sparsity
+        apply_sparsity(model, sparsity, mask_period)
     return model
 
 

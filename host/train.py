@@ -26,6 +26,11 @@ int8p2-hs    per-tensor symmetric int8 with a power-of-two scale: HBFP8 16x16 ti
 int8p2-dyn   as int8p2-hs with dynamic (current batch) A/G exponents
 ============ ===========================================================================
 
+The other schemes' formats (LUQ gradients, MLS, transposable N:M sparsity ...) come
+from their modules' ``TRAIN_FORMATS`` tables (:data:`SCHEME_TRAIN_MODULES`); ``hbfp-hw
+train --list-formats`` prints every name with its description. They are accepted by
+``--formats`` but not trained by default.
+
 ``--blocks BNxBC`` gives the HyperBlock formats other blocks: X and dY ``Bn x Bc``
 (samples x channels or features), W ``Bc x Bc``.
 
@@ -35,18 +40,47 @@ weights). See ``docs/training.md``.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FORMAT_NAMES", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digits_split",
+__all__ = ["FORMAT_NAMES", "SCHEME_TRAIN_MODULES", "scheme_train_formats", "all_format_names",
+           "list_formats", "MODEL_NAMES", "TrainConfig", "RunResult", "load_digits_split",
            "make_model", "format_kwargs", "train_one", "run_grid", "summarise",
            "format_table", "plot_curves", "register_cli"]
 
 FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
                 "int8-dyn", "int8p2-hs", "int8p2-dyn", "hbfp8-im2col", "hb4-im2col")
 MODEL_NAMES = ("mlp", "cnn")
+
+#: modules of :mod:`hbfp_hw.host` whose ``TRAIN_FORMATS`` (name -> (description,
+#: factory of :func:`~hbfp_hw.host.torch.convert` keyword arguments)) add formats
+SCHEME_TRAIN_MODULES = ("train_luq", "train_mls", "train_sparsity")
+
+
+def scheme_train_formats() -> dict:
+    """The other schemes' training formats: name -> (description, kwargs factory)."""
+    out: dict = {}
+    for m in SCHEME_TRAIN_MODULES:
+        name = f"{__package__}.{m}"
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:      # that scheme is not part of this installation
+                continue
+            raise
+        for k, v in mod.TRAIN_FORMATS.items():
+            if k in FORMAT_NAMES or k in out:
+                raise ValueError(f"training format {k!r} of {name} is defined twice")
+            out[k] = v
+    return out
+
+
+def all_format_names() -> tuple[str, ...]:
+    """Every name ``--formats`` accepts: :data:`FORMAT_NAMES`, then the schemes'."""
+    return FORMAT_NAMES + tuple(scheme_train_formats())
 
 
 @dataclass
@@ -137,6 +171,9 @@ def _format_kwargs(name: str) -> dict | None:
     from .ranges import StaticExpQuantizer, UniformQuantizer
     if name == "fp32":
         return None
+    scheme = scheme_train_formats().get(name)
+    if scheme is not None:
+        return dict(scheme[1]())
     if name in ("hbfp8-im2col", "hb4-im2col"):
         kw = _format_kwargs(name[: -len("-im2col")])
         kw["conv_mode"] = "im2col_tiles"
@@ -164,7 +201,8 @@ def _format_kwargs(name: str) -> dict | None:
         q = StaticExpQuantizer(HBFP8, method, name=name)
         return dict(fmt=None, weight_fmt=StaticExpQuantizer(HBFP8, "dynamic", name="w-int8p2"),
                     act_fmt=q, grad_fmt=q)
-    raise ValueError(f"unknown format {name!r}; accepted names are {', '.join(FORMAT_NAMES)}")
+    raise ValueError(f"unknown format {name!r}; accepted names are "
+                     f"{', '.join(all_format_names())}")
 
 
 def _evaluate(model, x, y, batch: int = 512) -> float:
@@ -305,13 +343,17 @@ def plot_curves(results, path: str) -> None:
 
 
 def _run(args) -> int:
+    if args.list_formats:
+        print(list_formats())
+        return 0
     import torch
     torch.set_num_threads(max(1, args.threads))
     models = MODEL_NAMES if args.model == "all" else (args.model,)
     formats = tuple(args.formats.split(",")) if args.formats else FORMAT_NAMES
+    known = all_format_names()
     for f in formats:
-        if f not in FORMAT_NAMES:
-            raise ValueError(f"unknown format {f!r}; accepted names are {', '.join(FORMAT_NAMES)}")
+        if f not in known:
+            raise ValueError(f"unknown format {f!r}; accepted names are {', '.join(known)}")
     cfg = TrainConfig(backend=args.backend, blocks=_parse_blocks(args.blocks))
     if args.quick:
         cfg.epochs = 4
@@ -351,6 +393,19 @@ def _run(args) -> int:
     return 0
 
 
+def list_formats() -> str:
+    """Every training format name with its description (``--list-formats``)."""
+    doc = __doc__.splitlines()
+    seps = [i for i, ln in enumerate(doc) if ln.startswith("============ ")]
+    lines = ["BFP and int formats (trained by default):"]
+    lines += ["  " + ln for ln in doc[seps[0] + 1:seps[1]] if ln.strip()]
+    extra = scheme_train_formats()
+    if extra:
+        lines.append("other schemes (name them in --formats):")
+        lines += [f"  {k:<{max(12, len(k))}} {d}" for k, (d, _) in extra.items()]
+    return "\n".join(lines)
+
+
 def _parse_blocks(text: str) -> tuple[int, int] | None:
     if not text:
         return None
@@ -372,7 +427,10 @@ def register_cli(subparsers, generate_subparsers) -> None:
                     "print the accuracy table and plot the learning curves.")
     p.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="all")
     p.add_argument("--formats", default="",
-                   help=f"comma-separated subset of {','.join(FORMAT_NAMES)} (default all)")
+                   help=f"comma-separated format names (default: {','.join(FORMAT_NAMES)}; "
+                        "--list-formats for all, the other schemes' included)")
+    p.add_argument("--list-formats", action="store_true",
+                   help="print every format name with its description and exit")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 15)")
     p.add_argument("--blocks", default="",

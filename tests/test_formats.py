@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import hbfp_hw as h
@@ -51,3 +52,40 @@ def test_dict_round_trip_and_immutability():
     with pytest.raises(Exception):
         f.man_bits = 4  # frozen
     assert "stochastic(8 bits, seed 5, 8 lanes)" in f.describe()
+
+
+def test_scheme_format_registry():
+    from dataclasses import dataclass, replace
+
+    from hbfp_hw import FP32, dequantize, get_format, quantize, register_format
+    from hbfp_hw.formats import SCHEME_FORMATS, get_bfp_format
+
+    @dataclass(frozen=True)
+    class Toy:
+        name: str = "toy-scheme"
+
+        def replace(self, **kw):
+            return replace(self, **kw)
+
+        def quantize_array(self, x, scale=1.0):
+            return FP32.quantize_array(np.round(np.asarray(x) * scale) / scale)
+
+    try:
+        toy = register_format(Toy())
+        assert get_format("TOY-scheme") is toy
+        x = np.array([0.2, 0.7, -1.4], np.float32)
+        np.testing.assert_array_equal(dequantize(quantize(x, toy)), [0.0, 1.0, -1.0])
+        np.testing.assert_array_equal(dequantize(quantize(x, toy, scale=2.0)),
+                                      [0.0, 0.5, -1.5])
+        with pytest.raises(TypeError, match="exponent= is a BFP option"):
+            quantize(x, toy, exponent=3)
+        with pytest.raises(ValueError, match="taken by a BFP preset"):
+            register_format(Toy(name="HBFP8"))
+        with pytest.raises(ValueError, match="already registered"):
+            register_format(Toy(name="fp32"))
+        with pytest.raises(ValueError, match="not a block-floating-point format"):
+            get_bfp_format("toy-scheme", "the accelerator")
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            quantize(x, get_format("hbfp8"), scale=2.0)
+    finally:
+        SCHEME_FORMATS.pop("toy-scheme", None)

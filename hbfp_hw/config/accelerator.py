@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..formats import FORMATS, HBFP8, BFPFormat, check_keys, get_format
+from ..formats import FORMATS, HBFP8, BFPFormat, check_keys, get_bfp_format
 from ..gemm import DEFAULT_GUARD_BITS, accumulator_bits
 from ..validate import check_int as _check_int
 
@@ -42,7 +42,7 @@ def _formats_from_json(entries) -> tuple[BFPFormat, ...]:
     for i, e in enumerate(entries):
         try:
             if isinstance(e, str):
-                out.append(get_format(e))
+                out.append(get_bfp_format(e, "the accelerator"))
             elif isinstance(e, dict):
                 out.append(BFPFormat.from_dict(e))
             else:

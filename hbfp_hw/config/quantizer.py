@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..formats import ROUNDING_MODES, BFPFormat, check_keys, get_format
+from ..formats import ROUNDING_MODES, BFPFormat, check_keys, get_bfp_format
 
 __all__ = ["QuantizerConfig", "LANES_RANGE"]
 
@@ -138,7 +138,8 @@ class QuantizerConfig:
                    ("block_size", "beats_per_block", "rounding_modes"))
         f = d.get("format", {})
         try:
-            fmt = get_format(f) if isinstance(f, str) else BFPFormat.from_dict(f)
+            fmt = (get_bfp_format(f, "the quantizer") if isinstance(f, str)
+                   else BFPFormat.from_dict(f))
         except (ValueError, TypeError) as e:
             raise ValueError(f"format: {e}") from None
         return cls(format=fmt, lanes=d.get("lanes", 1),
