@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hbfp-hw: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

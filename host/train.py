@@ -266,14 +266,29 @@ def train_one(model_name: str, fmt_name: str, seed: int, cfg: TrainConfig, data=
     return res
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_grid`: :attr:`results` holds the runs that finished
+    (the interrupted run is dropped), :attr:`total` the number of runs planned."""
+
+    def __init__(self, results: list, total: int) -> None:
+        super().__init__(f"interrupted after {len(results)} of {total} runs")
+        self.results = results
+        self.total = total
+
+
 def run_grid(models, formats, seeds, cfg: TrainConfig, progress: bool = True):
-    """All (model, format, seed) runs; seeds are ``0 .. seeds-1``."""
+    """All (model, format, seed) runs; seeds are ``0 .. seeds-1``. Ctrl-C raises
+    :class:`Interrupted` carrying the finished runs."""
     data = load_digits_split()
-    out = []
+    out: list = []
+    total = len(models) * len(formats) * seeds
     for m in models:
         for f in formats:
             for s in range(seeds):
-                r = train_one(m, f, s, cfg, data, progress)
+                try:
+                    r = train_one(m, f, s, cfg, data, progress)
+                except KeyboardInterrupt:
+                    raise Interrupted(out, total) from None
                 msg = f"{m:>3} {f:<8} seed {s}: test acc {r.final:6.2f}%  ({r.seconds:.1f} s)"
                 if progress:
                     from tqdm import tqdm
@@ -322,22 +337,41 @@ def plot_curves(results, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = sorted({r.model for r in results}, key=MODEL_NAMES.index)
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    fmts = list(dict.fromkeys(r.fmt for r in results))       # in the order they ran
+    colors = plt.get_cmap("tab20" if len(fmts) > 10 else "tab10").colors
+    styles = ("-", "--", "-.", ":")
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models) + 2.2, 4.4),
+                             squeeze=False)
     for ax, m in zip(axes[0], models):
-        fmts = [f for f in FORMAT_NAMES if any(r.model == m and r.fmt == f for r in results)]
-        for f in fmts:
-            curves = np.array([r.test_acc for r in results if r.model == m and r.fmt == f])
+        lows = []
+        for i, f in enumerate(fmts):
+            runs = [r for r in results if r.model == m and r.fmt == f]
+            if not runs:
+                continue
+            curves = np.array([r.test_acc for r in runs])
             ep = np.arange(1, curves.shape[1] + 1)
-            line, = ax.plot(ep, curves.mean(0), label=f)
-            ax.fill_between(ep, curves.min(0), curves.max(0), alpha=0.15,
-                            color=line.get_color())
-        ax.set_title(f"{m}: digits test accuracy")
+            color = colors[i % len(colors)]
+            ax.plot(ep, curves.mean(0), styles[(i // len(colors)) % len(styles)],
+                    color=color, label=f"{f} ({len(runs)} seeds)")
+            ax.fill_between(ep, curves.min(0), curves.max(0), alpha=0.12, color=color)
+            lows.append(float(curves.min()))
+        seeds = sorted({r.seed for r in results if r.model == m})
+        epochs = max(len(r.test_acc) for r in results if r.model == m)
+        ax.set_title(f"{m}: digits test accuracy\n{epochs} epochs, seeds "
+                     f"{seeds[0]}..{seeds[-1]}; mean and min-max band", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(80, 100)
+        lo = min(lows) if lows else 0.0
+        ax.set_ylim(max(0.0, np.floor(lo / 5) * 5 - 1), 100.5)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    for ax in axes[0][:-1]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center right", fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -354,6 +388,11 @@ def _run(args) -> int:
     for f in formats:
         if f not in known:
             raise ValueError(f"unknown format {f!r}; accepted names are {', '.join(known)}")
+    if args.threads < 1:
+        raise ValueError(f"--threads={args.threads}; accepted range is >= 1")
+    _check_backend(args.backend)
+    if args.plot:
+        _check_plot_path(args.plot)
     cfg = TrainConfig(backend=args.backend, blocks=_parse_blocks(args.blocks))
     if args.quick:
         cfg.epochs = 4
@@ -376,12 +415,20 @@ def _run(args) -> int:
         limits = threadpool_limits(max(1, args.threads))
     except ImportError:  # pragma: no cover
         limits = None
+    interrupted = None
     try:
         results = run_grid(models, formats, seeds, cfg, progress=not args.no_progress)
+    except Interrupted as e:
+        interrupted, results = e, e.results
     finally:
         if limits is not None:
             limits.restore_original_limits()
     print()
+    if interrupted is not None:
+        print(f"interrupted (Ctrl-C) after {len(results)} of {interrupted.total} runs; the "
+              "run in progress is dropped", flush=True)
+        if not results:
+            return 130
     blk = f", HyperBlock blocks {cfg.blocks[0]}x{cfg.blocks[1]}" if cfg.blocks else ""
     print(f"final test accuracy on digits (360 test images), {cfg.epochs} epochs, "
           f"backend {cfg.backend}, seeds 0..{seeds - 1}{blk}:")
@@ -390,7 +437,25 @@ def _run(args) -> int:
         plot_curves(results, args.plot)
         print(f"learning curves: {args.plot}")
     print(f"total time {time.perf_counter() - t0:.1f} s")
-    return 0
+    return 130 if interrupted is not None else 0
+
+
+def _check_backend(backend: str) -> None:
+    if backend != "emulate" and "://" not in backend:
+        raise ValueError(f"--backend={backend!r}; accepted values are 'emulate' or a device "
+                         "URL (emulate://, sim://, serial://PORT)")
+
+
+def _check_plot_path(path: str) -> None:
+    import os
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise ValueError(f"--plot={path!r}: the folder {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"--plot={path!r}: the folder {d} is not writable")
+    if not path.lower().endswith((".png", ".pdf", ".svg")):
+        raise ValueError(f"--plot={path!r}: accepted file types are .png, .pdf, .svg "
+                         "('' for no plot)")
 
 
 def list_formats() -> str:
@@ -441,6 +506,6 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--plot", default="train_curves.png", help="PNG path ('' for none)")
     p.add_argument("--backend", default="emulate",
                    help="'emulate' (golden model) or a hbfp_hw.host device URL")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -405,3 +405,106 @@ def test_every_unit_manifest_has_the_same_schema(tmp_path, capsys):
                        ports={"rx": {"dir": "in", "width": 1, "pins": ["M1"]}})
     bm = json.loads(b.read_text())
     assert bm["verilog"] is None and bm["ports"]["signals"] == {"rx": {"dir": "in", "width": 1}}
+
+
+# -- train: early checks, Ctrl-C, plot -----------------------------------------------
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--backend", "gpu"], "--backend='gpu'; accepted values are 'emulate' or a device URL"),
+    (["--threads", "0"], "--threads=0; accepted range is >= 1"),
+    (["--plot", "/no/such/dir/c.png"], "--plot='/no/such/dir/c.png': the folder /no/such/dir "
+                                       "does not exist"),
+    (["--plot", "curves.txt"], "accepted file types are .png, .pdf, .svg"),
+])
+def test_train_rejects_bad_options_before_training(argv, msg, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from hbfp_hw.host import train
+
+    def boom(*a, **k):
+        raise AssertionError("trained before checking the options")
+    monkeypatch.setattr(train, "run_grid", boom)
+    assert main(["train", "--quick", *argv]) == 2
+    assert msg in _err(capsys)
+
+
+def test_train_ctrl_c_keeps_the_finished_runs(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from hbfp_hw.host import train
+    calls = []
+
+    def fake_train_one(m, f, s, cfg, data=None, progress=True):
+        calls.append((m, f, s))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        r = train.RunResult(m, f, s)
+        r.train_loss, r.test_acc = [1.0, 0.5], [80.0, 90.0 + len(calls)]
+        return r
+    monkeypatch.setattr(train, "train_one", fake_train_one)
+    plot = tmp_path / "c.png"
+    rc = main(["train", "--model", "mlp", "--formats", "fp32,hb4", "--seeds", "2",
+               "--no-progress", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert rc == 130
+    assert "interrupted (Ctrl-C) after 2 of 4 runs" in out
+    assert "| mlp | fp32 | 91.50 | 91.00 | 92.00 | 2 |" in out
+    assert "hb4" not in out.split("runs;")[1]
+    assert plot.stat().st_size > 1000
+
+
+def test_ctrl_c_in_any_command_exits_130_without_traceback(monkeypatch, capsys):
+    from hbfp_hw import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--quick"])
+    monkeypatch.setattr(cli, "build_parser", lambda: _FixedParser(args, interrupted))
+    assert cli.main(["train"]) == 130
+    assert "hbfp-hw: interrupted" in _err(capsys)
+
+
+class _FixedParser:
+    def __init__(self, args, func):
+        args.func = func
+        self.args = args
+
+    def parse_args(self, argv):
+        return self.args
+
+
+def test_plot_colours_distinct_legend_outside(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hbfp_hw.host import train
+    results = []
+    names = [f"f{i}" for i in range(13)]
+    for f in names:
+        for s in range(2):
+            r = train.RunResult("mlp", f, s)
+            r.test_acc = [30.0 + s, 95.0]
+            results.append(r)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    saved = {}
+    orig = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        saved["fig"] = fig
+        return orig(fig, path, **kw)
+    plt.Figure.savefig = spy
+    try:
+        train.plot_curves(results, str(tmp_path / "p.png"))
+    finally:
+        plt.Figure.savefig = orig
+    fig = saved["fig"]
+    ax = fig.axes[0]
+    styles = {(tuple(ln.get_color()) if not isinstance(ln.get_color(), str) else ln.get_color(),
+               ln.get_linestyle()) for ln in ax.get_lines()}
+    assert len(styles) == 13                              # one look per format
+    assert ax.get_ylim()[0] <= 30.0                       # the first epoch is in range
+    assert "2 seeds" in fig.legends[0].get_texts()[0].get_text()
+    assert "seeds 0..1" in ax.get_title()
+    # the legend sits right of the axes
+    fig.canvas.draw()
+    leg = fig.legends[0].get_window_extent()
+    assert leg.x0 >= ax.get_window_extent().x1
