@@ -80,7 +80,7 @@ __all__ = [
     "CONV_MODES",
     "BFPLinear",
     "BFPConv2d",
-    "convert",
+    "convert", "ConversionReport",
     "round_weights",
     "bfp_layers",
     "is_hyperblock",
@@ -1008,6 +1008,13 @@ def _bfp_of(q: Quantizer) -> Quantizer:
 
 
 def _check_formats(w: Quantizer, a: Quantizer, g: Quantizer) -> str:
+    for role, q in (("weight", w), ("act", a), ("grad", g)):
+        f = q.fmt if isinstance(q, StaticExpQuantizer) else q
+        if isinstance(f, BFPFormat) and len(f.block_shape) > 2:
+            raise ValueError(
+                f"{role} format {f.name or f.block_shape!r} has {len(f.block_shape)}-D blocks "
+                f"{f.block_shape}; the layers take 1-D blocks (along each GEMM's reduction "
+                "axis) or 2-D HyperBlock tiles")
     if any(is_scheme_format(q) for q in (w, a, g)):
         for role, q in (("weight", w), ("act", a), ("grad", g)):
             if not (isinstance(q, BFPFormat) or is_scheme_format(q)):
@@ -1537,6 +1544,12 @@ class BFPLayerMixin:
                 f"backend={self.backend.name}, mode={self._mode}")
 
 
+def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{type(layer).__name__} takes float32 input (the accelerator's FP32 "
+                        f"interface), got {x.dtype}; convert it with x.float()")
+
+
 class BFPLinear(nn.Linear, BFPLayerMixin):
     """:class:`torch.nn.Linear` whose forward, dX and dW GEMMs run in BFP.
 
@@ -1574,6 +1587,7 @@ class BFPLinear(nn.Linear, BFPLayerMixin):
                         act_stochastic=act_stochastic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x)
         lead = x.shape[:-1]
         y = self._gemm(x.reshape(-1, x.shape[-1]))
         return y.reshape(*lead, self.out_features)
@@ -1680,6 +1694,12 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
         return self._geo[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x)
+        if x.dim() == 3:                                    # unbatched (C, H, W)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} takes (N, C, H, W) or (C, H, W) input, "
+                             f"got shape {tuple(x.shape)}")
         if self.conv_mode == "hyperblock":
             return _BFPConv.apply(x, self.weight, self.bias, self)
         if self.conv_mode == "fake":
@@ -1707,6 +1727,43 @@ def bfp_layers(model: nn.Module) -> list[BFPLayerMixin]:
     return [m for m in model.modules() if isinstance(m, BFPLayerMixin)]
 
 
+class ConversionReport:
+    """What :func:`convert` did: :attr:`converted` (qualified module names) and
+    :attr:`skipped` (``(name, reason)``) for layers it left in FP32."""
+
+    def __init__(self) -> None:
+        self.converted: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s): "
+                 f"{', '.join(self.converted) or '-'}"]
+        lines += [f"left in FP32: {n} ({why})" for n, why in self.skipped]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ConversionReport(converted={self.converted!r}, skipped={self.skipped!r})"
+
+
+def _skip_reason(child: nn.Module) -> str | None:
+    """Why a layer that looks like a GEMM layer is not converted (None: not one)."""
+    if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
+        return (f"{type(child).__name__} is a subclass of nn.Linear; its forward may not be "
+                "nn.Linear's, so it is not replaced (convert a plain nn.Linear)")
+    if type(child) is nn.Conv2d:
+        if child.groups != 1:
+            return f"Conv2d with groups={child.groups} (BFPConv2d supports groups=1)"
+        if child.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={child.padding_mode!r} (BFPConv2d: 'zeros')"
+        if isinstance(child.padding, str):
+            return f"Conv2d with padding={child.padding!r} (BFPConv2d: integer padding)"
+        return None
+    if isinstance(child, nn.modules.conv._ConvNd):
+        return (f"{type(child).__name__} is not supported (the BFP layers are Linear and "
+                "Conv2d)")
+    return None
+
+
 def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             weight_fmt: Quantizer | None = None, act_fmt: Quantizer | None = None,
             grad_fmt: Quantizer | None = None, backend: Union[str, Backend, None] = "emulate",
@@ -1714,7 +1771,8 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             shadow_fmt: BFPFormat | None = None,
             input_act_fmt: Quantizer | None = None,
             input_act_stochastic: bool = False, conv_mode: str | None = None,
-            sparsity: str | None = None, mask_period: int = 100) -> nn.Module:
+            sparsity: str | None = None, mask_period: int = 100,
+            include=None, verbose: bool = False) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
     (in place) with its BFP counterpart, keeping the parameters.
 
@@ -1728,14 +1786,26 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
     and the backend allow them). ``sparsity`` (e.g. ``"2:4-transposable"``, ``"2:4"``)
     prunes every converted layer's weight with N:M masks recomputed every
     ``mask_period`` steps, straight-through to the dense weights
-    (:func:`hbfp_hw.host.torch_sparsity.apply_sparsity`, ``docs/sparsity.md``). Returns
-    ``model``.
+    (:func:`hbfp_hw.host.torch_sparsity.apply_sparsity`, ``docs/sparsity.md``).
+
+    ``include(name, module) -> bool``, if given, picks the layers to convert (``name`` is
+    the qualified name, as in ``model.named_modules()``). Layers that are not converted
+    although they compute a GEMM (subclasses of ``nn.Linear``, ``Conv1d``/``Conv3d``,
+    grouped or non-zero-padded ``Conv2d``, or excluded by ``include``) are left in FP32
+    and listed, with the reason, in the :class:`ConversionReport` stored as
+    ``model.bfp_conversion`` (printed with ``verbose=True``). The new layers are all built
+    before the first is put in place: an error leaves ``model`` unchanged.
 
     Formats of the other schemes (LUQ, MLS, ``get_format("fp32")`` ...) in any role put
     the layers in the fake-quantization mode of :mod:`hbfp_hw.host.torch_fake`.
+    Returns ``model``.
     """
+    if include is not None and not callable(include):
+        raise TypeError(f"include must be a callable (name, module) -> bool, got {include!r}")
     be = get_backend(backend)
     counter = [0]
+    report = ConversionReport()
+    swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
 
     def kw():
         counter[0] += 1
@@ -1747,30 +1817,49 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
                     shadow_fmt=shadow_fmt, layer_id=counter[0],
                     act_stochastic=input_act_stochastic and counter[0] == 1)
 
-    def swap(parent: nn.Module) -> None:
+    def plan(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
+            qual = f"{prefix}{name}"
             if isinstance(child, BFPLayerMixin):
+                continue
+            gemm = isinstance(child, (nn.Linear, nn.modules.conv._ConvNd))
+            if not gemm:
+                plan(child, qual + ".")
+                continue
+            why = _skip_reason(child)
+            if why is None and include is not None and not include(qual, child):
+                why = "excluded by include"
+            if why is not None:
+                report.skipped.append((qual, why))
                 continue
             if type(child) is nn.Linear:
                 new = BFPLinear(child.in_features, child.out_features, child.bias is not None,
                                 **kw())
-            elif type(child) is nn.Conv2d:
+            else:
                 new = BFPConv2d(child.in_channels, child.out_channels, child.kernel_size,
                                 child.stride, child.padding, child.dilation, child.groups,
                                 child.bias is not None, child.padding_mode,
                                 conv_mode=conv_mode, **kw())
-            else:
-                swap(child)
-                continue
             new.weight = child.weight
             new.bias = child.bias
             new.train(child.training)
-            setattr(parent, name, new)
+            swaps.append((parent, name, child, new))
+            report.converted.append(qual)
 
-    swap(model)
+    plan(model, "")
+    for parent, name, _, new in swaps:
+        setattr(parent, name, new)
     if sparsity is not None:
-        from .torch_sparsity import apply_sparsity
-        apply_sparsity(model, sparsity, mask_period)
+        try:
+            from .torch_sparsity import apply_sparsity
+            apply_sparsity(model, sparsity, mask_period)
+        except BaseException:
+            for parent, name, old, _ in swaps:
+                setattr(parent, name, old)
+            raise
+    model.bfp_conversion = report
+    if verbose:
+        print(report)
     return model
 
 
