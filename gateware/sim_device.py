@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from amaranth import ClockDomain, Elaboratable, Module
@@ -86,6 +87,10 @@ class SimTransport(Transport):
         Seconds between progress lines (and before the first), ``>= 0``.
     progress_stream
         Where progress goes (default: ``sys.stderr`` at the time of the report).
+    vcd
+        Path of a VCD waveform file: every signal of the design, written as the
+        simulation runs and completed by :meth:`close` (``sim://?vcd=PATH``). The file
+        grows by roughly a kilobyte per simulated clock of a busy design.
     """
 
     byte_rate = None
@@ -93,8 +98,11 @@ class SimTransport(Transport):
     def __init__(self, config: AcceleratorConfig | None = None, *,
                  idle_cycles: int = 2048, runtime_rounding: bool = True,
                  progress: bool | None = None, progress_interval: float = 2.0,
-                 progress_stream: TextIO | None = None) -> None:
+                 progress_stream: TextIO | None = None,
+                 vcd: str | os.PathLike | None = None) -> None:
         from amaranth.sim import Simulator
+        if vcd is not None and not Path(vcd).parent.is_dir():
+            raise ValueError(f"vcd={str(vcd)!r}: the folder {Path(vcd).parent} does not exist")
         if not isinstance(progress_interval, (int, float)) or not progress_interval >= 0:
             raise ValueError(f"progress_interval={progress_interval!r} is out of range; "
                              f"accepted range is [0, inf) seconds")
@@ -117,6 +125,10 @@ class SimTransport(Transport):
         self._sim.add_clock(1.0 / self.config.clock_hz)
         self._sim.add_testbench(self._bench, background=True)
         self._period = 1.0 / self.config.clock_hz
+        self._vcd = None
+        if vcd is not None:
+            self._vcd = self._sim.write_vcd(str(vcd))
+            self._vcd.__enter__()
 
     def reset_device(self, cycles: int = 4) -> None:
         """Pulse the design's reset for ``cycles`` clocks, as a reset button or a
@@ -212,6 +224,9 @@ class SimTransport(Transport):
 
     def close(self) -> None:
         self._tx.clear()
+        if self._vcd is not None:
+            vcd, self._vcd = self._vcd, None
+            vcd.__exit__(None, None, None)
 
 
 class _WithReset(Elaboratable):
@@ -230,7 +245,9 @@ class _WithReset(Elaboratable):
 
 
 def sim_transport(config: AcceleratorConfig | None = None, *,
-                  progress: bool | None = None) -> SimTransport:
+                  progress: bool | None = None,
+                  vcd: str | os.PathLike | None = None) -> SimTransport:
     """``sim://``: a :class:`SimTransport` for ``config`` (default :data:`SIM_CONFIG`);
-    ``progress`` as in :class:`SimTransport` (``None``: environment / terminal)."""
-    return SimTransport(config, progress=progress)
+    ``progress`` and ``vcd`` as in :class:`SimTransport` (``progress=None``: environment /
+    terminal)."""
+    return SimTransport(config, progress=progress, vcd=vcd)

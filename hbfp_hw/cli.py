@@ -31,6 +31,7 @@ CLI_MODULES = (
     "hbfp_hw.gateware.top",
     "hbfp_hw.host.train",
     "hbfp_hw.gateware.build",
+    "hbfp_hw.sim.cli",
 )
 
 #: ``--config`` checks: ``(command, unit)`` -> (manifest kinds whose ``config`` is

@@ -885,7 +885,8 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
       thousand clocks per second at best, so ``sim://`` builds the small
       :data:`~hbfp_hw.gateware.sim_device.SIM_CONFIG` (2x2 MAC array; format slots
       HBFP8 and HBFP4 on 8x8 tiles, MXINT8) unless ``config`` or ``manifest`` names
-      another build.
+      another build. ``sim://?vcd=waves.vcd`` writes every signal to a VCD file,
+      completed when the device is closed.
 
     ``config`` / ``manifest`` give the expected build: INFO must match it. For
     ``emulate://`` and ``sim://`` they also configure the device (otherwise
@@ -950,7 +951,11 @@ def open(url: str, *, config: AcceleratorConfig | None = None,
                                "returning a Transport to the simulated RTL; this build does "
                                "not provide it yet")
         cfg = config_for_model if config_for_model is not None else simdev.SIM_CONFIG
-        transport = factory(cfg, progress=progress)
+        unknown = sorted(set(q) - {"vcd"})
+        if unknown:
+            raise ValueError(f"{url!r}: unknown option {unknown[0]!r}; sim:// accepts vcd=PATH")
+        transport = (factory(cfg, progress=progress, vcd=q["vcd"]) if "vcd" in q
+                     else factory(cfg, progress=progress))
         try:
             return Device(transport, timeout=10.0 if timeout is None else timeout, **kw)
         except BaseException:
