@@ -80,7 +80,7 @@ def run_unit(unit: str, outdir: str | Path, *, config: str | None = None,
         raise ValueError(f"--count={count!r}; accepted range is >= 1")
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"--seed={seed!r}; accepted range is [0, 2**32-1]")
-    outdir = Path(outdir)
+    outdir = Path(outdir).resolve()      # the testbench runs in the build folder
     print(f"generating {unit} Verilog into {outdir / 'gen'} ...", flush=True)
     t0 = time.perf_counter()
     v, m, top = _generate(unit, config, outdir / "gen")

@@ -6,8 +6,9 @@ import pytest
 from hbfp_hw.cli import main
 
 
-def test_sim_quantizer_with_waves(tmp_path, capsys):
-    assert main(["sim", "quantizer", "-o", str(tmp_path), "--count", "20", "--waves",
+def test_sim_quantizer_with_waves(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)      # a relative output folder
+    assert main(["sim", "quantizer", "-o", tmp_path.name, "--count", "20", "--waves",
                  "--config", '{"format": {"man_bits": 4, "block_shape": [8]}, "lanes": 2}'
                  ]) == 0
     out = capsys.readouterr().out
