@@ -416,6 +416,8 @@ def _run(args) -> int:
     except ImportError:  # pragma: no cover
         limits = None
     interrupted = None
+    if any(f != "fp32" for f in formats):
+        _warm_up_kernels()
     try:
         results = run_grid(models, formats, seeds, cfg, progress=not args.no_progress)
     except Interrupted as e:
@@ -438,6 +440,19 @@ def _run(args) -> int:
         print(f"learning curves: {args.plot}")
     print(f"total time {time.perf_counter() - t0:.1f} s")
     return 130 if interrupted is not None else 0
+
+
+def _warm_up_kernels() -> None:
+    """Load the compiled BFP kernels, saying so: the first run on a machine compiles
+    them (numba caches them on disk), which takes up to a minute."""
+    from . import torch_kernels
+    if not torch_kernels.ENABLED:
+        return
+    print("loading the compiled BFP kernels (the first run on a machine compiles them: "
+          "up to a minute) ...", end="", flush=True)
+    t0 = time.perf_counter()
+    torch_kernels.warm_up()
+    print(f" {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def _check_backend(backend: str) -> None:
