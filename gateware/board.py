@@ -62,6 +62,12 @@ class Board:
     clock_hz: int
     uart: str = "uart"
     programmer: str = ""
+    #: the programming command (``{bit}``: the bitstream), into volatile configuration
+    #: memory (SRAM), and the extra arguments that write the flash instead
+    program_argv: tuple = ()
+    flash_args: tuple = ()
+    #: the bitstream's file extension
+    bitstream_ext: str = ".bit"
     #: fields of :meth:`AcceleratorConfig.default` changed for this board's default build
     config: dict = field(default_factory=dict)
     #: MULT18X18D / DP16KD available per variant (the resource check of
@@ -91,6 +97,7 @@ BOARDS: dict[str, Board] = {
                   for v in ("12F", "25F", "45F", "85F")},
         default_variant="85F", family="ecp5", clock_hz=45_000_000,
         programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
+        program_argv=("openFPGALoader", "-b", "ulx3s", "{bit}"), flash_args=("-f",),
         config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
 }
 
@@ -261,15 +268,34 @@ class ResourceEstimate:
     memories: tuple
 
     def fits(self, board: str = "ulx3s", variant: str | None = None) -> bool:
+        return not self.misfits(board, variant)
+
+    def misfits(self, board: str = "ulx3s", variant: str | None = None) -> list[str]:
+        """What does not fit ``board`` / ``variant``: one line per resource, naming the
+        need and the capacity (empty when the design fits)."""
         b = _board(board)
-        dsp, bram = b.resources[variant or b.default_variant]
-        return self.dsps <= dsp and self.brams <= bram
+        variant = variant or b.default_variant
+        dsp, bram = b.resources[variant]
+        names = FAMILY_RESOURCES[b.family]
+        out = []
+        for what, need, have in ((names[0], self.dsps, dsp), (names[1], self.brams, bram)):
+            if need > have:
+                out.append(f"{need} {what} needed, the {b.name} {variant} has {have}")
+        return out
 
 
-def _dp16kd(width: int, depth: int, reads: int, writes: int) -> int:
+#: the (multiplier, block RAM) primitive names of each FPGA family
+FAMILY_RESOURCES = {"ecp5": ("MULT18X18D (DSP)", "DP16KD (block RAM)"),
+                    "ice40": ("SB_MAC16 (DSP)", "SB_RAM40_4K (block RAM)")}
+#: iCE40 SB_RAM40_4K aspect ratios (depth, width)
+EBR_MODES = ((256, 16), (512, 8), (1024, 4), (2048, 2))
+
+
+def _dp16kd(width: int, depth: int, reads: int, writes: int,
+            modes: tuple = DP16KD_MODES) -> int:
     if width * depth <= LUTRAM_BITS:
         return 0
-    one = min(-(-depth // d) * -(-width // w) for d, w in DP16KD_MODES)
+    one = min(-(-depth // d) * -(-width // w) for d, w in modes)
     copies = reads if writes else -(-reads // 2)
     return one * max(1, copies)
 
@@ -284,9 +310,15 @@ def _significant(v) -> int:
 
 
 def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ecp5",
-                      uart: bool = True) -> ResourceEstimate:
-    """DSPs and DP16KD of the (UART) accelerator for ``config``, without synthesis (see
-    :class:`ResourceEstimate`); elaborates the design (a few seconds)."""
+                      uart: bool = True, family: str = "ecp5") -> ResourceEstimate:
+    """DSPs and block RAMs of the (UART) accelerator for ``config``, without synthesis
+    (see :class:`ResourceEstimate`); elaborates the design (a few seconds). ``family``
+    ``"ice40"`` counts SB_MAC16 (16x16) and SB_RAM40_4K instead of MULT18X18D (18x18) and
+    DP16KD."""
+    if family not in FAMILY_RESOURCES:
+        raise ValueError(f"family={family!r}; accepted values are "
+                         f"{', '.join(FAMILY_RESOURCES)}")
+    side, modes = (18, DP16KD_MODES) if family == "ecp5" else (16, EBR_MODES)
     from amaranth.hdl import Fragment
     from amaranth.hdl import _ir, _nir
 
@@ -311,8 +343,9 @@ def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ec
     memories = []
     for idx, mem in mems.items():
         r, w = ports.get(idx, (0, 0))
-        memories.append((mem.name, mem.width, mem.depth, r, _dp16kd(mem.width, mem.depth, r, w)))
-    dsps += sum(-(-wa // 18) * -(-wb // 18) for wa, wb in mults)
+        memories.append((mem.name, mem.width, mem.depth, r,
+                         _dp16kd(mem.width, mem.depth, r, w, modes)))
+    dsps += sum(-(-wa // side) * -(-wb // side) for wa, wb in mults)
     return ResourceEstimate(dsps=dsps, brams=sum(m[-1] for m in memories),
                             multipliers=tuple(mults), memories=tuple(memories))
 

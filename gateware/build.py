@@ -145,6 +145,19 @@ class BuildResult:
     logs: dict              # {"build": path, "yosys": path, "nextpnr": path}
     seconds: float = 0.0
     cells: dict = field(default_factory=dict)   # nextpnr's raw utilisation table
+    #: MACs per clock of the array (widest slot) and in the 4-bit mode, if any
+    macs_per_clock: int = 0
+    macs_per_clock_narrow: int = 0
+
+    @property
+    def peak_gmacs(self) -> float:
+        """Peak GMAC/s at the design clock (widest format slot)."""
+        return self.macs_per_clock * self.clock_hz / 1e9
+
+    @property
+    def peak_gmacs_narrow(self) -> float:
+        """Peak GMAC/s at the design clock in the 4-bit mode (0 without one)."""
+        return self.macs_per_clock_narrow * self.clock_hz / 1e9
 
     @property
     def timing_met(self) -> bool:
@@ -156,6 +169,8 @@ class BuildResult:
             d[k] = str(d[k])
         d["logs"] = {k: str(v) for k, v in self.logs.items()}
         d["timing_met"] = self.timing_met
+        d["peak_gmacs"] = self.peak_gmacs
+        d["peak_gmacs_narrow"] = self.peak_gmacs_narrow
         return d
 
     def table(self) -> str:
@@ -165,9 +180,15 @@ class BuildResult:
                  f"({'met' if self.timing_met else 'NOT MET'}, "
                  f"slack {1e3 / self.clock_hz * 1e6 - 1e3 / self.fmax_mhz:+.2f} ns)"),
                 ("UART", f"{self.baud_rate} baud, divisor {self.uart_divisor}")]
+        if self.macs_per_clock:
+            narrow = (f", {self.peak_gmacs_narrow:.2f} in the 4-bit mode"
+                      if self.macs_per_clock_narrow > self.macs_per_clock else "")
+            rows.append(("peak GMAC/s", f"{self.peak_gmacs:.2f} ({self.macs_per_clock} "
+                                        f"MACs/clock){narrow}"))
+        dsp, bram = ("MULT18X18D", "DP16KD") if self.device.startswith("LFE5") else (
+            "SB_MAC16", "SB_RAM40_4K")
         for key, label, n in (("LUT", "LUT4", self.luts), ("FF", "flip-flops", self.ffs),
-                              ("DSP", "MULT18X18D", self.dsps), ("BRAM", "DP16KD",
-                                                                  self.brams)):
+                              ("DSP", dsp, self.dsps), ("BRAM", bram, self.brams)):
             rows.append((label, f"{n} ({self.utilisation.get(key, 0.0):.1f} %)"))
         w = max(len(r[0]) for r in rows)
         head = f"{self.board} {self.variant} ({self.device})"
@@ -185,9 +206,11 @@ def _percent(util: dict, names: tuple[str, ...]) -> float:
     return 100.0 * _used(util, *names) / avail if avail else 0.0
 
 
-def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -> None:
+def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout,
+                verbose: bool = False) -> None:
     """Extract ``plan`` into ``builddir`` and run its script, logging to ``log``;
-    report stages from the files the tools write."""
+    report stages from the files the tools write (``verbose``: the tools' output on
+    stdout as well). Ctrl-C stops the tools, keeps the logs and says where they are."""
     plan.extract(str(builddir))
     name = plan.script[len("build_"):]
     stages = [(f"{name}.rpt", "synthesis (yosys)"), (f"{name}.tim", "place and route "
@@ -195,26 +218,54 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
     for f, _ in stages:
         (builddir / f).unlink(missing_ok=True)
     t0 = time.monotonic()
+    tty = _is_tty(sys.stdout) and not verbose
     with open(log, "w") as lf:
         proc = subprocess.Popen(["sh", f"{plan.script}.sh"], cwd=builddir, env=env,
-                                stdout=lf, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE if verbose else lf,
+                                stderr=subprocess.STDOUT, text=verbose)
+        tee = _Tee(proc.stdout, lf) if verbose else None
         shown = 0
         rc = None
-        while shown < len(stages) or rc is None:
+        try:
+            while shown < len(stages) or rc is None:
+                try:
+                    rc = proc.wait(timeout=1.0) if rc is None else rc
+                except subprocess.TimeoutExpired:
+                    pass
+                # a stage has started when its log/output file appears
+                while shown < len(stages) and (builddir / stages[shown][0]).exists():
+                    if tty and shown:
+                        sys.stdout.write("\n")
+                    progress(f"  [{time.monotonic() - t0:6.0f} s] {stages[shown][1]}")
+                    shown += 1
+                if rc is not None:
+                    break
+                if tty and shown and progress is print:   # the elapsed time, in place
+                    sys.stdout.write(f"\r  [{time.monotonic() - t0:6.0f} s] "
+                                     f"{stages[shown - 1][1]} ...")
+                    sys.stdout.flush()
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise BuildError(f"build timed out after {timeout} s; see {log}")
+        except KeyboardInterrupt:
+            proc.terminate()
             try:
-                rc = proc.wait(timeout=1.0) if rc is None else rc
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                pass
-            # a stage has started when its log/output file appears
-            while shown < len(stages) and (builddir / stages[shown][0]).exists():
-                progress(f"  [{time.monotonic() - t0:6.0f} s] {stages[shown][1]}")
-                shown += 1
-            if rc is not None:
-                break
-            if timeout is not None and time.monotonic() - t0 > timeout:
                 proc.kill()
                 proc.wait()
-                raise BuildError(f"build timed out after {timeout} s; see {log}")
+            stage = stages[shown - 1][1] if shown else "preparation"
+            print(f"\nbuild interrupted during {stage} after "
+                  f"{time.monotonic() - t0:.0f} s; the tool logs are kept in {builddir} "
+                  f"({log.name})", file=sys.stderr, flush=True)
+            raise
+        finally:
+            if tee is not None:
+                tee.join()
+            if tty and shown:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
         started = [f for f, _ in stages if (builddir / f).exists()]
@@ -232,11 +283,56 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout) -
                          f"{tail}{hint}")
 
 
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Tee:
+    """Copies a text pipe to stdout and to a log file, in a thread."""
+
+    def __init__(self, pipe, log) -> None:
+        import threading
+        self._t = threading.Thread(target=self._run, args=(pipe, log), daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def _run(pipe, log) -> None:
+        for line in pipe:
+            log.write(line)
+            sys.stdout.write(line)
+        pipe.close()
+
+    def join(self) -> None:
+        self._t.join(timeout=5)
+
+
+def check_fit(board: str, variant: str | None, cfg: AcceleratorConfig) -> None:
+    """Fail before synthesis (in seconds) when the accelerator's DSP or block-RAM need,
+    estimated from the elaborated design, exceeds the device's."""
+    b = _board(board)
+    variant = variant or b.default_variant
+    est = resource_estimate(cfg, primitives=_primitives(b), family=b.family)
+    bad = est.misfits(board, variant)
+    if bad:
+        larger = [v for v in b.variants if not est.misfits(board, v)]
+        hint = (f"; the {', '.join(larger)} variant{'s' if len(larger) > 1 else ''} would "
+                f"fit it" if larger else "")
+        raise BuildError(
+            f"the design does not fit the {board} {variant}: " + "; ".join(bad)
+            + f" (resource estimate before synthesis{hint}); use a larger variant or a "
+              "smaller config (array_rows/array_cols set the multipliers, the buffer "
+              "depths the block RAMs)")
+
+
 def build_board(board: str = "ulx3s", variant: str | None = None,
                 config: AcceleratorConfig | None = None, outdir: str | Path = "build/board",
                 *, clock_hz: int | None = None, seed: int = 1, mapper: str = MAPPER,
                 router: str = ROUTER, timeout: float | None = 3 * 3600,
-                progress=print) -> BuildResult:
+                progress=print, verbose: bool = False, fit_check: bool = True
+                ) -> BuildResult:
     """Build a bitstream of the UART accelerator for ``board`` / ``variant``.
 
     Parameters
@@ -254,12 +350,24 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         nextpnr placer seed.
     progress
         Called with one line per stage (``print`` by default; ``None`` for silence).
+    verbose
+        Also stream the tools' output to stdout (it always goes to ``build/build.log``).
+    fit_check
+        Estimate the DSP and block-RAM need first and fail in seconds if the design
+        cannot fit (:func:`check_fit`).
+
+    Besides the bitstream and manifest, ``outdir`` gets ``report.json`` and
+    ``report.txt``: Fmax against the design clock, utilisation, peak GMAC/s.
     """
     from hbfp_hw.manifest import write_manifest
     progress = progress or (lambda s: None)
     t0 = time.monotonic()
     b = _board(board)
     variant = b.default_variant if variant is None else variant
+    board_platform(board, variant)          # a bad variant fails here, with its message
+    if fit_check:
+        progress(f"checking that the design fits the {board} {variant} (resource estimate)")
+        check_fit(board, variant, board_config(board, config, clock_hz=clock_hz)[0])
     progress(f"elaborating the accelerator for {board} {variant}")
     plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed,
                                       mapper=mapper, router=router)
@@ -275,7 +383,7 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         env = tool_environment()
     except SynthError as e:
         raise BuildError(str(e)) from None
-    _run_script(plan, builddir, env, log, progress, timeout)
+    _run_script(plan, builddir, env, log, progress, timeout, verbose)
     report_path = builddir / f"{name}.report.json"
     report = json.loads(report_path.read_text())
     util = report["utilization"]
@@ -295,7 +403,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         utilisation={k: _percent(util, v) for k, v in cells.items()},
         logs={"build": log, "yosys": builddir / f"{name}.rpt",
               "nextpnr": builddir / f"{name}.tim", "report": report_path},
-        seconds=time.monotonic() - t0, cells=util)
+        seconds=time.monotonic() - t0, cells=util,
+        macs_per_clock=_macs(cfg)[0], macs_per_clock_narrow=_macs(cfg)[1])
     pins = board_pins(board, variant)
     ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
              "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
@@ -310,8 +419,26 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
                       if k not in ("cells", "bitstream", "manifest", "logs")}
     write_manifest(res.manifest, kind="board", top=name, config=cfg.to_dict(),
                    ports=ports, extra=extra)
-    progress(f"  [{res.seconds:6.0f} s] done: {bit}")
+    write_reports(res, outdir)
+    progress(f"  [{res.seconds:6.0f} s] done: {bit}; reports {outdir / 'report.txt'}")
     return res
+
+
+def _macs(cfg: AcceleratorConfig) -> tuple[int, int]:
+    from .top import mac_config
+    mc = mac_config(cfg)
+    return mc.macs_per_cycle, mc.macs_per_cycle_narrow
+
+
+def write_reports(res: BuildResult, outdir: str | Path) -> tuple[Path, Path]:
+    """``report.json`` (every field of the result) and ``report.txt`` (the table)."""
+    outdir = Path(outdir)
+    j, t = outdir / "report.json", outdir / "report.txt"
+    d = res.to_dict()
+    d.pop("cells", None)
+    j.write_text(json.dumps(d, indent=2) + "\n")
+    t.write_text(res.table() + "\n")
+    return j, t
 
 
 # -------------------------------------------------------------------------------------
@@ -330,7 +457,8 @@ def _cli_build(args) -> int:
     clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
     try:
         res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
-                          seed=args.seed, mapper=args.mapper, router=args.router)
+                          seed=args.seed, mapper=args.mapper, router=args.router,
+                          verbose=args.verbose)
     except (BuildError, SynthError) as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 1
@@ -348,7 +476,51 @@ def _cli_build(args) -> int:
     return 0
 
 
+def program_command(board: str, outdir: str | Path, *, flash: bool = False
+                    ) -> list[str]:
+    """The command that loads the bitstream built into ``outdir`` onto ``board``."""
+    b = _board(board)
+    outdir = Path(outdir)
+    if not outdir.is_dir():
+        raise ValueError(f"{str(outdir)!r} is not a folder; pass the -o folder of "
+                         f"'hbfp-hw build --board {board}'")
+    bits = sorted(outdir.glob(f"*{b.bitstream_ext}"))
+    if not bits:
+        raise ValueError(f"no {b.bitstream_ext} bitstream in {outdir}; build one with "
+                         f"'hbfp-hw build --board {board} -o {outdir}'")
+    if len(bits) > 1:
+        raise ValueError(f"{len(bits)} bitstreams in {outdir} "
+                         f"({', '.join(p.name for p in bits)}); keep one per folder")
+    argv = [a.format(bit=bits[0]) for a in b.program_argv]
+    return argv[:-1] + list(b.flash_args) + argv[-1:] if flash else argv
+
+
+def _cli_program(args) -> int:
+    import shlex
+    argv = program_command(args.board, args.dir, flash=args.flash)
+    tool = shutil.which(argv[0])
+    if tool is None or args.dry_run:
+        why = "dry run" if args.dry_run else f"{argv[0]} is not installed"
+        print(f"{why}; the command that programs the board:\n  {shlex.join(argv)}")
+        return 0 if args.dry_run else 1
+    print(f"$ {shlex.join(argv)}", flush=True)
+    return subprocess.run([tool, *argv[1:]]).returncode
+
+
 def register_cli(subparsers, generate_subparsers) -> None:
+    q = subparsers.add_parser(
+        "program", help="load a built bitstream onto a board (openFPGALoader / iceprog)",
+        description="Program the board with the bitstream that 'hbfp-hw build' wrote into "
+                    "DIR, with the board's programming tool when it is installed; "
+                    "otherwise print the exact command.")
+    q.add_argument("--board", default="ulx3s",
+                   help=f"board; one of {', '.join(sorted(BOARDS))} (default ulx3s)")
+    q.add_argument("dir", help="the output folder of 'hbfp-hw build'")
+    q.add_argument("--flash", action="store_true",
+                   help="write the configuration flash (kept over power cycles) instead of "
+                        "the volatile configuration memory")
+    q.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    q.set_defaults(func=_cli_program)
     p = subparsers.add_parser(
         "build", help="build a board bitstream of the UART accelerator (Fmax, utilisation)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -361,7 +533,11 @@ def register_cli(subparsers, generate_subparsers) -> None:
                                     "board's clock")
     p.add_argument("--clock-mhz", type=float, default=None,
                    help="design clock (PLL output); default: the config's clock_hz if "
-                        "--config is given, else the board's (ulx3s: 60)")
+                        "--config is given, else the board's ("
+                        + ", ".join(f"{k}: {v.clock_hz / 1e6:g} MHz"
+                                    for k, v in sorted(BOARDS.items())) + ")")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream the tools' output (it always goes to build/build.log)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")
     p.add_argument("--mapper", default=MAPPER, choices=MAPPERS,
                    help="yosys LUT mapper (abc9 stops with an internal error on the "

@@ -32,6 +32,7 @@ CLI_MODULES = (
     "hbfp_hw.host.train",
     "hbfp_hw.gateware.build",
     "hbfp_hw.sim.cli",
+    "hbfp_hw.host.cli",
 )
 
 #: ``--config`` checks: ``(command, unit)`` -> (manifest kinds whose ``config`` is

@@ -366,3 +366,80 @@ def test_plan_netlist_has_mac_array_dsp_instances(fake_build):
     cells = re.findall(r"cell \\MULT18X18D ", il)
     assert len(cells) == cfg.array_rows * cfg.array_cols * 4
     assert "parameter \\REG_OUTPUT_CLK \"CLK0\"" in il
+
+
+# ---------------------------------------------------------------------------------------
+# fit check, reports, program, info
+# ---------------------------------------------------------------------------------------
+def test_fit_check_fails_before_synthesis(monkeypatch, tmp_path, board_estimate):
+    def no_tools():
+        raise AssertionError("the tools were started for a design that cannot fit")
+    monkeypatch.setattr(B, "tool_environment", no_tools)
+    # the board default's estimate (its own test elaborates it once)
+    monkeypatch.setattr(B, "resource_estimate", lambda *a, **k: board_estimate)
+    need = board_estimate.dsps
+    assert need > 28
+    with pytest.raises(B.BuildError) as e:
+        B.build_board("ulx3s", "12F", None, tmp_path, progress=None)
+    msg = str(e.value)
+    assert f"{need} MULT18X18D (DSP) needed, the ulx3s 12F has 28" in msg
+    assert "resource estimate before synthesis" in msg and "85F" in msg
+
+
+def test_misfits_name_each_resource():
+    est = BD.ResourceEstimate(dsps=200, brams=300, multipliers=(), memories=())
+    assert est.misfits("ulx3s", "85F") == [
+        "200 MULT18X18D (DSP) needed, the ulx3s 85F has 156",
+        "300 DP16KD (block RAM) needed, the ulx3s 85F has 208"]
+    assert not est.fits("ulx3s", "85F")
+    assert BD.ResourceEstimate(10, 10, (), ()).misfits("ulx3s", "12F") == []
+
+
+def test_reports_written_next_to_the_bitstream(fake_build):
+    res, _, bdir = fake_build
+    out = res.bitstream.parent
+    d = json.loads((out / "report.json").read_text())
+    assert d["fmax_mhz"] == 71.5 and d["timing_met"] and d["clock_hz"] == 60_000_000
+    assert d["utilisation"]["BRAM"] == pytest.approx(25.0)
+    macs = SIM_CONFIG.array_rows * SIM_CONFIG.array_cols
+    assert d["macs_per_clock"] >= macs
+    assert d["peak_gmacs"] == pytest.approx(d["macs_per_clock"] * 60e6 / 1e9)
+    txt = (out / "report.txt").read_text()
+    assert "peak GMAC/s" in txt and "71.50 MHz (met" in txt
+
+
+def test_program_command_and_fallback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "hbfp_ulx3s.bit").write_bytes(b"x")
+    argv = B.program_command("ulx3s", tmp_path)
+    assert argv == ["openFPGALoader", "-b", "ulx3s", str(tmp_path / "hbfp_ulx3s.bit")]
+    assert B.program_command("ulx3s", tmp_path, flash=True)[3] == "-f"
+    monkeypatch.setattr(B.shutil, "which", lambda name: None)
+    assert cli.main(["program", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "openFPGALoader is not installed" in out and " ".join(argv) in out
+    assert cli.main(["program", str(tmp_path / "none")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["program", str(empty)]) == 2
+    assert "no .bit bitstream in" in capsys.readouterr().err
+
+
+def test_program_runs_the_tool_when_installed(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a.bit").write_bytes(b"x")
+    fake = tmp_path / "openFPGALoader"
+    rec = str(tmp_path / "args")
+    fake.write_text(f"#!{sys.executable}\nimport sys, pathlib\n"
+                    f"pathlib.Path({rec!r}).write_text(' '.join(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(B.shutil, "which", lambda name: str(fake))
+    assert cli.main(["program", "--board", "ulx3s", str(tmp_path)]) == 0
+    assert (tmp_path / "args").read_text() == f"-b ulx3s {tmp_path / 'a.bit'}"
+
+
+def test_info_command_prints_the_device(capsys):
+    assert cli.main(["info", "emulate://"]) == 0
+    out = capsys.readouterr().out
+    assert "format slot 0 HBFP8: 8-bit mantissas" in out and "protocol      version" in out
+    assert cli.main(["info", "emulate://", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["name"] == "hbfp"
