@@ -116,7 +116,8 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     plat = board_platform(board, variant)
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
     name = name or f"{cfg.name}_{board}"
-    overrides = _synth_overrides(name, mapper)
+    overrides = (_synth_overrides(name, mapper) if b.family == "ecp5"
+                 else {"synth_opts": "-dsp"})     # iCE40: multipliers into SB_MAC16
     top = BoardTop(cfg, pll, uart=b.uart, primitives=_primitives(b))
     plan = plat.build(top, name=name, do_build=False, **overrides,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
@@ -207,14 +208,14 @@ def _percent(util: dict, names: tuple[str, ...]) -> float:
 
 
 def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout,
-                verbose: bool = False) -> None:
+                verbose: bool = False, ext: str = ".bit") -> None:
     """Extract ``plan`` into ``builddir`` and run its script, logging to ``log``;
     report stages from the files the tools write (``verbose``: the tools' output on
     stdout as well). Ctrl-C stops the tools, keeps the logs and says where they are."""
     plan.extract(str(builddir))
     name = plan.script[len("build_"):]
     stages = [(f"{name}.rpt", "synthesis (yosys)"), (f"{name}.tim", "place and route "
-              "(nextpnr)"), (f"{name}.bit", "bitstream (pack)")]
+              "(nextpnr)"), (f"{name}{ext}", "bitstream (pack)")]
     for f, _ in stages:
         (builddir / f).unlink(missing_ok=True)
     t0 = time.monotonic()
@@ -383,7 +384,7 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         env = tool_environment()
     except SynthError as e:
         raise BuildError(str(e)) from None
-    _run_script(plan, builddir, env, log, progress, timeout, verbose)
+    _run_script(plan, builddir, env, log, progress, timeout, verbose, b.bitstream_ext)
     report_path = builddir / f"{name}.report.json"
     report = json.loads(report_path.read_text())
     util = report["utilization"]
@@ -392,8 +393,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         fmax = _fmax(report)
     except SynthError as e:
         raise BuildError(f"{e} (report {report_path})") from None
-    bit = outdir / f"{name}.bit"
-    shutil.copyfile(builddir / f"{name}.bit", bit)
+    bit = outdir / f"{name}{b.bitstream_ext}"
+    shutil.copyfile(builddir / f"{name}{b.bitstream_ext}", bit)
     res = BuildResult(
         board=board, variant=variant, device=plat.device, bitstream=bit,
         manifest=outdir / f"{name}.json", clock_hz=cfg.clock_hz, baud_rate=cfg.baud_rate,
