@@ -121,6 +121,11 @@ def _slice_q(t: BFPTensor, r0: int, r1: int, c0: int, c1: int) -> BFPTensor:
                      t.invalid[gr0:gr1, gc0:gc1])
 
 
+def _check_nonfinite(nonfinite: object) -> None:
+    if nonfinite not in ("raise", "flag"):
+        raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+
+
 def _nonfinite_error(name: str, grid: tuple[int, ...], flat: int, block: tuple[int, ...],
                      shape: tuple[int, ...]) -> NonFiniteBlockError:
     idx = tuple(int(i) for i in np.unravel_index(flat, grid))
@@ -389,7 +394,8 @@ class Device:
 
     def _write(self, name: str, offset: int, values: np.ndarray) -> None:
         s = self._specs[name]
-        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2", 4: "<u4"}
+        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2",
+              4: "<i4" if s.signed and s.kind != P.BufferKind.FP32 else "<u4"}
         raw = np.ascontiguousarray(values).reshape(-1)
         if s.kind == P.BufferKind.FP32:
             raw = raw.astype(np.float32).view("<u4")
@@ -417,7 +423,8 @@ class Device:
         raw = b"".join(parts)
         if s.kind == P.BufferKind.FP32:
             return np.frombuffer(raw, "<f4").astype(np.float32)
-        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2"}[s.wire_bytes]
+        dt = {1: "i1" if s.signed else "u1", 2: "<i2" if s.signed else "<u2",
+              4: "<i4" if s.signed else "<u4"}[s.wire_bytes]
         return np.frombuffer(raw, dt)
 
     # -- public: device ------------------------------------------------------------------
@@ -545,8 +552,7 @@ class Device:
         ``STATIC_EXP``, the same ``E`` for every tile), in the slot format's
         ``[emin, emax]``; bit-identical to ``quantize(x, fmt, exponent=E)``.
         """
-        if nonfinite not in ("raise", "flag"):
-            raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+        _check_nonfinite(nonfinite)
         x = _as_real(x, name)
         slot = self._quantize_slot(fmt, x.shape)
         exponent = self._check_exponent(exponent, slot)
@@ -791,6 +797,7 @@ class Device:
             raise ValueError(f"a's block length along K ({ka}, format {fa.name}) differs "
                              f"from b's ({kb}, format {fb.name}); use formats with the same "
                              f"block length along K")
+        _check_nonfinite(nonfinite)
         allow = nonfinite == "flag"
         onchip = self._onchip_ok([(a_s.shape, sa), (b_s.shape, sb)],
                                  [(a.shape[0], b.shape[1])], [a.shape[1]])
@@ -810,6 +817,71 @@ class Device:
             a_q = used(self.quantize(a_s, fmt_a, nonfinite=nonfinite, name="a"), ta)
             b_q = used(self.quantize(b_s, fmt_b, nonfinite=nonfinite, name="b"), tb)
         return self.matmul_q(a_q, b_q, allow_invalid=allow)
+
+    def bitlayer_matmul(self, x_int: Any, planes: Any, layers: int | None = None) \
+            -> np.ndarray:
+        """Bit-layer GEMM on the device (BITLAYER), any sizes: ``x_int`` (batch, K)
+        integer activations in the int16 range, ``planes`` the
+        :func:`hbfp_hw.bitlayers.decompose` of W (bits, N, K) with ``bits`` up to
+        ``BITLAYER_BITS_MAX``; returns the int64 ``(batch, N)`` result of
+        :func:`hbfp_hw.bitlayers.matmul` (``layers`` top planes, None: all), bit for bit.
+
+        The GEMM is split into commands that fit the ``bl.w`` / ``bl.x`` / ``bl.y``
+        buffers and ``K <= bitlayer_k_max``; partial sums over K are added on the host
+        (exact integers). ``UNSUPPORTED`` devices (``bitlayer_lanes`` 0) raise
+        :class:`DeviceError`.
+        """
+        from hbfp_hw.bitlayers import _check_layers, _check_planes, _int_array
+        p = _check_planes(planes)
+        if p.ndim != 3:
+            raise ValueError(f"planes must have shape (bits, out, in), got {p.shape}")
+        bits, n_out, k = p.shape
+        if bits > P.BITLAYER_BITS_MAX:
+            raise ValueError(f"planes hold {bits} bit-layers; accepted range is "
+                             f"[1, {P.BITLAYER_BITS_MAX}]")
+        layers = _check_layers(layers, bits)
+        x = _int_array("x_int", x_int)
+        if x.ndim != 2 or x.shape[1] != k:
+            raise ValueError(f"x_int must have shape (batch, {k}), got {x.shape}")
+        lim = 1 << (P.BITLAYER_ACT_BITS - 1)
+        if x.size and (x.min() < -lim or x.max() >= lim):
+            bad = x[(x < -lim) | (x >= lim)].flat[0]
+            raise ValueError(f"x_int value {int(bad)} is outside the int16 range "
+                             f"[{-lim}, {lim - 1}]")
+        lanes = P.bitlayer_lanes(self.config)
+        if not lanes:
+            self._call(P.Op.BITLAYER, bits=bits, layers=layers, rows=1, cols=1, batch=1,
+                       w_offset=0, x_offset=0, y_offset=0)       # answers UNSUPPORTED
+            raise ProtocolError("the device has no bit-layer buffers but accepted BITLAYER")
+        dw, dx, dy = (self._specs[n].depth for n in ("bl.w", "bl.x", "bl.y"))
+        kmax = min(P.bitlayer_k_max(self.config), dx)
+        batch = x.shape[0]
+        y = np.zeros((batch, n_out), dtype=np.int64)
+        weights = 1 << np.arange(lanes, dtype=np.int64)
+        for k0 in range(0, k, kmax):
+            kc = min(kmax, k - k0)
+            chunks = -(-kc // lanes)
+            pk = np.zeros((bits, n_out, chunks * lanes), dtype=np.int64)
+            pk[:, :, :kc] = p[:, :, k0:k0 + kc]
+            # per row: planes sign plane first, chunks of `lanes` bits
+            words = (pk[::-1].reshape(bits, n_out, chunks, lanes) * weights).sum(-1)
+            words = words.transpose(1, 0, 2)                    # (rows, q, chunks)
+            rg = max(1, min(n_out, dw // (bits * chunks), dy, _U16))
+            bg = max(1, min(batch, dx // kc, _U16))
+            for r0 in range(0, n_out, rg):
+                r1 = min(n_out, r0 + rg)
+                self._write("bl.w", 0, words[r0:r1].reshape(-1))
+                bgr = max(1, min(bg, dy // (r1 - r0)))
+                for b0 in range(0, batch, bgr):
+                    b1 = min(batch, b0 + bgr)
+                    self._write("bl.x", 0, x[b0:b1, k0:k0 + kc].reshape(-1))
+                    clocks = (b1 - b0) * (kc + 2 + (r1 - r0) * layers * chunks) + 64
+                    self._call(P.Op.BITLAYER, bits=bits, layers=layers, rows=r1 - r0,
+                               cols=kc, batch=b1 - b0, w_offset=0, x_offset=0, y_offset=0,
+                               compute_clocks=clocks)
+                    part = self._read("bl.y", 0, (b1 - b0) * (r1 - r0))
+                    y[b0:b1, r0:r1] += part.astype(np.int64).reshape(b1 - b0, r1 - r0)
+        return y
 
     def train_step(self, x: Any, w: Any, dy: Any, fmt: BFPFormat | None = None, *,
                    nonfinite: str = "raise", quantize_on: str = "auto",
@@ -836,6 +908,7 @@ class Device:
         if br != bc:
             raise ValueError(f"train_step needs square 2-D tiles so every tensor serves both "
                              f"orientations; format {f.describe()} has blocks {br}x{bc}")
+        _check_nonfinite(nonfinite)
         allow = nonfinite == "flag"
         s = slots[0]
         onchip = self._onchip_ok([(x.shape, s), (w.shape, s), (dy.shape, s)],

@@ -508,3 +508,15 @@ def test_plot_colours_distinct_legend_outside(tmp_path):
     fig.canvas.draw()
     leg = fig.legends[0].get_window_extent()
     assert leg.x0 >= ax.get_window_extent().x1
+
+
+@pytest.mark.parametrize("call", ["matmul", "train_step", "quantize"])
+def test_device_calls_check_nonfinite_first(call):
+    from hbfp_hw import host
+    a = np.ones((16, 16), np.float32)
+    with host.open("emulate://") as dev:
+        fn = getattr(dev, call)
+        args = {"matmul": (a, a), "train_step": (a, a, a), "quantize": (a,)}[call]
+        with pytest.raises(ValueError, match="nonfinite='bogus'; accepted values are "
+                                             "'raise', 'flag'"):
+            fn(*args, nonfinite="bogus")
