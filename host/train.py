@@ -53,7 +53,9 @@ __all__ = ["FORMAT_NAMES", "SCHEME_TRAIN_MODULES", "scheme_train_formats", "all_
 
 FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
                 "int8-dyn", "int8p2-hs", "int8p2-dyn", "hbfp8-im2col", "hb4-im2col")
-MODEL_NAMES = ("mlp", "cnn")
+MODEL_NAMES = ("mlp", "cnn", "cnn2")
+#: the models ``--model all`` trains
+DEFAULT_MODELS = ("mlp", "cnn")
 
 #: modules of :mod:`hbfp_hw.host` whose ``TRAIN_FORMATS`` (name -> (description,
 #: factory of :func:`~hbfp_hw.host.torch.convert` keyword arguments)) add formats
@@ -134,6 +136,11 @@ def make_model(name: str):
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    if name == "cnn2":      # wider, and a stride-2 convolution instead of the pooling
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
     raise ValueError(f"unknown model {name!r}; accepted names are {', '.join(MODEL_NAMES)}")
 
 
@@ -382,7 +389,7 @@ def _run(args) -> int:
         return 0
     import torch
     torch.set_num_threads(max(1, args.threads))
-    models = MODEL_NAMES if args.model == "all" else (args.model,)
+    models = DEFAULT_MODELS if args.model == "all" else (args.model,)
     formats = tuple(args.formats.split(",")) if args.formats else FORMAT_NAMES
     known = all_format_names()
     for f in formats:
@@ -505,7 +512,9 @@ def register_cli(subparsers, generate_subparsers) -> None:
         description="Train an MLP and a CNN on scikit-learn's digits in FP32, HBFP8, "
                     "HyperBlock 4-bit, MXINT8 and int8 (in-hindsight / dynamic ranges); "
                     "print the accuracy table and plot the learning curves.")
-    p.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="all")
+    p.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="all",
+                   help="mlp, cnn, cnn2 (wider CNN with a stride-2 convolution), or all "
+                        "(mlp and cnn; default)")
     p.add_argument("--formats", default="",
                    help=f"comma-separated format names (default: {','.join(FORMAT_NAMES)}; "
                         "--list-formats for all, the other schemes' included)")
