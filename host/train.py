@@ -318,7 +318,10 @@ def summarise(results) -> dict:
 _TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
             "hbfp8-im2col": ("fp32", 0.5), "hb4-im2col": ("fp32", 1.0),
             "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5),
-            "int8p2-hs": ("int8p2-dyn", 0.5), "mls-e2m4": ("fp32", 1.0)}
+            "int8p2-hs": ("int8p2-dyn", 0.5), "mls-e2m4": ("fp32", 1.0),
+            **{k: ("fp32", 1.0) for k in (
+                "luq4-f32", "luq4-hs-f32", "luq4-smp2-f32", "luq4-hs-smp2-f32", "luq4-hb4",
+                "luq4-hs-hb4", "luq4-smp2-hb4", "luq4-hs-smp2-hb4")}}
 
 
 def format_table(results) -> str:
