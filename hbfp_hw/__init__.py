@@ -9,6 +9,8 @@ from .conv import (ConvGeometry, bfp_conv2d, bfp_conv2d_input_grad, bfp_conv2d_w
                    conv_format)
 from .formats import (BFPFormat, CBFP8, FORMATS, FP32, HBFP4, HBFP8, MXINT8, ROUNDING_MODES,
                       SCHEME_FORMATS, get_format, register_format)
+from . import ptq  # noqa: F401  (post-training quantization; imports torch lazily)
+from .intgemm import IntFormat, IntTensor, int_conv2d, int_linear, quantize_int
 from .luq import LUQ4, LUQ4_HS, LUQFormat, LUQTensor, luq_matmul, luq_quantize  # luq4, luq4-hs
 from .mls import MLS_E2M1, MLS_E2M4, MLSFormat, MLSTensor, mls_matmul  # mls-e2m1, mls-e2m4
 from .gemm import (DEFAULT_GUARD_BITS, accumulator_bits, bfp_matmul, matmul_error_bound,
@@ -27,4 +29,5 @@ __all__ = [
     "conv_format",
     "MLS_E2M1", "MLS_E2M4", "MLSFormat", "MLSTensor", "mls_matmul",
     "LUQ4", "LUQ4_HS", "LUQFormat", "LUQTensor", "luq_matmul", "luq_quantize",
+    "IntFormat", "IntTensor", "int_conv2d", "int_linear", "quantize_int",
 ]
