@@ -12,6 +12,9 @@ from .formats import (BFPFormat, CBFP8, FORMATS, FP32, HBFP4, HBFP8, MXINT8, ROU
 from . import ptq  # noqa: F401  (post-training quantization; imports torch lazily)
 from .intgemm import IntFormat, IntTensor, int_conv2d, int_linear, quantize_int
 from .luq import LUQ4, LUQ4_HS, LUQFormat, LUQTensor, luq_matmul, luq_quantize  # luq4, luq4-hs
+from . import sparsity  # noqa: F401
+from .sparsity import (SparseBFPWeight, compress, mask_diversity, nm_mask, sparse_matmul,
+                       sparse_matmul_t, transposable_mask)
 from .mls import MLS_E2M1, MLS_E2M4, MLSFormat, MLSTensor, mls_matmul  # mls-e2m1, mls-e2m4
 from .gemm import (DEFAULT_GUARD_BITS, accumulator_bits, bfp_matmul, matmul_error_bound,
                    matmul_reference)
@@ -30,4 +33,6 @@ __all__ = [
     "MLS_E2M1", "MLS_E2M4", "MLSFormat", "MLSTensor", "mls_matmul",
     "LUQ4", "LUQ4_HS", "LUQFormat", "LUQTensor", "luq_matmul", "luq_quantize",
     "IntFormat", "IntTensor", "int_conv2d", "int_linear", "quantize_int",
+    "SparseBFPWeight", "compress", "mask_diversity", "nm_mask", "sparse_matmul",
+    "sparse_matmul_t", "transposable_mask",
 ]

@@ -1870,7 +1870,9 @@ def round_weights(model: nn.Module) -> None:
     for layer in bfp_layers(model):
         if layer.shadow_fmt is None:
             continue
-        w = layer.weight
+        # a pruned layer (apply_sparsity) computes .weight from the dense original
+        par = getattr(layer, "parametrizations", None)
+        w = par.weight.original if par is not None and "weight" in par else layer.weight
         w2d = w.detach().cpu().reshape(w.shape[0], -1)
         if supports(tuple(w2d.shape), layer.shadow_fmt):
             q = torch_quantize(w2d, layer.shadow_fmt).dequantize()

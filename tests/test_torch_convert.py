@@ -72,3 +72,17 @@ def test_conv_takes_unbatched_input():
     with pytest.raises(ValueError, match=r"takes \(N, C, H, W\) or \(C, H, W\) input, got "
                                          r"shape \(5, 5\)"):
         conv(torch.randn(5, 5))
+
+
+def test_round_weights_reaches_the_dense_weight_of_a_pruned_layer():
+    from hbfp_hw import quantize
+    from hbfp_hw.host.torch import round_weights
+    torch.manual_seed(3)
+    m = convert(nn.Sequential(nn.Linear(16, 8)), HBFP8, shadow_fmt=HBFP4,
+                sparsity="2:4-transposable", mask_period=1)
+    lin = m[0]
+    dense = lin.parametrizations.weight.original
+    round_weights(m)
+    want = quantize(dense.detach().numpy(), HBFP4).dequantize()
+    assert torch.equal(dense.detach(), torch.from_numpy(want))
+    assert (lin.weight == 0).sum() == lin.weight.numel() // 2     # still pruned 2:4
