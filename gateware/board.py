@@ -83,9 +83,11 @@ class Board:
 #: buffers fit the block RAMs too (the default depths use ~173 of 208) but are built
 #: from cascades of DP16KD with read-data multiplexers and address fan-out on the
 #: critical read paths, and the 3 Mbaud link, not the buffer size, bounds the host's
-#: throughput (the host driver splits tensors and GEMMs to the buffer depths).
+#: throughput (the host driver splits tensors and GEMMs to the buffer depths). The
+#: bit-serial BITLAYER engine is left out (``bitlayer_lanes`` 0): the board build and its
+#: timing were measured without it.
 ULX3S_CONFIG = {"array_rows": 4, "array_cols": 4, "operand_depth": 16384,
-                "input_depth": 4096, "output_depth": 4096}
+                "input_depth": 4096, "output_depth": 4096, "bitlayer_lanes": 0}
 
 #: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
 ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}

@@ -7,6 +7,7 @@ with a buffer manager owning the memories (Amaranth 0.5). See ``docs/accelerator
                      |  cmd (op, length, decoded header)      ^ status (code/detail or answer)
                      v                                        |
                   engines: buffer_io | stats | quantize | gemm (-> GemmStream -> MacArray)
+                           | bitlayer (bit-serial bit-layer GEMM)
                      |  buffer ports (owner = the engine running the command)
                      v
                   BufferManager (buffer map, INFO ROM, staging RAM)
@@ -45,6 +46,7 @@ from hbfp_hw.config.quantizer import QuantizerConfig
 from hbfp_hw.formats import ROUNDING_MODES, BFPFormat
 
 from .buffers import BufferManager
+from .engines.bitserial import BitLayerEngine
 from .engines.buffer_io import BufferIOEngine
 from .engines.gemm import GemmEngine
 from .engines.quantize import QuantizeEngine
@@ -61,7 +63,7 @@ __all__ = ["Accelerator", "UartAccelerator", "ENGINES", "UNSUPPORTED", "unsuppor
 ENGINES = {
     P.Op.INFO: "buffer_io", P.Op.WRITE: "buffer_io", P.Op.READ: "buffer_io",
     P.Op.RESET: "buffer_io", P.Op.SESSION: "buffer_io", P.Op.READ_STATS: "stats",
-    P.Op.QUANTIZE: "quantize", P.Op.GEMM: "gemm",
+    P.Op.QUANTIZE: "quantize", P.Op.GEMM: "gemm", P.Op.BITLAYER: "bitlayer",
 }
 
 #: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``
@@ -270,6 +272,7 @@ class Accelerator(wiring.Component):
                 cfg, specs, mac=self.mac, slots=tile_slots(cfg), mx_slots=mx_slots(cfg),
                 acc_capacity=accumulator_capacity(cfg), rom_depth=rom,
                 primitives=self.primitives, runtime_frac=runtime_frac(cfg)),
+            "bitlayer": lambda: BitLayerEngine(cfg, specs, rom_depth=rom),
         }
         return {n: f() for n, f in build.items() if names is None or n in names}
 

@@ -12,6 +12,7 @@ from .formats import (BFPFormat, CBFP8, FORMATS, FP32, HBFP4, HBFP8, MXINT8, ROU
 from . import ptq  # noqa: F401  (post-training quantization; imports torch lazily)
 from .intgemm import IntFormat, IntTensor, int_conv2d, int_linear, quantize_int
 from .luq import LUQ4, LUQ4_HS, LUQFormat, LUQTensor, luq_matmul, luq_quantize  # luq4, luq4-hs
+from .bitlayers import PB_W8, BitLayerFormat  # noqa: F401  (registers the PB-W8 preset)
 from . import sparsity  # noqa: F401
 from .sparsity import (SparseBFPWeight, compress, mask_diversity, nm_mask, sparse_matmul,
                        sparse_matmul_t, transposable_mask)
@@ -34,5 +35,5 @@ __all__ = [
     "LUQ4", "LUQ4_HS", "LUQFormat", "LUQTensor", "luq_matmul", "luq_quantize",
     "IntFormat", "IntTensor", "int_conv2d", "int_linear", "quantize_int",
     "SparseBFPWeight", "compress", "mask_diversity", "nm_mask", "sparse_matmul",
-    "sparse_matmul_t", "transposable_mask",
+    "sparse_matmul_t", "transposable_mask", "PB_W8", "BitLayerFormat",
 ]

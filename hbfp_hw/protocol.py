@@ -67,7 +67,8 @@ __all__ = [
     "QuantizeFlag", "GemmFlag", "StatsFlag", "Field", "Layout", "REQUESTS", "RESPONSES",
     "ERROR_LAYOUT", "BufferKind", "BufferSpec", "buffer_map", "crc32", "crc32_update",
     "encode_frame", "device_description", "device_hash", "protocol_json", "manifest_extra",
-    "NO_INDEX", "flag_mask",
+    "NO_INDEX", "flag_mask", "BITLAYER_BITS_MAX", "BITLAYER_ACT_BITS",
+    "BITLAYER_CHUNKS_MAX", "bitlayer_lanes", "bitlayer_k_max", "bitlayer_depth",
 ]
 
 #: 2: QUANTIZE carries ``exp_code`` (``STATIC_EXP``), READ_STATS ``QUANTIZE_INPUT``.
@@ -110,6 +111,7 @@ class Op(IntEnum):
     READ_STATS = 0x06  #: online min/max of the stored GEMM outputs (or QUANTIZE inputs)
     RESET = 0x07       #: clear buffers, accumulators, statistics
     SESSION = 0x08     #: set the session token every answer carries (0 after a reset)
+    BITLAYER = 0x09    #: bit-layer GEMM: weight bit-planes x integer activations -> ints
 
 
 class ErrorCode(IntEnum):
@@ -258,6 +260,8 @@ REQUESTS: dict[Op, Layout] = {
     Op.READ_STATS: _L(("flags", 1)),
     Op.RESET: _L(),
     Op.SESSION: _L(("token", 4)),
+    Op.BITLAYER: _L(("bits", 1), ("layers", 1), ("rows", 2), ("cols", 2), ("batch", 2),
+                    ("w_offset", 4), ("x_offset", 4), ("y_offset", 4)),
 }
 
 #: Response payload layouts (opcode ``op | RESPONSE_FLAG``).
@@ -270,6 +274,7 @@ RESPONSES: dict[Op, Layout] = {
     Op.READ_STATS: _L(("count", 4), ("n_nonfinite", 4), ("min", 4, "f32"), ("max", 4, "f32")),
     Op.RESET: _L(),
     Op.SESSION: _L(),
+    Op.BITLAYER: _L(),
 }
 
 #: Error frame payload layout (opcode :data:`ERROR_OPCODE`).
@@ -375,6 +380,8 @@ class BufferKind(IntEnum):
     MANTISSA = 1  #: signed two's-complement mantissas, block-stream order
     EXPONENT = 2  #: biased exponent codes, one per block, block-stream order
     EREF = 3      #: external reference exponent codes: rows then columns
+    PLANES = 4    #: weight bit-plane words of the bit-layer GEMM (bit l = lane l)
+    INT = 5       #: signed integers (bit-layer GEMM activations and results)
 
 
 @dataclass(frozen=True)
@@ -428,6 +435,14 @@ def buffer_map(config: "AcceleratorConfig") -> tuple[BufferSpec, ...]:
                       config.exp_bits_max, False, i, True))
     specs.append(("out", BufferKind.FP32, config.output_depth, 32, False, None, False))
     specs.append(("eref", BufferKind.EREF, eref_depth(config), 16, False, None, True))
+    lanes = bitlayer_lanes(config)
+    if lanes:
+        specs.append(("bl.w", BufferKind.PLANES, bitlayer_depth(config, "w"), lanes, False,
+                      None, True))
+        specs.append(("bl.x", BufferKind.INT, bitlayer_depth(config, "x"), BITLAYER_ACT_BITS,
+                      True, None, True))
+        specs.append(("bl.y", BufferKind.INT, bitlayer_depth(config, "y"), 32, True, None,
+                      False))
     out, base = [], 0
     for i, (name, kind, depth, bits, signed, operand, writable) in enumerate(specs):
         wb = _wire_bytes(bits)
@@ -437,6 +452,32 @@ def buffer_map(config: "AcceleratorConfig") -> tuple[BufferSpec, ...]:
         out.append(BufferSpec(i, name, kind, depth, bits, wb, signed, base, operand, writable))
         base += size
     return tuple(out)
+
+
+#: Weight bit-planes per row a BITLAYER command may use (``bits`` field: 1 .. this).
+BITLAYER_BITS_MAX = 8
+#: Width of the ``bl.x`` activations (signed).
+BITLAYER_ACT_BITS = 16
+#: Plane words per row and plane a BITLAYER command may use: ``cols <= lanes * this``.
+BITLAYER_CHUNKS_MAX = 8
+
+
+def bitlayer_lanes(config: "AcceleratorConfig") -> int:
+    """Weight bits per ``bl.w`` word (the bit-serial engine's lanes; 0: no engine)."""
+    return config.bitlayer_lanes            # validated by AcceleratorConfig
+
+
+def bitlayer_k_max(config: "AcceleratorConfig") -> int:
+    """Largest ``cols`` (K) of a BITLAYER command."""
+    return bitlayer_lanes(config) * BITLAYER_CHUNKS_MAX
+
+
+def bitlayer_depth(config: "AcceleratorConfig", which: str) -> int:
+    """Elements of ``bl.w`` (an eighth of ``operand_depth``), ``bl.x`` (an eighth of
+    ``input_depth``) and ``bl.y`` (an eighth of ``output_depth``), at least 64."""
+    base = {"w": config.operand_depth, "x": config.input_depth,
+            "y": config.output_depth}[which]
+    return max(64, base // 8)
 
 
 def eref_depth(config: "AcceleratorConfig") -> int:

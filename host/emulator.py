@@ -53,7 +53,8 @@ def _np_dtype(spec: P.BufferSpec) -> np.dtype:
     if spec.kind == P.BufferKind.FP32:
         return np.dtype("<u4")
     return np.dtype({(1, True): "i1", (2, True): "<i2", (1, False): "u1",
-                     (2, False): "<u2"}[(spec.wire_bytes, spec.signed)])
+                     (2, False): "<u2", (4, True): "<i4",
+                     (4, False): "<u4"}[(spec.wire_bytes, spec.signed)])
 
 
 class Emulator:
@@ -360,6 +361,49 @@ class Emulator:
 
     def _op_session(self, f, data):
         self.session = f["token"]
+        return {}, b""
+
+    def _op_bitlayer(self, f, data):
+        """``y = x @ W.T`` over the top ``layers`` of W's ``bits`` bit-planes
+        (:func:`hbfp_hw.bitlayers.matmul`): W (rows, cols) from ``bl.w`` (per row, its
+        planes sign plane first, each ``ceil(cols / lanes)`` words; bit ``l`` of word
+        ``c`` is column ``c * lanes + l``, bits past ``cols`` ignored), x (batch, cols)
+        from ``bl.x``, y (batch, rows) into ``bl.y`` (int32)."""
+        from hbfp_hw.bitlayers import matmul as bl_matmul
+        lay = P.REQUESTS[P.Op.BITLAYER]
+        lanes = P.bitlayer_lanes(self.config)
+        if not lanes:
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        bits, layers = f["bits"], f["layers"]
+        rows, cols, batch = f["rows"], f["cols"], f["batch"]
+        if not 1 <= bits <= P.BITLAYER_BITS_MAX:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("bits"))
+        if not 1 <= layers <= bits:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("layers"))
+        if rows == 0:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("rows"))
+        if not 1 <= cols <= P.bitlayer_k_max(self.config):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("cols"))
+        if batch == 0:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("batch"))
+        chunks = -(-cols // lanes)
+        ws, xs, ys = (self._by_kind(k, n) for k, n in ((P.BufferKind.PLANES, "bl.w"),
+                                                        (P.BufferKind.INT, "bl.x"),
+                                                        (P.BufferKind.INT, "bl.y")))
+        for off, n, sp in ((f["w_offset"], rows * bits * chunks, ws),
+                           (f["x_offset"], batch * cols, xs),
+                           (f["y_offset"], batch * rows, ys)):
+            if off + n > sp.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, sp.depth))
+        words = self.buffers[ws.id][f["w_offset"]: f["w_offset"] + rows * bits * chunks]
+        words = words.astype(np.int64).reshape(rows, bits, chunks)
+        lane_bits = (words[..., None] >> np.arange(lanes)) & 1       # (rows, q, c, lane)
+        planes = lane_bits.reshape(rows, bits, chunks * lanes)[:, ::-1, :cols]
+        planes = np.ascontiguousarray(planes.transpose(1, 0, 2)).astype(np.uint8)
+        x = self.buffers[xs.id][f["x_offset"]: f["x_offset"] + batch * cols]
+        y = bl_matmul(x.astype(np.int64).reshape(batch, cols), planes, layers)
+        self.buffers[ys.id][f["y_offset"]: f["y_offset"] + batch * rows] = \
+            y.reshape(-1).astype(np.int32)
         return {}, b""
 
 

@@ -59,7 +59,7 @@ DEFAULT_MODELS = ("mlp", "cnn")
 
 #: modules of :mod:`hbfp_hw.host` whose ``TRAIN_FORMATS`` (name -> (description,
 #: factory of :func:`~hbfp_hw.host.torch.convert` keyword arguments)) add formats
-SCHEME_TRAIN_MODULES = ("train_luq", "train_mls", "train_sparsity")
+SCHEME_TRAIN_MODULES = ("train_luq", "train_mls", "train_sparsity", "train_bitlayers")
 
 
 def scheme_train_formats() -> dict:

@@ -19,7 +19,7 @@ from hbfp_hw.gateware.top import mx_slots, quant_rounding, tile_slots
 from .engine_bench import Script, prepared_emulator
 
 __all__ = ["SCRIPTS", "fp32_tensor", "buffer_io_script", "stats_script", "quantize_script",
-           "gemm_script"]
+           "gemm_script", "bitlayer_script"]
 
 G, Q, S = P.GemmFlag, P.QuantizeFlag, P.StatsFlag
 
@@ -195,6 +195,62 @@ def gemm_script(cfg, rom: bytes, rng, n: int = 6) -> Script:
     return sc
 
 
+def bitlayer_script(cfg, rom: bytes, rng, n: int = 10) -> Script:
+    """BITLAYER with random weight bit-plane words (bits past ``cols`` set too),
+    activations over the whole int16 range (extremes included), random widths, layer
+    counts, shapes and offsets; errors: each bad field, each buffer range."""
+    sc = Script(prepared_emulator(cfg, rom))
+    specs = {s.name: s for s in sc.emu.specs}
+    lanes = P.bitlayer_lanes(cfg)
+    if not lanes:
+        sc.cmd(P.Op.BITLAYER, bits=8, layers=8, rows=1, cols=1, batch=1, w_offset=0,
+               x_offset=0, y_offset=0)
+        sc.finish()
+        return sc
+    ws, xs, ys = specs["bl.w"], specs["bl.x"], specs["bl.y"]
+    words = rng.integers(0, 1 << lanes, ws.depth, dtype=np.int64)
+    words[:8] = (1 << lanes) - 1                       # all-ones planes
+    x = rng.integers(-2**15, 2**15, xs.depth, dtype=np.int64)
+    x[:4] = [-2**15, 2**15 - 1, -2**15, 2**15 - 1]
+    for spec, vals, dt in ((ws, words, f"<u{ws.wire_bytes}"), (xs, x, "<i2")):
+        raw = vals.astype(dt).tobytes()
+        step = P.MAX_DATA // spec.wire_bytes
+        for lo in range(0, spec.depth, step):
+            sc.emulate(P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+                raw[lo * spec.wire_bytes: (lo + step) * spec.wire_bytes], buffer=spec.id,
+                offset=lo))
+    sc.load()
+    kmax = P.bitlayer_k_max(cfg)
+    for k in range(n):
+        bits = int(rng.integers(1, P.BITLAYER_BITS_MAX + 1))
+        layers = int(rng.choice([1, bits, int(rng.integers(1, bits + 1))]))
+        cols = int(rng.choice([1, lanes, kmax, int(rng.integers(1, kmax + 1))]))
+        chunks = -(-cols // lanes)
+        cols = min(cols, xs.depth)
+        rows = int(rng.integers(1, max(2, min(6, ws.depth // (bits * chunks)) + 1)))
+        rows = max(1, min(rows, ws.depth // (bits * chunks)))
+        batch = int(rng.integers(1, max(2, min(3, xs.depth // cols, ys.depth // rows) + 1)))
+        batch = max(1, min(batch, xs.depth // cols, ys.depth // rows))
+        f = dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch,
+                 w_offset=int(rng.integers(0, ws.depth - rows * bits * chunks + 1)),
+                 x_offset=int(rng.integers(0, xs.depth - batch * cols + 1)),
+                 y_offset=int(rng.integers(0, ys.depth - batch * rows + 1)))
+        sc.cmd(P.Op.BITLAYER, **f)
+        if k % 2 == 1:                                 # one bad field
+            bad = str(rng.choice(["bits", "layers", "rows", "cols", "batch", "w_offset",
+                                  "x_offset", "y_offset"]))
+            val = {"bits": int(rng.choice([0, P.BITLAYER_BITS_MAX + 1])),
+                   "layers": int(rng.choice([0, bits + 1])), "rows": 0,
+                   "cols": int(rng.choice([0, kmax + 1])), "batch": 0,
+                   "w_offset": ws.depth - rows * bits * chunks + 1,
+                   "x_offset": int(rng.choice([xs.depth - batch * cols + 1, 2**32 - 1])),
+                   "y_offset": ys.depth + 5}[bad]
+            sc.cmd(P.Op.BITLAYER, **{**f, bad: val})
+        sc.check()
+    sc.finish()
+    return sc
+
+
 #: Script builder per engine name of :data:`hbfp_hw.gateware.top.ENGINES`.
 SCRIPTS = {"buffer_io": buffer_io_script, "stats": stats_script,
-           "quantize": quantize_script, "gemm": gemm_script}
+           "quantize": quantize_script, "gemm": gemm_script, "bitlayer": bitlayer_script}

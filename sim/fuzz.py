@@ -215,7 +215,8 @@ class RequestGen:
 
     #: relative weights of the opcodes of plausible requests (others: 0.02)
     OP_WEIGHTS = {"WRITE": 0.3, "READ": 0.1, "QUANTIZE": 0.22, "GEMM": 0.25,
-                  "READ_STATS": 0.06, "RESET": 0.01, "INFO": 0.05, "SESSION": 0.02}
+                  "READ_STATS": 0.06, "RESET": 0.01, "INFO": 0.05, "SESSION": 0.02,
+                  "BITLAYER": 0.05}
 
     def _plausible(self) -> tuple[P.Op, bytes]:
         ops = list(P.Op)
@@ -248,9 +249,11 @@ class RequestGen:
             fmt = self._pick(self.cfg.formats)
             data = r.integers(0, fmt.exp_invalid_code + 1, n).astype(
                 "<u2" if s.wire_bytes == 2 else "u1").tobytes()
-        else:
+        elif s.kind == P.BufferKind.EREF:
             fmt = self._pick(self.cfg.formats)
             data = (fmt.exp_bias + r.integers(-4, 12, n)).astype("<u2").tobytes()
+        else:                                                    # bit-layer planes / ints
+            data = r.integers(0, 256, n * s.wire_bytes, dtype=np.uint8).tobytes()
         if r.random() < 0.1:
             data = r.bytes(len(data))                            # any bit pattern
         if r.random() < 0.03 and s.wire_bytes > 1:
@@ -354,6 +357,31 @@ class RequestGen:
     def _p_session(self) -> bytes:
         token = int(self.rng.integers(0, 1 << 32, dtype=np.uint64))
         return P.REQUESTS[P.Op["SESSION"]].pack(token=0 if self.rng.random() < 0.1 else token)
+
+    def _p_bitlayer(self) -> bytes:
+        """Mostly in range: shapes that fit ``bl.w`` / ``bl.x`` / ``bl.y``, any width and
+        layer count (some out of range)."""
+        r = self.rng
+        lay = P.REQUESTS[P.Op.BITLAYER]
+        lanes = P.bitlayer_lanes(self.cfg)
+        if not lanes:
+            return self._hostile(P.Op.BITLAYER)
+        sp = {s.name: s for s in self.specs}
+        dw, dx, dy = sp["bl.w"].depth, sp["bl.x"].depth, sp["bl.y"].depth
+        bits = int(r.integers(1, P.BITLAYER_BITS_MAX + 1))
+        layers = int(r.integers(1, bits + 1))
+        cols = int(r.integers(1, min(P.bitlayer_k_max(self.cfg), dx) + 1))
+        chunks = -(-cols // lanes)
+        rows = int(r.integers(1, max(1, min(8, dw // (bits * chunks))) + 1))
+        batch = int(r.integers(1, max(1, min(4, dx // cols, dy // rows)) + 1))
+        f = dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch,
+                 w_offset=int(r.integers(0, max(1, dw - rows * bits * chunks + 1))),
+                 x_offset=int(r.integers(0, max(1, dx - batch * cols + 1))),
+                 y_offset=int(r.integers(0, max(1, dy - batch * rows + 1))))
+        if r.random() < 0.15:                                    # one field off
+            name = self._pick([fl.name for fl in lay.fields])
+            f[name] = self._edge(next(fl.size for fl in lay.fields if fl.name == name))
+        return lay.pack(**f)
 
     # -- the device's profile ---------------------------------------------------------
     def sanitize(self, op: int, payload: bytes) -> bytes:

@@ -100,10 +100,11 @@ def test_default_board_config_is_the_documented_4x4():
     d = AcceleratorConfig.default()
     assert (cfg.array_rows, cfg.array_cols) == (4, 4)
     assert (cfg.operand_depth, cfg.input_depth, cfg.output_depth) == (16384, 4096, 4096)
+    assert cfg.bitlayer_lanes == 0                  # no bit-serial engine on the board
     # everything else is the default accelerator (formats, tile, k_max, link)
     assert cfg.replace(array_rows=8, array_cols=8, operand_depth=d.operand_depth,
                        input_depth=d.input_depth, output_depth=d.output_depth,
-                       clock_hz=d.clock_hz) == d
+                       clock_hz=d.clock_hz, bitlayer_lanes=d.bitlayer_lanes) == d
 
 
 @pytest.mark.parametrize("width, depth, reads, writes, expected", [

@@ -520,3 +520,10 @@ def test_device_calls_check_nonfinite_first(call):
         with pytest.raises(ValueError, match="nonfinite='bogus'; accepted values are "
                                              "'raise', 'flag'"):
             fn(*args, nonfinite="bogus")
+
+
+@pytest.mark.parametrize("v", [4, -1, True, "16"])
+def test_bitlayer_lanes_validated(v):
+    with pytest.raises(ValueError, match=r"bitlayer_lanes=.*accepted values are 0, 8, 16, 32"):
+        AcceleratorConfig(bitlayer_lanes=v)
+    assert AcceleratorConfig.from_dict({"bitlayer_lanes": 0}).bitlayer_lanes == 0

@@ -55,3 +55,9 @@ def test_gemm_engine(seed):
     assert fold(res["samples"]["sample"]) == script.emu._stats
     ok = [a for a in script.answers if a[1] == P.Op.GEMM | P.RESPONSE_FLAG]
     assert len(ok) >= 6, "too few GEMMs were computed to compare"
+
+
+def test_bitlayer_engine(seed):
+    script, res = _run("bitlayer", seed)
+    ok = [a for a in script.answers if a[1] == P.Op.BITLAYER | P.RESPONSE_FLAG]
+    assert len(ok) >= 6, "too few BITLAYER commands were computed to compare"

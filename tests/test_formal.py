@@ -46,7 +46,8 @@ ACFG = AcceleratorConfig(
     array_rows=1, array_cols=1, tile=2, operand_buffers=2, operand_depth=16,
     input_depth=16, output_depth=16, k_max=8, name="formal")
 #: FSM of each engine (``m.FSM(name=...)``).
-ENGINE_FSM = {"buffer_io": "bufio", "stats": "stats", "quantize": "quantize", "gemm": "gemm"}
+ENGINE_FSM = {"buffer_io": "bufio", "stats": "stats", "quantize": "quantize", "gemm": "gemm",
+              "bitlayer": "bitlayer"}
 ENGINE_NAMES = list(ENGINE_FSM)
 
 

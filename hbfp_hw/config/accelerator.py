@@ -61,6 +61,10 @@ def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
     return block[0], block[1]
 
 
+#: accepted ``bitlayer_lanes`` (0: no bit-serial engine)
+BITLAYER_LANES = (0, 8, 16, 32)
+
+
 @dataclass(frozen=True)
 class AcceleratorConfig:
     """An immutable, validated accelerator configuration.
@@ -95,6 +99,10 @@ class AcceleratorConfig:
         Design clock frequency, in ``[1e6, 1e9]``.
     name
         Label used in reports and as the Verilog top name suffix.
+    bitlayer_lanes
+        Weight bits per word of the bit-serial engine (BITLAYER, bit-layer GEMMs of
+        ``docs/bitlayers.md``): one of ``0, 8, 16, 32``; ``0`` builds no bit-serial engine
+        (BITLAYER answers UNSUPPORTED) and no ``bl.*`` buffers.
     """
 
     formats: tuple[BFPFormat, ...] = (HBFP8,)
@@ -110,6 +118,7 @@ class AcceleratorConfig:
     baud_rate: int = 3_000_000
     clock_hz: int = 50_000_000
     name: str = "hbfp"
+    bitlayer_lanes: int = 16
 
     def __post_init__(self) -> None:
         fmts = self.formats
@@ -154,6 +163,10 @@ class AcceleratorConfig:
                 f"k_max={self.k_max} with guard_bits={self.guard_bits} needs a "
                 f"{acc}-bit accumulator; accepted range is [1, {MAX_ACCUMULATOR_BITS}] bits "
                 f"(reduce k_max or guard_bits)")
+        if (not isinstance(self.bitlayer_lanes, int) or isinstance(self.bitlayer_lanes, bool)
+                or self.bitlayer_lanes not in BITLAYER_LANES):
+            raise ValueError(f"bitlayer_lanes={self.bitlayer_lanes!r}; accepted values are "
+                             f"{', '.join(map(str, BITLAYER_LANES))} (0: no bit-serial engine)")
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"name={self.name!r} must be a non-empty identifier")
 
