@@ -103,7 +103,7 @@ def tool_environment(base: dict | None = None) -> dict:
 def build_plan(board: str = "ulx3s", variant: str | None = None,
                config: AcceleratorConfig | None = None, *, clock_hz: int | None = None,
                name: str | None = None, seed: int = 1, mapper: str = MAPPER,
-               router: str = ROUTER):
+               router: str = ROUTER, debug_verilog: bool = False):
     """Elaborate the board top and return ``(plan, platform, top, config)``.
 
     ``plan`` is the amaranth :class:`~amaranth.build.run.BuildPlan` (files and the build
@@ -119,6 +119,8 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     overrides = (_synth_overrides(name, mapper) if b.family == "ecp5"
                  else {"synth_opts": "-dsp"})     # iCE40: multipliers into SB_MAC16
     top = BoardTop(cfg, pll, uart=b.uart, primitives=_primitives(b))
+    if debug_verilog:       # <name>.debug.v: the Verilog of the board top
+        overrides["debug_verilog"] = True
     plan = plat.build(top, name=name, do_build=False, **overrides,
                       nextpnr_opts=f"--report {name}.report.json --timing-allow-fail "
                                    f"--seed {seed} --router {router}")
@@ -475,6 +477,43 @@ def _cli_build(args) -> int:
               f"lower --clock-mhz.", file=sys.stderr)
         return 3 if args.strict_timing else 0
     return 0
+
+
+def generate_board_sources(board: str = "ulx3s", variant: str | None = None,
+                           config: AcceleratorConfig | None = None,
+                           outdir: str | Path = "build/board_src", *, name: str | None = None,
+                           clock_hz: int | None = None) -> list[Path]:
+    """The board top as sources for another flow, without running the tools:
+    ``<name>.v`` (Verilog of the board top: clock input, PLL, reset synchroniser, UART
+    accelerator, LEDs), the platform's pin file (``.lpf`` / ``.pcf``), an ``.sdc`` with
+    the board and design clocks (:func:`~hbfp_hw.gateware.constraints.board_constraints`)
+    and the manifest ``<name>.json`` (``kind: "board"``). Returns the paths."""
+    from hbfp_hw.manifest import write_manifest
+
+    from .constraints import board_constraints, write_constraints
+    b = _board(board)
+    variant = b.default_variant if variant is None else variant
+    plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, name=name,
+                                      debug_verilog=True)
+    name = plan.script[len("build_"):]
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    v = outdir / f"{name}.v"
+    v.write_text(plan.files[f"{name}.debug.v"])
+    paths = [v, *write_constraints(board_constraints(board, variant, plan=plan), outdir)]
+    pins = board_pins(board, variant)
+    ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
+             "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
+             "busy": {"dir": "out", "width": 1, "pins": pins["led_busy"]}}
+    extra = dict(P.manifest_extra(cfg))
+    extra["board"] = {"board": board, "variant": variant, "device": plat.device,
+                      "clk_pin": pins["clk"], "clkin_hz": int(plat.default_clk_frequency),
+                      "pll": None if top.pll is None else asdict(top.pll),
+                      "uart_divisor": top.divisor}
+    mf = outdir / f"{name}.json"
+    write_manifest(mf, kind="board", top=name, config=cfg.to_dict(), ports=ports,
+                   extra=extra, verilog=v.name)
+    return [*paths, mf]
 
 
 def program_command(board: str, outdir: str | Path, *, flash: bool = False

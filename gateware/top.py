@@ -381,9 +381,32 @@ def _cli_generate(args) -> int:
         cfg = AcceleratorConfig.from_dict(d.get("config", d))
     else:
         from .sim_device import SIM_CONFIG
-        cfg = SIM_CONFIG if args.sim else AcceleratorConfig.default()
+        cfg = SIM_CONFIG if args.sim else None
+    import time
+    t0 = time.perf_counter()
+    if args.board:
+        from .build import generate_board_sources
+        print(f"elaborating the {args.board} board top and writing its Verilog and "
+              "constraints (up to a minute or two) ...", flush=True)
+        paths = generate_board_sources(args.board, args.variant, cfg, args.output,
+                                       name=args.name)
+        print(f"wrote {', '.join(str(p) for p in paths)} "
+              f"({time.perf_counter() - t0:.0f} s)")
+        return 0
+    if args.variant:
+        raise ValueError("--variant needs --board")
+    cfg = cfg or AcceleratorConfig.default()
+    print(f"elaborating the accelerator ({cfg.array_rows}x{cfg.array_cols} array, "
+          f"{len(cfg.formats)} format slot(s)) and writing Verilog (up to a minute) ...",
+          flush=True)
     v, mf = generate(cfg, args.output, uart=args.uart, name=args.name)
-    print(f"wrote {v} and {mf} (device hash {P.device_hash(cfg).hex()[:16]}...)")
+    extra = ""
+    if args.uart:
+        from .constraints import uart_top_constraints, write_constraints
+        cons = write_constraints(uart_top_constraints(cfg, v.stem), v.parent)
+        extra = f", constraints {', '.join(p.name for p in cons)}"
+    print(f"wrote {v} and {mf}{extra} (device hash {P.device_hash(cfg).hex()[:16]}..., "
+          f"{time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -394,7 +417,12 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--config", help="AcceleratorConfig JSON (file or literal; a manifest "
                                     "works too); default: the default accelerator")
     p.add_argument("--sim", action="store_true", help="use the small sim:// configuration")
-    p.add_argument("--uart", action="store_true", help="wrap the top in the UART PHY")
+    p.add_argument("--uart", action="store_true",
+                   help="wrap the top in the UART PHY (also writes .sdc/.xdc constraints)")
+    p.add_argument("--board", default=None,
+                   help="write the board top (clock, PLL, reset, UART pins, LEDs) of this "
+                        "board with its pin and timing constraints, as for 'hbfp-hw build'")
+    p.add_argument("--variant", default=None, help="board variant (with --board)")
     p.add_argument("--name", default=None, help="top module name")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=_cli_generate)

@@ -54,3 +54,36 @@ def test_regenerated_files_equal_the_repository():
     for folder, files in repository_sets().items():
         for name, text in files.items():
             assert (ROOT / folder / name).read_text() == text, f"{folder}/{name}"
+
+
+def test_generate_accelerator_board_writes_top_and_constraints(tmp_path, capsys):
+    from hbfp_hw.cli import main
+    from hbfp_hw.manifest import read_manifest
+    assert main(["generate", "accelerator", "--board", "ulx3s", "--sim", "-o",
+                 str(tmp_path)]) == 0
+    assert "elaborating the ulx3s board top" in capsys.readouterr().out
+    v = (tmp_path / "hbfp_sim_ulx3s.v").read_text()
+    lpf = (tmp_path / "hbfp_sim_ulx3s.lpf").read_text()
+    pins, clocks = _pins_from_platform_file(lpf, "ecp5")
+    head = re.search(r"^module hbfp_sim_ulx3s\(([^)]*)\);", v, re.M)
+    assert head and set(p.strip() for p in head.group(1).split(",")) == set(pins)
+    assert "EHXPLLL" in v                      # the PLL makes the design clock
+    sdc = (tmp_path / "hbfp_sim_ulx3s.sdc").read_text()
+    assert "create_clock -name design_clk -period 20.000" in sdc    # 50 MHz
+    m = read_manifest(tmp_path / "hbfp_sim_ulx3s.json", kind="board")
+    assert m["board"]["board"] == "ulx3s" and m["ports"]["rx"]["pins"] == ["M1"]
+
+
+def test_generate_accelerator_uart_writes_sdc_and_xdc(tmp_path, capsys):
+    from hbfp_hw.cli import main
+    from hbfp_hw.gateware.sim_device import SIM_CONFIG
+    assert main(["generate", "accelerator", "--uart", "--sim", "-o", str(tmp_path)]) == 0
+    want = uart_top_constraints(SIM_CONFIG, "hbfp_sim_accel")
+    for name, text in want.items():
+        assert (tmp_path / name).read_text() == text
+    v = (tmp_path / "hbfp_sim_accel.v").read_text()
+    head = re.search(r"^module hbfp_sim_accel\(([^)]*)\);", v, re.M)
+    assert set(p.strip() for p in head.group(1).split(",")) == {"clk", "rst", "rx", "tx",
+                                                                "busy"}
+    assert main(["generate", "accelerator", "--variant", "85F", "-o", str(tmp_path)]) == 2
+    assert "--variant needs --board" in capsys.readouterr().err
