@@ -408,16 +408,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
               "nextpnr": builddir / f"{name}.tim", "report": report_path},
         seconds=time.monotonic() - t0, cells=util,
         macs_per_clock=_macs(cfg)[0], macs_per_clock_narrow=_macs(cfg)[1])
-    pins = board_pins(board, variant)
-    ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
-             "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
-             "busy": {"dir": "out", "width": 1, "pins": pins["led_busy"]}}
-    extra = dict(P.manifest_extra(cfg))
-    extra["board"] = {"board": board, "variant": variant, "device": plat.device,
-                      "clk_pin": pins["clk"],
-                      "clkin_hz": int(plat.default_clk_frequency),
-                      "pll": None if top.pll is None else asdict(top.pll),
-                      "uart_divisor": top.divisor, "bitstream": bit.name}
+    ports, extra = _board_manifest(board, variant, plat, top, cfg)
+    extra["board"]["bitstream"] = bit.name
     extra["build"] = {k: v for k, v in res.to_dict().items()
                       if k not in ("cells", "bitstream", "manifest", "logs")}
     write_manifest(res.manifest, kind="board", top=name, config=cfg.to_dict(),
@@ -425,6 +417,21 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     write_reports(res, outdir)
     progress(f"  [{res.seconds:6.0f} s] done: {bit}; reports {outdir / 'report.txt'}")
     return res
+
+
+def _board_manifest(board: str, variant: str, plat, top, cfg) -> tuple[dict, dict]:
+    """The ``ports`` and ``extra`` of a board manifest: pins, device description, board
+    (variant, device, clock pin and frequency, PLL dividers, UART divisor)."""
+    pins = board_pins(board, variant)
+    ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
+             "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
+             "busy": {"dir": "out", "width": 1, "pins": pins["led_busy"]}}
+    extra = dict(P.manifest_extra(cfg))
+    extra["board"] = {"board": board, "variant": variant, "device": plat.device,
+                      "clk_pin": pins["clk"], "clkin_hz": int(plat.default_clk_frequency),
+                      "pll": None if top.pll is None else asdict(top.pll),
+                      "uart_divisor": top.divisor}
+    return ports, extra
 
 
 def _macs(cfg: AcceleratorConfig) -> tuple[int, int]:
@@ -501,15 +508,7 @@ def generate_board_sources(board: str = "ulx3s", variant: str | None = None,
     v = outdir / f"{name}.v"
     v.write_text(plan.files[f"{name}.debug.v"])
     paths = [v, *write_constraints(board_constraints(board, variant, plan=plan), outdir)]
-    pins = board_pins(board, variant)
-    ports = {"rx": {"dir": "in", "width": 1, "pins": pins["rx"]},
-             "tx": {"dir": "out", "width": 1, "pins": pins["tx"]},
-             "busy": {"dir": "out", "width": 1, "pins": pins["led_busy"]}}
-    extra = dict(P.manifest_extra(cfg))
-    extra["board"] = {"board": board, "variant": variant, "device": plat.device,
-                      "clk_pin": pins["clk"], "clkin_hz": int(plat.default_clk_frequency),
-                      "pll": None if top.pll is None else asdict(top.pll),
-                      "uart_divisor": top.divisor}
+    ports, extra = _board_manifest(board, variant, plat, top, cfg)
     mf = outdir / f"{name}.json"
     write_manifest(mf, kind="board", top=name, config=cfg.to_dict(), ports=ports,
                    extra=extra, verilog=v.name)

@@ -85,16 +85,27 @@ def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a).to(like.device)
 
 
+def _quantize_xw(ctx, layer, x, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's quantized X and W of ``layer`` (saved on ``ctx`` for the backward)."""
+    ctx.layer = layer
+    xq = _t(layer._fake_quant(_np(x), layer.act_fmt, "act"), x)
+    wq = _t(layer._fake_quant(_np(w), layer.weight_fmt, "weight"), w)
+    ctx.saved = (xq, wq)
+    return xq, wq
+
+
+def _quantize_dy(ctx, dy) -> torch.Tensor:
+    layer = ctx.layer
+    return _t(layer._fake_quant(_np(dy), layer._grad_fmt_for_step(), "grad"), dy)
+
+
 class FakeGemm(torch.autograd.Function):
     """``Y = X̂ Ŵᵀ (+ b)``; ``dX = dŶ Ŵ``, ``dW = dŶᵀ X̂`` in FP32 on quantized operands."""
 
     @staticmethod
     def forward(ctx, x, w, bias, layer):
-        ctx.layer = layer
         ctx.has_bias = bias is not None
-        xq = _t(layer._fake_quant(_np(x), layer.act_fmt, "act"), x)
-        wq = _t(layer._fake_quant(_np(w), layer.weight_fmt, "weight"), w)
-        ctx.saved = (xq, wq)
+        xq, wq = _quantize_xw(ctx, layer, x, w)
         y = xq @ wq.T
         return y + bias.detach() if bias is not None else y
 
@@ -102,7 +113,7 @@ class FakeGemm(torch.autograd.Function):
     def backward(ctx, dy):
         layer = ctx.layer
         xq, wq = ctx.saved
-        gq = _t(layer._fake_quant(_np(dy), layer._grad_fmt_for_step(), "grad"), dy)
+        gq = _quantize_dy(ctx, dy)
         dx = gq @ wq if ctx.needs_input_grad[0] else None
         dw = gq.T @ xq if ctx.needs_input_grad[1] else None
         db = dy.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -116,11 +127,8 @@ class FakeConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, layer):
-        ctx.layer = layer
         ctx.has_bias = bias is not None
-        xq = _t(layer._fake_quant(_np(x), layer.act_fmt, "act"), x)
-        wq = _t(layer._fake_quant(_np(w), layer.weight_fmt, "weight"), w)
-        ctx.saved = (xq, wq)
+        xq, wq = _quantize_xw(ctx, layer, x, w)
         ctx.conf = (layer.stride, layer.padding, layer.dilation)
         return torch.nn.functional.conv2d(xq, wq, None if bias is None else bias.detach(),
                                           *ctx.conf)
@@ -129,7 +137,7 @@ class FakeConv(torch.autograd.Function):
     def backward(ctx, dy):
         layer = ctx.layer
         xq, wq = ctx.saved
-        gq = _t(layer._fake_quant(_np(dy), layer._grad_fmt_for_step(), "grad"), dy)
+        gq = _quantize_dy(ctx, dy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.nn.grad.conv2d_input(xq.shape, wq, gq, *ctx.conf)
