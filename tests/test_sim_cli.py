@@ -33,8 +33,12 @@ def test_sim_errors(argv, msg, tmp_path, capsys):
 
 def test_sim_url_writes_a_vcd(tmp_path):
     from hbfp_hw.host.device import open as open_device
+    from hbfp_hw.gateware.sim_device import SIM_CONFIG
+    small = SIM_CONFIG.replace(formats=SIM_CONFIG.formats[:1], array_rows=1, array_cols=1,
+                               operand_depth=256, input_depth=64, output_depth=256, k_max=16,
+                               bitlayer_lanes=0)
     path = tmp_path / "w.vcd"
-    with open_device(f"sim://?vcd={path}") as dev:
+    with open_device(f"sim://?vcd={path}", config=small) as dev:
         dev.reset()
     text = path.read_text()
     assert "$enddefinitions" in text and "cmd__payload" in text
