@@ -444,3 +444,18 @@ def test_info_command_prints_the_device(capsys):
     assert "format slot 0 HBFP8: 8-bit mantissas" in out and "protocol      version" in out
     assert cli.main(["info", "emulate://", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["name"] == "hbfp"
+
+
+def test_report_parsing_of_a_real_nextpnr_report():
+    """The nextpnr JSON report of a real ULX3S-85F build of the board default
+    (captured from ``hbfp-hw build --board ulx3s``), parsed as the build parses it."""
+    from hbfp_hw.gateware.synth import _fmax, _used
+    path = Path(__file__).parent / "fixtures" / "ulx3s_85f_nextpnr_report.json"
+    report = json.loads(path.read_text())
+    util = report["utilization"]
+    cells = B._CELLS["ecp5"]
+    assert round(_fmax(report), 2) == 47.21
+    assert (_used(util, *cells["LUT"]), _used(util, *cells["FF"]), _used(util, *cells["DSP"]),
+            _used(util, *cells["BRAM"])) == (28809, 9475, 70, 60)
+    assert B._percent(util, cells["BRAM"]) == pytest.approx(100 * 60 / 208)
+    assert report["critical_paths"]                  # nextpnr's path list is there
