@@ -103,7 +103,6 @@ def save_vectors(path, cfg: SparseEngineConfig, beats, expected, jobs) -> None:
 
 try:
     import cocotb
-    from cocotb.clock import Clock
     from cocotb.triggers import ClockCycles, FallingEdge
 except ImportError:  # pragma: no cover - the vector builder works without cocotb
     cocotb = None
@@ -112,7 +111,7 @@ except ImportError:  # pragma: no cover - the vector builder works without cocot
 if cocotb is not None:
     @cocotb.test()
     async def test_sparse_engine(dut):
-        from hbfp_hw.sim.streams import StreamDriver, StreamMonitor
+        from hbfp_hw.sim.streams import StreamDriver, StreamMonitor, start_byte_top
         vec = np.load(os.environ["HBFP_SPARSE_VECTORS"])
         cfg = SparseEngineConfig(**json.loads(str(vec["cfg"])))
         beats = [int(b) for b in vec["beats"]]
@@ -124,16 +123,8 @@ if cocotb is not None:
         dut._log.info(f"{len(beats)} beats, {len(expected)} jobs, p_valid={p_valid}, "
                       f"p_ready={p_ready}, config {cfg}")
         got: list[list[int]] = []
-        cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-        dut.rst.value = 1
-        dut.i__valid.value = 0
-        dut.i__payload.value = 0
-        dut.o__ready.value = 0
-        await ClockCycles(dut.clk, 3)
-        await FallingEdge(dut.clk)
-        dut.rst.value = 0
         mon = StreamMonitor(dut, "o", rng, lambda w: got.append(unpack_out(cfg, w)), p_ready)
-        cocotb.start_soon(mon.run())
+        await start_byte_top(dut, mon)      # clock, reset with both streams idle, monitor
         drv = StreamDriver(dut, "i", rng, p_valid)
         await drv.send(beats)
         for _ in range(200 + 20 * len(expected)):
