@@ -48,7 +48,7 @@ import numpy as np
 from .intgemm import IntFormat, int_conv2d, int_linear, quantize_int
 
 __all__ = ["POWELL_OPTIONS", "P_GRID", "calibration_subset", "max_clip", "lp_init", "lapq",
-           "lp_alpha", "quantized_layers", "with_alphas"]
+           "lp_alpha", "quantized_layers", "with_alphas", "deploy"]
 
 #: Options of ``scipy.optimize.minimize(method="Powell")`` in :func:`lapq`.
 POWELL_OPTIONS = {"maxiter": 2, "xtol": 1e-2, "ftol": 1e-4}
@@ -62,10 +62,23 @@ def _check_bits(name, v):
 
 
 def _check_backend(backend):
-    if backend != "emulate":
-        raise ValueError(
-            f"backend={backend!r}: the quantized model runs on the golden integer GEMM "
-            f"only; accepted value is 'emulate' (the accelerator has no integer GEMM mode)")
+    if isinstance(backend, str) and (backend == "emulate" or "://" in backend):
+        return
+    if hasattr(backend, "bitlayer_matmul"):
+        return
+    raise ValueError(
+        f"backend={backend!r}: accepted values are 'emulate' (the golden integer GEMM), a "
+        f"device URL such as 'emulate://' or 'sim://', or an open hbfp_hw.host Device")
+
+
+class _DeviceRef:
+    """Holds the device a quantized layer runs on; shared, never deep-copied."""
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,6 +102,7 @@ def _qlayer_class():
             self.a_fmt = IntFormat(a_bits, a_kind, name=f"A{a_bits}")
             self.x_mean = x_mean
             self.alpha_w = self.alpha_a = None
+            self.target = _DeviceRef()
 
         def set_alphas(self, alpha_w: float, alpha_a: float) -> None:
             self.alpha_w, self.alpha_a = float(alpha_w), float(alpha_a)
@@ -103,13 +117,20 @@ def _qlayer_class():
 
         def forward(self, x):
             xn = x.detach().cpu().numpy()
+            dev = self.target.device
+            if dev is None:
+                lin, conv = int_linear, int_conv2d
+            else:
+                from hbfp_hw.host import int_gemm
+                lin = functools.partial(int_gemm.int_linear, dev)
+                conv = functools.partial(int_gemm.int_conv2d, dev)
             if self.is_conv:
                 aq = quantize_int(xn, self.a_fmt, alpha=self.alpha_a)
-                y = int_conv2d(aq, self.wq, stride=self.stride, padding=self.padding)
+                y = conv(aq, self.wq, stride=self.stride, padding=self.padding)
                 y = y + self.bias32[None, :, None, None]
             else:
                 aq = quantize_int(xn.reshape(-1, xn.shape[-1]), self.a_fmt, alpha=self.alpha_a)
-                y = (int_linear(aq, self.wq) + self.bias32).reshape(*xn.shape[:-1], -1)
+                y = (lin(aq, self.wq) + self.bias32).reshape(*xn.shape[:-1], -1)
             return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
 
         def extra_repr(self) -> str:
@@ -190,6 +211,7 @@ class _Setup:
         _check_bits("w_bits", w_bits)
         _check_bits("a_bits", a_bits)
         _check_backend(backend)
+        self.backend = backend
         calib_x = np.asarray(calib_x.detach().cpu() if hasattr(calib_x, "detach") else calib_x,
                              dtype=np.float32)
         if calib_x.ndim < 2 or len(calib_x) < 1:
@@ -239,6 +261,8 @@ class _Setup:
             method=method, layers=list(self.names),
             alphas={q.name: (q.alpha_w, q.alpha_a) for q in self.layers},
             w_bits=self.layers[0].w_fmt.bits, a_bits=self.layers[0].a_fmt.bits, **info)
+        if self.backend != "emulate":
+            return deploy(self.qmodel, self.backend)
         return self.qmodel
 
 
@@ -339,6 +363,33 @@ def lapq(model, calib_x, calib_y, w_bits: int = 4, a_bits: int = 4, *, backend="
     info.update(loss_final=st.loss(st.calib_x, y), nfev=int(res.nfev), powell_options=opts,
                 scipy_version=scipy.__version__)
     return st.finish("lapq", info)
+
+
+def deploy(qmodel, device):
+    """A copy of a quantized model whose integer GEMMs run on ``device`` (a URL for
+    :func:`hbfp_hw.host.open`, an open Device, or ``"emulate"`` for the golden integer
+    GEMM). The integer sums run on the device's integer engine and the FP32 scaling on
+    the host (:mod:`hbfp_hw.host.int_gemm`): the logits are bit-identical to the
+    golden model's. The copy's ``ptq_info["device"]`` names the target."""
+    _check_backend(device)
+    if device == "emulate":
+        dev, name = None, "emulate"
+    elif isinstance(device, str):
+        from hbfp_hw import host
+        dev, name = host.open(device), device
+    else:
+        dev, name = device, type(device).__name__
+    new = copy.deepcopy(qmodel)
+    cls = _qlayer_class()
+    layers = [m for m in new.modules() if isinstance(m, cls)]
+    if not layers:
+        raise ValueError("the model has no quantized layer; quantize it first with "
+                         "max_clip, lp_init or lapq")
+    ref = _DeviceRef(dev)
+    for m in layers:
+        m.target = ref
+    new.ptq_info = dict(getattr(new, "ptq_info", {}), device=name)
+    return new
 
 
 def with_alphas(qmodel, alphas: dict):

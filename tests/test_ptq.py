@@ -190,8 +190,8 @@ def test_errors(rng):
         ptq.max_clip(model, x, w_bits=1)
     with pytest.raises(ValueError, match=r"a_bits=17 is out of range"):
         ptq.lapq(model, x, y, a_bits=17)
-    with pytest.raises(ValueError, match="accepted value is 'emulate'"):
-        ptq.max_clip(model, x, backend="sim://")
+    with pytest.raises(ValueError, match="backend='gpu': accepted values are 'emulate'"):
+        ptq.max_clip(model, x, backend="gpu")
     with pytest.raises(ValueError, match="calib_y must be 32 class labels"):
         ptq.lapq(model, x, y[:5])
     with pytest.raises(ValueError, match="no layer left to quantize"):
