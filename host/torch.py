@@ -80,7 +80,7 @@ __all__ = [
     "CONV_MODES",
     "BFPLinear",
     "BFPConv2d",
-    "convert", "ConversionReport",
+    "convert", "ConversionReport", "input_dither_default", "INPUT_DITHER_MAN_BITS",
     "round_weights",
     "bfp_layers",
     "is_hyperblock",
@@ -1764,13 +1764,29 @@ def _skip_reason(child: nn.Module) -> str | None:
     return None
 
 
+#: Widest model-input mantissa that :func:`convert` dithers by default.
+INPUT_DITHER_MAN_BITS = 4
+
+
+def input_dither_default(fmt, weight_fmt=None, act_fmt=None, grad_fmt=None) -> bool:
+    """Whether :func:`convert` rounds the model input stochastically in training when
+    ``input_act_stochastic`` is not given: the first layer's activation format is
+    HyperBlock BFP with at most :data:`INPUT_DITHER_MAN_BITS` mantissa bits and round to
+    nearest, and its weight and gradient formats are HyperBlock BFP too."""
+    base = HBFP8 if fmt is None else fmt
+    w, a, g = (base if q is None else q for q in (weight_fmt, act_fmt, grad_fmt))
+    if not all(isinstance(q, BFPFormat) and is_hyperblock(q) for q in (w, a, g)):
+        return False
+    return a.man_bits <= INPUT_DITHER_MAN_BITS and a.rounding != "stochastic"
+
+
 def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
             weight_fmt: Quantizer | None = None, act_fmt: Quantizer | None = None,
             grad_fmt: Quantizer | None = None, backend: Union[str, Backend, None] = "emulate",
             grad_stochastic: bool = False, seed: int = 0,
             shadow_fmt: BFPFormat | None = None,
             input_act_fmt: Quantizer | None = None,
-            input_act_stochastic: bool = False, conv_mode: str | None = None,
+            input_act_stochastic: bool | None = None, conv_mode: str | None = None,
             sparsity: str | None = None, mask_period: int = 100,
             include=None, verbose: bool = False) -> nn.Module:
     """Replace every :class:`~torch.nn.Linear` / :class:`~torch.nn.Conv2d` of ``model``
@@ -1780,7 +1796,11 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
     (in module order; it quantizes the model input), e.g. 8-bit input data in an
     otherwise 4-bit model. ``input_act_stochastic=True`` rounds that layer's input
     stochastically in training mode (a dither of the model input; see
-    :class:`BFPLinear`'s ``act_stochastic``). All converted layers share one backend
+    :class:`BFPLinear`'s ``act_stochastic``); evaluation rounds to nearest. The default
+    ``None`` dithers it when that input is 4-bit HyperBlock BFP (e.g. the HBFP4 preset:
+    a 4-bit model input costs accuracy when it is rounded the same way every step,
+    ``docs/training.md``) and all three roles of that layer are HyperBlock BFP formats;
+    ``False`` keeps round-to-nearest. All converted layers share one backend
     instance (so its :attr:`Backend.calls` counts the whole model). ``conv_mode`` is
     passed to every :class:`BFPConv2d` (None: HyperBlock convolutions where the formats
     and the backend allow them). ``sparsity`` (e.g. ``"2:4-transposable"``, ``"2:4"``)
@@ -1812,10 +1832,14 @@ def convert(model: nn.Module, fmt: Quantizer | None = HBFP8, *,
         act = act_fmt
         if counter[0] == 1 and input_act_fmt is not None:
             act = input_act_fmt
+        first = counter[0] == 1
+        dither = input_act_stochastic
+        if dither is None:
+            dither = first and input_dither_default(fmt, weight_fmt, act, grad_fmt)
         return dict(fmt=fmt, weight_fmt=weight_fmt, act_fmt=act, grad_fmt=grad_fmt,
                     backend=be, grad_stochastic=grad_stochastic, seed=seed,
                     shadow_fmt=shadow_fmt, layer_id=counter[0],
-                    act_stochastic=input_act_stochastic and counter[0] == 1)
+                    act_stochastic=bool(dither) and first)
 
     def plan(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():

@@ -10,13 +10,14 @@ fp32         PyTorch's own layers
 hbfp8        HyperBlock 16x16 tiles, 8-bit mantissas for W/A/G, stochastic rounding of G;
              convolutions quantize X, W, dY once each with 16 (samples) x 16 (channels)
              blocks per position (HyperBlock convolution, ``docs/conv.md``)
-hb4          as hbfp8 with 4-bit mantissas for W/A/G
+hb4          as hbfp8 with 4-bit mantissas for W/A/G; the model input (first layer's X)
+             is rounded stochastically in training (convert's default for a 4-bit
+             input), to nearest in evaluation
+hb4-rne      as hb4 with the model input rounded to nearest in training too
 hbfp8-im2col as hbfp8, convolutions as im2col GEMMs with 16x16 tiles on the unfolded input
 hb4-im2col   as hb4, convolutions as im2col GEMMs with 16x16 tiles on the unfolded input
 hb4-t8       as hb4 with 8x8 tiles (finer shared exponents)
 hb4-in8      as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
-hb4-sr       as hb4 (all 4-bit, 16x16 tiles), plus stochastic rounding of the model input
-             (first layer's X) in training; evaluation rounds it to nearest
 mxint8       OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
 int8-hs      per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
 int8-dyn     per-tensor asymmetric int8, dynamic (current batch) A/G ranges
@@ -51,9 +52,9 @@ __all__ = ["FORMAT_NAMES", "SCHEME_TRAIN_MODULES", "scheme_train_formats", "all_
            "make_model", "format_kwargs", "train_one", "run_grid", "summarise",
            "format_table", "plot_curves", "register_cli"]
 
-FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-sr", "mxint8", "int8-hs",
+FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-rne", "mxint8", "int8-hs",
                 "int8-dyn", "int8p2-hs", "int8p2-dyn", "hbfp8-im2col", "hb4-im2col")
-MODEL_NAMES = ("mlp", "cnn", "cnn2")
+MODEL_NAMES = ("mlp", "cnn", "cnn2", "mlp2")
 #: the models ``--model all`` trains
 DEFAULT_MODELS = ("mlp", "cnn")
 
@@ -141,6 +142,8 @@ def make_model(name: str):
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
             nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    if name == "mlp2":      # one wide hidden layer
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
     raise ValueError(f"unknown model {name!r}; accepted names are {', '.join(MODEL_NAMES)}")
 
 
@@ -194,8 +197,8 @@ def _format_kwargs(name: str) -> dict | None:
                     grad_stochastic=True)
     if name == "hb4-in8":
         return dict(fmt=HBFP4, grad_stochastic=True, input_act_fmt=HBFP8)
-    if name == "hb4-sr":
-        return dict(fmt=HBFP4, grad_stochastic=True, input_act_stochastic=True)
+    if name == "hb4-rne":
+        return dict(fmt=HBFP4, grad_stochastic=True, input_act_stochastic=False)
     if name == "mxint8":
         return dict(fmt=MXINT8)
     if name in ("int8-hs", "int8-dyn"):
@@ -317,7 +320,7 @@ def summarise(results) -> dict:
 
 _TARGETS = {"hbfp8": ("fp32", 0.5), "hb4": ("fp32", 1.0), "hb4-t8": ("fp32", 1.0),
             "hbfp8-im2col": ("fp32", 0.5), "hb4-im2col": ("fp32", 1.0),
-            "hb4-in8": ("fp32", 1.0), "hb4-sr": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5),
+            "hb4-in8": ("fp32", 1.0), "hb4-rne": ("fp32", 1.0), "int8-hs": ("int8-dyn", 0.5),
             "int8p2-hs": ("int8p2-dyn", 0.5), "mls-e2m4": ("fp32", 1.0),
             **{k: ("fp32", 1.0) for k in (
                 "luq4-f32", "luq4-hs-f32", "luq4-smp2-f32", "luq4-hs-smp2-f32", "luq4-hb4",
@@ -516,7 +519,8 @@ def register_cli(subparsers, generate_subparsers) -> None:
                     "HyperBlock 4-bit, MXINT8 and int8 (in-hindsight / dynamic ranges); "
                     "print the accuracy table and plot the learning curves.")
     p.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="all",
-                   help="mlp, cnn, cnn2 (wider CNN with a stride-2 convolution), or all "
+                   help="mlp, cnn, cnn2 (wider CNN with a stride-2 convolution), mlp2 (one "
+                        "hidden layer of 256), or all "
                         "(mlp and cnn; default)")
     p.add_argument("--formats", default="",
                    help=f"comma-separated format names (default: {','.join(FORMAT_NAMES)}; "

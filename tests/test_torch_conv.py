@@ -292,7 +292,7 @@ def test_direct_and_per_call_paths_train_identically(rng, monkeypatch):
     finals = []
     for be, enabled in (("emulate", True), (RecordingBackend(), True), ("emulate", False)):
         monkeypatch.setattr(torch_kernels, "ENABLED", enabled and torch_kernels.HAVE_NUMBA)
-        m = convert(copy.deepcopy(base), backend=be, seed=3, **format_kwargs("hb4-sr"))
+        m = convert(copy.deepcopy(base), backend=be, seed=3, **format_kwargs("hb4"))
         assert [la.conv_mode for la in bfp_layers(m)[:2]] == ["hyperblock"] * 2
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         for _ in range(3):

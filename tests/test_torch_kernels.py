@@ -432,7 +432,7 @@ def test_fused_path_matches_per_call_path_in_training(rng, monkeypatch):
 
     monkeypatch.setattr(torch_kernels, "ENABLED", True)
     for name in ("mlp", "cnn"):
-        for fname in ("hbfp8", "hb4-sr", "hb4-in8"):
+        for fname in ("hbfp8", "hb4", "hb4-in8"):
             x = torch.from_numpy(rng.random((24, 1, 8, 8), dtype=np.float32))
             y = torch.from_numpy(rng.integers(0, 10, 24))
             torch.manual_seed(0)

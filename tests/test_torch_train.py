@@ -58,21 +58,25 @@ def test_hb4_variants_differ_from_hb4_only_where_named():
     assert in8 == base and t8["grad_stochastic"] is True
 
 
-def test_hb4_sr_is_all_4bit_hyperblock_with_a_dithered_input():
-    """hb4-sr: every role of every layer is HBFP4 (4-bit mantissas, 16x16 tiles); only
-    the model input is rounded stochastically, with new bits each training step, and
-    evaluation rounds it to nearest."""
+def test_hb4_is_all_4bit_hyperblock_with_a_dithered_input():
+    """hb4 (convert's default for HBFP4): every role of every layer is HBFP4 (4-bit
+    mantissas, 16x16 tiles); only the model input is rounded stochastically, with new
+    bits each training step, and evaluation rounds it to nearest. hb4-rne and an
+    explicit input_act_stochastic=False keep round to nearest."""
     import numpy as np
     import torch
 
-    from hbfp_hw.formats import HBFP4
+    from hbfp_hw.formats import HBFP4, HBFP8
     from hbfp_hw.host.torch import bfp_layers, convert
     from hbfp_hw.host.train import FORMAT_NAMES, format_kwargs, make_model
     from hbfp_hw.host.torch_quant import torch_quantize
 
-    assert "hb4-sr" in FORMAT_NAMES
-    kw = format_kwargs("hb4-sr")
-    assert kw == dict(fmt=HBFP4, grad_stochastic=True, input_act_stochastic=True)
+    assert {"hb4", "hb4-rne"} <= set(FORMAT_NAMES)
+    kw = format_kwargs("hb4")
+    assert kw == dict(fmt=HBFP4, grad_stochastic=True)
+    rne = convert(make_model("mlp"), seed=3, **format_kwargs("hb4-rne"))
+    assert [la.act_stochastic for la in bfp_layers(rne)] == [False] * 3
+    assert not any(la.act_stochastic for la in bfp_layers(convert(make_model("cnn"), HBFP8)))
     torch.manual_seed(0)
     model = convert(make_model("mlp"), seed=3, **kw)
     layers = bfp_layers(model)
