@@ -14,8 +14,13 @@ Both have the same pipeline after the products (lane adder tree, block sum, alig
 shift, accumulator); the shift PE also carries its stream handshake. Prints LUTs, FFs,
 DSPs, Fmax and LUTs / DSPs per MAC.
 
-Run: ``.venv/bin/python benchmarks/bench_luq_synth.py [--lanes 8] [--man 4 8]``
-(one place-and-route per design point, about a minute each).
+* ``quantizer``: :class:`hbfp_hw.gateware.luq_quantizer.LuqQuantizer` (``luq4``,
+  ``lanes`` FP32 values per beat, 16 random bits): one row (``a`` = fp32, ``b`` = the
+  random bits), ``LUT/MAC`` and ``DSP/MAC`` are then per lane (per element per clock).
+
+Run: ``.venv/bin/python benchmarks/bench_luq_synth.py [--lanes 8] [--man 4 8]
+[--designs shift mult-lut mult-dsp quantizer]`` (one place-and-route per design point,
+about a minute each).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from amaranth.back import verilog
 
 from hbfp_hw.config.mac_array import MacArrayConfig
+from hbfp_hw.gateware.luq_quantizer import LuqQuantizer
 from hbfp_hw.gateware.luq_shift_pe import LuqShiftPE
 from hbfp_hw.gateware.pe import PE
 from hbfp_hw.gateware.synth import SynthError, synth_ecp5
@@ -44,8 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--man", type=int, nargs="+", default=[4, 8],
                     help="BFP mantissa widths of the other operand")
     ap.add_argument("--freq", type=float, default=125.0)
-    ap.add_argument("--designs", nargs="+", default=["shift", "mult-lut", "mult-dsp"],
-                    choices=["shift", "mult-lut", "mult-dsp"], help="design points to run")
+    ap.add_argument("--designs", nargs="+",
+                    default=["shift", "mult-lut", "mult-dsp", "quantizer"],
+                    choices=["shift", "mult-lut", "mult-dsp", "quantizer"],
+                    help="design points to run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_luq_"))
@@ -75,6 +83,19 @@ def main(argv=None) -> int:
             print(f"{label:10} {aname:>6} {man:>3} {a.lanes:>5} {a.tile:>4} {r.core_luts:>5} "
                   f"{r.core_ffs:>5} {r.dsps:>4} {r.fmax_mhz:6.1f} {r.core_luts / a.lanes:7.1f} "
                   f"{r.dsps / a.lanes:7.2f}", flush=True)
+    if "quantizer" in a.designs:
+        fmt = LUQ4.replace(lanes=a.lanes)
+        d = out / "quantizer"
+        d.mkdir(parents=True, exist_ok=True)
+        v = d / "top.v"
+        v.write_text(verilog.convert(LuqQuantizer(fmt), name="top", emit_src=False))
+        try:
+            r = synth_ecp5(v, "top", workdir=d / "ecp5", freq_mhz=a.freq)
+            print(f"{'quantizer':10} {'fp32':>6} {fmt.sr_bits:>3} {a.lanes:>5} {'-':>4} "
+                  f"{r.core_luts:>5} {r.core_ffs:>5} {r.dsps:>4} {r.fmax_mhz:6.1f} "
+                  f"{r.core_luts / a.lanes:7.1f} {r.dsps / a.lanes:7.2f}", flush=True)
+        except SynthError as e:
+            print(f"{'quantizer':10} failed: {str(e).splitlines()[0]}", flush=True)
     print(f"(work directory: {out})")
     return 0
 

@@ -80,7 +80,7 @@ def port_name(spec: P.BufferSpec) -> str:
 def buffer_geometry(spec: P.BufferSpec, tile: int) -> tuple[int, int, int | None]:
     """``(word bits, depth in words, write granularity)`` of a buffer's memory."""
     w = 8 * spec.wire_bytes
-    if spec.kind == P.BufferKind.MANTISSA:
+    if spec.kind in P.LANE_KINDS:
         return w * tile, spec.depth // tile, w
     return w, spec.depth, None
 
@@ -178,3 +178,14 @@ class EngineStatus:
         with self.m.State("DONE"):
             with self.m.If(self.eng.status.ready):
                 self.m.next = "IDLE"
+
+    def unsupported_only(self, name: str):
+        """The whole FSM of an engine that is not built (its config field is 0): every
+        command answers ``UNSUPPORTED`` detail 0. Returns the module."""
+        with self.m.FSM(name=name):
+            with self.m.State("IDLE"):
+                self.m.d.comb += self.eng.cmd.ready.eq(1)
+                with self.m.If(self.eng.cmd.valid):
+                    self.error(P.ErrorCode.UNSUPPORTED, 0)
+            self.done_state()
+        return self.m

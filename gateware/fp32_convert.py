@@ -27,14 +27,20 @@ class Fp32Convert(wiring.Component):
     ----------
     acc_bits : int
         Signed width of ``acc`` (2..64).
+    flush_after_round : bool
+        ``False`` (default, :func:`hbfp_hw.gemm.acc_to_fp32`): values below ``2**-126``
+        before rounding give ``+0.0``. ``True`` (:func:`hbfp_hw.mls.round_to_fp32`): the
+        24-bit rounding comes first, results below ``2**-126`` after it flush to a zero
+        with the sign of ``acc``.
     """
 
     LATENCY = 5
 
-    def __init__(self, *, acc_bits: int):
+    def __init__(self, *, acc_bits: int, flush_after_round: bool = False):
         if not isinstance(acc_bits, int) or not 2 <= acc_bits <= 64:
             raise ValueError(f"acc_bits={acc_bits!r} is out of range; accepted range is [2, 64]")
         self.acc_bits = acc_bits
+        self.flush_after_round = bool(flush_after_round)
         super().__init__({
             "i_valid": In(1), "acc": In(signed(acc_bits)), "scale": In(signed(SCALE_BITS)),
             "nan": In(1),
@@ -78,7 +84,8 @@ class Fp32Convert(wiring.Component):
         v3, s3, nan3, flush3 = Signal(), Signal(), Signal(), Signal()
         sig3 = Signal(25)
         e3 = Signal(signed(SCALE_BITS + 1))
-        m.d.sync += [v3.eq(v2), s3.eq(s2), nan3.eq(nan2), flush3.eq(zero2 | (e2 < -126)),
+        early = zero2 if self.flush_after_round else (zero2 | (e2 < -126))
+        m.d.sync += [v3.eq(v2), s3.eq(s2), nan3.eq(nan2), flush3.eq(early),
                      sig3.eq(sig + up), e3.eq(e2)]
         # stage 4: carry into the exponent, overflow, pack
         e_r = Signal(signed(SCALE_BITS + 2))
@@ -89,6 +96,9 @@ class Fp32Convert(wiring.Component):
             m.d.comb += bits.eq(FP32_NAN)
         with m.Elif(flush3):
             m.d.comb += bits.eq(0)
+        if self.flush_after_round:
+            with m.Elif(e_r < -126):
+                m.d.comb += bits.eq(Cat(Const(0, 31), s3))
         with m.Elif(e_r >= FP32_EXP_SPECIAL - FP32_EXP_BIAS):   # 2**128 and above
             m.d.comb += bits.eq(Cat(Const(0, FP32_FRAC_BITS),
                                     Const(FP32_EXP_SPECIAL, FP32_EXP_BITS), s3))

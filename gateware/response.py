@@ -64,7 +64,7 @@ class ResponseEncoder(wiring.Component):
         bufs = self.bufs
         for s in specs:
             rp = getattr(bufs, f"{port_name(s)}_r")
-            mant = s.kind == P.BufferKind.MANTISSA
+            mant = s.kind in P.LANE_KINDS
             m.d.comb += rp.addr.eq(ea_next >> tsh if mant else ea_next)
         m.d.comb += bufs.rom_r.addr.eq(ea_next)
 
@@ -81,7 +81,7 @@ class ResponseEncoder(wiring.Component):
                 with m.Case(i):
                     data = getattr(bufs, f"{port_name(s)}_r").data
                     w = 8 * s.wire_bytes
-                    if s.kind == P.BufferKind.MANTISSA:
+                    if s.kind in P.LANE_KINDS:
                         el = Signal(w, name=f"lane_{i}")
                         m.d.comb += el.eq(data.word_select(lane[:tsh] if tsh else 0, w))
                         data = el

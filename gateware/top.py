@@ -8,6 +8,9 @@ with a buffer manager owning the memories (Amaranth 0.5). See ``docs/accelerator
                      v                                        |
                   engines: buffer_io | stats | quantize | gemm (-> GemmStream -> MacArray)
                            | bitlayer (bit-serial bit-layer GEMM)
+                           | luq (LUQ shift-add GEMM and LUQ quantizer)
+                           | sparse (transposable N:M sparse GEMM)
+                           | mls (MLS GEMM and quantizer)
                      |  buffer ports (owner = the engine running the command)
                      v
                   BufferManager (buffer map, INFO ROM, staging RAM)
@@ -49,7 +52,10 @@ from .buffers import BufferManager
 from .engines.bitserial import BitLayerEngine
 from .engines.buffer_io import BufferIOEngine
 from .engines.gemm import GemmEngine
+from .engines.luq import LuqEngine
+from .engines.mls import MLSEngine
 from .engines.quantize import QuantizeEngine
+from .engines.sparse import SparseGemmEngine
 from .engines.stats import StatsEngine
 from .executor import Executor
 from .response import ResponseEncoder
@@ -64,6 +70,10 @@ ENGINES = {
     P.Op.INFO: "buffer_io", P.Op.WRITE: "buffer_io", P.Op.READ: "buffer_io",
     P.Op.RESET: "buffer_io", P.Op.SESSION: "buffer_io", P.Op.READ_STATS: "stats",
     P.Op.QUANTIZE: "quantize", P.Op.GEMM: "gemm", P.Op.BITLAYER: "bitlayer",
+    P.Op.LUQ_GEMM: "luq", P.Op.LUQ_QUANTIZE: "luq",
+    P.Op.SPARSE_GEMM: "sparse",
+    P.Op.CONV: "gemm",     # the GEMM engine's CONV address generator (config.conv)
+    P.Op.MLS_GEMM: "mls", P.Op.MLS_QUANTIZE: "mls",
 }
 
 #: Features of the protocol the gateware answers with ``ErrorCode.UNSUPPORTED``
@@ -273,6 +283,9 @@ class Accelerator(wiring.Component):
                 acc_capacity=accumulator_capacity(cfg), rom_depth=rom,
                 primitives=self.primitives, runtime_frac=runtime_frac(cfg)),
             "bitlayer": lambda: BitLayerEngine(cfg, specs, rom_depth=rom),
+            "luq": lambda: LuqEngine(cfg, specs, rom_depth=rom),
+            "sparse": lambda: SparseGemmEngine(cfg, specs, rom_depth=rom),
+            "mls": lambda: MLSEngine(cfg, specs, rom_depth=rom),
         }
         return {n: f() for n, f in build.items() if names is None or n in names}
 

@@ -379,20 +379,30 @@ def _acc_exact(ca: np.ndarray, cw: np.ndarray, bits_a: int, bits_w: int) -> np.n
     return (ca.astype(np.float64) @ cw.astype(np.float64).T).astype(np.int64)
 
 
-def int_linear(a: IntTensor, w: IntTensor, *, return_acc: bool = False):
-    """Golden integer GEMM ``y = a_hat @ w_hat^T``: ``a (M, K)`` per-tensor,
-    ``w (N, K)`` per-tensor or per output channel. float32 ``(M, N)`` (and
-    ``(acc, S)`` if ``return_acc``)."""
+def _golden_acc(ca: np.ndarray, w: "IntTensor", bits_a: int) -> np.ndarray:
+    return _acc_exact(ca, w.operand()[0], bits_a, w.fmt.bits)
+
+
+def _linear(a: IntTensor, w: IntTensor, acc_fn, return_acc: bool):
+    """:func:`int_linear` with the integer sums from ``acc_fn(ca, w, bits_a)`` (the
+    golden model's or a device's, :mod:`hbfp_hw.host.int_gemm`)."""
     _check_pair(a, w, "int_linear")
     if a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1]:
         raise ValueError(f"int_linear needs a (M, K) and w (N, K), got {a.shape} and "
                          f"{w.shape}")
     ca, ua = a.operand()
-    cw, uw = w.operand()
-    acc = _acc_exact(ca, cw, a.fmt.bits, w.fmt.bits)
+    _, uw = w.operand()
+    acc = acc_fn(ca, w, a.fmt.bits)
     S = np.broadcast_to(scale_to_fp32(ua, uw), (w.shape[0],))
     y = _epilogue(acc, S)
     return (y, acc, S) if return_acc else y
+
+
+def int_linear(a: IntTensor, w: IntTensor, *, return_acc: bool = False):
+    """Golden integer GEMM ``y = a_hat @ w_hat^T``: ``a (M, K)`` per-tensor,
+    ``w (N, K)`` per-tensor or per output channel. float32 ``(M, N)`` (and
+    ``(acc, S)`` if ``return_acc``)."""
+    return _linear(a, w, _golden_acc, return_acc)
 
 
 def int_gemm_codes(qa, z2a: int, qw, z2w: int, S, *, return_acc: bool = False):
@@ -449,25 +459,31 @@ def im2col(c: np.ndarray, kh: int, kw: int, stride=1, padding=0) -> tuple[np.nda
     return rows, (N, Ho, Wo)
 
 
-def int_conv2d(a: IntTensor, w: IntTensor, *, stride=1, padding=0, return_acc: bool = False):
-    """Golden integer convolution (cross-correlation, as ``torch.nn.functional.conv2d``):
-    ``a (N, C, H, W)`` per-tensor, ``w (O, C, kh, kw)`` per-tensor or per output channel,
-    as an im2col GEMM with the same epilogue as :func:`int_linear`. float32
-    ``(N, O, Ho, Wo)``."""
+def _conv2d(a: IntTensor, w: IntTensor, stride, padding, acc_fn, return_acc: bool):
+    """:func:`int_conv2d` with the integer sums of the im2col GEMM from ``acc_fn``."""
     _check_pair(a, w, "int_conv2d")
     if a.ndim != 4 or w.ndim != 4 or a.shape[1] != w.shape[1]:
         raise ValueError(f"int_conv2d needs a (N, C, H, W) and w (O, C, kh, kw), got "
                          f"{a.shape} and {w.shape}")
     ca, ua = a.operand()
-    cw, uw = w.operand()
+    _, uw = w.operand()
     O, C, kh, kw = w.shape
     rows, (N, Ho, Wo) = im2col(ca, kh, kw, stride, padding)
-    acc = _acc_exact(rows, cw.reshape(O, -1), a.fmt.bits, w.fmt.bits)
+    w2 = IntTensor(w.q.reshape(O, -1), w.scale, w.z2, w.fmt)
+    acc = acc_fn(rows, w2, a.fmt.bits)
     S = np.broadcast_to(scale_to_fp32(ua, uw), (O,))
     y = _epilogue(acc, S).reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
     if return_acc:
         return y, acc.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2), S
     return y
+
+
+def int_conv2d(a: IntTensor, w: IntTensor, *, stride=1, padding=0, return_acc: bool = False):
+    """Golden integer convolution (cross-correlation, as ``torch.nn.functional.conv2d``):
+    ``a (N, C, H, W)`` per-tensor, ``w (O, C, kh, kw)`` per-tensor or per output channel,
+    as an im2col GEMM with the same epilogue as :func:`int_linear`. float32
+    ``(N, O, Ho, Wo)``."""
+    return _conv2d(a, w, stride, padding, _golden_acc, return_acc)
 
 
 def int_matmul_reference(a: IntTensor, w: IntTensor) -> np.ndarray:

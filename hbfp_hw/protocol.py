@@ -69,6 +69,12 @@ __all__ = [
     "encode_frame", "device_description", "device_hash", "protocol_json", "manifest_extra",
     "NO_INDEX", "flag_mask", "BITLAYER_BITS_MAX", "BITLAYER_ACT_BITS",
     "BITLAYER_CHUNKS_MAX", "bitlayer_lanes", "bitlayer_k_max", "bitlayer_depth",
+    "LuqGemmFlag", "LuqQuantizeFlag", "LUQ_BITS", "LUQ_SR_BITS", "LUQ_SAMPLES", "luq_lanes",
+    "luq_depth", "luq_format", "luq_slots",
+    "SparseFlag", "LANE_KINDS", "sparse_lanes", "sparse_nm", "sparse_slots", "sparse_depth",
+    "CONV_MODES", "CONV_STRIDES", "conv_built", "conv_plan",
+    "MLS_K_MAX", "MLS_QUANT_GROUP", "MLS_TEXP_RANGE", "mls_lanes", "mls_format",
+    "mls_depth",
 ]
 
 #: 2: QUANTIZE carries ``exp_code`` (``STATIC_EXP``), READ_STATS ``QUANTIZE_INPUT``.
@@ -112,6 +118,12 @@ class Op(IntEnum):
     RESET = 0x07       #: clear buffers, accumulators, statistics
     SESSION = 0x08     #: set the session token every answer carries (0 after a reset)
     BITLAYER = 0x09    #: bit-layer GEMM: weight bit-planes x integer activations -> ints
+    LUQ_GEMM = 0x0A    #: shift-add GEMM: LUQ codes (luq.a) x BFP operand -> FP32 into out
+    LUQ_QUANTIZE = 0x0B  #: FP32 from fp_in -> 4-bit LUQ codes into luq.a
+    MLS_GEMM = 0x0C    #: exact MLS GEMM: element codes + group shifts -> FP32 into out
+    MLS_QUANTIZE = 0x0D  #: FP32 from fp_in -> MLS element codes + group shifts
+    SPARSE_GEMM = 0x0E  #: N:M sparse GEMM: compressed weight (sp.*) x BFP operand -> FP32 out
+    CONV = 0x0F        #: HyperBlock convolution (forward, dX or dW) -> FP32 into out
 
 
 class ErrorCode(IntEnum):
@@ -147,6 +159,20 @@ class GemmFlag(IntFlag):
     STORE = 0x08          #: convert accumulators to FP32 into ``out`` at out_offset
     EXT_EREF = 0x10       #: take reference exponents from the ``eref`` buffer
     ALLOW_INVALID = 0x20  #: compute with invalid blocks (their outputs are NaN)
+
+
+class SparseFlag(IntFlag):
+    #: ``dX = dY W`` (the stored tiles read column by column) instead of ``Y = X Wᵀ``
+    TRANSPOSE = 0x01
+
+
+class LuqGemmFlag(IntFlag):
+    A_INVALID = 0x01   #: the LUQ operand is flagged invalid: every output is NaN
+
+
+class LuqQuantizeFlag(IntFlag):
+    MAX_ABS = 0x01     #: the scale comes from the ``max_abs`` field (in hindsight)
+    CONTINUE = 0x02    #: continue the generators of the previous LUQ_QUANTIZE (no reseed)
 
 
 class StatsFlag(IntFlag):
@@ -262,6 +288,23 @@ REQUESTS: dict[Op, Layout] = {
     Op.SESSION: _L(("token", 4)),
     Op.BITLAYER: _L(("bits", 1), ("layers", 1), ("rows", 2), ("cols", 2), ("batch", 2),
                     ("w_offset", 4), ("x_offset", 4), ("y_offset", 4)),
+    Op.LUQ_GEMM: _L(("flags", 1), ("b", 1), ("slot_b", 1), ("samples", 1), ("rows", 2),
+                    ("k", 2), ("cols", 2), ("alpha", 4), ("a_offset", 4), ("out_offset", 4)),
+    Op.LUQ_QUANTIZE: _L(("flags", 1), ("count", 4), ("src_offset", 4), ("dst_offset", 4),
+                        ("seed", 4), ("max_abs", 4)),
+    Op.SPARSE_GEMM: _L(("flags", 1), ("x", 1), ("slot_x", 1), ("slot_w", 1), ("batch", 2),
+                       ("w_rows", 2), ("w_cols", 2), ("w_offset", 4), ("e_offset", 4),
+                       ("out_offset", 4)),
+    Op.CONV: _L(("mode", 1), ("a", 1), ("b", 1), ("slot_a", 1), ("slot_b", 1), ("n", 2),
+                ("c", 2), ("h", 2), ("w", 2), ("o", 2), ("kh", 1), ("kw", 1),
+                ("stride_h", 1), ("stride_w", 1), ("pad_h", 1), ("pad_w", 1),
+                ("dil_h", 1), ("dil_w", 1), ("out_offset", 4)),
+    Op.MLS_GEMM: _L(("rows", 2), ("cols", 2), ("groups", 2), ("group_words", 1),
+                    ("exp_a", 2), ("exp_b", 2), ("a_offset", 4), ("b_offset", 4),
+                    ("ga_offset", 4), ("gb_offset", 4), ("y_offset", 4)),
+    Op.MLS_QUANTIZE: _L(("dst", 1), ("rows", 2), ("cols", 2), ("src_offset", 4),
+                        ("texp", 2), ("rounding", 1), ("seed", 4), ("codes_offset", 4),
+                        ("g_offset", 4)),
 }
 
 #: Response payload layouts (opcode ``op | RESPONSE_FLAG``).
@@ -275,6 +318,12 @@ RESPONSES: dict[Op, Layout] = {
     Op.RESET: _L(),
     Op.SESSION: _L(),
     Op.BITLAYER: _L(),
+    Op.LUQ_GEMM: _L(),
+    Op.LUQ_QUANTIZE: _L(("alpha", 4), ("max_abs", 4), ("saturated", 4)),
+    Op.SPARSE_GEMM: _L(),
+    Op.CONV: _L(),
+    Op.MLS_GEMM: _L(),
+    Op.MLS_QUANTIZE: _L(),
 }
 
 #: Error frame payload layout (opcode :data:`ERROR_OPCODE`).
@@ -382,6 +431,17 @@ class BufferKind(IntEnum):
     EREF = 3      #: external reference exponent codes: rows then columns
     PLANES = 4    #: weight bit-plane words of the bit-layer GEMM (bit l = lane l)
     INT = 5       #: signed integers (bit-layer GEMM activations and results)
+    #: LUQ codes, one per element (u8, bits 3..0 used: sign << 3 | magnitude code)
+    LUQ_CODES = 6
+    #: MLS element codes, ``mls_lanes`` 8-bit codes per word (lane l in bits 8l..8l+7)
+    MLS_CODES = 7
+    #: MLS group shifts, one per group (u8)
+    MLS_SHIFTS = 8
+    #: compressed N:M weight slots (``sp.man`` kept mantissas, ``sp.idx`` in-tile column
+    #: indices), ``tile`` slots per word like the operand mantissas
+    SPARSE = 9
+    #: biased exponent codes of the compressed weight's BFP blocks (``sp.exp``)
+    SPARSE_EXP = 10
 
 
 @dataclass(frozen=True)
@@ -443,6 +503,24 @@ def buffer_map(config: "AcceleratorConfig") -> tuple[BufferSpec, ...]:
                       True, None, True))
         specs.append(("bl.y", BufferKind.INT, bitlayer_depth(config, "y"), 32, True, None,
                       False))
+    if luq_lanes(config):
+        specs.append(("luq.a", BufferKind.LUQ_CODES, luq_depth(config), LUQ_BITS, False, None,
+                      True))
+    if sparse_lanes(config):
+        specs.append(("sp.man", BufferKind.SPARSE, sparse_depth(config, "slots"),
+                      config.man_bits_max, True, None, True))
+        specs.append(("sp.idx", BufferKind.SPARSE, sparse_depth(config, "slots"), 8, False,
+                      None, True))
+        specs.append(("sp.exp", BufferKind.SPARSE_EXP, sparse_depth(config, "exp"),
+                      config.exp_bits_max, False, None, True))
+    mlanes = mls_lanes(config)
+    if mlanes:
+        for side in ("a", "b"):
+            specs.append((f"mls.{side}", BufferKind.MLS_CODES, mls_depth(config, "codes"),
+                          8 * mlanes, False, None, True))
+        for side in ("a", "b"):
+            specs.append((f"mls.g{side}", BufferKind.MLS_SHIFTS, mls_depth(config, "shifts"),
+                          8, False, None, True))
     out, base = [], 0
     for i, (name, kind, depth, bits, signed, operand, writable) in enumerate(specs):
         wb = _wire_bytes(bits)
@@ -478,6 +556,144 @@ def bitlayer_depth(config: "AcceleratorConfig", which: str) -> int:
     base = {"w": config.operand_depth, "x": config.input_depth,
             "y": config.output_depth}[which]
     return max(64, base // 8)
+
+
+#: Largest K (``groups * group_words * mls_lanes``) of an MLS_GEMM command: sizes the
+#: exact accumulator (57 bits for the E2M4 elements and 4-bit group shifts).
+MLS_K_MAX = 4096
+#: Group length of MLS_QUANTIZE (elements per group along a row: the quantizer's lanes).
+MLS_QUANT_GROUP = 16
+#: Accepted tensor exponents (``exp_a``, ``exp_b``, ``texp``: int16 two's complement).
+MLS_TEXP_RANGE = (-200, 200)
+
+
+def mls_lanes(config: "AcceleratorConfig") -> int:
+    """Element codes per ``mls.a`` / ``mls.b`` word and multipliers of the MLS engine
+    (0: no engine)."""
+    return config.mls_lanes                 # validated by AcceleratorConfig
+
+
+def mls_format(config: "AcceleratorConfig"):
+    """The MLS element format of the device's MLS engine: E2M4 elements, 4-bit group
+    shifts, groups of :data:`MLS_QUANT_GROUP` along rows, stochastic rounding with
+    ``sr_lanes = MLS_QUANT_GROUP`` (the :data:`hbfp_hw.mls.MLS_E2M4` preset's widths)."""
+    from .mls import MLS_E2M4
+    return MLS_E2M4.replace(group_size=MLS_QUANT_GROUP, sr_lanes=MLS_QUANT_GROUP)
+
+
+def mls_depth(config: "AcceleratorConfig", which: str) -> int:
+    """Words of ``mls.a`` / ``mls.b`` (``which="codes"``) and entries of ``mls.ga`` /
+    ``mls.gb`` (``"shifts"``): an eighth of ``operand_depth``, at least 64."""
+    if which not in ("codes", "shifts"):
+        raise ValueError(f"which={which!r}; accepted values are 'codes', 'shifts'")
+    return max(64, config.operand_depth // 8)
+
+
+#: CONV ``mode`` values: 0 forward ``Y = conv(X, W)``, 1 input gradient ``dX`` (from dY and
+#: W), 2 weight gradient ``dW`` (from dY and X) -- ``hbfp_hw.conv`` ``bfp_conv2d``,
+#: ``bfp_conv2d_input_grad``, ``bfp_conv2d_weight_grad``.
+CONV_MODES = ("forward", "input_grad", "weight_grad")
+#: Accepted CONV strides (per axis): powers of two, so the dX index map is a shift.
+CONV_STRIDES = (1, 2, 4, 8)
+
+
+def conv_built(config: "AcceleratorConfig") -> bool:
+    """Whether the GEMM engine has the CONV address generator (``config.conv``)."""
+    return bool(config.conv)                # validated by AcceleratorConfig
+
+
+def conv_plan(mode: int, n: int, c: int, h: int, w: int, o: int, kh: int, kw: int,
+              stride: tuple[int, int], pad: tuple[int, int], dil: tuple[int, int],
+              tile: int) -> dict:
+    """Block counts of a CONV command (``tile x tile`` blocks; fields already checked).
+
+    ``gn, gc, go``: sample / channel / output-channel blocks; ``ho, wo``: output size;
+    ``blocks_a`` / ``blocks_b``: blocks of the operands in ``a`` / ``b`` (forward X, W;
+    dX dY, W; dW dY, X); ``mt x nt`` output tiles of ``nk`` K-blocks each. The answer in
+    ``out`` is the ``(mt * tile) x (nt * tile)`` row-major matrix of output tiles
+    (padding rows and columns included): forward rows ``((nb * ho + p) * wo + q) * tile
+    + n``, columns ``o``; dX rows ``((nb * h + y) * w + x) * tile + n``, columns ``c``; dW
+    rows ``o``, columns ``((cb * kh + i) * kw + j) * tile + c``.
+    """
+    T = tile
+    gn, gc, go = -(-n // T), -(-c // T), -(-o // T)
+    ho = (h + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    xb, wb, yb = gn * gc * h * w, go * gc * kh * kw, gn * go * ho * wo
+    mt, nt, nk = ((gn * ho * wo, go, kh * kw * gc), (gn * h * w, gc, kh * kw * go),
+                  (go, gc * kh * kw, gn * ho * wo))[mode]
+    ba, bb = ((xb, wb), (yb, wb), (yb, xb))[mode]
+    return {"gn": gn, "gc": gc, "go": go, "ho": ho, "wo": wo, "blocks_a": ba,
+            "blocks_b": bb, "mt": mt, "nt": nt, "nk": nk}
+
+
+#: Buffer kinds stored as words of ``tile`` elements (one write enable per lane); every
+#: other buffer is one element per word.
+LANE_KINDS = frozenset({BufferKind.MANTISSA, BufferKind.SPARSE})
+
+
+def sparse_lanes(config: "AcceleratorConfig") -> int:
+    """``M`` of the sparse engine's ``N:M`` pattern (its output lanes; 0: no engine)."""
+    return config.sparse_lanes              # validated by AcceleratorConfig
+
+
+def sparse_nm(config: "AcceleratorConfig") -> tuple[int, int]:
+    """``(N, M)`` of the sparse engine: ``N = M / 2`` (2:4 or 4:8)."""
+    m = sparse_lanes(config)
+    return m // 2, m
+
+
+def sparse_slots(config: "AcceleratorConfig") -> int:
+    """Kept slots per ``M x M`` weight tile (``N * M``): ``sp.man`` / ``sp.idx``
+    elements per tile."""
+    n, m = sparse_nm(config)
+    return n * m
+
+
+def sparse_depth(config: "AcceleratorConfig", which: str) -> int:
+    """Elements of ``sp.man`` / ``sp.idx`` (``which="slots"``: half of
+    ``operand_depth``, the kept half of a dense operand) and of ``sp.exp`` (``"exp"``:
+    half of ``exponent_depth``, at least 64)."""
+    if which == "slots":
+        return max(config.tile, sparse_slots(config),
+                   config.operand_depth // 2 // config.tile * config.tile)
+    if which == "exp":
+        return max(64, config.exponent_depth // 2)
+    raise ValueError(f"which={which!r}; accepted values are 'slots', 'exp'")
+
+
+#: Code width of the device's LUQ format (sign + 3-bit magnitude code: ``luq4``).
+LUQ_BITS = 4
+#: Random bits per element of the device's LUQ quantizer.
+LUQ_SR_BITS = 16
+#: Accepted SMP sample counts of LUQ_GEMM (``samples`` field).
+LUQ_SAMPLES = (1, 2, 4, 8, 16)
+
+
+def luq_lanes(config: "AcceleratorConfig") -> int:
+    """Generator lanes of the LUQ quantizer (``LUQFormat.lanes`` it draws with; 0: no
+    LUQ engine)."""
+    return config.luq_lanes                 # validated by AcceleratorConfig
+
+
+def luq_depth(config: "AcceleratorConfig") -> int:
+    """Codes in ``luq.a``: ``input_depth``, at least 1024."""
+    return max(1024, config.input_depth)
+
+
+def luq_format(config: "AcceleratorConfig", *, samples: int = 1, seed: int = 0):
+    """The :class:`~hbfp_hw.luq.LUQFormat` the device computes with: 4-bit codes,
+    :data:`LUQ_SR_BITS` random bits, ``lanes = luq_lanes(config)``."""
+    from .luq import LUQFormat
+    return LUQFormat(bits=LUQ_BITS, sr_bits=LUQ_SR_BITS, lanes=max(1, luq_lanes(config)),
+                     samples=samples, seed=seed)
+
+
+def luq_slots(config: "AcceleratorConfig") -> list[int]:
+    """Format slots LUQ_GEMM takes its BFP operand from: square ``tile x tile`` blocks
+    (one K block of ``tile`` rows per exponent, ``tile`` columns per buffer word)."""
+    T = config.tile
+    return [i for i in range(len(config.formats)) if config.block_2d(i) == (T, T)]
 
 
 def eref_depth(config: "AcceleratorConfig") -> int:
@@ -516,6 +732,9 @@ def protocol_json() -> dict:
         "errors": {e.name: int(e) for e in ErrorCode},
         "flags": {"quantize": {f.name: int(f) for f in QuantizeFlag},
                   "gemm": {f.name: int(f) for f in GemmFlag},
+                  "luq_gemm": {f.name: int(f) for f in LuqGemmFlag},
+                  "luq_quantize": {f.name: int(f) for f in LuqQuantizeFlag},
+                  "sparse_gemm": {f.name: int(f) for f in SparseFlag},
                   "stats": {f.name: int(f) for f in StatsFlag}},
         "requests": {op.name: REQUESTS[op].to_json() for op in Op},
         "responses": {op.name: RESPONSES[op].to_json() for op in Op},

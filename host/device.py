@@ -191,7 +191,13 @@ class Device:
         self._new_session()
         if expected_config is not None and expected_hash is None:
             expected_hash = P.device_hash(expected_config)
-        self.description, self.hash = self._read_info()
+        known = expected_config
+        if known is None and expected_hash is None:
+            # a transport that builds the device (sim://) knows its configuration; INFO's
+            # hash is still checked against it before it is used
+            known = getattr(transport, "config", None)
+            known = known if isinstance(known, AcceleratorConfig) else None
+        self.description, self.hash = self._read_info(known)
         self.config = AcceleratorConfig.from_dict(self.description["config"])
         if expected_hash is not None and bytes(expected_hash) != self.hash:
             diff = ""
@@ -375,10 +381,26 @@ class Device:
             self._bar.close()
             self._bar = None
 
-    def _read_info(self) -> tuple[dict, bytes]:
+    def _read_info(self, expected_config: AcceleratorConfig | None = None
+                   ) -> tuple[dict, bytes]:
+        """INFO: the description and its hash. When the first answer's hash is that of
+        ``expected_config`` the description is that config's (the hash covers it) and
+        the rest of the blob is read only when :meth:`info` asks for it (a slow link,
+        e.g. ``sim://``, then opens in one INFO exchange)."""
+        self._info_partial = False
+        r = self._call(P.Op.INFO, offset=0)
+        if (expected_config is not None and r.fields["version"] == P.PROTOCOL_VERSION
+                and r.fields["hash"] == P.device_hash(expected_config)):
+            self._info_partial = True
+            return P.device_description(expected_config), r.fields["hash"]
+        return self._read_info_blob(r)
+
+    def _read_info_blob(self, first=None) -> tuple[dict, bytes]:
+        """The whole INFO blob (``first``: the answer at offset 0, if already read)."""
         blob, off, total, digest = b"", 0, None, b""
         while total is None or off < total:
-            r = self._call(P.Op.INFO, offset=off)
+            r = first if first is not None else self._call(P.Op.INFO, offset=off)
+            first = None
             if r.fields["version"] != P.PROTOCOL_VERSION:
                 raise ConfigMismatchError(f"device speaks protocol version "
                                           f"{r.fields['version']}, host {P.PROTOCOL_VERSION}")
@@ -430,6 +452,12 @@ class Device:
     # -- public: device ------------------------------------------------------------------
     def info(self) -> dict:
         """The device description (protocol, config, buffer map) and its hash."""
+        if self._info_partial:
+            desc, digest = self._read_info_blob()
+            if digest != self.hash:
+                raise ConfigMismatchError("device INFO hash changed since the device was "
+                                          "opened")
+            self.description, self._info_partial = desc, False
         return {**self.description, "hash": self.hash.hex()}
 
     def read_stats(self, *, clear: bool = False, source: str = "gemm") -> dict:
@@ -882,6 +910,645 @@ class Device:
                     part = self._read("bl.y", 0, (b1 - b0) * (r1 - r0))
                     y[b0:b1, r0:r1] += part.astype(np.int64).reshape(b1 - b0, r1 - r0)
         return y
+
+    def _luq_engine(self, op: P.Op) -> int:
+        """``luq_lanes`` of the device; a device without the LUQ engine answers the
+        command with UNSUPPORTED (raised as :class:`DeviceError`)."""
+        lanes = P.luq_lanes(self.config)
+        if not lanes:
+            self._call(op, **{f.name: 0 for f in P.REQUESTS[op].fields})
+            raise ProtocolError(f"the device has no LUQ buffers but accepted {op.name}")
+        return lanes
+
+    def luq_matmul(self, a_luq: Any, b_bfp: BFPTensor) -> np.ndarray:
+        """Shift-add GEMM on the device (LUQ_GEMM): ``a_luq`` (M, K) a
+        :class:`~hbfp_hw.luq.LUQTensor` with 4-bit codes (any SMP sample count), ``b_bfp``
+        (K, N) a :class:`BFPTensor` in a format slot with ``tile x tile`` blocks; returns
+        the float32 ``(M, N)`` result of :func:`hbfp_hw.luq.luq_matmul` (guard bits of the
+        device), bit for bit.
+
+        Any M and N: the GEMM is split into commands over column blocks of ``b`` (as many
+        as fit an operand buffer) and rows of ``a`` (as many as fit ``luq.a`` and
+        ``out``). K is not split (the reference exponent of a column spans every K
+        block): ``K <= k_max``, a column block of ``b`` must fit an operand buffer
+        (``ceil(K / tile) * tile**2 <= operand_depth``) and ``samples * K`` codes
+        ``luq.a``; larger K raises ``ValueError`` naming the limit.
+        """
+        from hbfp_hw.luq import LUQTensor, _check_gemm
+        _check_gemm(a_luq, b_bfp, "luq_matmul")
+        if not isinstance(a_luq, LUQTensor):
+            raise TypeError("a_luq must be a LUQTensor")
+        if a_luq.fmt.bits != P.LUQ_BITS:
+            raise ValueError(f"a_luq has {a_luq.fmt.bits}-bit codes; the device computes "
+                             f"{P.LUQ_BITS}-bit LUQ codes")
+        self._luq_engine(P.Op.LUQ_GEMM)
+        cfg, T = self.config, self.config.tile
+        def enc(f: BFPFormat) -> tuple:
+            return f.man_bits, f.exp_bits, f.exp_bias, f.exp_invalid_code
+        slot = next((i for i in P.luq_slots(cfg)
+                     if enc(cfg.formats[i]) == enc(b_bfp.fmt) and _block2(b_bfp) == (T, T)),
+                    None)
+        if slot is None:
+            raise FormatMismatchError(
+                f"b_bfp ({b_bfp.fmt.man_bits}-bit mantissas, {b_bfp.fmt.exp_bits}-bit "
+                f"exponents, blocks {_block2(b_bfp)}) matches no format slot with {T}x{T} "
+                f"blocks: " + "; ".join(f"[{i}] {cfg.formats[i].describe()}"
+                                         for i in P.luq_slots(cfg)))
+        M, K = a_luq.shape
+        N = b_bfp.shape[1]
+        S = a_luq.fmt.samples
+        nkb = -(-K // T)
+        a_depth = self._specs["luq.a"].depth
+        out_depth = self._specs["out"].depth
+        if K > cfg.k_max or nkb * T * T > cfg.operand_depth or S * K > a_depth:
+            raise ValueError(
+                f"K={K} is too long for one LUQ_GEMM of this device: K <= k_max={cfg.k_max}, "
+                f"ceil(K/{T})*{T * T} <= operand_depth={cfg.operand_depth} and "
+                f"samples*K <= {a_depth} (luq.a)")
+        gn = -(-N // T)
+        nc = max(1, min(gn, cfg.operand_depth // (nkb * T * T), out_depth // T))
+        ab = int(np.array([a_luq.alpha], np.float32).view(np.uint32)[0])
+        flags = int(P.LuqGemmFlag.A_INVALID) if a_luq.invalid else 0
+        y = np.empty((M, N), np.float32)
+        codes = a_luq.codes
+        for c0 in range(0, N, nc * T):
+            c1 = min(N, c0 + nc * T)
+            bq = _slice_q(b_bfp, 0, K, c0, c1)
+            bcodes, bman = bq.stream()
+            self._resident.pop(0, None)
+            self._write("op0.exp", 0, bcodes)
+            self._write("op0.man", 0, bman)
+            nr = max(1, min(M, a_depth // (S * K), out_depth // (c1 - c0), _U16))
+            for r0 in range(0, M, nr):
+                r1 = min(M, r0 + nr)
+                self._write("luq.a", 0, codes[:, r0:r1, :].reshape(-1))
+                ncb = -(-(c1 - c0) // T)
+                clocks = (nkb * ncb * (T * T + 1) + ncb * (nkb + (r1 - r0) * nkb * S * T + 32)
+                          + 64)
+                self._call(P.Op.LUQ_GEMM, flags=flags, b=0, slot_b=slot, samples=S,
+                           rows=r1 - r0, k=K, cols=c1 - c0, alpha=ab, a_offset=0,
+                           out_offset=0, compute_clocks=clocks)
+                y[r0:r1, c0:c1] = self._read("out", 0, (r1 - r0) * (c1 - c0)).reshape(
+                    r1 - r0, c1 - c0)
+        return y
+
+    def luq_quantize(self, x: Any, fmt: Any = None, *, max_abs: float | None = None,
+                     nonfinite: str = "raise", name: str | None = None) -> Any:
+        """LUQ quantization on the device (LUQ_QUANTIZE): returns the
+        :class:`~hbfp_hw.luq.LUQTensor` of :func:`hbfp_hw.luq.luq_quantize` ``(x, fmt,
+        max_abs=max_abs)``, bit for bit (codes, ``alpha``, ``max_abs``, ``saturated``).
+
+        ``fmt`` (default :func:`hbfp_hw.protocol.luq_format` of the device) must have 4-bit
+        codes, ``sr_bits = LUQ_SR_BITS`` and ``lanes = luq_lanes`` (the device's
+        generators); any ``samples`` and ``seed``. The scale: ``max_abs`` given (in
+        hindsight) is sent in the command (``MAX_ABS``); otherwise the device computes
+        ``max|x|`` itself when the tensor fits one command (``fp_in`` and ``luq.a``), and the
+        host takes it (the same rule) for longer tensors, which are streamed in chunks of
+        whole generator beats with ``CONTINUE``. SMP sample ``s`` is a stream of its own
+        with the seed :func:`hbfp_hw.luq.sample_seed`. A tensor with NaN/Inf is not sent
+        (the device would answer INVALID_DATA): the host raises or returns the flagged
+        tensor as the golden model does (``nonfinite``).
+        """
+        from hbfp_hw.luq import _FLT_MAX, _MIN_NORMAL, LUQFormat, LUQTensor, _as_float32
+        from hbfp_hw.luq import luq_quantize as golden_luq_quantize
+        from hbfp_hw.luq import sample_seed
+        L = self._luq_engine(P.Op.LUQ_QUANTIZE)
+        fmt = P.luq_format(self.config) if fmt is None else fmt
+        if not isinstance(fmt, LUQFormat):
+            raise TypeError(f"fmt must be a LUQFormat, got {type(fmt).__name__}")
+        for field, want in (("bits", P.LUQ_BITS), ("sr_bits", P.LUQ_SR_BITS), ("lanes", L)):
+            if getattr(fmt, field) != want:
+                raise ValueError(f"fmt.{field}={getattr(fmt, field)}; the device's LUQ "
+                                 f"quantizer computes {field}={want}")
+        if nonfinite not in ("raise", "flag"):
+            raise ValueError(f"nonfinite={nonfinite!r}; accepted values are 'raise', 'flag'")
+        x32 = _as_float32(x)
+        shape = tuple(x32.shape)
+        flat = np.ascontiguousarray(x32).reshape(-1)
+        n, S = flat.size, fmt.samples
+        if n == 0 or not np.isfinite(flat).all():
+            return golden_luq_quantize(x32, fmt, max_abs=max_abs, nonfinite=nonfinite,
+                                       name=name)
+        chunk = min(self._specs["fp_in"].depth, self._specs["luq.a"].depth) // L * L
+        m = None
+        if max_abs is not None:
+            m = float(max_abs)
+            if not (np.isfinite(m) and 0 <= m <= _FLT_MAX):
+                raise ValueError(f"max_abs={max_abs!r} is out of range; accepted range is "
+                                 f"[0, {_FLT_MAX:.8g}] (a finite float32)")
+        elif n > chunk:
+            ax = np.abs(flat)
+            m = float(np.where(ax < _MIN_NORMAL, np.float32(0), ax).max())
+        mbits = 0 if not m else int(np.array([m], np.float32).view(np.uint32)[0])
+        codes = np.empty((S, n), np.uint8)
+        alpha, mx, saturated = 0.0, 0.0, 0
+        Q = P.LuqQuantizeFlag
+        for s in range(S):
+            for t0 in range(0, n, chunk):
+                t1 = min(n, t0 + chunk)
+                if s == 0 or n > chunk:
+                    self._write("fp_in", 0, flat[t0:t1])
+                flags = (Q.MAX_ABS if m is not None else 0) | (Q.CONTINUE if t0 else 0)
+                r = self._call(P.Op.LUQ_QUANTIZE, flags=int(flags), count=t1 - t0,
+                               src_offset=0, dst_offset=0, seed=sample_seed(fmt.seed, s),
+                               max_abs=mbits, compute_clocks=(t1 - t0) * 4 + 64)
+                f32 = np.array([r.fields["alpha"], r.fields["max_abs"]],
+                               np.uint32).view(np.float32)
+                alpha, mx = float(f32[0]), max(mx, float(f32[1]))
+                if s == 0:
+                    saturated += r.fields["saturated"]
+                codes[s, t0:t1] = self._read("luq.a", 0, t1 - t0)
+        return LUQTensor(fmt, shape, codes.reshape((S, *shape)), alpha, mx, saturated)
+
+    def _mls_engine(self, op: P.Op) -> int:
+        """``mls_lanes`` of the device; a device without the MLS engine answers the
+        command with UNSUPPORTED (raised as :class:`DeviceError`)."""
+        lanes = P.mls_lanes(self.config)
+        if not lanes:
+            self._call(op, **{f.name: 0 for f in P.REQUESTS[op].fields})
+            raise ProtocolError(f"the device has no MLS buffers but accepted {op.name}")
+        return lanes
+
+    def mls_matmul(self, a: Any, b: Any) -> np.ndarray:
+        """Exact MLS GEMM on the device (MLS_GEMM): ``a (M, K)`` and ``b (K, N)``
+        :class:`~hbfp_hw.mls.MLSTensor` operands grouped along K (as
+        :func:`hbfp_hw.mls.mls_matmul` takes them); returns its float32 ``(M, N)``
+        result bit for bit.
+
+        Operands whose element / group widths are at most the device's
+        (:func:`hbfp_hw.protocol.mls_format`: E2M4, 4-bit group shifts) are re-encoded
+        into them exactly (same values, the same tensor exponent); groups are padded with
+        zero codes to whole words of ``mls_lanes`` codes. K (padded) must be at most
+        ``MLS_K_MAX`` (one FP32 rounding per output, so K is never split); M and N are
+        split into commands that fit the ``mls.*`` buffers and ``out``.
+        """
+        from hbfp_hw.mls import MLSTensor, _check_gemm, decode, encode
+        L = _check_gemm(a, b, "mls_matmul")
+        lanes = self._mls_engine(P.Op.MLS_GEMM)
+        dev = P.mls_format(self.config)
+        for name, t in (("a", a), ("b", b)):
+            for fld in ("exp_bits", "man_bits", "group_bits"):
+                if getattr(t.fmt, fld) > getattr(dev, fld):
+                    raise ValueError(f"{name}.fmt.{fld}={getattr(t.fmt, fld)} exceeds the "
+                                     f"device's {fld}={getattr(dev, fld)}; accepted range is "
+                                     f"[1, {getattr(dev, fld)}]")
+            lo, hi = P.MLS_TEXP_RANGE
+            if not lo <= t.tensor_exp <= hi:
+                raise ValueError(f"{name}.tensor_exp={t.tensor_exp} is out of range; "
+                                 f"accepted range is [{lo}, {hi}]")
+        M, K = a.shape
+        N = b.shape[1]
+        gw = -(-L // lanes)
+        groups = -(-K // L)
+        if groups * gw * lanes > P.MLS_K_MAX:
+            raise ValueError(f"K={K} (groups of {L} padded to {gw * lanes}) exceeds the "
+                             f"device's MLS_K_MAX={P.MLS_K_MAX}; accepted range is "
+                             f"[1, {P.MLS_K_MAX // (gw * lanes) * L}]")
+
+        def device_rows(t: MLSTensor, rows: int) -> tuple[np.ndarray, np.ndarray]:
+            """(code words (rows, groups*gw), shifts (rows, groups)) of a row-grouped
+            tensor in the device's element format."""
+            s, sig, sh = decode(t.codes, t.fmt)
+            v = (sig << sh) << (dev.man_bits - t.fmt.man_bits)
+            c = encode(s, v, dev).astype(np.int64)[:rows]
+            c = c.reshape(rows, groups, L)
+            c = np.concatenate([c, np.zeros((rows, groups, gw * lanes - L), np.int64)], 2)
+            w = (c.reshape(rows, groups * gw, lanes) << (8 * np.arange(lanes))).sum(-1)
+            return w, t.group_shift.astype(np.int64)[:rows]
+        wa, sa = device_rows(a, M)
+        wb, sb = device_rows(b.T, N)
+        rowlen = groups * gw
+        dc, dg = self._specs["mls.a"].depth, self._specs["mls.ga"].depth
+        dy = self._specs["out"].depth
+        rg = max(1, min(M, dc // rowlen, dg // groups, dy, _U16))
+        cg = max(1, min(N, dc // rowlen, dg // groups, max(1, dy // rg), _U16))
+        if rowlen > dc or groups > dg:
+            raise ValueError(f"K={K} needs {rowlen} words per row; the device's mls "
+                             f"buffers hold {dc}")
+        y = np.zeros((M, N), dtype=np.float32)
+        for c0 in range(0, N, cg):
+            c1 = min(N, c0 + cg)
+            self._write("mls.b", 0, wb[c0:c1])
+            self._write("mls.gb", 0, sb[c0:c1])
+            for r0 in range(0, M, rg):
+                r1 = min(M, r0 + rg)
+                self._write("mls.a", 0, wa[r0:r1])
+                self._write("mls.ga", 0, sa[r0:r1])
+                self._call(P.Op.MLS_GEMM, rows=r1 - r0, cols=c1 - c0, groups=groups,
+                           group_words=gw, exp_a=a.tensor_exp & _U16,
+                           exp_b=b.tensor_exp & _U16, a_offset=0, b_offset=0, ga_offset=0,
+                           gb_offset=0, y_offset=0,
+                           compute_clocks=(r1 - r0) * (c1 - c0) * rowlen + 64)
+                part = self._read("out", 0, (r1 - r0) * (c1 - c0))
+                y[r0:r1, c0:c1] = part.reshape(r1 - r0, c1 - c0)
+        return y
+
+    def mls_quantize(self, x: Any, fmt: Any = None, *, tensor_exp: int | None = None) -> Any:
+        """MLS quantization on the device (MLS_QUANTIZE): ``x`` 2-D, ``fmt`` the device's
+        format (:func:`hbfp_hw.protocol.mls_format`, the default) or that format with
+        ``rounding``, ``seed`` and ``group_axis`` changed; returns the
+        :class:`~hbfp_hw.mls.MLSTensor` of ``hbfp_hw.quantize(x, fmt)`` bit for bit.
+
+        The tensor exponent is computed on the host exactly as the golden model does
+        (``t = max floor(log2|x|) - (2**E - 2)`` over the non-zero, non-subnormal
+        elements, from the FP32 exponent fields; 0 for an all-zero tensor) unless
+        ``tensor_exp`` fixes it, and sent as the command's ``texp``. Groups along rows
+        (``group_axis`` -1 / 1) are quantized as stored; groups along columns
+        (``group_axis`` 0 / -2) quantize ``x.T`` and return the transpose, which equals
+        the golden result for round-to-nearest only (stochastic rounding draws its
+        numbers in the stream order of the groups). Nearest-even tensors are split into
+        commands of whole groups that fit ``fp_in`` and the ``mls.*`` buffers; a
+        stochastic tensor must fit one command (the generator restarts from ``seed`` at
+        every command). NaN/Inf raise ``ValueError`` as the golden model does.
+        """
+        from hbfp_hw.mls import MLSFormat, MLSTensor
+        lanes = self._mls_engine(P.Op.MLS_QUANTIZE)
+        dev = P.mls_format(self.config)
+        fmt = dev if fmt is None else fmt
+        if not isinstance(fmt, MLSFormat):
+            raise TypeError(f"fmt must be an MLSFormat, got {type(fmt).__name__}")
+        same = ["exp_bits", "man_bits", "group_bits", "group_size"]
+        if fmt.rounding == "stochastic":
+            same += ["sr_bits", "sr_lanes"]
+        for fld in same:
+            if getattr(fmt, fld) != getattr(dev, fld):
+                raise ValueError(f"fmt.{fld}={getattr(fmt, fld)}; the device quantizes "
+                                 f"{fld}={getattr(dev, fld)} only")
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"x must be a real array, got dtype {a.dtype}")
+        if a.ndim != 2 or 0 in a.shape:
+            raise ValueError(f"x must be a non-empty 2-D array, got shape {a.shape}")
+        if fmt.group_axis in (0, -2):
+            if fmt.rounding == "stochastic":
+                raise ValueError("stochastic MLS quantization with groups along columns "
+                                 "(group_axis 0) is not bit-identical on the device (its "
+                                 "random numbers follow the row-group order); quantize "
+                                 "x.T with group_axis=-1")
+            return self.mls_quantize(a.T, fmt.transposed(), tensor_exp=tensor_exp).T
+        with np.errstate(over="ignore"):
+            x32 = np.ascontiguousarray(a, dtype=np.float32)
+        bad = ~np.isfinite(x32)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"tensor holds {float(x32[pos])!r} at index {pos}; MLS "
+                             f"quantizes finite FP32 values only")
+        if tensor_exp is None:
+            field = (x32.view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF)
+            nz = field > 0
+            t = int(field[nz].max()) - 127 - fmt.top_exp if nz.any() else 0
+        else:
+            t = int(tensor_exp)
+        lo, hi = P.MLS_TEXP_RANGE
+        if not lo <= t <= hi:
+            raise ValueError(f"tensor_exp={t} is out of range; accepted range is [{lo}, {hi}]")
+        Lq = P.MLS_QUANT_GROUP
+        wpg = Lq // lanes
+        rows, cols = x32.shape
+        groups = -(-cols // Lq)
+        din = self._specs["fp_in"].depth
+        dc, dg = self._specs["mls.a"].depth, self._specs["mls.ga"].depth
+        gc = max(1, min(groups, din // Lq, dc // wpg, dg))     # groups per command row
+        cc = gc * Lq
+        codes = np.zeros((rows, groups * Lq), dtype=np.uint16)
+        shifts = np.zeros((rows, groups), dtype=np.uint8)
+        rnd = 1 if fmt.rounding == "stochastic" else 0
+        tiles = []
+        for c0 in range(0, cols, cc):
+            c1 = min(cols, c0 + cc)
+            ng = -(-(c1 - c0) // Lq)
+            rg = max(1, min(rows, din // (c1 - c0), dc // (ng * wpg), dg // ng, _U16))
+            tiles += [(r0, min(rows, r0 + rg), c0, c1, ng) for r0 in range(0, rows, rg)]
+        if rnd and len(tiles) > 1:
+            raise ValueError(f"a stochastic MLS_QUANTIZE takes the whole tensor in one "
+                             f"command; {x32.shape} needs {len(tiles)} (fp_in holds {din} "
+                             f"elements)")
+        for r0, r1, c0, c1, ng in tiles:
+            self._write("fp_in", 0, x32[r0:r1, c0:c1])
+            self._call(P.Op.MLS_QUANTIZE, dst=0, rows=r1 - r0, cols=c1 - c0, src_offset=0,
+                       texp=t & _U16, rounding=rnd, seed=fmt.seed, codes_offset=0,
+                       g_offset=0, compute_clocks=(r1 - r0) * ng * (2 * Lq + 8) + 64)
+            w = self._read("mls.a", 0, (r1 - r0) * ng * wpg).astype(np.int64)
+            c = ((w[:, None] >> (8 * np.arange(lanes))) & 0xFF).reshape(r1 - r0, ng * Lq)
+            codes[r0:r1, c0:c0 + ng * Lq] = c
+            shifts[r0:r1, c0 // Lq: c0 // Lq + ng] = \
+                self._read("mls.ga", 0, (r1 - r0) * ng).reshape(r1 - r0, ng)
+        return MLSTensor(fmt, (rows, cols), t, shifts, codes)
+
+    def _sparse_slot(self, fmt: BFPFormat, block: tuple[int, int], name: str) -> int:
+        T = self.config.tile
+        for i, f in enumerate(self.config.formats):
+            if ((f.man_bits, f.exp_bits, f.exp_bias, f.frac_bits)
+                    == (fmt.man_bits, fmt.exp_bits, fmt.exp_bias, fmt.frac_bits)
+                    and self.config.block_2d(i) == (T, T) == tuple(block)):
+                return i
+        raise FormatMismatchError(
+            f"{name} ({fmt.describe()}, blocks {tuple(block)}) matches no device format slot "
+            f"with {T}x{T} blocks: "
+            + "; ".join(f"[{i}] {f.describe()}" for i, f in enumerate(self.config.formats)))
+
+    def sparse_k_max(self) -> int:
+        """Longest reduction one SPARSE_GEMM command computes on this device (``k_max``,
+        the operand buffers and ``sp.*`` for one row block and one output block, in whole
+        blocks of ``tile``); 0 without a sparse engine."""
+        cfg = self.config
+        if not P.sparse_lanes(cfg):
+            return 0
+        T, S = cfg.tile, P.sparse_slots(cfg)
+        q = T // P.sparse_lanes(cfg)
+        return min(cfg.k_max, cfg.operand_depth // (T * T) * T,
+                   self._specs["sp.man"].depth // S // (q * q) * T,
+                   self._specs["sp.exp"].depth * T)
+
+    def sparse_matmul(self, xq: BFPTensor, sw: Any, transpose: bool = False) -> np.ndarray:
+        """N:M sparse GEMM on the device (SPARSE_GEMM), any batch and output size:
+        ``Y = X Wᵀ`` (``transpose=False``, ``xq`` of shape (batch, in)) or ``dX = dY W``
+        (``transpose=True``, ``xq`` = dY of shape (batch, out)) from the compressed weight
+        ``sw`` (:func:`hbfp_hw.sparsity.compress`); bit-identical to
+        :func:`hbfp_hw.sparsity.sparse_matmul` / ``sparse_matmul_t``.
+
+        ``sw`` is written once per call (into ``sp.man`` / ``sp.idx`` / ``sp.exp``; split
+        into whole blocks along the output axis when it does not fit), then every piece
+        of ``xq`` (whole row blocks) runs against it; both orientations read the same
+        stored tiles. The weight must be the engine's ``N:M`` (``sparse_lanes`` M, N =
+        M / 2), both tensors in a format slot with ``tile x tile`` blocks, the reduction
+        length at most ``k_max``. ``sparse_lanes`` 0 devices raise :class:`DeviceError`
+        (UNSUPPORTED).
+        """
+        from hbfp_hw.sparsity import SparseBFPWeight
+        if not isinstance(xq, BFPTensor) or not isinstance(sw, SparseBFPWeight):
+            raise TypeError("sparse_matmul(xq, sw) takes a BFPTensor and a SparseBFPWeight")
+        cfg = self.config
+        T = cfg.tile
+        O, I = sw.shape
+        K, N = (O, I) if transpose else (I, O)
+        if xq.ndim != 2 or xq.shape[1] != K:
+            raise ValueError(f"{'dy' if transpose else 'x'} has shape {xq.shape}; the weight "
+                             f"is [out, in] = {sw.shape}, so it must be (batch, {K})")
+        slot_x = self._sparse_slot(xq.fmt, xq.layout.block, "dy" if transpose else "x")
+        slot_w = self._sparse_slot(sw.fmt, block_layout(sw.shape, sw.fmt).block, "sw")
+        flags = int(P.SparseFlag.TRANSPOSE) if transpose else 0
+        if not P.sparse_lanes(cfg):
+            self._call(P.Op.SPARSE_GEMM, flags=flags, x=0, slot_x=slot_x, slot_w=slot_w,
+                       batch=1, w_rows=1, w_cols=1, w_offset=0, e_offset=0,
+                       out_offset=0)                                  # answers UNSUPPORTED
+            raise ProtocolError("the device has no sparse engine but accepted SPARSE_GEMM")
+        n, m = P.sparse_nm(cfg)
+        if (sw.n, sw.m) != (n, m):
+            raise ValueError(f"the weight is {sw.n}:{sw.m} sparse; the device's engine runs "
+                             f"{n}:{m} (sparse_lanes={m})")
+        if transpose and sw.kind != "transposable":
+            raise ValueError(f"dY W needs a transposable weight; this one is {sw.kind!r}")
+        S, q = n * m, T // m
+        sp_tiles = self._specs["sp.man"].depth // S
+        kcap = self.sparse_k_max()
+        if K > kcap:
+            raise ValueError(f"the reduction length {K} is outside what one SPARSE_GEMM "
+                             f"reduces on this device; accepted range is [1, {kcap}] "
+                             f"(k_max, operand and sp.* buffer depths)")
+        go, gi = -(-O // T), -(-I // T)
+        gk, gn = (go, gi) if transpose else (gi, go)
+        tiles_per_block = q * (gk * q)                # tiles of one output block
+        nb = min(gn, sp_tiles // tiles_per_block, self._specs["sp.exp"].depth // gk,
+                 cfg.output_depth // (T * T))
+        rb = min(-(-xq.shape[0] // T), cfg.operand_depth // (gk * T * T))
+        B = xq.shape[0]
+        y = np.empty((B, N), np.float32)
+        codes_w = np.where(sw.invalid, sw.fmt.exp_invalid_code,
+                           sw.exponents.astype(np.int64) + sw.fmt.exp_bias)
+        wpb = max(1, S // T)
+        for b0 in range(0, gn, nb):
+            b1 = min(gn, b0 + nb)
+            n0, n1 = b0 * T, min(N, b1 * T)
+            if transpose:
+                mans, idx = (a[:, b0 * q:b1 * q] for a in (sw.mantissas, sw.indices))
+                codes, shape = codes_w[:, b0:b1], (O, n1 - n0)
+            else:
+                mans, idx = (a[b0 * q:b1 * q] for a in (sw.mantissas, sw.indices))
+                codes, shape = codes_w[b0:b1], (n1 - n0, I)
+            self._write("sp.man", 0, np.ascontiguousarray(mans))
+            self._write("sp.idx", 0, np.ascontiguousarray(idx))
+            self._write("sp.exp", 0, np.ascontiguousarray(codes))
+            np_ = n1 - n0
+            rows_max = max(1, min(rb * T, cfg.output_depth // np_, _U16) // T) * T
+            for r0 in range(0, B, rows_max):
+                r1 = min(B, r0 + rows_max)
+                g0, g1 = r0 // T, -(-r1 // T)
+                part = BFPTensor(xq.fmt, (r1 - r0, K), xq.mantissas[g0 * T:g1 * T],
+                                 xq.exponents[g0:g1], xq.invalid[g0:g1])
+                pc, pm = part.stream()
+                self._resident.pop(0, None)
+                self._write("op0.exp", 0, pc)
+                self._write("op0.man", 0, pm)
+                jobs = (r1 - r0) * -(-np_ // m)
+                clocks = jobs * (gk * q * wpb + m + 4) + (g1 - g0) * (b1 - b0) * (gk + 4) \
+                    + (len(sw.mantissas.reshape(-1)) // S * wpb if transpose else 0) + 256
+                self._call(P.Op.SPARSE_GEMM, flags=flags, x=0, slot_x=slot_x, slot_w=slot_w,
+                           batch=r1 - r0, w_rows=shape[0], w_cols=shape[1], w_offset=0,
+                           e_offset=0, out_offset=0, compute_clocks=clocks)
+                y[r0:r1, n0:n1] = self._read("out", 0, (r1 - r0) * np_).reshape(r1 - r0, np_)
+        return y
+
+    # -- CONV ------------------------------------------------------------------------
+    def _conv_slot(self, t: BFPTensor, name: str) -> int:
+        from hbfp_hw.conv import conv_operand_blocks
+        T = self.config.tile
+        blk = conv_operand_blocks(t, name)
+        if blk != (T, T):
+            raise ValueError(f"{name}'s blocks {blk} are not the device's {T} x {T} conv "
+                             f"blocks (conv_format(fmt, {T}, {T}))")
+        for i, f in enumerate(self.config.formats):
+            if ((f.man_bits, f.exp_bits, self.config.block_2d(i))
+                    == (t.fmt.man_bits, t.fmt.exp_bits, (T, T))):
+                return i
+        raise FormatMismatchError(
+            f"conv operand {name!r} ({t.fmt.man_bits}-bit mantissas, {t.fmt.exp_bits}-bit "
+            f"exponents, {T} x {T} blocks) matches no device format slot: "
+            + "; ".join(f"[{i}] {f.describe()}" for i, f in enumerate(self.config.formats)))
+
+    def _conv_geometry(self, geometry, stride, padding, dilation, kernel):
+        from hbfp_hw.conv import ConvGeometry
+        geo = geometry if geometry is not None else ConvGeometry.of(stride, padding, dilation)
+        if not isinstance(geo, ConvGeometry):
+            raise TypeError(f"geometry must be a ConvGeometry, got {geo!r}")
+        for s in geo.stride:
+            if s not in P.CONV_STRIDES:
+                raise ValueError(f"stride={geo.stride} is not supported by CONV; accepted "
+                                 f"values are {', '.join(map(str, P.CONV_STRIDES))}")
+        for n, v in (("padding", geo.padding), ("dilation", geo.dilation),
+                     ("kernel size", kernel)):
+            if max(v) > 0xFF:
+                raise ValueError(f"{n}={tuple(v)} is out of range for CONV; accepted range "
+                                 f"is [0, 255] per axis")
+        return geo
+
+    @staticmethod
+    def _conv_blocks(t: BFPTensor, axis: int, b0: int, b1: int) -> tuple:
+        """Exponent codes and mantissas (block-stream order) of the blocks of ``t`` whose
+        grid index along axis ``axis`` (0 or 1) is in ``[b0, b1)``; no re-quantization."""
+        codes, man = t.stream()
+        g = t.layout.grid
+        codes, man = codes.reshape(g), man.reshape(*g, -1)
+        sl = (slice(None),) * axis + (slice(b0, b1),)
+        return codes[sl].reshape(-1), man[sl].reshape(-1)
+
+    def _conv_cmd(self, mode: int, a, b, slots, dims: dict, geo) -> np.ndarray:
+        """One CONV on blocks ``a`` / ``b`` written into op0 / op1: the padded output
+        matrix ``(mt * tile, nt * tile)`` of :func:`hbfp_hw.protocol.conv_plan`."""
+        T = self.config.tile
+        for buf, (codes, man) in enumerate((a, b)):
+            self._resident.pop(buf, None)
+            self._write(f"op{buf}.exp", 0, codes)
+            self._write(f"op{buf}.man", 0, man)
+        pl = P.conv_plan(mode, dims["n"], dims["c"], dims["h"], dims["w"], dims["o"],
+                         dims["kh"], dims["kw"], geo.stride, geo.padding, geo.dilation, T)
+        clocks = (pl["mt"] * pl["nt"] * pl["nk"] * (2 * T + 2) * 2
+                  + (pl["blocks_a"] + pl["blocks_b"]) * (T + 1) * 2 + 256)
+        self._call(P.Op.CONV, mode=mode, a=0, b=1, slot_a=slots[0], slot_b=slots[1],
+                   **dims, stride_h=geo.stride[0], stride_w=geo.stride[1],
+                   pad_h=geo.padding[0], pad_w=geo.padding[1], dil_h=geo.dilation[0],
+                   dil_w=geo.dilation[1], out_offset=0, compute_clocks=clocks)
+        rows, cols = pl["mt"] * T, pl["nt"] * T
+        return self._read("out", 0, rows * cols).reshape(rows, cols)
+
+    def _conv_chunks(self, what: str, fixed_a: int, per_a: int, fixed_b: int, per_b: int,
+                     out_per: int, ga: int, gb: int, k: int) -> tuple[int, int]:
+        """How many blocks of the split axes of ``a`` (``ga`` in all) and ``b`` one command
+        takes: ``per_a`` / ``per_b`` operand blocks and ``out_per`` outputs per split block."""
+        cfg = self.config
+        T = cfg.tile
+        dblk = cfg.operand_depth // (T * T)
+        if k > cfg.k_max:
+            raise ValueError(f"{what}: the reduction of {k} elements exceeds the device's "
+                             f"k_max={cfg.k_max} (a CONV is not split along its reduction)")
+        if per_a > dblk or per_b > dblk or out_per > cfg.output_depth:
+            raise ValueError(
+                f"{what}: one block row needs {per_a} / {per_b} operand blocks and "
+                f"{out_per} outputs; the device holds {dblk} blocks per operand buffer and "
+                f"{cfg.output_depth} outputs (a CONV is not split along positions or its "
+                f"reduction)")
+        nb_b = max(1, min(gb, dblk // per_b, cfg.output_depth // out_per, _U16 // T))
+        nb_a = max(1, min(ga, dblk // per_a, cfg.output_depth // (out_per * nb_b), _U16 // T))
+        return nb_a, nb_b
+
+    def _conv_unsupported(self) -> None:
+        if not P.conv_built(self.config):
+            self._call(P.Op.CONV, mode=0, a=0, b=1, slot_a=0, slot_b=0, n=1, c=1, h=1, w=1,
+                       o=1, kh=1, kw=1, stride_h=1, stride_w=1, pad_h=0, pad_w=0, dil_h=1,
+                       dil_w=1, out_offset=0)                    # answers UNSUPPORTED
+            raise ProtocolError("the device has no CONV address generator but accepted CONV")
+
+    def conv2d(self, xq: BFPTensor, wq: BFPTensor, *, stride=1, padding=0, dilation=1,
+               geometry=None) -> np.ndarray:
+        """HyperBlock convolution ``Y = conv(X, W)`` on the device (CONV, mode 0),
+        bit-identical to :func:`hbfp_hw.conv.bfp_conv2d` with the device's
+        ``guard_bits``: ``xq`` ``(N, C, H, W)`` and ``wq`` ``(O, C, kh, kw)`` quantized
+        with ``conv_format(fmt, tile, tile)`` of a device slot; returns float32
+        ``(N, O, H', W')``. The quantized blocks are written as they are (none is copied
+        or quantized again); commands are split over sample blocks and output-channel
+        blocks to fit the buffers (strides 1, 2, 4, 8)."""
+        self._conv_unsupported()
+        sa, sb = self._conv_slot(xq, "x"), self._conv_slot(wq, "w")
+        N, C, H, W = xq.shape
+        O, Cw, KH, KW = wq.shape
+        if C != Cw:
+            raise ValueError(f"input channels differ: x is {xq.shape}, w is {wq.shape}")
+        geo = self._conv_geometry(geometry, stride, padding, dilation, (KH, KW))
+        T = self.config.tile
+        Ho, Wo = geo.output_size((H, W), (KH, KW))
+        gn, gc, go = xq.layout.grid[0], xq.layout.grid[1], wq.layout.grid[0]
+        sn, so = self._conv_chunks("conv2d", gc * H * W, gc * H * W, gc * KH * KW,
+                                   gc * KH * KW, Ho * Wo * T * T, gn, go, KH * KW * gc * T)
+        y = np.empty((N, O, Ho, Wo), np.float32)
+        for o0 in range(0, go, so):
+            o1 = min(go, o0 + so)
+            wb = self._conv_blocks(wq, 0, o0, o1)
+            for n0 in range(0, gn, sn):
+                n1 = min(gn, n0 + sn)
+                dims = dict(n=min(N, n1 * T) - n0 * T, c=C, h=H, w=W,
+                            o=min(O, o1 * T) - o0 * T, kh=KH, kw=KW)
+                r = self._conv_cmd(0, self._conv_blocks(xq, 0, n0, n1), wb, (sa, sb), dims,
+                                   geo)
+                r = r.reshape(n1 - n0, Ho, Wo, T, -1).transpose(0, 3, 4, 1, 2)
+                r = r.reshape((n1 - n0) * T, -1, Ho, Wo)
+                y[n0 * T: n1 * T, o0 * T: o1 * T] = r[: dims["n"], : dims["o"]]
+        return y
+
+    def conv2d_input_grad(self, dyq: BFPTensor, wq: BFPTensor, input_size, *, stride=1,
+                          padding=0, dilation=1, geometry=None) -> np.ndarray:
+        """Input gradient ``dX`` on the device (CONV, mode 1), bit-identical to
+        :func:`hbfp_hw.conv.bfp_conv2d_input_grad`: ``dyq`` ``(N, O, H', W')``, ``wq``
+        ``(O, C, kh, kw)``, ``input_size = (H, W)``; returns float32 ``(N, C, H, W)``,
+        rounded once (no col2im). Split over sample blocks and channel blocks."""
+        self._conv_unsupported()
+        sa, sb = self._conv_slot(dyq, "dy"), self._conv_slot(wq, "w")
+        N, O, Ho, Wo = dyq.shape
+        Ow, C, KH, KW = wq.shape
+        H, W = (int(v) for v in input_size)
+        if O != Ow:
+            raise ValueError(f"output channels differ: dy is {dyq.shape}, w is {wq.shape}")
+        geo = self._conv_geometry(geometry, stride, padding, dilation, (KH, KW))
+        if geo.output_size((H, W), (KH, KW)) != (Ho, Wo):
+            raise ValueError(f"dy's spatial size {(Ho, Wo)} is not the output size "
+                             f"{geo.output_size((H, W), (KH, KW))} of an input {(H, W)}")
+        T = self.config.tile
+        gn, go, gc = dyq.layout.grid[0], dyq.layout.grid[1], wq.layout.grid[1]
+        sn, sc = self._conv_chunks("conv2d_input_grad", go * Ho * Wo, go * Ho * Wo,
+                                   go * KH * KW, go * KH * KW, H * W * T * T, gn, gc,
+                                   KH * KW * go * T)
+        dx = np.empty((N, C, H, W), np.float32)
+        for c0 in range(0, gc, sc):
+            c1 = min(gc, c0 + sc)
+            wb = self._conv_blocks(wq, 1, c0, c1)
+            for n0 in range(0, gn, sn):
+                n1 = min(gn, n0 + sn)
+                dims = dict(n=min(N, n1 * T) - n0 * T, c=min(C, c1 * T) - c0 * T, h=H, w=W,
+                            o=O, kh=KH, kw=KW)
+                r = self._conv_cmd(1, self._conv_blocks(dyq, 0, n0, n1), wb, (sa, sb), dims,
+                                   geo)
+                r = r.reshape(n1 - n0, H, W, T, -1).transpose(0, 3, 4, 1, 2)
+                r = r.reshape((n1 - n0) * T, -1, H, W)
+                dx[n0 * T: n1 * T, c0 * T: c1 * T] = r[: dims["n"], : dims["c"]]
+        return dx
+
+    def conv2d_weight_grad(self, dyq: BFPTensor, xq: BFPTensor, kernel_size, *, stride=1,
+                           padding=0, dilation=1, geometry=None) -> np.ndarray:
+        """Weight gradient ``dW`` on the device (CONV, mode 2), bit-identical to
+        :func:`hbfp_hw.conv.bfp_conv2d_weight_grad`: ``dyq`` ``(N, O, H', W')``, ``xq``
+        ``(N, C, H, W)`` (the forward pass's), ``kernel_size = (kh, kw)``; returns float32
+        ``(O, C, kh, kw)``. Split over output-channel blocks and channel blocks; the
+        reduction (all samples and positions, ``N' * H' * W'``) must fit ``k_max`` and one
+        operand buffer."""
+        self._conv_unsupported()
+        sa, sb = self._conv_slot(dyq, "dy"), self._conv_slot(xq, "x")
+        N, O, Ho, Wo = dyq.shape
+        Nx, C, H, W = xq.shape
+        KH, KW = (int(v) for v in kernel_size)
+        if N != Nx:
+            raise ValueError(f"batch sizes differ: dy is {dyq.shape}, x is {xq.shape}")
+        geo = self._conv_geometry(geometry, stride, padding, dilation, (KH, KW))
+        if geo.output_size((H, W), (KH, KW)) != (Ho, Wo):
+            raise ValueError(f"dy's spatial size {(Ho, Wo)} is not the output size "
+                             f"{geo.output_size((H, W), (KH, KW))} of an input {(H, W)}")
+        T = self.config.tile
+        gn, go, gc = dyq.layout.grid[0], dyq.layout.grid[1], xq.layout.grid[1]
+        so, sc = self._conv_chunks("conv2d_weight_grad", gn * Ho * Wo, gn * Ho * Wo,
+                                   gn * H * W, gn * H * W, T * KH * KW * T, go, gc,
+                                   gn * Ho * Wo * T)
+        dw = np.empty((O, C, KH, KW), np.float32)
+        for c0 in range(0, gc, sc):
+            c1 = min(gc, c0 + sc)
+            xb = self._conv_blocks(xq, 1, c0, c1)
+            for o0 in range(0, go, so):
+                o1 = min(go, o0 + so)
+                dims = dict(n=N, c=min(C, c1 * T) - c0 * T, h=H, w=W,
+                            o=min(O, o1 * T) - o0 * T, kh=KH, kw=KW)
+                r = self._conv_cmd(2, self._conv_blocks(dyq, 1, o0, o1), xb, (sa, sb), dims,
+                                   geo)
+                r = r.reshape((o1 - o0) * T, c1 - c0, KH, KW, T).transpose(0, 1, 4, 2, 3)
+                r = r.reshape((o1 - o0) * T, -1, KH, KW)
+                dw[o0 * T: o1 * T, c0 * T: c1 * T] = r[: dims["o"], : dims["c"]]
+        return dw
 
     def train_step(self, x: Any, w: Any, dy: Any, fmt: BFPFormat | None = None, *,
                    nonfinite: str = "raise", quantize_on: str = "auto",

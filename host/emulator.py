@@ -84,6 +84,9 @@ class Emulator:
         self._last: tuple[int, int, bytes, bytes] | None = None
         self.counters: Counter = Counter()
         self.session = 0
+        # LUQ quantizer generators: seed of the last reseed, stream elements since (whole
+        # beats of luq_lanes); RESET keeps them, as the device's LUQ engine does
+        self._luq_seed, self._luq_pos = 0, 0
         self._reset_state()
 
     # -- byte interface --------------------------------------------------------------
@@ -405,6 +408,395 @@ class Emulator:
         self.buffers[ys.id][f["y_offset"]: f["y_offset"] + batch * rows] = \
             y.reshape(-1).astype(np.int32)
         return {}, b""
+
+    def _op_luq_gemm(self, f, data):
+        """``y = a @ b`` by :func:`hbfp_hw.luq.luq_matmul`: ``a`` (rows, k) LUQ codes from
+        ``luq.a`` (sample-major: code ``(s, i, kk)`` at ``a_offset + (s * rows + i) * k
+        + kk``, bits 3..0), scale ``alpha`` (FP32 bits: 0 or positive normal), ``samples``
+        SMP samples, flag ``A_INVALID``; ``b`` (k, cols) the BFP operand in operand
+        buffer ``b`` (slot ``slot_b``: ``tile x tile`` blocks); FP32 ``y`` (rows, cols)
+        row-major into ``out``."""
+        from hbfp_hw.luq import LUQTensor, luq_matmul
+        cfg = self.config
+        lay = P.REQUESTS[P.Op.LUQ_GEMM]
+        if not P.luq_lanes(cfg):
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        self._check_flags(f["flags"], P.LuqGemmFlag, lay.index("flags"))
+        man_s, exp_s = self._operand_specs(f["b"])
+        if f["slot_b"] not in P.luq_slots(cfg):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("slot_b"))
+        S = f["samples"]
+        if S not in P.LUQ_SAMPLES:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("samples"))
+        M, K, N = f["rows"], f["k"], f["cols"]
+        for name in ("rows", "k", "cols"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        if K > cfg.k_max:
+            raise _DevError(P.ErrorCode.K_OVERFLOW, K)
+        ab = f["alpha"]
+        if ab and (ab >> 31 or not 1 <= (ab >> 23) & 0xFF <= 254):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("alpha"))
+        fmt, T = cfg.formats[f["slot_b"]], cfg.tile
+        nblk = -(-K // T) * -(-N // T)
+        n = nblk * T * T
+        if n > cfg.operand_depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, n)
+        a_s = self._by_kind(P.BufferKind.LUQ_CODES, "luq.a")
+        out_s = self._by_kind(P.BufferKind.FP32, "out")
+        for off, cnt, sp in ((f["a_offset"], S * M * K, a_s), (f["out_offset"], M * N, out_s)):
+            if off + cnt > sp.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, sp.depth))
+        man = self.buffers[man_s.id][:n]
+        big = np.flatnonzero(np.abs(man.astype(np.int32)) > fmt.mmax)
+        if len(big):
+            raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+        codes = self.buffers[exp_s.id][:nblk].astype(np.int64)
+        big = np.flatnonzero(codes > fmt.exp_invalid_code)
+        if len(big):
+            raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+        b = BFPTensor.from_stream(fmt, (K, N), codes, man.reshape(nblk, -1))
+        c = self.buffers[a_s.id][f["a_offset"]: f["a_offset"] + S * M * K] & 0xF
+        alpha = float(np.array([ab], np.uint32).view(np.float32)[0])
+        a = LUQTensor(P.luq_format(cfg, samples=S), (M, K),
+                      c.astype(np.uint8).reshape(S, M, K), alpha, 0.0,
+                      invalid=bool(f["flags"] & P.LuqGemmFlag.A_INVALID))
+        y = luq_matmul(a, b, guard_bits=cfg.guard_bits)
+        off = f["out_offset"]
+        self.buffers[out_s.id][off: off + M * N] = y.reshape(-1).view(np.uint32)
+        return {}, b""
+
+    def _op_luq_quantize(self, f, data):
+        """``count`` FP32 elements of ``fp_in`` from ``src_offset`` -> LUQ codes into
+        ``luq.a`` from ``dst_offset`` by :func:`hbfp_hw.luq.luq_quantize` (the device's
+        :func:`~hbfp_hw.protocol.luq_format`, generators reseeded from ``seed`` unless
+        ``CONTINUE``; the scale from this chunk's ``max|x|`` or, with ``MAX_ABS``, from the
+        ``max_abs`` field). NaN/Inf: INVALID_DATA (first index), nothing written."""
+        from hbfp_hw.luq import luq_quantize
+        cfg = self.config
+        lay = P.REQUESTS[P.Op.LUQ_QUANTIZE]
+        L = P.luq_lanes(cfg)
+        if not L:
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        flags = f["flags"]
+        self._check_flags(flags, P.LuqQuantizeFlag, lay.index("flags"))
+        n = f["count"]
+        if n == 0:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("count"))
+        mb = f["max_abs"]
+        if flags & P.LuqQuantizeFlag.MAX_ABS and (mb >> 31 or (mb >> 23) & 0xFF == 255):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("max_abs"))
+        fp_in = self._by_kind(P.BufferKind.FP32, "fp_in")
+        a_s = self._by_kind(P.BufferKind.LUQ_CODES, "luq.a")
+        for off, sp in ((f["src_offset"], fp_in), (f["dst_offset"], a_s)):
+            if off + n > sp.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, sp.depth))
+        src = f["src_offset"]
+        x = self.buffers[fp_in.id][src: src + n].view(np.float32)
+        bad = np.flatnonzero(~np.isfinite(x))
+        if len(bad):
+            raise _DevError(P.ErrorCode.INVALID_DATA, bad[0])
+        if not flags & P.LuqQuantizeFlag.CONTINUE:
+            self._luq_seed, self._luq_pos = f["seed"], 0
+        pos = self._luq_pos
+        m = None
+        if flags & P.LuqQuantizeFlag.MAX_ABS:
+            m = float(np.array([mb], np.uint32).view(np.float32)[0])
+        # element t of the chunk is element pos + t of the generators' stream
+        q = luq_quantize(np.concatenate([np.zeros(pos, np.float32), x]),
+                         P.luq_format(cfg, seed=self._luq_seed), max_abs=m)
+        self.buffers[a_s.id][f["dst_offset"]: f["dst_offset"] + n] = q.codes[0, pos:]
+        self._luq_pos = pos + -(-n // L) * L
+        f32 = np.array([q.alpha, q.max_abs], np.float32).view(np.uint32)
+        return {"alpha": int(f32[0]), "max_abs": int(f32[1]),
+                "saturated": q.saturated}, b""
+
+    def _op_sparse_gemm(self, f, data):
+        """N:M sparse GEMM from the compressed weight in ``sp.*``
+        (:func:`hbfp_hw.sparsity.sparse_matmul` / ``sparse_matmul_t``): the weight
+        ``[w_rows, w_cols]`` is ``Tr x Tc`` tiles of ``M x M`` (the dimensions padded to
+        ``tile``), tile ``tr * Tc + tc`` at ``w_offset`` (in tiles) of ``sp.man`` /
+        ``sp.idx``: ``M`` rows of ``N`` kept mantissas and their in-tile columns (low
+        ``log2 M`` bits of each ``sp.idx`` element); its block exponent codes (format
+        ``slot_w``, ``tile x tile`` blocks, row-major) at ``e_offset`` of ``sp.exp``.
+        X (forward, ``batch x w_cols``) or dY (``TRANSPOSE``, ``batch x w_rows``) in
+        operand buffer ``x`` (format ``slot_x``, block-stream order, as QUANTIZE stores
+        it). FP32 result ``batch x w_rows`` (``X Wᵀ``) or ``batch x w_cols`` (``dY W``)
+        row-major into ``out`` at ``out_offset``. Mantissas and codes are used as stored
+        (no range checks; an invalid block's outputs are NaN); with ``TRANSPOSE`` every
+        tile must name each column exactly ``N`` times, ``N`` distinct columns per row
+        (else DATA_RANGE, detail: the tile)."""
+        from hbfp_hw.sparsity import SparseBFPWeight, sparse_matmul, sparse_matmul_t
+        cfg = self.config
+        lay = P.REQUESTS[P.Op.SPARSE_GEMM]
+        if not P.sparse_lanes(cfg):
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        n, m = P.sparse_nm(cfg)
+        S, T = n * m, cfg.tile
+        flags = f["flags"]
+        self._check_flags(flags, P.SparseFlag, lay.index("flags"))
+        trans = bool(flags & P.SparseFlag.TRANSPOSE)
+        if f["x"] >= cfg.operand_buffers:
+            raise _DevError(P.ErrorCode.BAD_BUFFER, f["x"])
+        for name in ("slot_x", "slot_w"):
+            if f[name] >= len(cfg.formats) or cfg.block_2d(f[name]) != (T, T):
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        for name in ("batch", "w_rows", "w_cols"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        kname = "w_rows" if trans else "w_cols"
+        if f[kname] > cfg.k_max:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(kname))
+        B, O, I = f["batch"], f["w_rows"], f["w_cols"]
+        K, N = (O, I) if trans else (I, O)
+        gb, gk, go, gi = (-(-v // T) for v in (B, K, O, I))
+        if gb * gk * T * T > cfg.operand_depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, gb * gk * T * T)
+        man_s, idx_s = self._by_kind(P.BufferKind.SPARSE, "sp.man"), \
+            self._by_kind(P.BufferKind.SPARSE, "sp.idx")
+        exp_s = self._by_kind(P.BufferKind.SPARSE_EXP, "sp.exp")
+        out_s = self._by_kind(P.BufferKind.FP32, "out")
+        tr, tc = go * T // m, gi * T // m
+        lim = man_s.depth // S
+        for off, cnt, depth in ((f["w_offset"], tr * tc, lim), (f["e_offset"], go * gi,
+                                                                  exp_s.depth),
+                                (f["out_offset"], B * N, out_s.depth)):
+            if off + cnt > depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, depth))
+        w0 = f["w_offset"] * S
+        mans = self.buffers[man_s.id][w0: w0 + tr * tc * S].astype(np.int64)
+        idx = self.buffers[idx_s.id][w0: w0 + tr * tc * S].astype(np.int64) & (m - 1)
+        idx = idx.reshape(tr * tc, m, n)
+        if trans:
+            cnt = (idx[..., None] == np.arange(m)).sum(axis=(1, 2))        # per column
+            dup = np.zeros(len(idx), bool)
+            for a in range(n):
+                for b in range(a + 1, n):
+                    dup |= (idx[:, :, a] == idx[:, :, b]).any(axis=1)
+            bad = np.flatnonzero((cnt != n).any(axis=1) | dup)
+            if len(bad):
+                raise _DevError(P.ErrorCode.DATA_RANGE, bad[0])
+        fw, fx = cfg.formats[f["slot_w"]], cfg.formats[f["slot_x"]]
+        codes = self.buffers[exp_s.id][f["e_offset"]: f["e_offset"] + go * gi]
+        codes = codes.astype(np.int64).reshape(go, gi)
+        sw = SparseBFPWeight(fw, (O, I), n, m, "transposable", mans.reshape(tr, tc, m, n),
+                             idx.reshape(tr, tc, m, n).astype(np.uint8),
+                             codes - fw.exp_bias, codes == fw.exp_invalid_code)
+        xman_s, xexp_s = self._operand_specs(f["x"])
+        xl = block_layout((B, K), fx)
+        xm = self.buffers[xman_s.id][: gb * gk * T * T].astype(np.int64)
+        xc = self.buffers[xexp_s.id][: gb * gk].astype(np.int64).reshape(gb, gk)
+        xq = BFPTensor(fx, (B, K), xl.from_stream(xm.reshape(gb * gk, T * T)),
+                       xc - fx.exp_bias, xc == fx.exp_invalid_code)
+        fn = sparse_matmul_t if trans else sparse_matmul
+        y = fn(xq, sw, guard_bits=cfg.guard_bits)
+        off = f["out_offset"]
+        self.buffers[out_s.id][off: off + B * N] = y.reshape(-1).view(np.uint32)
+        return {}, b""
+
+    def _op_conv(self, f, data):
+        """HyperBlock convolution (``hbfp_hw.conv``) over ``tile x tile`` blocks: mode 0
+        forward (a: X, b: W), 1 dX (a: dY, b: W), 2 dW (a: dY, b: X); the operands are
+        4-D conv tensors in block-stream order (``BFPTensor.stream()`` of ``conv_format``
+        tensors), padding blocks are never stored. The padded output tiles go to
+        ``out`` (layout: :func:`hbfp_hw.protocol.conv_plan`). Clears the GEMM
+        accumulators (a following ACCUMULATE is BAD_ARGUMENT 2)."""
+        from hbfp_hw.conv import (bfp_conv2d, bfp_conv2d_input_grad, bfp_conv2d_weight_grad,
+                                  conv_format)
+        cfg, T = self.config, self.config.tile
+        idx = P.REQUESTS[P.Op.CONV].index
+        if not P.conv_built(cfg):
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        mode = f["mode"]
+        if mode >= len(P.CONV_MODES):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx("mode"))
+        ok = _conv_slots(cfg)
+        for name in ("slot_a", "slot_b"):
+            if f[name] >= len(cfg.formats):
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx(name))
+            if f[name] not in ok:
+                raise _DevError(P.ErrorCode.UNSUPPORTED, idx(name))
+        for name in ("a", "b"):
+            if f[name] >= cfg.operand_buffers:
+                raise _DevError(P.ErrorCode.BAD_BUFFER, f[name])
+        for name in ("n", "c", "h", "w", "o", "kh", "kw"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx(name))
+        for name in ("stride_h", "stride_w"):
+            if f[name] not in P.CONV_STRIDES:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx(name))
+        for name in ("dil_h", "dil_w"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx(name))
+        for ax, k in (("h", "kh"), ("w", "kw")):
+            if f[ax] + 2 * f[f"pad_{ax}"] - f[f"dil_{ax}"] * (f[k] - 1) - 1 < 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, idx(k))
+        stride, pad = (f["stride_h"], f["stride_w"]), (f["pad_h"], f["pad_w"])
+        dil = (f["dil_h"], f["dil_w"])
+        pl = P.conv_plan(mode, f["n"], f["c"], f["h"], f["w"], f["o"], f["kh"], f["kw"],
+                         stride, pad, dil, T)
+        for nb in (pl["blocks_a"], pl["blocks_b"]):
+            if nb * T * T > cfg.operand_depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, nb * T * T)
+        if pl["nk"] * T > cfg.k_max:
+            raise _DevError(P.ErrorCode.K_OVERFLOW, pl["nk"] * T)
+        out_s = self._by_kind(P.BufferKind.FP32, "out")
+        n_out, off = pl["mt"] * pl["nt"] * T * T, f["out_offset"]
+        if off + n_out > out_s.depth:
+            raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, out_s.depth))
+        gn, gc, go, ho, wo = (pl[k] for k in ("gn", "gc", "go", "ho", "wo"))
+        h, w, kh, kw = f["h"], f["w"], f["kh"], f["kw"]
+        x_shape, w_shape = (gn * T, gc * T, h, w), (go * T, gc * T, kh, kw)
+        y_shape = (gn * T, go * T, ho, wo)
+        shapes = ((x_shape, w_shape), (y_shape, w_shape), (y_shape, x_shape))[mode]
+        ops = []
+        for which, shape in enumerate(shapes):
+            fmt = conv_format(cfg.formats[f[("slot_a", "slot_b")[which]]], T, T)
+            man_s, exp_s = self._operand_specs(f["ab"[which]])
+            nb = pl[("blocks_a", "blocks_b")[which]]
+            man = self.buffers[man_s.id][: nb * T * T]
+            codes = self.buffers[exp_s.id][:nb].astype(np.int64)
+            big = np.flatnonzero(np.abs(man.astype(np.int32)) > fmt.mmax)
+            if len(big):
+                raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+            big = np.flatnonzero(codes > fmt.exp_invalid_code)
+            if len(big):
+                raise _DevError(P.ErrorCode.DATA_RANGE, big[0])
+            ops.append(BFPTensor.from_stream(fmt, shape, codes, man.reshape(nb, -1)))
+        geo = dict(stride=stride, padding=pad, dilation=dil, guard_bits=cfg.guard_bits)
+        if mode == 0:
+            y = bfp_conv2d(ops[0], ops[1], **geo)                    # (Np, Op, ho, wo)
+            y = y.reshape(gn, T, go * T, ho, wo).transpose(0, 3, 4, 1, 2)
+        elif mode == 1:
+            y = bfp_conv2d_input_grad(ops[0], ops[1], (h, w), **geo)  # (Np, Cp, h, w)
+            y = y.reshape(gn, T, gc * T, h, w).transpose(0, 3, 4, 1, 2)
+        else:
+            y = bfp_conv2d_weight_grad(ops[0], ops[1], (kh, kw), **geo)   # (Op, Cp, kh, kw)
+            y = y.reshape(go * T, gc, T, kh, kw).transpose(0, 1, 3, 4, 2)
+        y = np.ascontiguousarray(y).reshape(-1)
+        self.buffers[out_s.id][off: off + n_out] = y.view(np.uint32)
+        _fold_stats(self._stats, y)
+        self._acc = self._acc_eref = self._acc_bad = self._acc_meta = None
+        self._k_total = 0
+        return {}, b""
+
+    def _op_mls_gemm(self, f, data):
+        """Exact MLS GEMM (:func:`hbfp_hw.mls.mls_matmul`) of A ``(rows, K)`` and B
+        ``(K, cols)``, ``K = groups * group_words * mls_lanes``, both grouped along K with
+        groups of ``group_words`` words. A's codes are read from ``mls.a`` row by row
+        (word ``(i * groups + kb) * group_words + w``), B's from ``mls.b`` stored as Bᵀ
+        (``cols`` rows, same layout); group shifts from ``mls.ga`` (``rows x groups``) and
+        ``mls.gb`` (``cols x groups``, i.e. Bᵀ); tensor exponents are the int16 fields
+        ``exp_a`` / ``exp_b``. Only the low ``element_bits`` of a code and the low
+        ``group_bits`` of a shift are used. The FP32 results (row-major) go to ``out``."""
+        from hbfp_hw.mls import MLSTensor, mls_matmul
+        lay = P.REQUESTS[P.Op.MLS_GEMM]
+        lanes = P.mls_lanes(self.config)
+        if not lanes:
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        for name in ("rows", "cols", "groups", "group_words"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        rows, cols, groups, gw = f["rows"], f["cols"], f["groups"], f["group_words"]
+        if groups * gw * lanes > P.MLS_K_MAX:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("groups"))
+        texp = {}
+        for name in ("exp_a", "exp_b"):
+            texp[name] = _i16(f[name])
+            if not P.MLS_TEXP_RANGE[0] <= texp[name] <= P.MLS_TEXP_RANGE[1]:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        rowlen = groups * gw
+        out_s = self._by_kind(P.BufferKind.FP32, "out")
+        specs = {n: self._by_kind(k, n) for k, n in (
+            (P.BufferKind.MLS_CODES, "mls.a"), (P.BufferKind.MLS_CODES, "mls.b"),
+            (P.BufferKind.MLS_SHIFTS, "mls.ga"), (P.BufferKind.MLS_SHIFTS, "mls.gb"))}
+        for off, n, sp in ((f["a_offset"], rows * rowlen, specs["mls.a"]),
+                           (f["b_offset"], cols * rowlen, specs["mls.b"]),
+                           (f["ga_offset"], rows * groups, specs["mls.ga"]),
+                           (f["gb_offset"], cols * groups, specs["mls.gb"]),
+                           (f["y_offset"], rows * cols, out_s)):
+            if off + n > sp.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, sp.depth))
+        fmt = P.mls_format(self.config).replace(group_size=gw * lanes)
+        K = rowlen * lanes
+
+        def codes(name, off, n):
+            w = self.buffers[specs[name].id][off: off + n * rowlen].astype(np.int64)
+            c = (w[:, None] >> (8 * np.arange(lanes))) & ((1 << fmt.element_bits) - 1)
+            return c.reshape(n, K).astype(np.uint16)
+
+        def shifts(name, off, n):
+            g = self.buffers[specs[name].id][off: off + n * groups] & fmt.gmax
+            return g.reshape(n, groups).astype(np.uint8)
+        a = MLSTensor(fmt, (rows, K), texp["exp_a"], shifts("mls.ga", f["ga_offset"], rows),
+                      codes("mls.a", f["a_offset"], rows))
+        bt = MLSTensor(fmt, (cols, K), texp["exp_b"], shifts("mls.gb", f["gb_offset"], cols),
+                       codes("mls.b", f["b_offset"], cols))
+        y = mls_matmul(a, bt.T)
+        off = f["y_offset"]
+        self.buffers[out_s.id][off: off + rows * cols] = y.reshape(-1).view(np.uint32)
+        return {}, b""
+
+    def _op_mls_quantize(self, f, data):
+        """MLS quantization (:meth:`hbfp_hw.mls.MLSFormat.quantize_array` with
+        ``tensor_exp=texp``) of the ``rows x cols`` FP32 tensor at ``src_offset`` of
+        ``fp_in`` in :func:`hbfp_hw.protocol.mls_format`, groups of ``MLS_QUANT_GROUP``
+        along rows (zero padded), ``rounding`` 0 nearest even / 1 stochastic from ``seed``.
+        Codes go to ``mls.a`` (``dst`` 0) or ``mls.b`` (1) at ``codes_offset`` in the
+        MLS_GEMM layout (``group_words = MLS_QUANT_GROUP / mls_lanes``), group shifts to
+        ``mls.ga`` / ``mls.gb`` at ``g_offset``. A NaN/Inf element: INVALID_DATA, detail
+        its index in the tensor (nothing written)."""
+        lay = P.REQUESTS[P.Op.MLS_QUANTIZE]
+        lanes = P.mls_lanes(self.config)
+        if not lanes:
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        if f["dst"] > 1:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("dst"))
+        for name in ("rows", "cols"):
+            if f[name] == 0:
+                raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index(name))
+        t = _i16(f["texp"])
+        if not P.MLS_TEXP_RANGE[0] <= t <= P.MLS_TEXP_RANGE[1]:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("texp"))
+        if f["rounding"] > 1:
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("rounding"))
+        rows, cols, src = f["rows"], f["cols"], f["src_offset"]
+        Lq = P.MLS_QUANT_GROUP
+        groups = -(-cols // Lq)
+        side = "ab"[f["dst"]]
+        fp_in = self._by_kind(P.BufferKind.FP32, "fp_in")
+        cs = self._by_kind(P.BufferKind.MLS_CODES, f"mls.{side}")
+        gs = self._by_kind(P.BufferKind.MLS_SHIFTS, f"mls.g{side}")
+        for off, n, sp in ((src, rows * cols, fp_in),
+                           (f["codes_offset"], rows * groups * (Lq // lanes), cs),
+                           (f["g_offset"], rows * groups, gs)):
+            if off + n > sp.depth:
+                raise _DevError(P.ErrorCode.OUT_OF_RANGE, max(off, sp.depth))
+        x = self.buffers[fp_in.id][src: src + rows * cols].view(np.float32).reshape(rows, cols)
+        bad = np.flatnonzero(~np.isfinite(x.reshape(-1)))
+        if len(bad):
+            raise _DevError(P.ErrorCode.INVALID_DATA, int(bad[0]))
+        fmt = P.mls_format(self.config).replace(
+            rounding=("nearest_even", "stochastic")[f["rounding"]], seed=f["seed"])
+        q = fmt.quantize_array(x, tensor_exp=t)
+        c = q.codes.astype(np.int64).reshape(-1, lanes)
+        words = (c << (8 * np.arange(lanes))).sum(axis=1)
+        off = f["codes_offset"]
+        self.buffers[cs.id][off: off + len(words)] = words
+        off = f["g_offset"]
+        self.buffers[gs.id][off: off + rows * groups] = q.group_shift.reshape(-1)
+        return {}, b""
+
+
+def _i16(v: int) -> int:
+    """A u16 field as int16 (two's complement)."""
+    return v - (1 << 16) if v & 0x8000 else v
+
+
+def _conv_slots(config: AcceleratorConfig) -> list[int]:
+    """Format slots CONV computes: the MAC array's ``tile x tile`` slots."""
+    from hbfp_hw.gateware.top import tile_slots
+    return tile_slots(config)
 
 
 def _with_reference_block(a: BFPTensor, b: BFPTensor, row: np.ndarray, col: np.ndarray,

@@ -30,12 +30,13 @@ the emulator / RTL parity tests check command by command. Convolutions are im2co
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from hbfp_hw import protocol as P
 from hbfp_hw.bitlayers import decompose
-from hbfp_hw.intgemm import (MAX_ACC_BITS, IntTensor, _check_pair, _epilogue, im2col,
-                             int_accumulator_bits, scale_to_fp32)
+from hbfp_hw.intgemm import MAX_ACC_BITS, IntTensor, _conv2d, _linear, int_accumulator_bits
 
 __all__ = ["int_linear", "int_conv2d", "weight_operand", "ACT_BITS_MAX", "WEIGHT_BITS_MAX"]
 
@@ -101,34 +102,11 @@ def _device_acc(dev, ca: np.ndarray, w: IntTensor, bits_a: int) -> np.ndarray:
 def int_linear(dev, a: IntTensor, w: IntTensor, *, return_acc: bool = False):
     """:func:`hbfp_hw.intgemm.int_linear` with the integer sums computed on ``dev``
     (an open :class:`~hbfp_hw.host.Device`); bit-identical results."""
-    _check_pair(a, w, "int_linear")
-    if a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1]:
-        raise ValueError(f"int_linear needs a (M, K) and w (N, K), got {a.shape} and "
-                         f"{w.shape}")
-    ca, ua = a.operand()
-    _, uw = w.operand()
-    acc = _device_acc(dev, ca, w, a.fmt.bits)
-    S = np.broadcast_to(scale_to_fp32(ua, uw), (w.shape[0],))
-    y = _epilogue(acc, S)
-    return (y, acc, S) if return_acc else y
+    return _linear(a, w, functools.partial(_device_acc, dev), return_acc)
 
 
 def int_conv2d(dev, a: IntTensor, w: IntTensor, *, stride=1, padding=0,
                return_acc: bool = False):
     """:func:`hbfp_hw.intgemm.int_conv2d` (im2col GEMM) with the integer sums computed
     on ``dev``; bit-identical results."""
-    _check_pair(a, w, "int_conv2d")
-    if a.ndim != 4 or w.ndim != 4 or a.shape[1] != w.shape[1]:
-        raise ValueError(f"int_conv2d needs a (N, C, H, W) and w (O, C, kh, kw), got "
-                         f"{a.shape} and {w.shape}")
-    ca, ua = a.operand()
-    _, uw = w.operand()
-    O, C, kh, kw = w.shape
-    rows, (N, Ho, Wo) = im2col(ca, kh, kw, stride, padding)
-    w2 = IntTensor(w.q.reshape(O, -1), w.scale, w.z2, w.fmt)
-    acc = _device_acc(dev, rows, w2, a.fmt.bits)
-    S = np.broadcast_to(scale_to_fp32(ua, uw), (O,))
-    y = _epilogue(acc, S).reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
-    if return_acc:
-        return y, acc.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2), S
-    return y
+    return _conv2d(a, w, stride, padding, functools.partial(_device_acc, dev), return_acc)

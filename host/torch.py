@@ -897,10 +897,14 @@ class DeviceBackend(Backend):
     backends draw one stream per tensor and give identical bits; ``calls`` counts these
     as ``"host_quantize"``.
 
-    The accelerator has no convolution command: :attr:`supports_conv` is False, so
-    :class:`BFPConv2d` layers on this backend run their im2col-tile GEMMs on the device
-    (``conv_mode="im2col_tiles"``, with a warning when the HyperBlock convolution was
-    the default).
+    :attr:`supports_conv` is True when the device runs HyperBlock convolutions (its
+    configuration has the CONV address generator, ``conv=1``): :class:`BFPConv2d`
+    layers then quantize ``X``, ``W`` and ``dY`` once each with the device's QUANTIZE
+    (through the block-row matrix of :func:`conv_quantize`, whose tiles are the conv
+    blocks) and run the forward, ``dX`` and ``dW`` convolutions with the CONV command
+    (``Device.conv2d``, ``conv2d_input_grad``, ``conv2d_weight_grad``). Without it
+    they run their im2col-tile GEMMs on the device (``conv_mode="im2col_tiles"``, with a
+    warning when the HyperBlock convolution was the default).
     """
 
     def __init__(self, device: Any) -> None:
@@ -918,8 +922,45 @@ class DeviceBackend(Backend):
             self.name = type(device).__name__
         self.device = device
 
+    @property
+    def supports_conv(self) -> bool:
+        cfg = getattr(self.device, "config", None)
+        return bool(getattr(cfg, "conv", 0)) and hasattr(self.device, "conv2d")
+
+    def _conv2d(self, xq, wq, geometry):
+        return self.device.conv2d(xq, wq, geometry=geometry)
+
+    def _conv2d_input_grad(self, gq, wq, input_size, geometry):
+        return self.device.conv2d_input_grad(gq, wq, input_size, geometry=geometry)
+
+    def _conv2d_weight_grad(self, gq, xq, kernel_size, geometry):
+        return self.device.conv2d_weight_grad(gq, xq, kernel_size, geometry=geometry)
+
     def _quantize(self, x, fmt: BFPFormat) -> BFPTensor:
         x = _as_f32_array(x)
+        if _is_conv_blocking(tuple(x.shape), fmt) and len(fmt.block_axes) == 2:
+            return self._conv_quantize(x, fmt)
+        return self._quantize_2d(x, fmt)
+
+    def _conv_quantize(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
+        """A 4-D conv operand through the 2-D quantizer on its block-row matrix (the
+        blocks of :func:`conv_quantize`, in the same stream order)."""
+        N, C, H, W = x.shape
+        lay = _conv_layout(tuple(x.shape), fmt)
+        bn, bc = lay.block[0], lay.block[1]
+        (Np, Cp), (gn, gc) = lay.padded[:2], lay.grid[:2]
+        xp = np.zeros((Np, Cp, H, W), np.float32)
+        xp[:N, :C] = x
+        z = np.ascontiguousarray(
+            xp.reshape(gn, bn, gc, bc, H, W).transpose(0, 2, 4, 5, 1, 3).reshape(-1, bc))
+        try:
+            q = self._quantize_2d(z, fmt)
+        except NonFiniteBlockError:     # the golden model names the block of the 4-D tensor
+            return quantize(x, fmt)
+        codes, man = q.stream()
+        return BFPTensor.from_stream(fmt, (N, C, H, W), codes, man)
+
+    def _quantize_2d(self, x: np.ndarray, fmt: BFPFormat) -> BFPTensor:
         tiles = getattr(self.device, "quantize_tiles", None)
         if (fmt.rounding == "stochastic" and tiles is not None and x.ndim == 2
                 and len(tiles(x.shape, fmt)) > 1):

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from hbfp_hw.host.torch import DeviceBackend
 from hbfp_hw.sparsity import MASK_METHODS, nm_mask, parse_spec, transposable_mask
 
-__all__ = ["NMMask", "apply_sparsity", "remove_sparsity", "sparse_layers", "mask_density"]
+__all__ = ["NMMask", "apply_sparsity", "remove_sparsity", "sparse_layers", "mask_density",
+           "sparse_weight_from_bfp", "SparseDeviceBackend"]
 
 
 class NMMask(nn.Module):
@@ -144,3 +146,94 @@ def mask_density(model: nn.Module) -> float:
         kept += int(mk.sum())
         total += mk.numel()
     return kept / total if total else 1.0
+
+
+# -- sparse GEMMs on a device ----------------------------------------------------------
+
+def sparse_weight_from_bfp(wq, n: int, m: int):
+    """The :class:`~hbfp_hw.sparsity.SparseBFPWeight` of a quantized weight ``wq``
+    (``[out, in]`` :class:`~hbfp_hw.quantize.BFPTensor`) whose non-zero mantissas keep at
+    most ``n`` per row and column of every ``m x m`` tile (a transposable ``n:m`` masked
+    weight: kept weights that quantized to 0 leave fewer), else ``None``. The slots are
+    completed to exactly ``n`` per row and column with zero mantissas; ``to_bfp()`` of
+    the result is ``wq`` itself (mantissas, exponents, invalid flags)."""
+    from hbfp_hw.sparsity import SparseBFPWeight, _milp_tiles, _tiles
+    if wq.ndim != 2:
+        return None
+    blk = wq.layout.block
+    if blk[0] % m or blk[1] % m:
+        return None
+    man = wq.mantissas.astype(np.int64)
+    nz = _tiles((man != 0).astype(np.int64), m)[0].astype(bool)        # (Tr, Tc, m, m)
+    if (nz.sum(axis=3) > n).any() or (nz.sum(axis=2) > n).any():
+        return None
+    tr, tc = nz.shape[:2]
+    flat = nz.reshape(-1, m, m).copy()
+    short = np.nonzero((flat.sum(axis=2) < n).any(axis=1) | (flat.sum(axis=1) < n).any(axis=1))[0]
+    if len(short):
+        flat[short] = _milp_tiles(np.zeros((len(short), m, m)), n, m,
+                                  lb=flat[short].astype(float))
+    slots = flat.reshape(tr, tc, m, m)
+    idx = np.argsort(~slots, axis=3, kind="stable")[..., :n]
+    mans = np.take_along_axis(_tiles(man, m)[0], idx, axis=3)
+    return SparseBFPWeight(wq.fmt, tuple(wq.shape), n, m, "transposable",
+                           mans.astype(np.int16), idx.astype(np.uint8),
+                           wq.exponents.copy(), wq.invalid.copy())
+
+
+def _digest(q) -> bytes:
+    import hashlib
+    h = hashlib.sha1(repr((q.shape, q.fmt.man_bits, q.fmt.exp_bits)).encode())
+    for a in (q.mantissas, q.exponents, q.invalid):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+class SparseDeviceBackend(DeviceBackend):
+    """A :class:`~hbfp_hw.host.torch.DeviceBackend` that runs the GEMMs of N:M
+    sparse weights on the device's sparse engine (``Device.sparse_matmul``,
+    SPARSE_GEMM), every other GEMM as ``matmul_q``; the results are those of
+    ``bfp_matmul`` bit for bit either way.
+
+    ``a @ b`` with ``bᵀ`` a transposable ``N:M`` masked weight (the forward ``X Wᵀ``
+    of a layer under :func:`apply_sparsity`) runs forward, its compressed weight is
+    remembered; ``a @ b`` with ``b`` a remembered weight (the layer's ``dX = dY W``)
+    runs with ``transpose=True`` on the same compressed weight. ``calls`` counts
+    ``"sparse"`` and ``"sparse_t"`` GEMMs. GEMMs whose reduction is longer than one
+    SPARSE_GEMM reduces, or whose operands are in no ``tile x tile`` slot, stay dense.
+    """
+
+    def __init__(self, device, *, cache: int = 64) -> None:
+        super().__init__(device)
+        import hbfp_hw.protocol as P
+        cfg = self.device.config
+        self.nm = P.sparse_nm(cfg) if P.sparse_lanes(cfg) else None
+        self._weights: dict[bytes, object] = {}
+        self._cache = cache
+
+    def _fits(self, a, k: int) -> bool:
+        from hbfp_hw.host.device import FormatMismatchError
+        T = self.device.config.tile
+        if a.ndim != 2 or a.layout.block != (T, T) or k > self.device.sparse_k_max():
+            return False
+        try:                                       # a format slot of the device
+            self.device._sparse_slot(a.fmt, a.layout.block, "a")
+        except FormatMismatchError:
+            return False
+        return True
+
+    def _matmul(self, a, b):
+        if self.nm is not None and b.ndim == 2 and self._fits(a, b.shape[0]):
+            sw = self._weights.get(_digest(b))
+            if sw is not None:                     # b is W: dX = dY W
+                self.calls["sparse_t"] += 1
+                return self.device.sparse_matmul(a, sw, transpose=True)
+            sw = sparse_weight_from_bfp(b.T, *self.nm)
+            if sw is not None and b.layout.block == (self.device.config.tile,) * 2:
+                if len(self._weights) >= self._cache:
+                    self._weights.pop(next(iter(self._weights)))
+                self._weights[_digest(b.T)] = sw
+                self.calls["sparse"] += 1
+                return self.device.sparse_matmul(a, sw)   # Y = X Wᵀ, W = bᵀ
+        return super()._matmul(a, b)
+

@@ -61,7 +61,7 @@ class BufferModel:
     def elements(self, s: P.BufferSpec) -> np.ndarray:
         """Buffer ``s`` as unsigned wire integers, one per element."""
         w = self.words[port_name(s)]
-        if s.kind != P.BufferKind.MANTISSA:
+        if s.kind not in P.LANE_KINDS:
             return np.array(w, dtype=np.uint64)
         eb = 8 * s.wire_bytes
         mask = (1 << eb) - 1
@@ -73,7 +73,7 @@ class BufferModel:
         for s in self.specs:
             eb = 8 * s.wire_bytes
             el = buffers[s.id].view(f"u{s.wire_bytes}").astype(np.uint64)
-            if s.kind == P.BufferKind.MANTISSA:
+            if s.kind in P.LANE_KINDS:
                 el = el.reshape(-1, self.tile)
                 self.words[port_name(s)] = [
                     sum(int(v) << (eb * j) for j, v in enumerate(row)) for row in el]

@@ -19,7 +19,8 @@ from hbfp_hw.gateware.top import mx_slots, quant_rounding, tile_slots
 from .engine_bench import Script, prepared_emulator
 
 __all__ = ["SCRIPTS", "fp32_tensor", "buffer_io_script", "stats_script", "quantize_script",
-           "gemm_script", "bitlayer_script"]
+           "gemm_script", "bitlayer_script", "sparse_script", "sparse_weight_data",
+           "mls_script", "luq_script"]
 
 G, Q, S = P.GemmFlag, P.QuantizeFlag, P.StatsFlag
 
@@ -251,6 +252,271 @@ def bitlayer_script(cfg, rom: bytes, rng, n: int = 10) -> Script:
     return sc
 
 
+def sparse_weight_data(cfg, rng, w_rows: int, w_cols: int, slot: int = 0):
+    """A compressed transposable weight of ``cfg``'s ``N:M`` in format ``slot`` with
+    zero blocks and zero rows, as the three ``sp.*`` arrays ``(man, idx, exp codes)``
+    and the :class:`~hbfp_hw.sparsity.SparseBFPWeight`."""
+    from hbfp_hw.sparsity import compress
+    n, m = P.sparse_nm(cfg)
+    fmt = cfg.formats[slot]
+    w = (rng.standard_normal((w_rows, w_cols)) * np.exp2(rng.integers(-6, 6))).astype(
+        np.float32)
+    w[: min(w_rows, cfg.tile), : min(w_cols, cfg.tile)] *= float(rng.choice([0.0, 1.0]))
+    w[int(rng.integers(0, w_rows))] = 0.0
+    sw = compress(w, fmt, n, m)
+    codes = np.where(sw.invalid, fmt.exp_invalid_code,
+                     sw.exponents.astype(np.int64) + fmt.exp_bias)
+    return sw.mantissas.reshape(-1), sw.indices.reshape(-1), codes.reshape(-1), sw
+
+
+def sparse_script(cfg, rom: bytes, rng, n: int = 8) -> Script:
+    """SPARSE_GEMM forward and transposed with compressed weights (zero blocks, partial
+    edge tiles, invalid blocks in X and W, offsets), random shapes; errors: each bad
+    field, each buffer range, a non-transposable tile with ``TRANSPOSE``."""
+    from hbfp_hw.quantize import quantize
+    sc = Script(prepared_emulator(cfg, rom))
+    specs = {s.name: s for s in sc.emu.specs}
+    if not P.sparse_lanes(cfg):
+        sc.cmd(P.Op.SPARSE_GEMM, flags=0, x=0, slot_x=0, slot_w=0, batch=1, w_rows=1,
+               w_cols=1, w_offset=0, e_offset=0, out_offset=0)
+        sc.finish()
+        return sc
+    T = cfg.tile
+    nn, m = P.sparse_nm(cfg)
+    S = nn * m
+    slots = [i for i in range(len(cfg.formats)) if cfg.block_2d(i) == (T, T)]
+
+    def put(spec, vals, off=0):
+        dt = {(1, True): "i1", (1, False): "u1", (2, True): "<i2", (2, False): "<u2"}[
+            (spec.wire_bytes, spec.signed)]
+        raw = np.asarray(vals).astype(np.int64).astype(dt).tobytes()
+        step = P.MAX_DATA
+        for lo in range(0, len(raw), step):
+            sc.emulate(P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+                raw[lo: lo + step], buffer=spec.id, offset=off + lo // spec.wire_bytes))
+
+    kcap = min(cfg.k_max, cfg.operand_depth // (T * T) * T, 3 * T)
+    for k in range(n):
+        trans = k % 2 == 1
+        slot_x, slot_w = int(rng.choice(slots)), int(rng.choice(slots))
+        K = int(rng.integers(1, kcap + 1))
+        Nn = int(rng.integers(1, 3 * T + 1))
+        while Nn > 1 and (-(-Nn // T) * -(-K // T) * T * T // S > specs["sp.man"].depth // S
+                          or -(-Nn // T) * -(-K // T) > specs["sp.exp"].depth
+                          or Nn * 2 * T > specs["out"].depth):
+            Nn = max(1, Nn - T)
+        w_rows, w_cols = (K, Nn) if trans else (Nn, K)
+        batch = int(rng.integers(1, min(2 * T, cfg.operand_depth // (-(-K // T) * T)) + 1))
+        man, idx, codes, sw = sparse_weight_data(cfg, rng, w_rows, w_cols, slot_w)
+        if rng.random() < 0.3:
+            codes[int(rng.integers(0, len(codes)))] = cfg.formats[slot_w].exp_invalid_code
+        ntile = len(man) // S
+        w_off = int(rng.integers(0, specs["sp.man"].depth // S - ntile + 1))
+        e_off = int(rng.integers(0, specs["sp.exp"].depth - len(codes) + 1))
+        put(specs["sp.man"], man, w_off * S)
+        put(specs["sp.idx"], idx + (m * rng.integers(0, 2, len(idx)) if k % 3 == 0 else 0),
+            w_off * S)
+        put(specs["sp.exp"], codes, e_off)
+        xbuf = int(rng.integers(0, cfg.operand_buffers))
+        x = (rng.standard_normal((batch, K)) * np.exp2(rng.integers(-8, 8))).astype(np.float32)
+        if rng.random() < 0.3:
+            x[int(rng.integers(0, batch)), int(rng.integers(0, K))] = np.nan
+        xq = quantize(x, cfg.formats[slot_x], nonfinite="flag")
+        xc, xm = xq.stream()
+        put(specs[f"op{xbuf}.man"], xm.reshape(-1))
+        put(specs[f"op{xbuf}.exp"], xc)
+        sc.load()
+        N = w_cols if trans else w_rows
+        f = dict(flags=int(trans), x=xbuf, slot_x=slot_x, slot_w=slot_w, batch=batch,
+                 w_rows=w_rows, w_cols=w_cols, w_offset=w_off, e_offset=e_off,
+                 out_offset=int(rng.integers(0, specs["out"].depth - batch * N + 1)))
+        sc.cmd(P.Op.SPARSE_GEMM, **f)
+        sc.check()
+        bad = str(rng.choice(["flags", "x", "slot_x", "slot_w", "batch", "w_rows", "w_cols",
+                              "k", "xsize", "w_offset", "e_offset", "out_offset", "tile"]))
+        g = dict(f)
+        if bad == "flags":
+            g["flags"] |= 0x40
+        elif bad == "x":
+            g["x"] = cfg.operand_buffers + int(rng.integers(0, 3))
+        elif bad in ("slot_x", "slot_w"):
+            g[bad] = int(rng.choice([len(cfg.formats)] + [i for i in range(len(cfg.formats))
+                                                          if i not in slots]))
+        elif bad in ("batch", "w_rows", "w_cols"):
+            g[bad] = 0
+        elif bad == "k":
+            g["w_rows" if trans else "w_cols"] = cfg.k_max + 1
+        elif bad == "xsize":
+            g["batch"] = cfg.operand_depth // (-(-K // T)) + T
+        elif bad == "w_offset":
+            g["w_offset"] = int(rng.choice([specs["sp.man"].depth // S - ntile + 1,
+                                            2**32 - 1]))
+        elif bad == "e_offset":
+            g["e_offset"] = specs["sp.exp"].depth - len(codes) + 1
+        elif bad == "out_offset":
+            g["out_offset"] = specs["out"].depth - batch * N + 1
+        else:                              # a tile that is not transposable
+            g["flags"] = int(P.SparseFlag.TRANSPOSE)
+            g["w_rows"], g["w_cols"] = w_rows, w_cols
+            t = int(rng.integers(0, ntile))
+            r0 = t * S + int(rng.integers(0, m)) * nn
+            bad_idx = idx[t * S: (t + 1) * S].copy()
+            bad_idx[r0 - t * S + 1] = bad_idx[r0 - t * S]       # a column named twice
+            put(specs["sp.idx"], bad_idx, (w_off + t) * S)
+            sc.load()
+        sc.cmd(P.Op.SPARSE_GEMM, **g)
+        sc.check()
+    sc.finish()
+    return sc
+
+
+def mls_script(cfg, rom: bytes, rng, n: int = 8) -> Script:
+    """MLS_QUANTIZE of random FP32 tensors (zeros, subnormals, huge values; nearest and
+    stochastic, both destinations) and MLS_GEMM over random code words (every code, bit 7
+    set) and group shifts (above 15 too), random shapes, tensor exponents and offsets;
+    errors: each bad field, each buffer range, a NaN element. Without the engine
+    (``mls_lanes`` 0): UNSUPPORTED."""
+    sc = Script(prepared_emulator(cfg, rom))
+    specs = {s.name: s for s in sc.emu.specs}
+    lanes = P.mls_lanes(cfg)
+    if not lanes:
+        for op in (P.Op.MLS_GEMM, P.Op.MLS_QUANTIZE):
+            sc.cmd(op, **{f.name: 0 for f in P.REQUESTS[op].fields})
+        sc.finish()
+        return sc
+    fp, ca, gs, out = specs["fp_in"], specs["mls.a"], specs["mls.ga"], specs["out"]
+
+    def fill(spec, vals, dt):
+        raw = vals.astype(dt).tobytes()
+        step = P.MAX_DATA // spec.wire_bytes
+        for lo in range(0, spec.depth, step):
+            sc.emulate(P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+                raw[lo * spec.wire_bytes: (lo + step) * spec.wire_bytes], buffer=spec.id,
+                offset=lo))
+    fill(fp, fp32_tensor(rng, fp.depth).view(np.uint32), "<u4")
+    for side in "ab":
+        fill(specs[f"mls.{side}"], rng.integers(0, 1 << (8 * lanes), ca.depth,
+                                                  dtype=np.int64), f"<u{ca.wire_bytes}")
+        fill(specs[f"mls.g{side}"], rng.integers(0, 256, gs.depth), "u1")
+    sc.load()
+    Lq = P.MLS_QUANT_GROUP
+    lq, lg = P.REQUESTS[P.Op.MLS_QUANTIZE], P.REQUESTS[P.Op.MLS_GEMM]
+    for k in range(n):
+        cols = int(rng.integers(1, 40))
+        rows = int(rng.integers(1, max(2, min(4, fp.depth // cols) + 1)))
+        ng = -(-cols // Lq)
+        t = int(rng.integers(-20, 20))
+        f = dict(dst=int(rng.integers(0, 2)), rows=rows, cols=cols,
+                 src_offset=int(rng.integers(0, fp.depth - rows * cols + 1)), texp=t & 0xFFFF,
+                 rounding=int(rng.integers(0, 2)), seed=int(rng.integers(0, 2**32)),
+                 codes_offset=int(rng.integers(0, ca.depth - rows * ng * Lq // lanes + 1)),
+                 g_offset=int(rng.integers(0, gs.depth - rows * ng + 1)))
+        sc.cmd(P.Op.MLS_QUANTIZE, **f)
+        if k % 2:
+            bad = str(rng.choice([x.name for x in lq.fields if x.name != "seed"]))
+            val = {"dst": 2, "rows": 0, "cols": 0, "texp": 201, "rounding": 2,
+                   "src_offset": fp.depth, "codes_offset": ca.depth, "g_offset": gs.depth}[bad]
+            sc.cmd(P.Op.MLS_QUANTIZE, **{**f, bad: val})
+        sc.check()
+        gw = int(rng.integers(1, 4))
+        groups = int(rng.integers(1, 4))
+        rl = groups * gw
+        r, c = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        g = dict(rows=r, cols=c, groups=groups, group_words=gw,
+                 exp_a=int(rng.integers(-200, 201)) & 0xFFFF,
+                 exp_b=int(rng.integers(-200, 201)) & 0xFFFF,
+                 a_offset=int(rng.integers(0, ca.depth - r * rl + 1)),
+                 b_offset=int(rng.integers(0, ca.depth - c * rl + 1)),
+                 ga_offset=int(rng.integers(0, gs.depth - r * groups + 1)),
+                 gb_offset=int(rng.integers(0, gs.depth - c * groups + 1)),
+                 y_offset=int(rng.integers(0, out.depth - r * c + 1)))
+        sc.cmd(P.Op.MLS_GEMM, **g)
+        if k % 2 == 0:
+            bad = str(rng.choice([x.name for x in lg.fields]))
+            val = {"rows": 0, "cols": 0, "groups": P.MLS_K_MAX, "group_words": 0,
+                   "exp_a": 201, "exp_b": 0xFF00, "a_offset": ca.depth, "b_offset": 2**32 - 1,
+                   "ga_offset": gs.depth, "gb_offset": gs.depth - c * groups + 1,
+                   "y_offset": out.depth}[bad]
+            sc.cmd(P.Op.MLS_GEMM, **{**g, bad: val})
+        sc.check()
+    sc.finish()
+    return sc
+
+
 #: Script builder per engine name of :data:`hbfp_hw.gateware.top.ENGINES`.
+def luq_script(cfg, rom: bytes, rng, n: int = 6) -> Script:
+    """LUQ_QUANTIZE (random counts and offsets over the FP32 inputs of ``_start``, NaN
+    included; per-tensor or ``MAX_ABS`` scales, ``CONTINUE``) and LUQ_GEMM (random
+    codes, valid mantissas with an out-of-range one in the last operand buffer, exponent
+    codes up to the invalid code, every SMP sample count, alpha 0 or normal); errors:
+    each bad field, each buffer range."""
+    sc = _start(cfg, rom, rng)
+    specs = {s.name: s for s in sc.emu.specs}
+    if not P.luq_lanes(cfg):
+        sc.load()
+        for op in (P.Op.LUQ_GEMM, P.Op.LUQ_QUANTIZE):
+            sc.cmd(op, **{f.name: 0 for f in P.REQUESTS[op].fields})
+        sc.finish()
+        return sc
+    T = cfg.tile
+    slots = P.luq_slots(cfg)
+    a_s = specs["luq.a"]
+
+    def write(spec, raw: bytes) -> None:
+        step = P.MAX_DATA // spec.wire_bytes * spec.wire_bytes
+        for lo in range(0, len(raw), step):
+            sc.emulate(P.Op.WRITE, P.REQUESTS[P.Op.WRITE].pack(
+                raw[lo: lo + step], buffer=spec.id, offset=lo // spec.wire_bytes))
+    write(a_s, rng.integers(0, 256, a_s.depth).astype("u1").tobytes())
+    fmt0 = cfg.formats[slots[0]]
+    mm = min(cfg.formats[i].mmax for i in slots)
+    for i in range(cfg.operand_buffers):
+        ms, es = specs[f"op{i}.man"], specs[f"op{i}.exp"]
+        man = rng.integers(-mm, mm + 1, ms.depth)
+        if i == cfg.operand_buffers - 1:
+            man[int(rng.integers(0, 3 * T * T))] = mm + 1
+        codes = rng.integers(fmt0.exp_bias - 4, fmt0.exp_bias + 4, es.depth)
+        codes[rng.integers(0, es.depth, 2)] = fmt0.exp_invalid_code
+        write(ms, man.astype(f"<i{ms.wire_bytes}").tobytes())
+        write(es, codes.astype(f"<u{es.wire_bytes}").tobytes())
+    sc.load()
+    fp = specs["fp_in"]
+    for k in range(n):
+        count = int(rng.integers(1, 40))
+        flags = int(rng.integers(0, 4))
+        mx = float(np.abs(rng.standard_normal()) * 2.0 ** int(rng.integers(-20, 20)))
+        q = dict(flags=flags, count=count, src_offset=int(rng.integers(0, fp.depth - count)),
+                 dst_offset=int(rng.integers(0, a_s.depth - count)),
+                 seed=int(rng.integers(0, 2**32)),
+                 max_abs=int(np.array([mx], np.float32).view(np.uint32)[0]))
+        sc.cmd(P.Op.LUQ_QUANTIZE, **q)
+        S = int(rng.choice(P.LUQ_SAMPLES[:3]))
+        rows, kk, cols = int(rng.integers(1, 4)), int(rng.integers(1, 3 * T)), \
+            int(rng.integers(1, 2 * T + 1))
+        alpha = float(rng.choice([0.0, 2.0 ** int(rng.integers(-30, 30))]))
+        g = dict(flags=int(rng.integers(0, 2)), b=int(rng.integers(0, cfg.operand_buffers)),
+                 slot_b=int(rng.choice(slots)), samples=S, rows=rows, k=kk, cols=cols,
+                 alpha=int(np.array([alpha], np.float32).view(np.uint32)[0]),
+                 a_offset=int(rng.integers(0, a_s.depth - S * rows * kk)),
+                 out_offset=int(rng.integers(0, specs["out"].depth - rows * cols)))
+        sc.cmd(P.Op.LUQ_GEMM, **g)
+        if k % 2 == 1:                                 # one bad field each
+            bad = str(rng.choice(["flags", "b", "slot_b", "samples", "rows", "k", "alpha",
+                                  "a_offset", "out_offset"]))
+            val = {"flags": 2, "b": cfg.operand_buffers, "slot_b": len(cfg.formats),
+                   "samples": 3, "rows": 0, "k": cfg.k_max + 1, "alpha": 0x80800000,
+                   "a_offset": a_s.depth, "out_offset": 2**32 - 1}[bad]
+            sc.cmd(P.Op.LUQ_GEMM, **{**g, bad: val})
+            bad = str(rng.choice(["flags", "count", "max_abs", "src_offset", "dst_offset"]))
+            val = {"flags": 4, "count": 0, "max_abs": 0x7F800000, "src_offset": fp.depth,
+                   "dst_offset": a_s.depth - count + 1}[bad]
+            sc.cmd(P.Op.LUQ_QUANTIZE, **{**q, bad: val, "flags": 1 if bad == "max_abs"
+                                         else q["flags"] if bad != "flags" else val})
+        sc.check()
+    sc.finish()
+    return sc
+
+
 SCRIPTS = {"buffer_io": buffer_io_script, "stats": stats_script,
-           "quantize": quantize_script, "gemm": gemm_script, "bitlayer": bitlayer_script}
+           "quantize": quantize_script, "gemm": gemm_script, "bitlayer": bitlayer_script,
+           "sparse": sparse_script, "mls": mls_script, "luq": luq_script}

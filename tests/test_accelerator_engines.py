@@ -132,7 +132,7 @@ def _requests(rng):
     out = []
     count = 0
     for seq in range(24):
-        op = P.Op(int(rng.integers(1, len(P.Op) + 1)))
+        op = list(P.Op)[int(rng.integers(0, len(P.Op)))]
         lay = P.REQUESTS[op]
         hdr = rng.integers(0, 256, lay.header_size, dtype=np.uint8).tobytes()
         if op == P.Op.INFO:

@@ -47,7 +47,7 @@ ACFG = AcceleratorConfig(
     input_depth=16, output_depth=16, k_max=8, name="formal")
 #: FSM of each engine (``m.FSM(name=...)``).
 ENGINE_FSM = {"buffer_io": "bufio", "stats": "stats", "quantize": "quantize", "gemm": "gemm",
-              "bitlayer": "bitlayer"}
+              "bitlayer": "bitlayer", "mls": "mls", "sparse": "sparse", "luq": "luq"}
 ENGINE_NAMES = list(ENGINE_FSM)
 
 

@@ -70,6 +70,7 @@ def _rand(rng, shape, scale_spread=True):
     return x
 
 
+@SIM_IN_SWEEP
 def test_info_matches_config(url):
     with _open(url) as dev:
         info = dev.info()
@@ -193,6 +194,7 @@ def test_read_stats_quantize_input(url, rng):
                 dev.read_stats(source=bad)
 
 
+@SIM_IN_SWEEP
 def test_matmul_random_shapes_incl_larger_than_buffers(url, rng):
     shapes = [(1, 1, 1), (16, 16, 16)]
     if url == "sim://":   # one output tile; then two output tiles, K over two blocks

@@ -219,6 +219,7 @@ def test_emulate_url_device_equals_emulate(method, rng):
     assert sum(r["count"] for _, r in reads) > 0
 
 
+@pytest.mark.sweep
 def test_sim_url_rtl_equals_emulate(rng):
     """The same on the RTL (sim://, the Amaranth simulation of the accelerator top,
     8x8 HBFP8 tiles): two in-hindsight steps of a small MLP, bit for bit."""

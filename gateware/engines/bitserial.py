@@ -51,13 +51,7 @@ class BitLayerEngine(wiring.Component):
         pay = fin.pay
         L = self.lanes
         if not L:
-            with m.FSM(name="bitlayer"):
-                with m.State("IDLE"):
-                    m.d.comb += self.cmd.ready.eq(1)
-                    with m.If(self.cmd.valid):
-                        fin.error(P.ErrorCode.UNSUPPORTED, 0)
-                fin.done_state()
-            return m
+            return fin.unsupported_only("bitlayer")
         A = P.BITLAYER_ACT_BITS
         CM = P.BITLAYER_CHUNKS_MAX
         BM = P.BITLAYER_BITS_MAX

@@ -99,7 +99,7 @@ class BufferIOEngine(wiring.Component):
             wp = getattr(self.bufs, f"{port_name(s)}_w")
             _, depth, _ = buffer_geometry(s, T)
             w = 8 * s.wire_bytes
-            mant = s.kind == P.BufferKind.MANTISSA
+            mant = s.kind in P.LANE_KINDS
             m.d.comb += [wp.addr.eq(Mux(clearing, clr, wr_addr >> tsh if mant else wr_addr)),
                          wp.data.eq(Mux(clearing, 0,
                                         wr_data[:w].replicate(T) if mant else wr_data[:w]))]

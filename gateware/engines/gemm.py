@@ -17,6 +17,14 @@ maximum, and with ``ACCUMULATE`` checks that every ``e_ref[i, j]`` is unchanged.
 Format slots the array computes: :func:`gemm_slots` (square ``tile x tile`` blocks, the
 array's exponent format, any mantissa width up to the array's; the MAC array's FP32
 conversion takes each job's fraction bits).
+
+**CONV** (built with ``config.conv``; otherwise answered ``UNSUPPORTED`` 0): six
+``C_PRE*`` states register the sizes (block counts, output size, operand blocks, the
+job's grid), ``C_CHECK`` checks the fields in the emulator's order, the GEMM scan phases
+check both operands' data (invalid blocks allowed), and ``C_JOB`` hands
+:class:`GemmStream` a job with ``conv`` set: its sequencer reads the operand blocks
+through the block-level im2col map (``gemm_stream.conv_index_map``). CONV clears the
+``ACCUMULATE`` state.
 """
 
 from __future__ import annotations
@@ -154,7 +162,8 @@ class GemmEngine(wiring.Component):
         m.submodules.stream = gs = GemmStream(
             mc, operand_buffers=nops, man_width=mw, exp_width=ew, ref_width=RW,
             ref_addr_bits=mg_bits + 2, acc_capacity=self.acc_capacity,
-            primitives=self.primitives, runtime_frac=self.runtime_frac)
+            primitives=self.primitives, runtime_frac=self.runtime_frac,
+            conv=P.conv_built(cfg))
         job = gs.job
         m.d.comb += [job.a.eq(g_a), job.b.eq(g_b), job.ta.eq(ta), job.tb.eq(tb),
                      job.ext.eq(ext_f), job.acc.eq(acc_f), job.store.eq(store_f),
@@ -327,12 +336,39 @@ class GemmEngine(wiring.Component):
         ktot_c = Signal(32)
         m.d.comb += [mt_c.eq((M + T - 1) >> tsh), nt_c.eq((N + T - 1) >> tsh),
                      ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
+        # ---- CONV: sizes (registered over a few states), checks, then the job --------
+        ca = self.cmd.payload.args.conv
+        c_conv = Signal()
+        cv = {n: Signal(64, name=f"cv_{n}") for n in (
+            "gn", "gc", "go", "ho", "wo", "hw", "khkw", "gngc", "gogc", "gngo", "xb", "wb",
+            "howo", "yb", "gnhowo", "khkwgc", "gnhw", "khkwgo", "ba", "bb", "mt", "nt",
+            "nk", "mtnt")}
+        c_lsh, c_lsw = Signal(2), Signal(2)
+        c_sok = [Signal(name="cv_sok_h"), Signal(name="cv_sok_w")]
+        c_span = [Signal(signed(40), name="cv_span_h"), Signal(signed(40), name="cv_span_w")]
+        job_c = {n: Signal(16, name=f"jc_{n}") for n in (
+            *(f"r{c}{d}" for c in "ijk" for d in range(3)), "H", "W", "Ho", "Wo", "gc", "go")}
+        for n, v in job_c.items():
+            m.d.comb += getattr(job, n).eq(v)
+        m.d.comb += [job.conv.eq(c_conv), job.cmode.eq(ca.mode), job.kh.eq(ca.kh),
+                     job.kw.eq(ca.kw), job.lsh.eq(c_lsh), job.lsw.eq(c_lsw),
+                     job.dh.eq(ca.dil_h), job.dw.eq(ca.dil_w), job.ph.eq(ca.pad_h),
+                     job.pw.eq(ca.pad_w)]
+        conv_slots = [k for k in self.tile_slots]
+        cidx = P.REQUESTS[P.Op.CONV].index
         with m.FSM(name="gemm"):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += g_flags.eq(fl)
-                    m.next = "G_PRE"
+                    m.d.sync += [g_flags.eq(fl), c_conv.eq(0)]
+                    with m.If(self.cmd.payload.op == P.Op.CONV):
+                        if P.conv_built(cfg):
+                            m.d.sync += c_conv.eq(1)
+                            m.next = "C_PRE0"
+                        else:
+                            error(P.ErrorCode.UNSUPPORTED, 0)
+                    with m.Else():
+                        m.next = "G_PRE"
             # blocks of both operands, registered before the checks
             with m.State("G_PRE"):
                 for which, name in enumerate("ab"):
@@ -406,7 +442,13 @@ class GemmEngine(wiring.Component):
                                 with m.If(g_flags & int(G.ALLOW_INVALID)):
                                     m.d.sync += scan_n.eq(0)
                     with m.Default():
-                        m.next = "G_SHAPE0"
+                        if P.conv_built(cfg):
+                            with m.If(c_conv):
+                                m.next = "C_JOB"
+                            with m.Else():
+                                m.next = "G_SHAPE0"
+                        else:
+                            m.next = "G_SHAPE0"
                 with m.If((k_cnt == 2) & ~b_checked):
                     m.next = "G_CHECK_B"
                 with m.Elif(k_cnt < 6):
@@ -541,5 +583,124 @@ class GemmEngine(wiring.Component):
                              acc_fb.eq(g_fb), k_tot.eq(k_new)]
                 with m.If(~acc_f):
                     m.d.sync += rbank.eq(~rbank)
+            if P.conv_built(cfg):     # the CONV states (the conv address generator)
+                # CONV sizes: block counts, output size, operand blocks and the job's grid
+                with m.State("C_PRE0"):
+                    for x, (st, lsv) in enumerate(((ca.stride_h, c_lsh), (ca.stride_w, c_lsw))):
+                        m.d.sync += [c_sok[x].eq(Cat(*[st == v for v in P.CONV_STRIDES]).any()),
+                                     lsv.eq(Mux(st == 8, 3, Mux(st == 4, 2, Mux(st == 2, 1, 0))))]
+                    m.d.sync += [cv["gn"].eq((ca.n + T - 1) >> tsh),
+                                 cv["gc"].eq((ca.c + T - 1) >> tsh),
+                                 cv["go"].eq((ca.o + T - 1) >> tsh), cv["hw"].eq(ca.h * ca.w),
+                                 cv["khkw"].eq(ca.kh * ca.kw),
+                                 c_span[0].eq(ca.h + 2 * ca.pad_h - ca.dil_h * (ca.kh - 1) - 1),
+                                 c_span[1].eq(ca.w + 2 * ca.pad_w - ca.dil_w * (ca.kw - 1) - 1)]
+                    m.next = "C_PRE1"
+                with m.State("C_PRE1"):
+                    m.d.sync += [cv["ho"].eq((c_span[0] >> c_lsh) + 1),
+                                 cv["wo"].eq((c_span[1] >> c_lsw) + 1),
+                                 cv["gngc"].eq(cv["gn"][:16] * cv["gc"][:16]),
+                                 cv["gogc"].eq(cv["go"][:16] * cv["gc"][:16]),
+                                 cv["gngo"].eq(cv["gn"][:16] * cv["go"][:16])]
+                    m.next = "C_PRE2"
+                with m.State("C_PRE2"):
+                    m.d.sync += [cv["xb"].eq(cv["gngc"][:32] * cv["hw"][:32]),
+                                 cv["wb"].eq(cv["gogc"][:32] * cv["khkw"][:16]),
+                                 cv["howo"].eq(cv["ho"][:17] * cv["wo"][:17]),
+                                 cv["khkwgc"].eq(cv["khkw"][:16] * cv["gc"][:16]),
+                                 cv["gnhw"].eq(cv["gn"][:16] * cv["hw"][:32]),
+                                 cv["khkwgo"].eq(cv["khkw"][:16] * cv["go"][:16])]
+                    m.next = "C_PRE3"
+                with m.State("C_PRE3"):
+                    m.d.sync += [cv["yb"].eq(cv["gngo"][:32] * cv["howo"][:34]),
+                                 cv["gnhowo"].eq(cv["gn"][:16] * cv["howo"][:34])]
+                    m.next = "C_PRE4"
+                with m.State("C_PRE4"):
+                    with m.Switch(ca.mode):
+                        for cm_v, (ba, bb, mt_v, nt_v, nk_v) in enumerate((
+                                ("xb", "wb", "gnhowo", "go", "khkwgc"),
+                                ("yb", "wb", "gnhw", "gc", "khkwgo"),
+                                ("yb", "xb", "go", "khkwgc", "gnhowo"))):
+                            with m.Case(cm_v):
+                                m.d.sync += [cv["ba"].eq(cv[ba]), cv["bb"].eq(cv[bb]),
+                                             cv["mt"].eq(cv[mt_v]), cv["nt"].eq(cv[nt_v]),
+                                             cv["nk"].eq(cv[nk_v])]
+                    m.next = "C_PRE5"
+                with m.State("C_PRE5"):
+                    m.d.sync += cv["mtnt"].eq(cv["mt"][:32] * cv["nt"][:32])
+                    m.next = "C_CHECK"
+                with m.State("C_CHECK"):
+                    el_a, el_b = cv["ba"] << (2 * tsh), cv["bb"] << (2 * tsh)
+                    k_c, n_out = cv["nk"] << tsh, cv["mtnt"] << (2 * tsh)
+                    chain = [(ca.mode > 2, P.ErrorCode.BAD_ARGUMENT, cidx("mode"))]
+                    for name in ("slot_a", "slot_b"):
+                        sl = getattr(ca, name)
+                        ok = Cat(*[sl == k for k in conv_slots]).any() if conv_slots else Const(0)
+                        chain += [(sl >= len(cfg.formats), P.ErrorCode.BAD_ARGUMENT, cidx(name)),
+                                  (~ok, P.ErrorCode.UNSUPPORTED, cidx(name))]
+                    chain += [(ca.a >= nops, P.ErrorCode.BAD_BUFFER, ca.a),
+                              (ca.b >= nops, P.ErrorCode.BAD_BUFFER, ca.b)]
+                    chain += [(getattr(ca, n) == 0, P.ErrorCode.BAD_ARGUMENT, cidx(n))
+                              for n in ("n", "c", "h", "w", "o", "kh", "kw")]
+                    chain += [(~c_sok[0], P.ErrorCode.BAD_ARGUMENT, cidx("stride_h")),
+                              (~c_sok[1], P.ErrorCode.BAD_ARGUMENT, cidx("stride_w")),
+                              (ca.dil_h == 0, P.ErrorCode.BAD_ARGUMENT, cidx("dil_h")),
+                              (ca.dil_w == 0, P.ErrorCode.BAD_ARGUMENT, cidx("dil_w")),
+                              (c_span[0] < 0, P.ErrorCode.BAD_ARGUMENT, cidx("kh")),
+                              (c_span[1] < 0, P.ErrorCode.BAD_ARGUMENT, cidx("kw")),
+                              (el_a > cfg.operand_depth, P.ErrorCode.OUT_OF_RANGE, el_a[:32]),
+                              (el_b > cfg.operand_depth, P.ErrorCode.OUT_OF_RANGE, el_b[:32]),
+                              (k_c > cfg.k_max, P.ErrorCode.K_OVERFLOW, k_c[:32]),
+                              (ca.out_offset + n_out > out_spec.depth, P.ErrorCode.OUT_OF_RANGE,
+                               Mux(ca.out_offset > out_spec.depth, ca.out_offset,
+                                   out_spec.depth))]
+                    with m.If(chain[0][0]):
+                        error(chain[0][1], chain[0][2])
+                    for cond, code, detail in chain[1:]:
+                        with m.Elif(cond):
+                            error(code, detail)
+                    with m.Else():
+                        m.next = "C_SCAN_INIT"
+                with m.State("C_SCAN_INIT"):
+                    flags = Mux(ca.mode == 0, int(G.TRANS_B), Mux(ca.mode == 2, int(G.TRANS_A), 0))
+                    m.d.sync += [g_a.eq(ca.a), g_b.eq(ca.b), k_cnt.eq(0), g_off.eq(ca.out_offset),
+                                 b_checked.eq(1), nb_a.eq(cv["ba"]), nb_b.eq(cv["bb"]),
+                                 lwd[0].eq(tsh), lwd[1].eq(tsh), is_mx[0].eq(0), is_mx[1].eq(0),
+                                 g_flags.eq(flags | int(G.ALLOW_INVALID) | int(G.STORE))]
+                    for which, name in enumerate(("slot_a", "slot_b")):
+                        with m.Switch(getattr(ca, name)):
+                            for k in conv_slots:
+                                with m.Case(k):
+                                    m.d.sync += [(g_fb if which else g_fa).eq(fr[k]),
+                                                 (mm_b if which else mm_a).eq(mmaxes[k])]
+                    m.next = "G_SCAN_SET"
+                with m.State("C_JOB"):
+                    gn, gc, go = (cv[n][:16] for n in ("gn", "gc", "go"))
+                    ho, wo = cv["ho"][:16], cv["wo"][:16]
+                    kh, kw = ca.kh, ca.kw
+                    one = Const(1, 16)
+                    m.d.sync += [mt.eq(cv["mt"]), nt.eq(cv["nt"]), nk.eq(cv["nk"]),
+                                 gM.eq(cv["mt"] << tsh), gN.eq(cv["nt"] << tsh), g_fit.eq(0),
+                                 job_c["H"].eq(ca.h), job_c["W"].eq(ca.w), job_c["Ho"].eq(ho),
+                                 job_c["Wo"].eq(wo), job_c["gc"].eq(gc), job_c["go"].eq(go)]
+                    with m.Switch(ca.mode):
+                        for cm_v, radices in enumerate((
+                                ((wo, ho, gn), (go, one, one), (gc, kw, kh)),
+                                ((ca.w, ca.h, gn), (gc, one, one), (go, kw, kh)),
+                                ((go, one, one), (kw, kh, gc), (wo, ho, gn)))):
+                            with m.Case(cm_v):
+                                for c, rs in zip("ijk", radices):
+                                    m.d.sync += [job_c[f"r{c}{d}"].eq(v) for d, v in enumerate(rs)]
+                    m.next = "C_GO"
+                with m.State("C_GO"):
+                    m.d.comb += [gs.start.eq(1), mode.eq(1)]
+                    m.next = "C_RUN"
+                with m.State("C_RUN"):
+                    m.d.comb += mode.eq(1)
+                    with m.If(gs.done):
+                        m.next = "C_DONE"
+                with m.State("C_DONE"):
+                    done(status_ok(m, pay, nfix=0))
+                    m.d.sync += [acc_valid.eq(0), k_tot.eq(0)]
             fin.done_state()
         return m

@@ -9,8 +9,18 @@ row ``g_off + i * N + j``, outputs outside ``M x N`` dropped) and their values o
 ``sample``; and it keeps every output beat's accumulators in a buffer so the next GEMM
 can ``ACCUMULATE`` onto them.
 
-No multiplication sits on an address path: block indices and ``out`` row addresses are
-registers stepped by constant or registered strides.
+No multiplication sits on a GEMM address path: block indices and ``out`` row addresses
+are registers stepped by constant or registered strides.
+
+**CONV jobs** (``job.conv``) run the same loops -- output tile ``it``, output tile
+``jt``, K-block ``kk``, tile row -- but each counter also steps as a three-digit
+mixed-radix number (radices from the job), and the operand block of a beat comes from
+the convolution's block-level im2col map of those digits (:func:`conv_index_map` has the
+table): the block index in the operand buffer, or a *padding block* (a tap outside the
+input, or a dX tap no output position reads), sent as zero mantissas with the exponent
+code of ``emin`` and never read. This map multiplies the digits by the job's sizes on
+the operand address path (the GEMM path is unchanged): it is the critical path of a
+``conv=1`` build (docs/conv.md, "Throughput"). Built only with ``conv=True``.
 """
 
 from __future__ import annotations
@@ -23,16 +33,81 @@ from ..engine import sample_signature
 from ..mac_array import MacArray, carry_bits, ref_exponent_limit
 from .quantize import cmul
 
-__all__ = ["GemmStream", "job_layout"]
+__all__ = ["GemmStream", "job_layout", "conv_index_map"]
+
+
+def conv_index_map(m, j, dig):
+    """The block-level im2col map of a CONV job (``docs/conv.md``), combinational.
+
+    ``dig``: the digits ``{"i": [i0, i1, i2], "j": [...], "k": [...]}`` of the output
+    tile counters ``it``, ``jt`` and the K-block counter ``kk`` (digit 0 least
+    significant). Returns ``(blk_a, blk_b, pad_a, pad_b)``: the block index of each
+    operand in its buffer (block-stream order of the 4-D conv tensor) and whether the
+    block is a padding block (zero mantissas, exponent ``emin``)::
+
+        mode        it digits     jt digits     kk digits     a (block)         b (block)
+        0 forward   (nb, p, q)    (ob)          (i, j, cb)    X[nb, cb, hh, ww]  W[ob, cb, i, j]
+        1 dX        (nb, y, x)    (cb)          (i, j, ob)    dY[nb, ob, p, q]   W[ob, cb, i, j]
+        2 dW        (ob)          (cb, i, j)    (nb, p, q)    dY[nb, ob, p, q]   X[nb, cb, hh, ww]
+
+    with ``hh = p * s + i * d - pad`` (padding block outside ``[0, H)``) and, for dX,
+    ``p = (y + pad - i * d) / s`` (padding block unless a non-negative multiple of ``s``
+    below ``s * Ho``); likewise for the columns. Block indices: ``X``
+    ``((nb * gc + cb) * H + hh) * W + ww``, ``W`` ``((ob * gc + cb) * kh + i) * kw + j``,
+    ``dY`` ``((nb * go + ob) * Ho + p) * Wo + q``.
+    """
+    di, dj, dk = dig["i"], dig["j"], dig["k"]
+    cm = j.cmode
+    fwd, dxm, dwm = cm == 0, cm == 1, cm == 2
+    nb, ob, cb, ti, tj, po, qo = (Signal(16, name=f"cv_{n}") for n in (
+        "nb", "ob", "cb", "ti", "tj", "po", "qo"))
+    m.d.comb += [nb.eq(Mux(dwm, dk[2], di[2])),
+                 ob.eq(Mux(fwd, dj[0], Mux(dxm, dk[0], di[0]))),
+                 cb.eq(Mux(fwd, dk[0], Mux(dxm, dj[0], dj[2]))),
+                 ti.eq(Mux(dwm, dj[1], dk[2])), tj.eq(Mux(dwm, dj[0], dk[1])),
+                 po.eq(Mux(dwm, dk[1], di[1])), qo.eq(Mux(dwm, dk[0], di[0]))]
+    # forward / dW: the input position a tap reads
+    hh, ww = Signal(signed(26), name="cv_hh"), Signal(signed(26), name="cv_ww")
+    m.d.comb += [hh.eq((po << j.lsh) + ti * j.dh - j.ph),
+                 ww.eq((qo << j.lsw) + tj * j.dw - j.pw)]
+    x_ok = (hh >= 0) & (hh < j.H) & (ww >= 0) & (ww < j.W)
+    # dX: the output position that reads input (y, x) through tap (i, j)
+    yh, yw = Signal(signed(26), name="cv_yh"), Signal(signed(26), name="cv_yw")
+    m.d.comb += [yh.eq(di[1] + j.ph - ti * j.dh), yw.eq(di[0] + j.pw - tj * j.dw)]
+    mh, mw = (Mux(sh == 0, 0, Mux(sh == 1, 1, Mux(sh == 2, 3, 7))) for sh in (j.lsh, j.lsw))
+    yp, yq = Signal(16, name="cv_yp"), Signal(16, name="cv_yq")
+    m.d.comb += [yp.eq(yh >> j.lsh), yq.eq(yw >> j.lsw)]
+    y_ok = ((yh >= 0) & ((yh & mh) == 0) & (yp < j.Ho)
+            & (yw >= 0) & ((yw & mw) == 0) & (yq < j.Wo))
+    p, q = Mux(dxm, yp, po), Mux(dxm, yq, qo)
+    x_blk = ((nb * j.gc + cb) * j.H + hh[:16]) * j.W + ww[:16]
+    w_blk = ((ob * j.gc + cb) * j.kh + ti) * j.kw + tj
+    y_blk = ((nb * j.go + ob) * j.Ho + p) * j.Wo + q
+    blk_a, blk_b = Signal(32, name="cv_blk_a"), Signal(32, name="cv_blk_b")
+    pad_a, pad_b = Signal(name="cv_pad_a"), Signal(name="cv_pad_b")
+    m.d.comb += [blk_a.eq(Mux(fwd, Mux(x_ok, x_blk, 0), Mux(dxm & ~y_ok, 0, y_blk))),
+                 blk_b.eq(Mux(dwm, Mux(x_ok, x_blk, 0), w_blk)),
+                 pad_a.eq((fwd & ~x_ok) | (dxm & ~y_ok)), pad_b.eq(dwm & ~x_ok)]
+    return blk_a, blk_b, pad_a, pad_b
 
 
 def job_layout(operand_buffers: int) -> data.StructLayout:
-    """A GEMM job: operand buffers, flags, shape, grid and output placement."""
+    """A GEMM job: operand buffers, flags, shape, grid and output placement.
+
+    CONV jobs (``conv``) add the convolution's index map: ``cmode`` (0 forward, 1 dX,
+    2 dW), the mixed radices of the output-row tile counter ``it`` (``ri2, ri1, ri0``),
+    the output-column tile counter ``jt`` (``rj*``) and the K-block counter ``kk``
+    (``rk*``), the input and output sizes, the channel block counts, the kernel, log2 of
+    the strides, dilations and padding (:class:`GemmStream`)."""
     return data.StructLayout({
         "a": range(operand_buffers), "b": range(operand_buffers),
         "ta": 1, "tb": 1, "ext": 1, "acc": 1, "store": 1, "fit": 1, "rbank": 1,
         "frac_a": 5, "frac_b": 5,
-        "mt": 16, "nt": 16, "nk": 16, "M": 16, "N": 16, "off": 32})
+        "mt": 16, "nt": 16, "nk": 16, "M": 16, "N": 16, "off": 32,
+        "conv": 1, "cmode": 2,
+        **{f"r{c}{d}": 16 for c in "ijk" for d in range(3)},
+        "H": 16, "W": 16, "Ho": 16, "Wo": 16, "gc": 16, "go": 16, "kh": 8, "kw": 8,
+        "lsh": 2, "lsw": 2, "dh": 8, "dw": 8, "ph": 8, "pw": 8})
 
 
 class GemmStream(wiring.Component):
@@ -50,8 +125,9 @@ class GemmStream(wiring.Component):
 
     def __init__(self, mc, *, operand_buffers: int, man_width: int, exp_width: int,
                  ref_width: int, ref_addr_bits: int, acc_capacity: int,
-                 primitives: str | None = None, runtime_frac: bool = False) -> None:
-        self.mc, self.nops = mc, operand_buffers
+                 primitives: str | None = None, runtime_frac: bool = False,
+                 conv: bool = False) -> None:
+        self.mc, self.nops, self.conv = mc, operand_buffers, bool(conv)
         self.mw, self.ew, self.acc_capacity = man_width, exp_width, acc_capacity
         self.primitives, self.runtime_frac = primitives, runtime_frac
         super().__init__({
@@ -117,6 +193,34 @@ class GemmStream(wiring.Component):
         is_b = sph[0]
         n_is_b = n_sph[0]
         n_blk = Mux(n_is_b, n_blk_b, n_blk_a)
+        # ---- CONV: the digits of it, jt, kk and the block-level im2col map -------------
+        # (built only with ``conv``; job.conv is 0 otherwise)
+        dig, ndig, dinc = {}, {}, {}
+        for c in ("ijk" if self.conv else ""):
+            dig[c] = [Signal(16, name=f"d{c}{d}") for d in range(3)]
+            ndig[c] = [Signal(16, name=f"n_d{c}{d}") for d in range(3)]
+            dinc[c] = [Signal(16, name=f"inc_d{c}{d}") for d in range(3)]
+            m.d.comb += [n.eq(r) for n, r in zip(ndig[c], dig[c])]
+            m.d.sync += [r.eq(n) for n, r in zip(ndig[c], dig[c])]
+            r = [getattr(j, f"r{c}{d}") for d in range(3)]
+            d0, d1, d2 = dig[c]
+            top0, top1 = d0 == r[0] - 1, d1 == r[1] - 1
+            m.d.comb += [dinc[c][0].eq(Mux(top0, 0, d0 + 1)),
+                         dinc[c][1].eq(Mux(top0, Mux(top1, 0, d1 + 1), d1)),
+                         dinc[c][2].eq(Mux(top0 & top1, d2 + 1, d2))]
+
+        def d_inc(c):
+            return [n.eq(v) for n, v in zip(ndig[c], dinc[c])] if self.conv else []
+
+        def d_zero(c):
+            return [n.eq(0) for n in ndig[c]] if self.conv else []
+
+        zero = Signal()           # the current beat's block is a padding block
+        zcode = mc.format_a().emin + mc.format_a().exp_bias
+        if self.conv:
+            c_a, c_b, z_a, z_b = conv_index_map(m, j, ndig)
+            m.d.sync += zero.eq(j.conv & Mux(n_is_b, z_b, z_a))
+            n_blk = Mux(j.conv, Mux(n_is_b, c_b, c_a), n_blk)
         m.d.comb += [self.rd_elem.eq(n_blk),
                      self.rd_word.eq(Cat(n_rr[:tsh], n_blk) if tsh else n_blk),
                      self.rd_buf.eq(Mux(is_b, j.b, j.a)),
@@ -126,21 +230,23 @@ class GemmStream(wiring.Component):
         r_lim = ref_exponent_limit(mc)
         ref_val = Mux(self.ref_data > r_lim, r_lim, self.ref_data)
         m.d.sync += primed.eq(self.start | (primed & n_running))
-        kk_inc = [n_kk.eq(kk_1), n_blk_a.eq(blk_a_k), n_blk_b.eq(blk_b_k)]
-        kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs)]
+        kk_inc = [n_kk.eq(kk_1), n_blk_a.eq(blk_a_k), n_blk_b.eq(blk_b_k), *d_inc("k")]
+        kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs), *d_zero("k")]
         # a small FIFO per operand stream between the sequencer (buffer reads, reference
         # clamp) and the MAC array's front end: the sequencer's accept comes from the
         # FIFO's registered level, not from the array
         fifo_ready = []
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
-            m.d.comb += [p.exp.eq(self.exp_data), p.transpose.eq(j.tb if which else j.ta),
+            m.d.comb += [p.exp.eq(Mux(zero, zcode, self.exp_data)),
+                         p.transpose.eq(j.tb if which else j.ta),
                          p.header.eq(~sph[1]), p.last.eq(kk == nk_m1),
                          p.ref.eq(j.ext & ~sph[1] & (kk == nk)), p.eref.eq(ref_val)]
             if self.runtime_frac:
                 m.d.comb += p.frac.eq(j.frac_b if which else j.frac_a)
             for k in range(T):
-                m.d.comb += p.data[k].eq(self.man_data[mw * k: mw * k + mc.man_bits_a])
+                m.d.comb += p.data[k].eq(Mux(zero, 0,
+                                             self.man_data[mw * k: mw * k + mc.man_bits_a]))
             q = fifo.SyncFIFOBuffered(width=len(p.as_value()), depth=3)
             m.submodules[f"seq_fifo_{'ab'[which]}"] = q
             m.d.comb += [q.w_data.eq(p.as_value()),
@@ -165,21 +271,22 @@ class GemmStream(wiring.Component):
                     with m.Else():
                         m.d.comb += [n_sph.eq(0), *kk_zero]
                         with m.If(jt == nt_m1):
-                            m.d.comb += [n_jt.eq(0), n_b_bs.eq(0), n_blk_b.eq(0)]
+                            m.d.comb += [n_jt.eq(0), n_b_bs.eq(0), n_blk_b.eq(0),
+                                         *d_zero("j")]
                             with m.If(it == mt_m1):
                                 m.d.comb += n_running.eq(0)
                             with m.Else():
                                 m.d.comb += [n_it.eq(it_1), n_a_bs.eq(a_bs_i),
-                                             n_blk_a.eq(a_bs_i)]
+                                             n_blk_a.eq(a_bs_i), *d_inc("i")]
                         with m.Else():
                             m.d.comb += [n_jt.eq(jt_1), n_b_bs.eq(b_bs_j),
-                                         n_blk_b.eq(b_bs_j)]
+                                         n_blk_b.eq(b_bs_j), *d_inc("j")]
                 with m.Else():
                     m.d.comb += n_rr.eq(rr_1)
         with m.If(self.start):
             m.d.comb += [n_it.eq(0), n_jt.eq(0), n_kk.eq(0), n_rr.eq(0), n_sph.eq(0),
                          n_running.eq(1), n_blk_a.eq(0), n_blk_b.eq(0), n_a_bs.eq(0),
-                         n_b_bs.eq(0)]
+                         n_b_bs.eq(0), *d_zero("i"), *d_zero("j"), *d_zero("k")]
 
         # ---- drain: MAC results -> out + statistics ---------------------------------
         R, C = mc.rows, mc.cols

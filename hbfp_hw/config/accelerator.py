@@ -63,6 +63,14 @@ def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
 
 #: accepted ``bitlayer_lanes`` (0: no bit-serial engine)
 BITLAYER_LANES = (0, 8, 16, 32)
+#: accepted ``luq_lanes`` (0: no LUQ engine)
+LUQ_LANES = (0, 1, 2, 4, 8)
+#: accepted ``sparse_lanes`` (0: no sparse engine; 4: 2:4, 8: 4:8)
+SPARSE_LANES = (0, 4, 8)
+#: accepted ``conv`` (0: no CONV address generator in the GEMM engine)
+CONV_VALUES = (0, 1)
+#: accepted ``mls_lanes`` (0: no MLS engine)
+MLS_LANES = (0, 1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,24 @@ class AcceleratorConfig:
         Weight bits per word of the bit-serial engine (BITLAYER, bit-layer GEMMs of
         ``docs/bitlayers.md``): one of ``0, 8, 16, 32``; ``0`` builds no bit-serial engine
         (BITLAYER answers UNSUPPORTED) and no ``bl.*`` buffers.
+    luq_lanes
+        Generator lanes of the LUQ engine's quantizer (LUQ_GEMM, LUQ_QUANTIZE of
+        ``docs/luq.md``; the ``LUQFormat.lanes`` its codes are bit-exact with): one of
+        ``0, 1, 2, 4, 8``; ``0`` (the default) builds no LUQ engine (both commands answer
+        UNSUPPORTED) and no ``luq.a`` buffer.
+    sparse_lanes
+        ``M`` of the sparse engine's transposable ``N:M`` pattern, ``N = M / 2`` (SPARSE_GEMM,
+        ``docs/sparsity.md``): one of ``0, 4, 8`` (4: 2:4, 8: 4:8; ``tile`` a multiple of
+        it); ``0`` (the default) builds no sparse engine (SPARSE_GEMM answers UNSUPPORTED)
+        and no ``sp.*`` buffers.
+    conv
+        ``1`` builds the CONV address generator into the GEMM engine (HyperBlock
+        convolutions of ``docs/conv.md`` on the MAC array, opcode CONV); ``0`` (the
+        default) builds none and CONV answers UNSUPPORTED.
+    mls_lanes
+        Element pairs per clock of the MLS engine (MLS_GEMM, MLS_QUANTIZE of
+        ``docs/mls.md``): one of ``0, 1, 2, 4``; ``0`` (the default) builds no MLS engine
+        (both commands answer UNSUPPORTED) and no ``mls.*`` buffers.
     """
 
     formats: tuple[BFPFormat, ...] = (HBFP8,)
@@ -119,6 +145,10 @@ class AcceleratorConfig:
     clock_hz: int = 50_000_000
     name: str = "hbfp"
     bitlayer_lanes: int = 16
+    luq_lanes: int = 0
+    sparse_lanes: int = 0
+    conv: int = 0
+    mls_lanes: int = 0
 
     def __post_init__(self) -> None:
         fmts = self.formats
@@ -167,6 +197,35 @@ class AcceleratorConfig:
                 or self.bitlayer_lanes not in BITLAYER_LANES):
             raise ValueError(f"bitlayer_lanes={self.bitlayer_lanes!r}; accepted values are "
                              f"{', '.join(map(str, BITLAYER_LANES))} (0: no bit-serial engine)")
+        if (not isinstance(self.luq_lanes, int) or isinstance(self.luq_lanes, bool)
+                or self.luq_lanes not in LUQ_LANES):
+            raise ValueError(f"luq_lanes={self.luq_lanes!r}; accepted values are "
+                             f"{', '.join(map(str, LUQ_LANES))} (0: no LUQ engine)")
+        if self.luq_lanes:
+            from hbfp_hw.luq import LUQFormat, luq_accumulator_bits
+            luq_acc = luq_accumulator_bits(LUQFormat(samples=16), self.man_bits_max,
+                                           self.tile, self.k_max, self.guard_bits)
+            if luq_acc > MAX_ACCUMULATOR_BITS:
+                raise ValueError(
+                    f"luq_lanes={self.luq_lanes} with k_max={self.k_max} and guard_bits="
+                    f"{self.guard_bits} needs a {luq_acc}-bit LUQ accumulator; accepted "
+                    f"range is [1, {MAX_ACCUMULATOR_BITS}] bits (reduce k_max or guard_bits)")
+        if (not isinstance(self.sparse_lanes, int) or isinstance(self.sparse_lanes, bool)
+                or self.sparse_lanes not in SPARSE_LANES):
+            raise ValueError(f"sparse_lanes={self.sparse_lanes!r}; accepted values are "
+                             f"{', '.join(map(str, SPARSE_LANES))} (0: no sparse engine)")
+        if self.sparse_lanes and self.tile % self.sparse_lanes:
+            ok = ", ".join(str(v) for v in SPARSE_LANES if not v or self.tile % v == 0)
+            raise ValueError(f"sparse_lanes={self.sparse_lanes} needs tile={self.tile} to be "
+                             f"a multiple of it; accepted values for this tile are {ok}")
+        if (not isinstance(self.conv, int) or isinstance(self.conv, bool)
+                or self.conv not in CONV_VALUES):
+            raise ValueError(f"conv={self.conv!r}; accepted values are "
+                             f"{', '.join(map(str, CONV_VALUES))} (0: no CONV address generator)")
+        if (not isinstance(self.mls_lanes, int) or isinstance(self.mls_lanes, bool)
+                or self.mls_lanes not in MLS_LANES):
+            raise ValueError(f"mls_lanes={self.mls_lanes!r}; accepted values are "
+                             f"{', '.join(map(str, MLS_LANES))} (0: no MLS engine)")
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"name={self.name!r} must be a non-empty identifier")
 
