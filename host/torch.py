@@ -1663,7 +1663,7 @@ class BFPConv2d(nn.Conv2d, BFPLayerMixin):
 
     ``conv_mode=None`` picks ``"hyperblock"`` when the formats allow it and the backend
     runs HyperBlock convolutions (:attr:`Backend.supports_conv`); on a backend that does
-    not (:class:`DeviceBackend`: the accelerator has no convolution command) it falls
+    not (:class:`DeviceBackend` on a device built without CONV, ``conv=0``) it falls
     back to ``"im2col_tiles"`` with a :class:`UserWarning`. :attr:`conv_mode` holds the
     mode that runs. Format arguments as :class:`BFPLinear`.
     """

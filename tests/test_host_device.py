@@ -276,6 +276,7 @@ def test_matmul_mxint8_blocks_both_operands_along_k(url, rng, where):
 
 
 @pytest.mark.parametrize("B,I,O", [(9, 16, 14), (20, 40, 30), (64, 96, 48)])
+@SIM_IN_SWEEP
 def test_train_step_trio(url, rng, B, I, O):
     if B > 16:
         _emulate_only(url, "single-tile trio only")
@@ -298,6 +299,7 @@ def test_train_step_quantizes_each_operand_once(url, rng):
         assert dev.link["payload_rx"] == 4 * (32 * 16 + 32 * 48 + 16 * 48)
 
 
+@SIM_IN_SWEEP
 def test_read_stats_and_reset(url, rng):
     M, K, N = (5, 9, 6) if url == "sim://" else (24, 40, 24)
     a, b = _rand(rng, (M, K)), _rand(rng, (K, N))
@@ -340,6 +342,7 @@ def test_nonfinite_named(url, rng):
         assert np.isnan(ref[16:32]).all()
 
 
+@SIM_IN_SWEEP
 def test_nonfinite_small(url, rng):
     """NaN/Inf blocks flagged by the device's quantizer: named, or computed as NaN."""
     x = _rand(rng, (20, 12))
