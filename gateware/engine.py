@@ -35,7 +35,8 @@ from hbfp_hw import protocol as P
 __all__ = ["sample_signature", "args_layout", "cmd_layout", "seg_layout", "status_layout",
            "FIX_BYTES",
            "buffer_geometry", "buffer_ports", "port_name", "engine_signature",
-           "status_ok", "status_error", "status_register", "EngineStatus", "rom_id"]
+           "status_ok", "status_error", "status_register", "EngineStatus", "OptionalEngine",
+           "rom_id"]
 
 #: Fixed-field bytes an engine answers with (INFO's fixed fields come from its ROM).
 FIX_BYTES = max(max(L.header_size for op, L in P.RESPONSES.items() if op != P.Op.INFO),
@@ -189,3 +190,20 @@ class EngineStatus:
                     self.error(P.ErrorCode.UNSUPPORTED, 0)
             self.done_state()
         return self.m
+
+
+class OptionalEngine(wiring.Component):
+    """Base of an engine built only when its config field is non-zero.
+
+    A subclass sets ``lanes_of`` to the protocol function giving that field
+    (e.g. ``staticmethod(P.luq_lanes)``); ``self.lanes`` is its value, and the
+    subclass's ``elaborate`` returns ``EngineStatus(...).unsupported_only(name)``
+    when it is 0.
+    """
+
+    lanes_of = None
+
+    def __init__(self, config, specs, *, rom_depth: int) -> None:
+        self.config, self.specs = config, list(specs)
+        self.lanes = type(self).lanes_of(config)
+        super().__init__(engine_signature(self.specs, config.tile, rom_depth))

@@ -26,24 +26,20 @@ from __future__ import annotations
 import math
 
 from amaranth import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from hbfp_hw import protocol as P
 
 from ..bitserial import _tree
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, OptionalEngine, port_name, status_ok
 
 __all__ = ["BitLayerEngine"]
 
 
-class BitLayerEngine(wiring.Component):
+class BitLayerEngine(OptionalEngine):
     """Engine for BITLAYER (see the module docstring)."""
 
-    def __init__(self, config, specs, *, rom_depth: int) -> None:
-        self.config, self.specs = config, list(specs)
-        self.lanes = P.bitlayer_lanes(config)
-        super().__init__(engine_signature(self.specs, config.tile, rom_depth))
+    lanes_of = staticmethod(P.bitlayer_lanes)
 
     def elaborate(self, platform):
         m = Module()

@@ -43,12 +43,11 @@ With ``luq_lanes = 0`` the engine only answers UNSUPPORTED (detail 0).
 from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import wiring
 
 from hbfp_hw import protocol as P
 from hbfp_hw.luq import luq_accumulator_bits
 
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, OptionalEngine, port_name, status_ok
 from ..fp32_convert import FP32_NAN, Fp32Convert
 from ..luq_quantizer import LuqQuantizer
 from ..luq_shift_pe import LuqShiftPE
@@ -60,13 +59,13 @@ __all__ = ["LuqEngine", "LUQ_NAN_INF_TIMES_ZERO"]
 LUQ_NAN_INF_TIMES_ZERO = 0xFFC00000
 
 
-class LuqEngine(wiring.Component):
+class LuqEngine(OptionalEngine):
     """Engine for LUQ_GEMM and LUQ_QUANTIZE (see the module docstring)."""
 
+    lanes_of = staticmethod(P.luq_lanes)
+
     def __init__(self, config, specs, *, rom_depth: int) -> None:
-        self.config, self.specs = config, list(specs)
-        self.lanes = P.luq_lanes(config)
-        super().__init__(engine_signature(self.specs, config.tile, rom_depth))
+        super().__init__(config, specs, rom_depth=rom_depth)
         if self.lanes:
             cfg = config
             self.pe_fmt = P.luq_format(cfg, samples=max(P.LUQ_SAMPLES))

@@ -34,11 +34,11 @@ With ``lanes = 0`` (``mls_lanes(config)``) the engine only answers UNSUPPORTED.
 from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, wiring
+from amaranth.lib import data
 
 from hbfp_hw import protocol as P
 
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, OptionalEngine, port_name, status_ok
 from ..fp32 import FP32Layout
 from ..fp32_convert import Fp32Convert
 from ..mls_pe import MLSPE
@@ -47,13 +47,10 @@ from ..mls_quantizer import MLSQuantizer
 __all__ = ["MLSEngine"]
 
 
-class MLSEngine(wiring.Component):
+class MLSEngine(OptionalEngine):
     """Engine for MLS_GEMM and MLS_QUANTIZE (see the module docstring)."""
 
-    def __init__(self, config, specs, *, rom_depth: int) -> None:
-        self.config, self.specs = config, list(specs)
-        self.lanes = P.mls_lanes(config)
-        super().__init__(engine_signature(self.specs, config.tile, rom_depth))
+    lanes_of = staticmethod(P.mls_lanes)
 
     def elaborate(self, platform):
         m = Module()

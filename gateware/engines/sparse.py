@@ -34,14 +34,14 @@ With ``sparse_lanes`` 0 the engine only answers UNSUPPORTED.
 from __future__ import annotations
 
 from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import fifo, wiring
+from amaranth.lib import fifo
 from amaranth.lib.memory import Memory
 
 from hbfp_hw import protocol as P
 
 from ..fp32_convert import Fp32Convert
 from ..sparse_pe import SparseEngine, SparseEngineConfig, beat_layout
-from ..engine import EngineStatus, engine_signature, port_name, status_ok
+from ..engine import EngineStatus, OptionalEngine, port_name, status_ok
 
 __all__ = ["SparseGemmEngine", "sparse_engine_config"]
 
@@ -68,16 +68,13 @@ def _log2(v: int) -> int:
     return v.bit_length() - 1
 
 
-class SparseGemmEngine(wiring.Component):
+class SparseGemmEngine(OptionalEngine):
     """Engine for SPARSE_GEMM (see the module docstring)."""
 
     BEAT_FIFO = 4
     META_FIFO = 16
 
-    def __init__(self, config, specs, *, rom_depth: int) -> None:
-        self.config, self.specs = config, list(specs)
-        self.lanes = P.sparse_lanes(config)
-        super().__init__(engine_signature(self.specs, config.tile, rom_depth))
+    lanes_of = staticmethod(P.sparse_lanes)
 
     def elaborate(self, platform):
         m = Module()
