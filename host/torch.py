@@ -23,7 +23,12 @@ Convolutions with HyperBlock formats run by default as HyperBlock convolutions
 quantized once each with one exponent per (samples x channels) block at every spatial
 position, and forward, dX and dW are the implicit-GEMM convolutions of
 :mod:`hbfp_hw.conv` on those three tensors (:func:`fast_bfp_conv2d` and its two
-gradients, bit-identical in PyTorch). ``conv_mode="im2col_tiles"`` keeps the im2col GEMM
+gradients, bit-identical in PyTorch). With the compiled kernels the emulate backend
+quantizes through :func:`torch_kernels.conv_quantize_4d` and, where
+:func:`torch_kernels.conv_check` proves it exact, runs the three convolutions as
+PyTorch float32 (or float64) convolutions of the operands scaled by powers of two,
+rounded once to FP32 (``_conv_forward`` / ``_conv_backward``; :data:`conv_paths`
+counts the paths taken). ``conv_mode="im2col_tiles"`` keeps the im2col GEMM
 above; it is also what runs on a backend without convolutions (:class:`DeviceBackend`).
 
 Per-tensor uniform int8 quantizers from :mod:`hbfp_hw.host.ranges` (dynamic or
@@ -1387,6 +1392,177 @@ def _conv_direct(layer: "BFPConv2d", x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu")
 
 
+class _ConvOperand:
+    """A conv operand quantized by the compiled kernel (:func:`torch_kernels.conv_quantize_4d`):
+    the :class:`BFPTensor` parts, plus the operand scaled by exact powers of two
+    (``val = m * 2**(E - eref)``, float32, unpadded) and the per-block L1 statistics of
+    the exact float32 convolutions (:func:`_exact_conv`)."""
+
+    __slots__ = ("fmt", "shape", "man", "exps", "val", "stats", "eref", "ok", "block", "_t")
+
+    def __init__(self, fmt, shape, block, r) -> None:
+        self.fmt, self.shape, self.block = fmt, shape, block
+        self.man, self.exps, val, self.stats, self.eref, self.ok = r
+        self.val = torch.from_numpy(val)
+        self._t = None
+
+    def bfp(self) -> BFPTensor:
+        if self._t is None:
+            self._t = BFPTensor(self.fmt, self.shape, self.man, self.exps,
+                                np.zeros(self.exps.shape, bool))
+        return self._t
+
+
+def _conv_operand(x: torch.Tensor, fmt: BFPFormat):
+    """:func:`conv_quantize` through the compiled kernel (same bits): a
+    :class:`_ConvOperand`, or the golden model's :class:`BFPTensor` (or its error) when
+    ``x`` holds NaN/Inf."""
+    x = x.contiguous()
+    shape = tuple(x.shape)
+    lay = _conv_layout(shape, fmt)
+    r = _kernels.conv_quantize_4d(x.numpy(), fmt, lay.block[0], lay.block[1],
+                                  lay.padded[0], lay.padded[1])
+    if r is None:
+        return conv_quantize(x, fmt)
+    return _ConvOperand(fmt, shape, lay.block[:2], r)
+
+
+def _bfp(t) -> BFPTensor:
+    return t.bfp() if isinstance(t, _ConvOperand) else t
+
+
+#: the exact convolutions' paths taken (by :func:`_exact_conv`), per direction and path:
+#: ``("fwd", "f32")``, ``("dx", "f64")``, ``("dw", "golden")`` ...
+conv_paths: Counter = Counter()
+
+#: the largest status of :func:`torch_kernels.conv_check` that may run as a convolution
+#: (tests lower it to force the fallbacks): 3 = any (float32, float32 per sample block,
+#: float32 halves, float64); 0 = float32 only; -1 = always the bit-level PyTorch path
+#: (:func:`fast_bfp_conv2d` and its gradients)
+_CONV_MAX_STATUS = 3
+
+_PATH_NAMES = ("f32", "chunks", "split", "f64")
+
+
+def _conv_status(kind: str, a, b, size, geo, G: int) -> int:
+    """:func:`torch_kernels.conv_check` of one convolution (0 float32, 1 float32 per
+    sample block (dW), 2 float32 in two halves of ``a``'s mantissas, 3 float64), or 4
+    when it cannot run as a convolution (golden-model operands, an operand's exponent
+    range too wide, mismatched blocks, an accumulator wider than 53 bits, a truncating
+    block pair: the bit-level path handles or rejects those)."""
+    if not (isinstance(a, _ConvOperand) and isinstance(b, _ConvOperand) and a.ok and b.ok):
+        return 4
+    ma, mb = a.fmt.man_bits, b.fmt.man_bits
+    if kind == "fwd":
+        if a.block[1] != b.block[1]:
+            return 4
+        L, k = a.block[1], b.man.shape[1] * b.shape[2] * b.shape[3]
+    elif kind == "dx":
+        if a.block[1] != b.block[0]:
+            return 4
+        L, k = a.block[1], b.man.shape[0] * b.shape[2] * b.shape[3]
+    else:
+        if a.block[0] != b.block[0]:
+            return 4
+        L, k = a.block[0], a.man.shape[0] * a.shape[2] * a.shape[3]
+    if _acc_bits(ma, mb, L, k, G) > 53:
+        return 4
+    st = _kernels.conv_check(kind, a.exps, a.stats, b.exps, b.stats, size, geo, G)
+    if st == 2 and ma > 8:                  # the halves' bound assumes |m| <= 127
+        st = 3
+    return st if st <= _CONV_MAX_STATUS else 4
+
+
+def _conv_parts(a: "_ConvOperand", st: int):
+    """The first operand's float tensors for path ``st``: ``[val]`` (float32 or
+    float64) or the two halves of :func:`torch_kernels.conv_split`."""
+    if st == 0:
+        return [a.val]
+    if st == 3:
+        return [a.val.to(torch.float64)]
+    hi, lo = _kernels.conv_split(a.man, a.exps, a.eref, a.block[0], a.block[1], a.shape)
+    return [torch.from_numpy(hi), torch.from_numpy(lo)]
+
+
+def _conv_sum(rs: list) -> np.ndarray:
+    """One exact result from the parts' exact results (float64 sum of two float32s)."""
+    if len(rs) == 1:
+        return rs[0].contiguous().numpy()
+    return (rs[0].to(torch.float64) + rs[1]).numpy()
+
+
+def _conv_forward(xo, wo, geo, G: int = DEFAULT_GUARD_BITS, bias=None) -> torch.Tensor:
+    """:func:`fast_bfp_conv2d` of two conv operands (bit for bit): the float32 (or
+    float64) convolution of the scaled operands when :func:`_conv_status` allows. With
+    ``bias`` (a float32 array), the result plus ``bias`` per channel."""
+    KH, KW = wo.shape[2:]
+    H, W = xo.shape[2:]
+    st = _conv_status("fwd", xo, wo, geo.output_size((H, W), (KH, KW)), geo, G)
+    if st == 4:
+        conv_paths["fwd", "golden"] += 1
+        y = torch.from_numpy(fast_bfp_conv2d(_bfp(xo), _bfp(wo), geo, guard_bits=G))
+        return y if bias is None else y + torch.from_numpy(bias).view(1, -1, 1, 1)
+    conv_paths["fwd", _PATH_NAMES[st]] += 1
+    w = wo.val.to(torch.float64) if st == 3 else wo.val
+    ys = [F.conv2d(x, w, None, geo.stride, geo.padding, geo.dilation)
+          for x in _conv_parts(xo, st)]
+    k = xo.eref + wo.eref - xo.fmt.frac_bits - wo.fmt.frac_bits
+    return torch.from_numpy(_kernels.conv_finish(_conv_sum(ys), k, bias))
+
+
+def _conv_backward(go_, wo, xo, in_hw, ksize, geo, need_dx: bool, need_dw: bool,
+                   G: int = DEFAULT_GUARD_BITS):
+    """dX and dW (:func:`fast_bfp_conv2d_input_grad` / ``_weight_grad``, bit for bit)
+    from the quantized ``dY``, ``W`` and ``X``; the convolutions that may (see
+    :func:`_conv_status`) run as ``convolution_backward`` calls, dX and dW together when
+    they take the same path."""
+    sx = _conv_status("dx", go_, wo, in_hw, geo, G) if need_dx else None
+    sw = _conv_status("dw", go_, xo, ksize, geo, G) if need_dw else None
+    dx = dw = None
+    if sx == 4:
+        conv_paths["dx", "golden"] += 1
+        dx = torch.from_numpy(fast_bfp_conv2d_input_grad(_bfp(go_), _bfp(wo), in_hw, geo,
+                                                         guard_bits=G))
+    if sw == 4:
+        conv_paths["dw", "golden"] += 1
+        dw = torch.from_numpy(fast_bfp_conv2d_weight_grad(_bfp(go_), _bfp(xo), ksize, geo,
+                                                          guard_bits=G))
+    args = (list(geo.stride), list(geo.padding), list(geo.dilation), False, [0, 0], 1)
+    if sw == 1:                             # one float32 dW per sample block
+        conv_paths["dw", "chunks"] += 1
+        bn, n = go_.block[0], go_.shape[0]
+        acc = None
+        for n0 in range(0, n, bn):
+            r = torch.ops.aten.convolution_backward(
+                go_.val[n0: n0 + bn], xo.val[n0: n0 + bn], wo.val, None, *args,
+                [False, True, False])[1]
+            acc = r.to(torch.float64) if acc is None else acc.add_(r)
+        k = go_.eref + xo.eref - go_.fmt.frac_bits - xo.fmt.frac_bits
+        dw = torch.from_numpy(_kernels.conv_finish(acc.numpy(), k))
+    for st in (0, 2, 3):
+        mx, mw = sx == st, sw == st
+        if not (mx or mw):
+            continue
+        dt = torch.float64 if st == 3 else torch.float32
+        w = wo.val.to(dt)
+        rx, rw = [], []
+        for g in _conv_parts(go_, st):
+            xv = xo.val.to(dt) if mw else g.new_empty(1).expand(
+                (g.shape[0], wo.shape[1]) + tuple(in_hw))
+            r = torch.ops.aten.convolution_backward(g, xv, w, None, *args, [mx, mw, False])
+            rx.append(r[0])
+            rw.append(r[1])
+        if mx:
+            conv_paths["dx", _PATH_NAMES[st]] += 1
+            k = go_.eref + wo.eref - go_.fmt.frac_bits - wo.fmt.frac_bits
+            dx = torch.from_numpy(_kernels.conv_finish(_conv_sum(rx), k))
+        if mw:
+            conv_paths["dw", _PATH_NAMES[st]] += 1
+            k = go_.eref + xo.eref - go_.fmt.frac_bits - xo.fmt.frac_bits
+            dw = torch.from_numpy(_kernels.conv_finish(_conv_sum(rw), k))
+    return dx, dw
+
+
 class _BFPConv(torch.autograd.Function):
     """HyperBlock convolution (:mod:`hbfp_hw.conv`): ``X`` (act), ``W`` (weight) and
     ``dY`` (grad) quantized once each with exponents shared over (samples x channels)
@@ -1403,8 +1579,11 @@ class _BFPConv(torch.autograd.Function):
         be, geo = layer.backend, layer.geometry
         ctx.direct = _conv_direct(layer, xd, wd)
         if ctx.direct:
-            xq, wq = conv_quantize(xd, fx), conv_quantize(wd, fw)
-            y = fast_bfp_conv2d(xq, wq, geo)
+            xq, wq = _conv_operand(xd, fx), _conv_operand(wd, fw)
+            b = None
+            if bias is not None and bias.dtype == torch.float32:
+                b, bias = bias.detach().contiguous().numpy(), None
+            y = _conv_forward(xq, wq, geo, bias=b)
             qc, bc = layer.quant_calls, be.calls
             qc["act"] += 1
             qc["weight"] += 1
@@ -1416,7 +1595,9 @@ class _BFPConv(torch.autograd.Function):
             wq = layer._quant(wd, fw, "weight")
             y = be.conv2d(xq, wq, geo)
         ctx.saved = (xq, wq)
-        out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
+        out = y if isinstance(y, torch.Tensor) else torch.from_numpy(
+            np.ascontiguousarray(y, dtype=np.float32))
+        out = out.to(x.device)
         if bias is not None:
             out = out + bias.detach().view(1, -1, 1, 1)
         return out
@@ -1430,9 +1611,8 @@ class _BFPConv(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ksize = tuple(wq.shape[2:])
         if ctx.direct:
-            gq = conv_quantize(dy.detach(), gfmt)
-            dx = fast_bfp_conv2d_input_grad(gq, wq, ctx.in_hw, geo) if need_dx else None
-            dw = fast_bfp_conv2d_weight_grad(gq, xq, ksize, geo) if need_dw else None
+            gq = _conv_operand(dy.detach(), gfmt)
+            dx, dw = _conv_backward(gq, wq, xq, ctx.in_hw, ksize, geo, need_dx, need_dw)
             layer.quant_calls["grad"] += 1
             bc = be.calls
             bc["quantize"] += 1
@@ -1447,8 +1627,11 @@ class _BFPConv(torch.autograd.Function):
         ctx.saved = None
 
         def t(a):
-            return None if a is None else torch.from_numpy(
-                np.ascontiguousarray(a, dtype=np.float32)).to(dy.device)
+            if a is None:
+                return None
+            if not isinstance(a, torch.Tensor):
+                a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            return a.to(dy.device)
         db = dy.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return t(dx), t(dw), db, None
 

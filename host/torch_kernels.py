@@ -17,6 +17,11 @@ in one compiled loop nest per call:
   exactness bound), the pre-shifted operands, and the conversion of the accumulator
   to FP32 with the golden model's flush and rounding. The GEMM itself stays a
   PyTorch ``mm``/``bmm`` (BLAS), called by :func:`hbfp_hw.host.torch.fast_bfp_matmul`.
+* :func:`conv_quantize_4d` / :func:`conv_check` / :func:`conv_finish` — the HyperBlock
+  convolution's operands quantized straight from NCHW (with the operand scaled by
+  powers of two and per-block L1 statistics), the test that a float32 (or float64)
+  convolution of them is exact, and the one rounding to FP32; the convolutions are
+  PyTorch's.
 
 numba is optional: without it (or with ``HBFP_HW_NO_NUMBA=1`` in the environment, or
 :data:`ENABLED` set to False) the callers take their pure-PyTorch paths, which give the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -169,6 +175,13 @@ def _random_stream_fast(seed, lanes, count, bits, cols):
     ``c·n`` steps (``cols`` = the columns of ``A**n``, :func:`_jump_cols`) and the
     eight chunks are stepped together. Same numbers, same order."""
     u = np.empty(count, np.int64)
+    _random_stream_fast_into(seed, lanes, count, bits, cols, u)
+    return u
+
+
+@njit(cache=True, nogil=True)
+def _random_stream_fast_into(seed, lanes, count, bits, cols, u):
+    """:func:`_random_stream_fast` into ``u[:count]``."""
     shift = 32 - bits
     steps = (count + lanes - 1) // lanes
     n = (steps + 7) // 8
@@ -214,7 +227,56 @@ def _random_stream_fast(seed, lanes, count, bits, cols):
                     break
                 s = _xs(s)
                 u[k] = s >> shift
-    return u
+
+
+@njit(cache=True, nogil=True)
+def _random_stream_scatter(seed, lanes, count, bits, cols, pos, u):
+    """:func:`_random_stream_fast` with number ``k`` written to ``u[pos[k]]``."""
+    shift = 32 - bits
+    steps = (count + lanes - 1) // lanes
+    n = (steps + 7) // 8
+    for lane in range(lanes):
+        s0 = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
+        if s0 == 0:
+            s0 = _ZERO_SEED
+        s1 = _jump(cols, s0)
+        s2 = _jump(cols, s1)
+        s3 = _jump(cols, s2)
+        s4 = _jump(cols, s3)
+        s5 = _jump(cols, s4)
+        s6 = _jump(cols, s5)
+        s7 = _jump(cols, s6)
+        full = min(n, (count - lane - 1) // lanes - 7 * n + 1) if count > lane else 0
+        # steps t < full: all eight chunks hold an element (k = (c n + t) lanes + lane)
+        for t in range(max(full, 0)):
+            s0 = _xs(s0)
+            s1 = _xs(s1)
+            s2 = _xs(s2)
+            s3 = _xs(s3)
+            s4 = _xs(s4)
+            s5 = _xs(s5)
+            s6 = _xs(s6)
+            s7 = _xs(s7)
+            k = t * lanes + lane
+            d = n * lanes
+            u[pos[k]] = s0 >> shift
+            u[pos[k + d]] = s1 >> shift
+            u[pos[k + 2 * d]] = s2 >> shift
+            u[pos[k + 3 * d]] = s3 >> shift
+            u[pos[k + 4 * d]] = s4 >> shift
+            u[pos[k + 5 * d]] = s5 >> shift
+            u[pos[k + 6 * d]] = s6 >> shift
+            u[pos[k + 7 * d]] = s7 >> shift
+        # the rest (the last chunks run out): one chain at a time
+        st = np.array([s0, s1, s2, s3, s4, s5, s6, s7])
+        for c in range(8):
+            s = st[c]
+            for t in range(max(full, 0), n):
+                k = (c * n + t) * lanes + lane
+                if k >= count:
+                    break
+                s = _xs(s)
+                u[pos[k]] = s >> shift
 
 
 _jumps: dict = {}
@@ -888,3 +950,676 @@ def warm_up() -> None:
         ex, ew, _, _ = layer_forward(x, x, xm, wm, p, p, j, j, 16, 16, 16, 8, 0, bufs, 8)
         layer_backward(x, gm_, p, j, xm, ex, p, wm, ew, p, 16, 16, 16, 8, 0, True, True,
                        bufs, bufs, 8)
+    _warm_up_conv()
+
+
+def _warm_up_conv() -> None:
+    """The HyperBlock-convolution kernels (8-bit and narrower mantissas)."""
+    from hbfp_hw.conv import ConvGeometry
+    from hbfp_hw.formats import HBFP4, HBFP8
+    x4 = np.linspace(-1, 1, 16 * 16 * 9, dtype=np.float32).reshape(16, 16, 3, 3)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1))
+    for fmt in (HBFP8.replace(block_axes=(0, 1)),
+                HBFP4.replace(block_axes=(0, 1), rounding="stochastic")):
+        man, e, val, st, eref, _ = conv_quantize_4d(x4, fmt, 16, 16, 16, 16)
+        for kind in ("fwd", "dx", "dw"):
+            conv_check(kind, e, st, e, st, (3, 3), geo, 8)
+        conv_split(man, e, eref, 16, 16, x4.shape)
+    for y in (x4, x4.astype(np.float64)):
+        conv_finish(y, 0)
+        conv_finish(y, 0, x4[0, :, 0, 0].copy())
+
+
+# -- the HyperBlock convolution --------------------------------------------------------
+#
+# hbfp_hw.conv's three convolutions sum floor(P * 2**G / 2**s) over (tap, channel block)
+# pairs, s = (row max - Ea) + (column max - Eb). When no pair of non-zero blocks of an
+# output block is shifted past the guard bits (s <= G), no floor cuts anything: the
+# accumulator is the exact sum of the products of the dequantized operands, and the
+# result is that sum rounded once to FP32. If, moreover, every partial sum of that
+# output is an integer multiple of 2**g (g = the smallest Ea + Eb of a live pair) below
+# 2**(24 + g), a float32 convolution of the operands scaled by exact powers of two
+# computes it exactly (in any summation order). :func:`conv_quantize_4d` quantizes a
+# 4-D operand and returns those scaled operands with per-block L1 statistics;
+# :func:`conv_check` tests both conditions per output block on the block grid.
+
+#: status of :func:`conv_check`: a float32 convolution is exact / (weight gradient)
+#: one float32 convolution per sample block is, their float64 sum too / two float32
+#: convolutions are, one per half of the first operand's mantissas (:func:`conv_split`)
+#: / a float64 one is / some live block pair is shifted past the guard bits (the
+#: golden model's per-pair floor is needed)
+CONV_F32, CONV_CHUNKS, CONV_SPLIT, CONV_F64, CONV_TRUNC = 0, 1, 2, 3, 4
+
+#: live blocks of a conv operand span at most this many binades below its largest
+#: exponent on the fast path (the scaled operands and their products stay normal floats)
+CONV_MAX_RANGE = 60
+
+#: :data:`CONV_SPLIT` cuts a mantissa ``m`` into ``16 * floor(m / 16)`` and the low
+#: nibble ``m mod 16`` (0-15): for man_bits <= 8 both halves' magnitudes, in units of
+#: their own granularity (16 and 1), are at most 15
+SPLIT_MAX = 15
+
+
+@njit(cache=True, nogil=True)
+def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd, sr_bits,
+                          seed, lanes, jump, man, val, stats, max_range, scratch, pos):
+    """Quantize the 4-D float32 ``x`` (A, B, H, W), blocked ``b0 x b1`` over axes 0 and 1
+    at every (h, w), exactly as :func:`_quantize_kernel` quantizes the 2-D matrix that
+    lists the blocks in stream order (grid (A/b0, B/b1, H, W) row-major, elements row-major
+    in a block). Writes the padded mantissas ``man`` (Ap, Bp, H, W), per block
+    ``stats[.., 0]`` = max |m|, ``[.., 1]`` = the largest sum of |m| along axis 1 (over a
+    row of the block), ``[.., 2]`` the largest along axis 0, and ``val`` (A, B, H, W) =
+    ``m * 2**(E - Eref)`` (float32, exact; ``Eref`` = the largest exponent of a non-zero
+    block). Returns ``(exponents, Eref, ok)``: empty exponents if a block holds NaN/Inf;
+    ``ok`` False when a non-zero block lies more than ``max_range`` binades below Eref."""
+    A, B, H, W = x.shape
+    Ap, Bp = man.shape[0], man.shape[1]
+    g0, g1 = Ap // b0, Bp // b1
+    HW = H * W
+    xf = x.reshape(A, B, HW)
+    xb = xf.view(np.int32)
+    mf = man.reshape(Ap, Bp, HW)
+    vf = val.reshape(A, B, HW)
+    bmax = np.zeros((g0, g1, HW), np.int32)
+    for a in range(A):
+        i = a // b0
+        for b in range(B):
+            j = b // b1
+            for k in range(HW):
+                bmax[i, j, k] = max(bmax[i, j, k], xb[a, b, k] & _ABS)
+    exps = np.empty((g0, g1, H, W), np.int16)
+    ef = exps.reshape(g0, g1, HW)
+    f1 = np.empty((g0, g1, HW), np.float32)
+    f2 = np.empty((g0, g1, HW), np.float32)
+    for i in range(g0):
+        for j in range(g1):
+            for k in range(HW):
+                a_ = bmax[i, j, k]
+                if a_ >= _INF:
+                    return np.empty((0, 0, 0, 0), np.int16), 0, False
+                field = a_ >> 23
+                e = emin if field == 0 else field - 127
+                e = min(max(e, emin), emax)
+                ef[i, j, k] = e
+                kk = frac_bits - max(e, -150)
+                k1 = min(max(kk, -126), 126)
+                f1[i, j, k] = _pow2_f32(k1)
+                f2[i, j, k] = _pow2_f32(kk - k1)
+    # with emin < -126 (exp_bits >= 8) a block is non-zero exactly when it holds a normal
+    # float (its largest element then quantizes to a mantissa >= 1): Eref is known now and
+    # ``val`` is written with the mantissas; otherwise it takes a pass of its own
+    lo = -(1 << 14)
+    fused = emin < -126
+    eref = lo
+    ok = True
+    pv = np.empty((g0, g1, HW), np.float32)
+    if fused:
+        for i in range(g0):
+            for j in range(g1):
+                for k in range(HW):
+                    if bmax[i, j, k] >= _MIN_NORMAL:
+                        eref = max(eref, np.int64(ef[i, j, k]))
+        if eref == lo:
+            eref = 0
+        for i in range(g0):
+            for j in range(g1):
+                for k in range(HW):
+                    d = np.int64(ef[i, j, k]) - eref
+                    if bmax[i, j, k] >= _MIN_NORMAL and d < -max_range:
+                        ok = False
+                    pv[i, j, k] = _pow2_f32(max(d, -126))
+    if rnd == 3:
+        # the stream written straight into the layout of ``man`` (rows padded by 16: no
+        # cache-set conflicts): number n goes to ``pos[n]`` (:func:`conv_stream_pos`)
+        u2 = scratch[: Ap * Bp * (HW + 16)].reshape(Ap, Bp, HW + 16)
+        if jump.size:
+            _random_stream_scatter(seed, lanes, Ap * Bp * HW, sr_bits, jump, pos,
+                                   scratch)
+        else:
+            u = _random_stream(seed, lanes, Ap * Bp * HW, sr_bits)
+            for n in range(Ap * Bp * HW):
+                scratch[pos[n]] = u[n]
+    else:
+        u2 = np.zeros((0, 0, 0), np.int32)
+    mmf = np.float32(mmax)
+    cap = 2.0 ** man_bits
+    up = 2.0 ** sr_bits
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    st = stats.reshape(3, g0, g1, HW)
+    st[:] = 0
+    rowacc = np.zeros((g1, HW), np.int32)
+    colacc = np.zeros((Bp, HW), np.int32)
+    qr = np.empty(HW, np.int32)
+    ur = np.empty(HW, np.int32)
+    narrow = man_bits + sr_bits <= 30
+    cap32 = np.float32(cap)
+    up32 = np.float32(up)
+    mmax32 = np.int32(mmax)
+    for a in range(Ap):
+        i = a // b0
+        ia = a - i * b0
+        for j in range(g1):
+            for k in range(HW):
+                rowacc[j, k] = 0
+        if ia == 0:
+            for b in range(Bp):
+                for k in range(HW):
+                    colacc[b, k] = 0
+        for b in range(Bp):
+            j = b // b1
+            if a >= A or b >= B:
+                for k in range(HW):
+                    mf[a, b, k] = 0
+                continue
+            # the rounding mode is tested outside the element loops (branch-free loops);
+            # subnormal inputs flush to +0
+            if rnd == 0:
+                for k in range(HW):
+                    xv = xf[a, b, k] if (xb[a, b, k] & _ABS) >= _MIN_NORMAL else zero
+                    qr[k] = np.int32(min(max(np.rint(xv * f1[i, j, k] * f2[i, j, k]), -mmf),
+                                         mmf))
+            elif rnd == 1:
+                for k in range(HW):
+                    xv = xf[a, b, k] if (xb[a, b, k] & _ABS) >= _MIN_NORMAL else zero
+                    qr[k] = np.int32(min(max(np.trunc(xv * f1[i, j, k] * f2[i, j, k]), -mmf),
+                                         mmf))
+            elif rnd == 2:
+                for k in range(HW):
+                    xv = xf[a, b, k] if (xb[a, b, k] & _ABS) >= _MIN_NORMAL else zero
+                    y = xv * f1[i, j, k] * f2[i, j, k]
+                    t = np.trunc(y)
+                    r = t + ((-one if y < zero else one) if np.abs(y - t) >= half else zero)
+                    qr[k] = np.int32(min(max(r, -mmf), mmf))
+            else:
+                for k in range(HW):
+                    ur[k] = u2[a, b, k]
+                if narrow:
+                    # |y| 2**r < 2**31 is exact in float32 (a power-of-two multiple of a
+                    # float32): the same floor as the float64 one, in 32-bit lanes
+                    for k in range(HW):
+                        xv = xf[a, b, k] if (xb[a, b, k] & _ABS) >= _MIN_NORMAL else zero
+                        y = xv * f1[i, j, k] * f2[i, j, k]
+                        mag = min(np.abs(y), cap32)
+                        qm = min((np.int32(mag * up32) + ur[k]) >> sr_bits, mmax32)
+                        qr[k] = -qm if y < zero else qm
+                else:
+                    for k in range(HW):
+                        xv = xf[a, b, k] if (xb[a, b, k] & _ABS) >= _MIN_NORMAL else zero
+                        y = xv * f1[i, j, k] * f2[i, j, k]
+                        mag = min(np.float64(np.abs(y)), cap)
+                        qm = min((np.int64(math.floor(mag * up)) + ur[k]) >> sr_bits, mmax)
+                        qr[k] = np.int32(-qm if np.signbit(y) else qm)
+            if fused:
+                for k in range(HW):
+                    vf[a, b, k] = np.float32(qr[k]) * pv[i, j, k]
+            for k in range(HW):
+                q = qr[k]
+                mf[a, b, k] = q
+                aq = abs(q)
+                st[0, i, j, k] = max(st[0, i, j, k], aq)
+                rowacc[j, k] += aq
+                colacc[b, k] += aq
+        for j in range(g1):
+            for k in range(HW):
+                st[1, i, j, k] = max(st[1, i, j, k], rowacc[j, k])
+        if ia == b0 - 1 or a == Ap - 1:
+            for b in range(Bp):
+                j = b // b1
+                for k in range(HW):
+                    st[2, i, j, k] = max(st[2, i, j, k], colacc[b, k])
+    if fused:
+        return exps, eref, ok
+    for i in range(g0):
+        for j in range(g1):
+            for k in range(HW):
+                if st[0, i, j, k] > 0:
+                    eref = max(eref, np.int64(ef[i, j, k]))
+    if eref == lo:
+        eref = 0
+    for i in range(g0):
+        for j in range(g1):
+            for k in range(HW):
+                if st[0, i, j, k] > 0 and ef[i, j, k] < eref - max_range:
+                    ok = False
+    if not ok:
+        return exps, eref, False
+    for a in range(A):
+        i = a // b0
+        for b in range(B):
+            j = b // b1
+            for k in range(HW):
+                vf[a, b, k] = np.float32(mf[a, b, k]) * _pow2_f32(
+                    max(np.int64(ef[i, j, k]) - eref, -126))
+    return exps, eref, True
+
+
+#: per-thread work buffers and parameter arrays of the conv quantizer (both are
+#: written by every call)
+_local = threading.local()
+_NO_SCRATCH = np.zeros(0, np.int32)
+
+
+def _thread_dict(name: str) -> dict:
+    d = getattr(_local, name, None)
+    if d is None:
+        d = {}
+        setattr(_local, name, d)
+    return d
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A reused int32 work buffer of ``n`` elements, one per thread (the random streams
+    of the conv quantizer: fresh large buffers cost page faults on every call)."""
+    scratches = _thread_dict("scratch")
+    b = scratches.get(n)
+    if b is None:
+        if len(scratches) > 16:
+            scratches.clear()
+        b = scratches[n] = np.empty(n, np.int32)
+    return b
+
+
+@njit(cache=True, nogil=True)
+def _stream_pos(ap, bp, hw, b0, b1, pos):
+    g0, g1 = ap // b0, bp // b1
+    n = 0
+    for i in range(g0):
+        for j in range(g1):
+            for k in range(hw):
+                for ia in range(b0):
+                    for ib in range(b1):
+                        pos[n] = ((i * b0 + ia) * bp + j * b1 + ib) * (hw + 16) + k
+                        n += 1
+
+
+_positions: dict = {}
+
+
+def conv_stream_pos(ap: int, bp: int, hw: int, b0: int, b1: int) -> np.ndarray:
+    """Where the stochastic-rounding stream's numbers go in the conv quantizer's
+    ``(ap, bp, hw + 16)`` layout: the stream lists the blocks row-major over the grid
+    ``(ap/b0, bp/b1, hw)``, the elements row-major in a block (cached per shape)."""
+    key = (ap, bp, hw, b0, b1)
+    pos = _positions.get(key)
+    if pos is None:
+        if len(_positions) > 64:
+            _positions.clear()
+        pos = _positions[key] = np.empty(ap * bp * hw, np.int32)
+        _stream_pos(ap, bp, hw, b0, b1, pos)
+    return pos
+
+
+@njit(cache=True, nogil=True)
+def _conv_quantize_p(x, p, jump, man, val, stats, scratch, pos):
+    """:func:`_conv_quantize_kernel` with its scalars packed in ``p`` (one array
+    argument: the call's dispatch cost grows with the number of arguments)."""
+    return _conv_quantize_kernel(x, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8],
+                                 p[9], p[10], jump, man, val, stats, p[11], scratch, pos)
+
+
+def conv_quantize_4d(x: np.ndarray, fmt, b0: int, b1: int, ap: int, bp: int):
+    """Quantize a C-contiguous float32 4-D conv operand with ``fmt`` (blocks ``b0 x b1``
+    over axes 0 and 1, padded to ``(ap, bp)``), bit for bit as the golden model.
+
+    Returns None if a block holds NaN/Inf (the caller asks the golden model), else
+    ``(mantissas, exponents, val, stats, eref, ok)`` (:func:`_conv_quantize_kernel`)."""
+    key = (fmt.man_bits, fmt.exp_bits, fmt.rounding, fmt.sr_bits, fmt.sr_lanes, b0, b1)
+    qparams = _thread_dict("qparams")
+    p = qparams.get(key)
+    if p is None:
+        if len(qparams) > 256:
+            qparams.clear()
+        emin, emax, frac_bits, mmax, man_bits, rnd, dt = _format_params(fmt)
+        p = qparams[key] = (np.array([b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
+                                       fmt.sr_bits, 0, fmt.sr_lanes, CONV_MAX_RANGE],
+                                      np.int64), dt, rnd)
+    p, dt, rnd = p
+    p[9] = fmt.seed
+    A, B, H, W = x.shape
+    man = np.empty((ap, bp, H, W), dt)
+    val = np.empty((A, B, H, W), np.float32)
+    stats = np.empty((3, ap // b0, bp // b1, H, W), np.int32)
+    if rnd == 3:
+        jump = jump_table(ap * bp * H * W, fmt.sr_lanes)
+        scratch = _scratch(ap * bp * (H * W + 16))
+        pos = conv_stream_pos(ap, bp, H * W, b0, b1)
+    else:
+        jump = pos = _NO_JUMP
+        scratch = _NO_SCRATCH
+    exps, eref, ok = _conv_quantize_p(x, p, jump, man, val, stats, scratch, pos)
+    if exps.size == 0 and man.size:
+        return None
+    return man, exps, val, stats, int(eref), bool(ok)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pair_term(e, r, t, lim):
+    """``t * 2**(e - r)`` (e <= r) in float64; 0 below ``2**-1000``."""
+    d = e - r
+    return t * _POW2_F64[d + 1022] if d >= -1000 else 0.0
+
+
+@njit(cache=True, nogil=True)
+def _conv_fwd_check(xe, xs, we, ws, Ho, Wo, sh, sw, ph, pw, dh, dw, G, split_max):
+    """:func:`conv_check` for the forward convolution: output blocks (n-block, p, q,
+    o-block) over (tap, channel block) pairs."""
+    gn, gc, H, W = xe.shape
+    go, _, KH, KW = we.shape
+    lo = -(1 << 14)
+    col = np.full(go, lo, np.int64)
+    for ob in range(go):
+        for cb in range(gc):
+            for i in range(KH):
+                for j in range(KW):
+                    if ws[0, ob, cb, i, j] > 0:
+                        col[ob] = max(col[ob], np.int64(we[ob, cb, i, j]))
+    status = 0
+    for nb in range(gn):
+        for p in range(Ho):
+            for q in range(Wo):
+                row = lo
+                for cb in range(gc):
+                    for i in range(KH):
+                        h = p * sh + i * dh - ph
+                        if h < 0 or h >= H:
+                            continue
+                        for j in range(KW):
+                            w = q * sw + j * dw - pw
+                            if 0 <= w < W and xs[0, nb, cb, h, w] > 0:
+                                row = max(row, np.int64(xe[nb, cb, h, w]))
+                if row == lo:
+                    continue
+                for ob in range(go):
+                    if col[ob] == lo:
+                        continue
+                    r = row + col[ob]
+                    gmin = r + 1
+                    s_ = 0.0
+                    s2 = 0.0
+                    for cb in range(gc):
+                        for i in range(KH):
+                            h = p * sh + i * dh - ph
+                            if h < 0 or h >= H:
+                                continue
+                            for j in range(KW):
+                                w = q * sw + j * dw - pw
+                                if w < 0 or w >= W or xs[0, nb, cb, h, w] == 0 or \
+                                        ws[0, ob, cb, i, j] == 0:
+                                    continue
+                                e = np.int64(xe[nb, cb, h, w]) + np.int64(we[ob, cb, i, j])
+                                gmin = min(gmin, e)
+                                t = min(np.int64(xs[1, nb, cb, h, w]) * ws[0, ob, cb, i, j],
+                                        np.int64(xs[0, nb, cb, h, w]) * ws[1, ob, cb, i, j])
+                                s_ += _pair_term(e, r, np.float64(t), 0)
+                                s2 += _pair_term(e, r, np.float64(
+                                    split_max * np.int64(ws[1, ob, cb, i, j])), 0)
+                    if gmin > r:
+                        continue
+                    if r - gmin > G:
+                        return 4
+                    lim = 2.0 ** (24 - (r - gmin))
+                    if s_ * (1.0 + 2.0**-40) > lim:
+                        status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
+    return status
+
+
+@njit(cache=True, nogil=True)
+def _conv_dx_check(ge, gs, we, ws, H, W, sh, sw, ph, pw, dh, dw, G, split_max):
+    """:func:`conv_check` for the input gradient: output blocks (n-block, c-block, h, w)
+    over (tap, output-channel block) pairs; tap (i, j) of input position h reads output
+    position p = (h + ph - i dh) / sh when that is an integer in range."""
+    gn, go, Ho, Wo = ge.shape
+    _, gc, KH, KW = we.shape
+    lo = -(1 << 14)
+    col = np.full(gc, lo, np.int64)
+    for ob in range(go):
+        for cb in range(gc):
+            for i in range(KH):
+                for j in range(KW):
+                    if ws[0, ob, cb, i, j] > 0:
+                        col[cb] = max(col[cb], np.int64(we[ob, cb, i, j]))
+    status = 0
+    for nb in range(gn):
+        for h in range(H):
+            for w in range(W):
+                row = lo
+                for i in range(KH):
+                    pn = h + ph - i * dh
+                    if pn < 0 or pn % sh != 0 or pn // sh >= Ho:
+                        continue
+                    p = pn // sh
+                    for j in range(KW):
+                        qn = w + pw - j * dw
+                        if qn < 0 or qn % sw != 0 or qn // sw >= Wo:
+                            continue
+                        q = qn // sw
+                        for ob in range(go):
+                            if gs[0, nb, ob, p, q] > 0:
+                                row = max(row, np.int64(ge[nb, ob, p, q]))
+                if row == lo:
+                    continue
+                for cb in range(gc):
+                    if col[cb] == lo:
+                        continue
+                    r = row + col[cb]
+                    gmin = r + 1
+                    s_ = 0.0
+                    s2 = 0.0
+                    for i in range(KH):
+                        pn = h + ph - i * dh
+                        if pn < 0 or pn % sh != 0 or pn // sh >= Ho:
+                            continue
+                        p = pn // sh
+                        for j in range(KW):
+                            qn = w + pw - j * dw
+                            if qn < 0 or qn % sw != 0 or qn // sw >= Wo:
+                                continue
+                            q = qn // sw
+                            for ob in range(go):
+                                if gs[0, nb, ob, p, q] == 0 or ws[0, ob, cb, i, j] == 0:
+                                    continue
+                                e = np.int64(ge[nb, ob, p, q]) + np.int64(we[ob, cb, i, j])
+                                gmin = min(gmin, e)
+                                t = min(np.int64(gs[1, nb, ob, p, q]) * ws[0, ob, cb, i, j],
+                                        np.int64(gs[0, nb, ob, p, q]) * ws[2, ob, cb, i, j])
+                                s_ += _pair_term(e, r, np.float64(t), 0)
+                                s2 += _pair_term(e, r, np.float64(
+                                    split_max * np.int64(ws[2, ob, cb, i, j])), 0)
+                    if gmin > r:
+                        continue
+                    if r - gmin > G:
+                        return 4
+                    lim = 2.0 ** (24 - (r - gmin))
+                    if s_ * (1.0 + 2.0**-40) > lim:
+                        status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
+    return status
+
+
+@njit(cache=True, nogil=True)
+def _conv_dw_check(ge, gs, xe, xs, KH, KW, sh, sw, ph, pw, dh, dw, G, split_max):
+    """:func:`conv_check` for the weight gradient: output blocks (o-block, c-block, i, j)
+    over the K-blocks (n-block, p, q)."""
+    gn, go, Ho, Wo = ge.shape
+    _, gc, H, W = xe.shape
+    lo = -(1 << 14)
+    row = np.full(go, lo, np.int64)
+    for nb in range(gn):
+        for ob in range(go):
+            for p in range(Ho):
+                for q in range(Wo):
+                    if gs[0, nb, ob, p, q] > 0:
+                        row[ob] = max(row[ob], np.int64(ge[nb, ob, p, q]))
+    snb = np.zeros(gn, np.float64)
+    gnb = np.zeros(gn, np.int64)
+    status = 0
+    for cb in range(gc):
+        for i in range(KH):
+            for j in range(KW):
+                col = lo
+                for nb in range(gn):
+                    for p in range(Ho):
+                        h = p * sh + i * dh - ph
+                        if h < 0 or h >= H:
+                            continue
+                        for q in range(Wo):
+                            w = q * sw + j * dw - pw
+                            if 0 <= w < W and xs[0, nb, cb, h, w] > 0:
+                                col = max(col, np.int64(xe[nb, cb, h, w]))
+                if col == lo:
+                    continue
+                for ob in range(go):
+                    if row[ob] == lo:
+                        continue
+                    r = row[ob] + col
+                    gmin = r + 1
+                    s_ = 0.0
+                    s2 = 0.0
+                    for nb in range(gn):
+                        snb[nb] = 0.0
+                        gnb[nb] = r + 1
+                    for nb in range(gn):
+                        for p in range(Ho):
+                            h = p * sh + i * dh - ph
+                            if h < 0 or h >= H:
+                                continue
+                            for q in range(Wo):
+                                w = q * sw + j * dw - pw
+                                if w < 0 or w >= W or xs[0, nb, cb, h, w] == 0 or \
+                                        gs[0, nb, ob, p, q] == 0:
+                                    continue
+                                e = np.int64(ge[nb, ob, p, q]) + np.int64(xe[nb, cb, h, w])
+                                gmin = min(gmin, e)
+                                t = min(np.int64(gs[2, nb, ob, p, q]) * xs[0, nb, cb, h, w],
+                                        np.int64(gs[0, nb, ob, p, q]) * xs[2, nb, cb, h, w])
+                                v = _pair_term(e, r, np.float64(t), 0)
+                                s_ += v
+                                snb[nb] += v
+                                gnb[nb] = min(gnb[nb], e)
+                                s2 += _pair_term(e, r, np.float64(
+                                    split_max * np.int64(xs[2, nb, cb, h, w])), 0)
+                    if gmin > r:
+                        continue
+                    if r - gmin > G:
+                        return 4
+                    lim = 2.0 ** (24 - (r - gmin))
+                    if s_ * (1.0 + 2.0**-40) > lim:
+                        # per sample block (its own sum and smallest unit)
+                        ch = True
+                        for nb in range(gn):
+                            if gnb[nb] <= r and snb[nb] * (1.0 + 2.0**-40) > 2.0 ** (
+                                    24 - (r - gnb[nb])):
+                                ch = False
+                        if ch:
+                            status = max(status, 1)
+                        else:
+                            status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
+    return status
+
+
+@njit(cache=True, nogil=True)
+def _conv_check_p(kind, ea, sa, eb, sb, p):
+    """The check of ``kind`` (0 fwd, 1 dx, 2 dw) with its scalars packed in ``p``."""
+    if kind == 0:
+        return _conv_fwd_check(ea, sa, eb, sb, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                               p[7], p[8], p[9])
+    if kind == 1:
+        return _conv_dx_check(ea, sa, eb, sb, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                              p[7], p[8], p[9])
+    return _conv_dw_check(ea, sa, eb, sb, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                          p[7], p[8], p[9])
+
+
+_KINDS = {"fwd": 0, "dx": 1, "dw": 2}
+_cparams: dict = {}
+
+
+def conv_check(kind: str, ea, sa, eb, sb, size, geometry, guard_bits: int) -> int:
+    """Which exact path a HyperBlock convolution can take, from the exponents and
+    :func:`conv_quantize_4d` statistics of its two operands: :data:`CONV_F32` (no live
+    block pair shifted past the guard bits, and every output's sum of
+    ``|a'| |b'|`` bounded — per (tap, block) pair by the smaller of (largest row L1
+    of one block) x (largest element of the other) and the converse — by ``2**24``
+    times its smallest live pair's unit: a float32 convolution is exact),
+    :data:`CONV_CHUNKS` (weight gradient: the same bound holds for each sample block's
+    share of the sum), :data:`CONV_SPLIT` (it holds for each half of ``a``'s mantissas
+    (:func:`conv_split`), whose magnitudes are at most :data:`SPLIT_MAX`),
+    :data:`CONV_F64` (no truncation; the float64 convolution is exact, the accumulator
+    width check bounds it) or :data:`CONV_TRUNC` (the golden model's floor is needed).
+    The largest status over the output blocks.
+
+    ``kind``: "fwd" (``a`` = X, ``b`` = W, ``size`` = output (H', W')), "dx" (``a`` = dY,
+    ``b`` = W, ``size`` = input (H, W)) or "dw" (``a`` = dY, ``b`` = X, ``size`` = kernel
+    (kh, kw))."""
+    key = (kind, size, geometry, guard_bits)
+    p = _cparams.get(key)
+    if p is None:
+        if len(_cparams) > 1024:
+            _cparams.clear()
+        (sh, sw), (ph, pw), (dh, dw) = geometry.stride, geometry.padding, geometry.dilation
+        p = _cparams[key] = np.array([int(size[0]), int(size[1]), sh, sw, ph, pw, dh, dw,
+                                      int(guard_bits), SPLIT_MAX], np.int64)
+    return int(_conv_check_p(_KINDS[kind], ea, sa, eb, sb, p))
+
+
+@njit(cache=True, nogil=True)
+def _conv_finish_kernel(y, p, bias, out):
+    """``out = y * p`` rounded to float32 as the golden model converts (exact inputs:
+    flush below ``2**-126``, nearest even, overflow to +-Inf, -0 to +0), then plus
+    ``bias[channel]`` (float32, axis 1 of the 4-D ``out``) if ``bias`` is not empty."""
+    n0, n1 = out.shape[0], out.shape[1]
+    hw = out.shape[2] * out.shape[3]
+    yf = y.reshape(n0, n1, hw)
+    of = out.reshape(n0, n1, hw)
+    tiny = 2.0 ** -126
+    nb = bias.size > 0
+    for a in range(n0):
+        for b in range(n1):
+            c = bias[b] if nb else np.float32(0.0)
+            for k in range(hw):
+                v = np.float64(yf[a, b, k]) * p
+                r = np.float32(v) if abs(v) >= tiny else np.float32(0.0)
+                of[a, b, k] = r + c if nb else r
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def conv_finish(y: np.ndarray, scale_exp: int, bias: np.ndarray | None = None) -> np.ndarray:
+    """The FP32 result of an exact 4-D convolution sum ``y`` (float32 or float64,
+    C-contiguous) in units of ``2**scale_exp``, plus the FP32 ``bias`` per channel (axis
+    1) when given (the same float32 addition as adding it afterwards)."""
+    out = np.empty(y.shape, np.float32)
+    _conv_finish_kernel(y, math.ldexp(1.0, int(scale_exp)),
+                        _NO_BIAS if bias is None else bias, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _conv_split_kernel(man, exps, eref, b0, b1, hi, lo):
+    A, B, H, W = hi.shape
+    HW = H * W
+    mf = man.reshape(man.shape[0], man.shape[1], HW)
+    ef = exps.reshape(exps.shape[0], exps.shape[1], HW)
+    hf = hi.reshape(A, B, HW)
+    lf = lo.reshape(A, B, HW)
+    for a in range(A):
+        i = a // b0
+        for b in range(B):
+            j = b // b1
+            for k in range(HW):
+                m = np.int32(mf[a, b, k])
+                mh = (m >> 4) << 4
+                p = _pow2_f32(max(np.int64(ef[i, j, k]) - eref, -126))
+                hf[a, b, k] = np.float32(mh) * p
+                lf[a, b, k] = np.float32(m - mh) * p
+
+
+def conv_split(man: np.ndarray, exps: np.ndarray, eref: int, b0: int, b1: int, shape):
+    """The two halves of :data:`CONV_SPLIT`: ``16 * floor(m / 16) * 2**(E - eref)`` and
+    ``(m mod 16) * 2**(E - eref)`` (float32, exact, unpadded ``shape``)."""
+    hi = np.empty(shape, np.float32)
+    lo = np.empty(shape, np.float32)
+    _conv_split_kernel(man, exps, eref, b0, b1, hi, lo)
+    return hi, lo

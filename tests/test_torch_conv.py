@@ -254,7 +254,7 @@ def test_direct_path_reuses_the_forward_x(rng, monkeypatch):
     if not torch_kernels.ENABLED:
         pytest.skip("the direct path needs the compiled kernels")
     seen = {"q": [], "y": [], "dw": []}
-    q0, y0, w0 = htorch.conv_quantize, htorch.fast_bfp_conv2d, htorch.fast_bfp_conv2d_weight_grad
+    q0, y0, b0 = htorch._conv_operand, htorch._conv_forward, htorch._conv_backward
 
     def q(x, fmt):
         r = q0(x, fmt)
@@ -265,13 +265,13 @@ def test_direct_path_reuses_the_forward_x(rng, monkeypatch):
         seen["y"].append(xq)
         return y0(xq, wq, geo, **kw)
 
-    def dw(gq, xq, k, geo, **kw):
+    def bw(gq, wq, xq, *a, **kw):
         seen["dw"].append(xq)
-        return w0(gq, xq, k, geo, **kw)
+        return b0(gq, wq, xq, *a, **kw)
 
-    monkeypatch.setattr(htorch, "conv_quantize", q)
-    monkeypatch.setattr(htorch, "fast_bfp_conv2d", y)
-    monkeypatch.setattr(htorch, "fast_bfp_conv2d_weight_grad", dw)
+    monkeypatch.setattr(htorch, "_conv_operand", q)
+    monkeypatch.setattr(htorch, "_conv_forward", y)
+    monkeypatch.setattr(htorch, "_conv_backward", bw)
     layer = BFPConv2d(4, 6, 3, padding=1, fmt=HBFP8, grad_stochastic=True)
     x = torch.from_numpy(rng.standard_normal((8, 4, 6, 6)).astype(np.float32))
     layer(x).square().sum().backward()
