@@ -19,7 +19,13 @@ board default is 45 MHz: an exact PLL ratio (25 MHz / 5 x 9) and an exact UART d
 of 15 at 3 Mbaud (25 MHz itself cannot carry 3 Mbaud: divisor 8.33), met by the routed
 board accelerator (Fmax 47.9 MHz, docs/board.md; 60 MHz, the next exact divisor, is not
 met). The 3 Mbaud link, not the clock, bounds the board's throughput.
-A requested clock equal to the board clock bypasses the PLL.
+A requested clock equal to the board clock bypasses the PLL. The iCEBreaker (iCE40UP5K)
+runs its reduced build (:data:`ICEBREAKER_CONFIG`) from the 12 MHz oscillator, no PLL.
+
+A config with ``array_clock_hz`` runs the MAC array in its own clock domain ``array``
+(``gateware/engines/gemm_stream.py``): :func:`ecp5_pll2` adds the PLL's second output
+CLKOS for it (the achieved frequency replaces ``array_clock_hz``), with its own reset
+synchroniser; both clocks get a ``FREQUENCY NET`` constraint.
 
 Reset: the ``sync`` domain is held in reset (through a reset synchroniser) until the PLL
 reports lock. LED 0 shows ``busy``, LED 1 the PLL lock.
@@ -35,12 +41,15 @@ from amaranth.lib import io
 from amaranth.lib.cdc import ResetSynchronizer
 
 from hbfp_hw.config.accelerator import AcceleratorConfig
+from hbfp_hw.formats import HBFP4, HBFP8
 
 from .top import UartAccelerator
 from .uart import uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "PllParams", "ResourceEstimate", "ULX3S_CONFIG",
-           "board_config", "board_pins", "board_platform", "ecp5_pll", "resource_estimate"]
+           "ULX3S_FAST_CONFIG", "board_config", "board_pins", "board_platform",
+           "board_preset", "ecp5_pll", "ecp5_pll2",
+           "resource_estimate", "ICEBREAKER_CONFIG", "ICE40_RESOURCES"]
 
 
 # -------------------------------------------------------------------------------------
@@ -73,6 +82,9 @@ class Board:
     #: MULT18X18D / DP16KD available per variant (the resource check of
     #: :func:`resource_estimate`)
     resources: dict = field(default_factory=dict)
+    #: named builds besides the default (``hbfp-hw build --preset NAME``): fields of
+    #: :meth:`AcceleratorConfig.default` changed, like ``config``
+    presets: dict = field(default_factory=dict)
 
 
 #: The ULX3S default accelerator (changes to :meth:`AcceleratorConfig.default`). The
@@ -89,8 +101,38 @@ class Board:
 ULX3S_CONFIG = {"array_rows": 4, "array_cols": 4, "operand_depth": 16384,
                 "input_depth": 4096, "output_depth": 4096, "bitlayer_lanes": 0}
 
+#: The ULX3S high-throughput preset (``--preset fast``, 85F): ULX3S_CONFIG with an 8x8 array
+#: of 8 lanes on 8x8 HBFP4 tiles (4-bit mantissas: four products per MULT18X18D, 512 MACs
+#: per clock on 128 of the 156 multipliers) in its own clock domain (PLL CLKOS). Placed
+#: with 50 / 100 MHz requested, nextpnr estimated 45.2 MHz (design clock) and 69.3 MHz
+#: (array) before routing; the clocks here sit below those estimates: 45 MHz (exact UART
+#: divisor 15) and 60 MHz (VCO 540 MHz / 9), 30.7 GMAC/s peak. No routed build of this
+#: preset has completed yet (docs/board.md, "Presets").
+ULX3S_FAST_CONFIG = {**ULX3S_CONFIG, "array_rows": 8, "array_cols": 8, "tile": 8,
+                     "array_lanes": 8, "clock_hz": 45_000_000, "array_clock_hz": 60_000_000,
+                     "formats": (HBFP4.replace(block_shape=(8, 8), name="HBFP4T8"),),
+                     "name": "hbfp_fast"}
+
 #: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
 ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}
+
+#: The iCEBreaker (iCE40UP5K) default accelerator: the reduced top (changes to
+#: :meth:`AcceleratorConfig.default`): one HBFP8 slot on 4x4 tiles, a 1x1 array (4
+#: lanes: 4 SB_MAC16), two 1 Ki-element operand buffers, 256-word ``out``, no QUANTIZE
+#: engine (the host quantizes, ``fp_in`` at its 16-word minimum), no statistics engine,
+#: no bit-serial engine, the configuration-only INFO ROM, the staging RAM in an SPRAM;
+#: the 12 MHz oscillator directly
+#: and 1 Mbaud (UART divisor 12). What it needs is measured in docs/board.md.
+ICEBREAKER_CONFIG = {"formats": (HBFP8.replace(block_shape=(4, 4), name="HBFP8T4"),),
+                     "array_rows": 1, "array_cols": 1, "tile": 4, "operand_buffers": 2,
+                     "operand_depth": 1024, "input_depth": 16, "output_depth": 256,
+                     "k_max": 256, "baud_rate": 1_000_000, "bitlayer_lanes": 0,
+                     "quantize": 0, "stats": 0, "info_rom": "config", "stage_ram": "single",
+                     "name": "hbfp_ice"}
+
+#: iCE40 resources: (SB_MAC16, SB_RAM40_4K) per device (Lattice FPGA-DS-02008); the
+#: UP5K also has 5280 logic cells and 4 SB_SPRAM256KA.
+ICE40_RESOURCES = {"UP5K": (8, 30)}
 
 BOARDS: dict[str, Board] = {
     "ulx3s": Board(
@@ -100,7 +142,15 @@ BOARDS: dict[str, Board] = {
         default_variant="85F", family="ecp5", clock_hz=45_000_000,
         programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
         program_argv=("openFPGALoader", "-b", "ulx3s", "{bit}"), flash_args=("-f",),
-        config=ULX3S_CONFIG, resources=ECP5_RESOURCES),
+        config=ULX3S_CONFIG, resources=ECP5_RESOURCES,
+        presets={"fast": ULX3S_FAST_CONFIG}),
+    "icebreaker": Board(
+        name="icebreaker", variants={"UP5K": ("amaranth_boards.icebreaker",
+                                              "ICEBreakerPlatform")},
+        default_variant="UP5K", family="ice40", clock_hz=12_000_000,
+        programmer="iceprog {bit}  (writes the SPI flash the board boots from)",
+        program_argv=("iceprog", "{bit}"), flash_args=(), bitstream_ext=".bin",
+        config=ICEBREAKER_CONFIG, resources=ICE40_RESOURCES),
 }
 
 
@@ -134,10 +184,21 @@ class PllParams:
     refclk_div: int     # CLKI_DIV
     feedback_div: int   # CLKFB_DIV
     output_div: int     # CLKOP_DIV
+    #: CLKOS_DIV of the second output (the ``array`` clock domain); 0: CLKOS unused
+    secondary_div: int = 0
 
     @property
     def fout(self) -> Fraction:
         return Fraction(self.clkin_hz) / self.refclk_div * self.feedback_div
+
+    @property
+    def fout2(self) -> Fraction:
+        """The second output's frequency (CLKOS: VCO / ``secondary_div``; 0 if unused)."""
+        return self.fvco / self.secondary_div if self.secondary_div else Fraction(0)
+
+    @property
+    def fout2_hz(self) -> int:
+        return round(self.fout2)
 
     @property
     def fvco(self) -> Fraction:
@@ -185,7 +246,44 @@ def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
     return best[1]
 
 
-def _ehxplll(p: PllParams, clkin, clkout, locked) -> Instance:
+def ecp5_pll2(clkin_hz: int, fout_hz: int, fout2_hz: int) -> PllParams:
+    """``EHXPLLL`` dividers for two outputs sharing the VCO: CLKOP closest to ``fout_hz``
+    (fed back, as :func:`ecp5_pll`), then CLKOS (``VCO / secondary_div``) closest to
+    ``fout2_hz``, ties to the VCO nearest 600 MHz. Exact pairs exist when both clocks
+    divide a VCO frequency in 400-800 MHz (e.g. 50 and 100 MHz: VCO 600 MHz)."""
+    for f in (fout_hz, fout2_hz):
+        if not _OUT[0] * 1_000_000 <= f <= _OUT[1] * 1_000_000:
+            raise ValueError(f"clock {f / 1e6:g} MHz is outside the ECP5 PLL output range; "
+                             f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
+    fin = Fraction(clkin_hz, 1_000_000)
+    t1, t2 = Fraction(fout_hz, 1_000_000), Fraction(fout2_hz, 1_000_000)
+    best = None
+    for rd in range(1, 129):
+        pfd = fin / rd
+        if not _PFD[0] <= pfd <= _PFD[1]:
+            continue
+        for fd in range(1, 81):
+            fout = pfd * fd
+            for od in range(1, 129):
+                fvco = fout * od
+                if not _VCO[0] <= fvco <= _VCO[1]:
+                    continue
+                sd = max(1, min(128, round(fvco / t2)))
+                key = (abs(fout - t1), abs(fvco / sd - t2), abs(fvco - 600))
+                if best is None or key < best[0]:
+                    best = (key, PllParams(clkin_hz, rd, fd, od, sd))
+    if best is None:  # pragma: no cover - every output in range has a solution
+        raise ValueError(f"no ECP5 PLL setting for {fout_hz} Hz from {clkin_hz} Hz")
+    return best[1]
+
+
+def _ehxplll(p: PllParams, clkin, clkout, locked, clkout2=None) -> Instance:
+    two = {}
+    if p.secondary_div:
+        two = dict(a_FREQUENCY_PIN_CLKOS=f"{float(p.fout2) / 1e6:g}",
+                   p_CLKOS_ENABLE="ENABLED", p_CLKOS_DIV=p.secondary_div,
+                   p_CLKOS_CPHASE=p.secondary_div - 1, p_CLKOS_FPHASE=0,
+                   o_CLKOS=clkout2, i_ENCLKOS=0)
     return Instance(
         "EHXPLLL",
         a_FREQUENCY_PIN_CLKI=f"{p.clkin_hz / 1e6:g}",
@@ -200,12 +298,23 @@ def _ehxplll(p: PllParams, clkin, clkout, locked) -> Instance:
         p_CLKFB_DIV=p.feedback_div,
         i_RST=0, i_STDBY=0, i_CLKI=clkin, o_CLKOP=clkout, i_CLKFB=clkout,
         i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
-        i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
+        i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked, **two)
 
 
 # -------------------------------------------------------------------------------------
 # board top
 # -------------------------------------------------------------------------------------
+def board_preset(board: str = "ulx3s", preset: str = "default") -> AcceleratorConfig:
+    """The configuration of a named build of ``board``: ``"default"`` (:attr:`Board.config`)
+    or a key of :attr:`Board.presets` (ulx3s: ``"fast"``, :data:`ULX3S_FAST_CONFIG`)."""
+    b = _board(board)
+    if preset != "default" and preset not in b.presets:
+        raise ValueError(f"preset={preset!r} is not a {board} preset; accepted presets are "
+                         f"{', '.join(['default', *b.presets])}")
+    changes = b.config if preset == "default" else b.presets[preset]
+    return AcceleratorConfig.default().replace(**{"clock_hz": b.clock_hz, **changes})
+
+
 def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, *,
                  clock_hz: int | None = None) -> tuple[AcceleratorConfig, PllParams | None]:
     """The configuration actually built, and the PLL (``None``: the board clock direct).
@@ -224,13 +333,21 @@ def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, 
         raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
     want = cfg.clock_hz if clock_hz is None else clock_hz
     board_hz = int(board_platform(board).default_clk_frequency)
+    if cfg.array_clock_hz:       # the array domain: a second PLL output
+        if b.family != "ecp5":
+            raise ValueError(f"array_clock_hz={cfg.array_clock_hz}: board {board} has no "
+                             f"second clock; accepted array_clock_hz is 0")
+        pll = ecp5_pll2(board_hz, want, cfg.array_clock_hz)
+        cfg = cfg.replace(clock_hz=pll.fout_hz, array_clock_hz=pll.fout2_hz)
+        uart_divisor(cfg.clock_hz, cfg.baud_rate)
+        return cfg, pll
     if want == board_hz:
         pll = None
         actual = board_hz
     elif b.family == "ecp5":
         pll = ecp5_pll(board_hz, want)
         actual = pll.fout_hz
-    else:  # pragma: no cover - no iCE40 board registered yet
+    else:  # iCE40 boards run at the board clock (no PLL is generated for them)
         raise ValueError(f"board {board} runs at its {board_hz} Hz clock only; "
                          f"accepted clock_hz is {board_hz}")
     cfg = cfg.replace(clock_hz=actual)
@@ -262,12 +379,20 @@ class ResourceEstimate:
     :data:`LUTRAM_BITS` bits excluded. ``memories`` lists ``(path, width, depth,
     read ports, DP16KD)``. An estimate, not yosys' mapping: yosys may trim constant or
     unused bits (fewer BRAMs).
+
+    iCE40 (``family="ice40"``): SB_MAC16 per 16x16 piece; SB_RAM40_4K (aspect ratios
+    :data:`EBR_MODES`) for every memory read synchronously and larger than
+    :data:`ICE40_FF_BITS` bits (the device has no LUT RAM; yosys builds memories read
+    asynchronously, and smaller ones, from flip-flops); a memory whose read and write
+    ports share one address (``stage_ram="single"``) counts in ``sprams`` (16 Ki x 16
+    each, ``synth_ice40 -spram``) instead.
     """
 
     dsps: int
     brams: int
     multipliers: tuple
     memories: tuple
+    sprams: int = 0
 
     def fits(self, board: str = "ulx3s", variant: str | None = None) -> bool:
         return not self.misfits(board, variant)
@@ -280,7 +405,9 @@ class ResourceEstimate:
         dsp, bram = b.resources[variant]
         names = FAMILY_RESOURCES[b.family]
         out = []
-        for what, need, have in ((names[0], self.dsps, dsp), (names[1], self.brams, bram)):
+        spram = ICE40_SPRAM if b.family == "ice40" else 0
+        for what, need, have in ((names[0], self.dsps, dsp), (names[1], self.brams, bram),
+                                 ("SB_SPRAM256KA (SPRAM)", self.sprams, spram)):
             if need > have:
                 out.append(f"{need} {what} needed, the {b.name} {variant} has {have}")
         return out
@@ -291,24 +418,40 @@ FAMILY_RESOURCES = {"ecp5": ("MULT18X18D (DSP)", "DP16KD (block RAM)"),
                     "ice40": ("SB_MAC16 (DSP)", "SB_RAM40_4K (block RAM)")}
 #: iCE40 SB_RAM40_4K aspect ratios (depth, width)
 EBR_MODES = ((256, 16), (512, 8), (1024, 4), (2048, 2))
+#: iCE40 memories of at most this many bits are left to flip-flops in the estimate
+#: (yosys' choice on the accelerator: a 2 x 54 FIFO in flip-flops, 9 x 33 in a block)
+ICE40_FF_BITS = 256
+#: SB_SPRAM256KA (16 Ki x 16) of the iCE40UP5K
+ICE40_SPRAM = 4
 
 
 def _dp16kd(width: int, depth: int, reads: int, writes: int,
-            modes: tuple = DP16KD_MODES) -> int:
-    if width * depth <= LUTRAM_BITS:
+            modes: tuple = DP16KD_MODES, lutram: int = LUTRAM_BITS) -> int:
+    if width * depth <= lutram:
         return 0
     one = min(-(-depth // d) * -(-width // w) for d, w in modes)
     copies = reads if writes else -(-reads // 2)
     return one * max(1, copies)
 
 
-def _significant(v) -> int:
-    """Bits of a netlist value without its zero / sign extension."""
+def _significant(v, cells=None) -> int:
+    """Bits of a netlist value without its zero / sign extension; with the netlist's
+    ``cells``, a value shifted right by a constant counts its operand's bits less the
+    shift (``(rows + 3) >> 2`` of a 16-bit field: 15 bits, as yosys' ``wreduce`` finds)."""
     nets = list(v)
     while len(nets) > 1 and ((nets[-1].is_const and nets[-1] == nets[-1].from_const(0))
                              or nets[-1] == nets[-2]):
         nets.pop()
-    return len(nets)
+    n = len(nets)
+    if cells is not None and all(x.is_cell for x in nets) and \
+            len({x.cell for x in nets}) == 1 and [x.bit for x in nets] == list(range(n)):
+        from amaranth.hdl import _nir
+        cell = cells[nets[0].cell]
+        if (isinstance(cell, _nir.Operator) and cell.operator in ("u>>", "s>>")
+                and all(x.is_const for x in cell.inputs[1])):
+            sh = sum(int(x == x.from_const(1)) << i for i, x in enumerate(cell.inputs[1]))
+            return max(1, min(n, _significant(cell.inputs[0], cells) - sh))
+    return n
 
 
 def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ecp5",
@@ -328,28 +471,42 @@ def resource_estimate(config: AcceleratorConfig, *, primitives: str | None = "ec
     top = (UartAccelerator(config, primitives=primitives) if uart
            else Accelerator(config, primitives=primitives))
     netlist = _ir.build_netlist(Fragment.get(top, None), name="top")
-    mems, mults, dsps = {}, [], 0
-    ports = {}
+    mems, mults, dsps, sprams = {}, [], 0, 0
+    ports, addrs = {}, {}
     for idx, cell in enumerate(netlist.cells):
         if isinstance(cell, _nir.Memory):
             mems[idx] = cell
         elif isinstance(cell, (_nir.SyncReadPort, _nir.AsyncReadPort)):
-            ports.setdefault(cell.memory, [0, 0])[0] += 1
+            ports.setdefault(cell.memory, [0, 0, 0])[0] += 1
+            ports[cell.memory][2] += isinstance(cell, _nir.AsyncReadPort)
+            addrs.setdefault(cell.memory, set()).add(tuple(cell.addr))
         elif isinstance(cell, _nir.SyncWritePort):
-            ports.setdefault(cell.memory, [0, 0])[1] += 1
+            ports.setdefault(cell.memory, [0, 0, 0])[1] += 1
+            addrs.setdefault(cell.memory, set()).add(tuple(cell.addr))
         elif isinstance(cell, _nir.Instance) and cell.type == "MULT18X18D":
             dsps += 1
         elif isinstance(cell, _nir.Operator) and cell.operator == "*":
             if not any(all(n.is_const for n in v) for v in cell.inputs):
-                mults.append(tuple(_significant(v) for v in cell.inputs))
+                mults.append(tuple(_significant(v, netlist.cells) for v in cell.inputs))
+    shared = {i for i, a in addrs.items() if len(a) == 1 and ports[i][0] and ports[i][1]}
     memories = []
     for idx, mem in mems.items():
-        r, w = ports.get(idx, (0, 0))
-        memories.append((mem.name, mem.width, mem.depth, r,
-                         _dp16kd(mem.width, mem.depth, r, w, modes)))
+        r, w, asy = ports.get(idx, (0, 0, 0))
+        if family == "ice40" and idx in shared:           # one address: SPRAM
+            sprams += -(-mem.depth // 16384) * -(-mem.width // 16)
+            n = 0
+        elif family == "ice40":
+            # no LUT RAM: yosys puts every memory read synchronously into SB_RAM40_4K,
+            # one read asynchronously into flip-flops
+            n = 0 if asy or not r else _dp16kd(mem.width, mem.depth, r, w, modes,
+                                               lutram=ICE40_FF_BITS)
+        else:
+            n = _dp16kd(mem.width, mem.depth, r, w, modes)
+        memories.append((mem.name, mem.width, mem.depth, r, n))
     dsps += sum(-(-wa // side) * -(-wb // side) for wa, wb in mults)
     return ResourceEstimate(dsps=dsps, brams=sum(m[-1] for m in memories),
-                            multipliers=tuple(mults), memories=tuple(memories))
+                            multipliers=tuple(mults), memories=tuple(memories),
+                            sprams=sprams)
 
 
 class BoardTop(Elaboratable):
@@ -371,15 +528,24 @@ class BoardTop(Elaboratable):
         m.submodules.clk_buf = clk_buf = io.Buffer("i", clk_in)
         m.domains.sync = ClockDomain("sync")
         clk = Signal()
+        array_clk = Signal()     # CLKOS: the MAC array's domain (array_clock_hz)
         if self.pll is None:
             locked = Signal(init=1)
             m.d.comb += clk.eq(clk_buf.i)
         else:
             locked = Signal()
-            m.submodules.pll = _ehxplll(self.pll, clk_buf.i, clk, locked)
+            m.submodules.pll = _ehxplll(self.pll, clk_buf.i, clk, locked, array_clk)
         m.d.comb += ClockSignal("sync").eq(clk)
         platform.add_clock_constraint(clk, self.config.clock_hz)
         m.submodules.rst_sync = ResetSynchronizer(~locked, domain="sync")
+        if self.config.array_clock_hz:
+            if self.pll is None or not self.pll.secondary_div:
+                raise ValueError("array_clock_hz needs a PLL with a second output "
+                                 "(board_config)")
+            m.domains.array = ClockDomain("array")
+            m.d.comb += ClockSignal("array").eq(array_clk)
+            platform.add_clock_constraint(array_clk, self.config.array_clock_hz)
+            m.submodules.rst_sync_array = ResetSynchronizer(~locked, domain="array")
 
         m.submodules.accel = acc = UartAccelerator(self.config, primitives=self.primitives)
         assert acc.divisor == self.divisor

@@ -17,7 +17,9 @@ Ports
 
 from __future__ import annotations
 
-from amaranth import Module, unsigned
+from types import SimpleNamespace
+
+from amaranth import ClockSignal, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -41,12 +43,19 @@ class BufferManager(wiring.Component):
         The INFO ROM contents.
     clients
         Number of client port groups.
+    stage_single_port
+        Give the staging RAM one address for writes and reads (``AcceleratorConfig.
+        stage_ram`` ``"single"``): an ``SB_SPRAM256KA`` when elaborated for an iCE40UP
+        platform, elsewhere (simulation, plain Verilog) a memory that behaves the same
+        (no read in a write clock, the read data hold).
     """
 
-    def __init__(self, specs, *, tile: int, info: bytes, clients: int) -> None:
+    def __init__(self, specs, *, tile: int, info: bytes, clients: int,
+                 stage_single_port: bool = False) -> None:
         if clients < 1:
             raise ValueError(f"clients={clients} is out of range; accepted range is [1, 64]")
         self.specs, self.tile, self.info, self.clients = list(specs), tile, bytes(info), clients
+        self.stage_single_port = bool(stage_single_port)
         sig = buffer_ports(self.specs, tile, len(self.info))
         members = {f"c{k}": In(sig) for k in range(clients)}
         members["owner"] = In(range(clients))
@@ -80,7 +89,34 @@ class BufferManager(wiring.Component):
         m.submodules.info_rom = rom = memory.Memory(shape=8, depth=len(self.info),
                                                     init=list(self.info))
         self._share(m, rom.read_port(), None, "rom")
+        if not self.stage_single_port:
+            m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[])
+            wiring.connect(m, wiring.flipped(self.stage_w), stage.write_port())
+            self._share(m, stage.read_port(), None, "stage")
+            return m
+        # one address for both ports: the executor stages only while no command runs and
+        # the engines read only while one runs; no read in a write clock (the read data
+        # holds, as an iCE40 SPRAM's output does)
+        aw = max(1, (P.MAX_PAYLOAD - 1).bit_length())
+        owner_r = SimpleNamespace(addr=Signal(aw, name="stage_r_addr"),
+                                  data=Signal(8, name="stage_r_data"))
+        self._share(m, owner_r, None, "stage")
+        addr = Signal(aw, name="stage_addr")
+        w = self.stage_w
+        m.d.comb += addr.eq(Mux(w.en, w.addr, owner_r.addr))
+        if getattr(platform, "family", None) == "iCE40" and \
+                str(getattr(platform, "device", "")).startswith("iCE40UP"):
+            # an SB_SPRAM256KA (16 Ki x 16; yosys would not infer it: Amaranth gives every
+            # memory an initial value, which an SPRAM cannot have)
+            dout = Signal(16)
+            m.submodules.stage = Instance(
+                "SB_SPRAM256KA", i_ADDRESS=addr, i_DATAIN=w.data, i_MASKWREN=0b0011,
+                i_WREN=w.en, i_CHIPSELECT=1, i_CLOCK=ClockSignal(), i_STANDBY=0, i_SLEEP=0,
+                i_POWEROFF=1, o_DATAOUT=dout)
+            m.d.comb += owner_r.data.eq(dout[:8])
+            return m
         m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[])
-        wiring.connect(m, wiring.flipped(self.stage_w), stage.write_port())
-        self._share(m, stage.read_port(), None, "stage")
+        wp, rp = stage.write_port(), stage.read_port()
+        m.d.comb += [wp.addr.eq(addr), rp.addr.eq(addr), wp.data.eq(w.data), wp.en.eq(w.en),
+                     rp.en.eq(~w.en), owner_r.data.eq(rp.data)]
         return m

@@ -117,7 +117,7 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     cfg, pll = board_config(board, config, clock_hz=clock_hz)
     name = name or f"{cfg.name}_{board}"
     overrides = (_synth_overrides(name, mapper) if b.family == "ecp5"
-                 else {"synth_opts": "-dsp"})     # iCE40: multipliers into SB_MAC16
+                 else {"synth_opts": "-dsp -spram"})   # iCE40: SB_MAC16, SPRAM
     top = BoardTop(cfg, pll, uart=b.uart, primitives=_primitives(b))
     if debug_verilog:       # <name>.debug.v: the Verilog of the board top
         overrides["debug_verilog"] = True
@@ -151,19 +151,32 @@ class BuildResult:
     #: MACs per clock of the array (widest slot) and in the 4-bit mode, if any
     macs_per_clock: int = 0
     macs_per_clock_narrow: int = 0
+    #: achieved clock of the MAC array's own domain (0: the array runs at ``clock_hz``)
+    array_clock_hz: int = 0
+    #: per clock domain (:func:`clock_domains`): ``{"sync": {"net", "clock_mhz",
+    #: "fmax_mhz", "met", "slack_ns"}, "array": {...}}``
+    clocks: dict = field(default_factory=dict)
+
+    @property
+    def mac_clock_hz(self) -> int:
+        """The clock the MAC array runs at (``array_clock_hz`` or the design clock)."""
+        return self.array_clock_hz or self.clock_hz
 
     @property
     def peak_gmacs(self) -> float:
-        """Peak GMAC/s at the design clock (widest format slot)."""
-        return self.macs_per_clock * self.clock_hz / 1e9
+        """Peak GMAC/s at the array's clock (widest format slot)."""
+        return self.macs_per_clock * self.mac_clock_hz / 1e9
 
     @property
     def peak_gmacs_narrow(self) -> float:
-        """Peak GMAC/s at the design clock in the 4-bit mode (0 without one)."""
-        return self.macs_per_clock_narrow * self.clock_hz / 1e9
+        """Peak GMAC/s at the array's clock in the 4-bit mode (0 without one)."""
+        return self.macs_per_clock_narrow * self.mac_clock_hz / 1e9
 
     @property
     def timing_met(self) -> bool:
+        """Every clock domain meets its constraint (``fmax_mhz``: the design clock's)."""
+        if self.clocks:
+            return all(c["met"] for c in self.clocks.values())
         return self.fmax_mhz * 1e6 >= self.clock_hz
 
     def to_dict(self) -> dict:
@@ -178,16 +191,25 @@ class BuildResult:
 
     def table(self) -> str:
         """A text table: Fmax vs the clock, and utilisation."""
-        rows = [("design clock", f"{self.clock_hz / 1e6:.3f} MHz"),
-                ("Fmax (nextpnr)", f"{self.fmax_mhz:.2f} MHz "
-                 f"({'met' if self.timing_met else 'NOT MET'}, "
-                 f"slack {1e3 / self.clock_hz * 1e6 - 1e3 / self.fmax_mhz:+.2f} ns)"),
-                ("UART", f"{self.baud_rate} baud, divisor {self.uart_divisor}")]
+        if len(self.clocks) > 1:      # one line per clock domain
+            rows = []
+            for dom, c in self.clocks.items():
+                rows += [(f"{dom} clock", f"{c['clock_mhz']:.3f} MHz"),
+                         (f"Fmax {dom} (nextpnr)", f"{c['fmax_mhz']:.2f} MHz "
+                          f"({'met' if c['met'] else 'NOT MET'}, "
+                          f"slack {c['slack_ns']:+.2f} ns)")]
+        else:
+            rows = [("design clock", f"{self.clock_hz / 1e6:.3f} MHz"),
+                    ("Fmax (nextpnr)", f"{self.fmax_mhz:.2f} MHz "
+                     f"({'met' if self.timing_met else 'NOT MET'}, "
+                     f"slack {1e3 / self.clock_hz * 1e6 - 1e3 / self.fmax_mhz:+.2f} ns)")]
+        rows.append(("UART", f"{self.baud_rate} baud, divisor {self.uart_divisor}"))
         if self.macs_per_clock:
             narrow = (f", {self.peak_gmacs_narrow:.2f} in the 4-bit mode"
                       if self.macs_per_clock_narrow > self.macs_per_clock else "")
+            at = " at the array clock" if self.array_clock_hz else ""
             rows.append(("peak GMAC/s", f"{self.peak_gmacs:.2f} ({self.macs_per_clock} "
-                                        f"MACs/clock){narrow}"))
+                                        f"MACs/clock{at}){narrow}"))
         dsp, bram = ("MULT18X18D", "DP16KD") if self.device.startswith("LFE5") else (
             "SB_MAC16", "SB_RAM40_4K")
         for key, label, n in (("LUT", "LUT4", self.luts), ("FF", "flip-flops", self.ffs),
@@ -202,6 +224,36 @@ _CELLS = {"ecp5": {"LUT": ("TRELLIS_COMB",), "FF": ("TRELLIS_FF",),
                    "DSP": ("MULT18X18D",), "BRAM": ("DP16KD",)},
           "ice40": {"LUT": ("ICESTORM_LC",), "FF": ("ICESTORM_LC",),
                     "DSP": ("ICESTORM_DSP",), "BRAM": ("ICESTORM_RAM",)}}
+
+
+def clock_domains(report: dict, cfg: AcceleratorConfig) -> dict:
+    """Fmax per clock domain from nextpnr's JSON report (its ``fmax`` entries, one per
+    clock net: ``achieved`` and ``constraint`` in MHz) against the configuration's clocks.
+
+    ``"sync"`` is the design clock (``clock_hz``), ``"array"`` the MAC array's
+    (``array_clock_hz``, when set). A net whose name contains ``array_clk`` is the array's
+    (the board top's name for the PLL's CLKOS); other nets are matched by constraint
+    frequency; a net matching neither keeps its nextpnr name. Each entry: ``net``,
+    ``clock_mhz`` (the configured clock), ``fmax_mhz``, ``met``, ``slack_ns``."""
+    fm = report.get("fmax", {})
+    if not fm:
+        raise SynthError("nextpnr reported no clock; does the design have registers on 'clk'?")
+    want = {"sync": cfg.clock_hz}
+    if cfg.array_clock_hz:
+        want["array"] = cfg.array_clock_hz
+    out = {}
+    for net, v in sorted(fm.items()):
+        if cfg.array_clock_hz and "array_clk" in net:
+            dom = "array"
+        else:
+            left = [d for d in want if d not in out]
+            near = [d for d in left if abs(want[d] / 1e6 - float(v["constraint"])) < 0.01]
+            dom = near[0] if near else (left[0] if len(fm) == 1 and left else net)
+        clk_mhz = want[dom] / 1e6 if dom in want else float(v["constraint"])
+        fmax = float(v["achieved"])
+        out[dom] = {"net": net, "clock_mhz": clk_mhz, "fmax_mhz": fmax,
+                    "met": fmax >= clk_mhz, "slack_ns": 1e3 / clk_mhz - 1e3 / fmax}
+    return {d: out[d] for d in sorted(out, key=lambda d: (d not in want, d != "sync", d))}
 
 
 def _percent(util: dict, names: tuple[str, ...]) -> float:
@@ -278,7 +330,11 @@ def _run_script(plan, builddir: Path, env: dict, log: Path, progress, timeout,
             tail += "".join(tlog.read_text(errors="replace").splitlines(True)[-10:])
             log = f"{log} and {tlog}"
         hint = ""
-        if "no BELs remaining" in tail:
+        if "cell type 'ICESTORM_LC'" in tail:
+            hint = ("\nthe design needs more logic cells than the device has (the fit check "
+                    "before synthesis counts DSPs and RAMs only; the .tim log lists "
+                    "ICESTORM_LC used / available)")
+        elif "no BELs remaining" in tail:
             hint = ("\nthe design does not fit this device: use a larger variant or a smaller "
                     "config (array_rows/array_cols set the multipliers, the buffer depths "
                     "the block RAMs)")
@@ -392,9 +448,10 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     util = report["utilization"]
     cells = _CELLS[b.family]
     try:
-        fmax = _fmax(report)
+        clocks = clock_domains(report, cfg)
     except SynthError as e:
         raise BuildError(f"{e} (report {report_path})") from None
+    fmax = clocks["sync"]["fmax_mhz"] if "sync" in clocks else _fmax(report)
     bit = outdir / f"{name}{b.bitstream_ext}"
     shutil.copyfile(builddir / f"{name}{b.bitstream_ext}", bit)
     res = BuildResult(
@@ -407,7 +464,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
         logs={"build": log, "yosys": builddir / f"{name}.rpt",
               "nextpnr": builddir / f"{name}.tim", "report": report_path},
         seconds=time.monotonic() - t0, cells=util,
-        macs_per_clock=_macs(cfg)[0], macs_per_clock_narrow=_macs(cfg)[1])
+        macs_per_clock=_macs(cfg)[0], macs_per_clock_narrow=_macs(cfg)[1],
+        array_clock_hz=cfg.array_clock_hz, clocks=clocks)
     ports, extra = _board_manifest(board, variant, plat, top, cfg)
     extra["board"]["bitstream"] = bit.name
     extra["build"] = {k: v for k, v in res.to_dict().items()
@@ -463,7 +521,19 @@ def _load_config(text: str | None) -> AcceleratorConfig | None:
 
 
 def _cli_build(args) -> int:
-    cfg = _load_config(args.config)
+    from .board import board_preset
+    try:
+        cfg = _load_config(args.config)
+        if args.preset is not None:
+            if cfg is not None:
+                raise ValueError("--preset and --config are exclusive; give one of them")
+            cfg = board_preset(args.board, args.preset)
+        if args.array_clock_mhz is not None:
+            hz = round(args.array_clock_mhz * 1e6)
+            cfg = (cfg or board_preset(args.board)).replace(array_clock_hz=hz)
+    except ValueError as e:
+        print(f"hbfp-hw: error: {e}", file=sys.stderr)
+        return 2
     clock = None if args.clock_mhz is None else round(args.clock_mhz * 1e6)
     try:
         res = build_board(args.board, args.variant, cfg, args.output, clock_hz=clock,
@@ -479,9 +549,13 @@ def _cli_build(args) -> int:
     if prog:
         print(f"  program     {prog.format(bit=res.bitstream)}")
     if not res.timing_met:
-        print(f"WARNING: Fmax {res.fmax_mhz:.2f} MHz is below the design clock "
-              f"{res.clock_hz / 1e6:.3f} MHz; the bitstream may not work. Rebuild with a "
-              f"lower --clock-mhz.", file=sys.stderr)
+        for dom, c in (res.clocks or {"sync": {"fmax_mhz": res.fmax_mhz, "met": False,
+                                               "clock_mhz": res.clock_hz / 1e6}}).items():
+            if not c["met"]:
+                opt = "--array-clock-mhz" if dom == "array" else "--clock-mhz"
+                print(f"WARNING: Fmax {c['fmax_mhz']:.2f} MHz of the {dom} domain is below "
+                      f"its clock {c['clock_mhz']:.3f} MHz; the bitstream may not work. "
+                      f"Rebuild with a lower {opt}.", file=sys.stderr)
         return 3 if args.strict_timing else 0
     return 0
 
@@ -575,6 +649,14 @@ def register_cli(subparsers, generate_subparsers) -> None:
                         "--config is given, else the board's ("
                         + ", ".join(f"{k}: {v.clock_hz / 1e6:g} MHz"
                                     for k, v in sorted(BOARDS.items())) + ")")
+    p.add_argument("--preset", default=None,
+                   help="a named configuration of the board instead of its default ("
+                        + "; ".join(f"{k}: {', '.join(v.presets) or 'none'}"
+                                    for k, v in sorted(BOARDS.items()))
+                        + "; docs/board.md)")
+    p.add_argument("--array-clock-mhz", type=float, default=None,
+                   help="clock of the MAC array's own domain (second PLL output; 0: the "
+                        "array on the design clock); default: the config's array_clock_hz")
     p.add_argument("--verbose", action="store_true",
                    help="stream the tools' output (it always goes to build/build.log)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed")

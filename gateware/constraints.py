@@ -32,7 +32,8 @@ _UART_PORTS = {"clk": "in", "rst": "in", "rx": "in", "tx": "out", "busy": "out"}
 
 
 def _timing(clock_ports: dict[str, float], async_in: list[str], async_out: list[str],
-            generated: tuple[str, float] | None = None) -> str:
+            generated: tuple[str, float] | None = None,
+            array: tuple[str, float] | None = None) -> str:
     lines = []
     for port, hz in clock_ports.items():
         lines.append(f"create_clock -name {port} -period {1e9 / hz:.3f} [get_ports {{{port}}}]")
@@ -41,6 +42,13 @@ def _timing(clock_ports: dict[str, float], async_in: list[str], async_out: list[
         lines.append(f"# the design clock, from the PLL ({hz / 1e6:.3f} MHz)")
         lines.append(f"create_clock -name design_clk -period {1e9 / hz:.3f} "
                      f"[get_nets {{{net}}}]")
+    if array is not None:
+        net, hz = array
+        lines.append(f"# the MAC array's clock, PLL CLKOS ({hz / 1e6:.3f} MHz): crosses to the "
+                     f"design clock in asynchronous FIFOs only")
+        lines.append(f"create_clock -name array_clk -period {1e9 / hz:.3f} "
+                     f"[get_nets {{{net}}}]")
+        lines.append("set_clock_groups -asynchronous -group {design_clk} -group {array_clk}")
     if async_in:
         lines.append("# asynchronous inputs (the UART receiver synchronises rx)")
         lines.append(f"set_false_path -from [get_ports {{{' '.join(async_in)}}}]")
@@ -54,12 +62,20 @@ def uart_top_constraints(config: AcceleratorConfig, name: str) -> dict[str, str]
     """``{name}.sdc`` and ``{name}.xdc`` for the plain UART top of ``config``."""
     head = (f"# {name}: the hbfp-hw UART accelerator, design clock "
             f"{config.clock_hz / 1e6:g} MHz, UART {config.baud_rate} baud\n")
-    timing = _timing({"clk": config.clock_hz}, ["rx", "rst"], ["tx", "busy"])
+    clocks, ins, ports = {"clk": config.clock_hz}, ["rx", "rst"], dict(_UART_PORTS)
+    if config.array_clock_hz:       # the MAC array's domain: ports array_clk / array_rst
+        clocks["array_clk"] = config.array_clock_hz
+        ins.append("array_rst")
+        ports.update(array_clk="in", array_rst="in")
+    timing = _timing(clocks, ins, ["tx", "busy"])
+    if config.array_clock_hz:
+        timing += ("# the MAC array's clock crosses to clk in asynchronous FIFOs only\n"
+                   "set_clock_groups -asynchronous -group {clk} -group {array_clk}\n")
     pins = "".join(
         f"# set_property -dict {{PACKAGE_PIN <pin> IOSTANDARD LVCMOS33}} [get_ports {p}]\n"
-        for p in _UART_PORTS)
+        for p in ports)
     xdc = (head + timing + "# pins: fill in your board's, e.g.\n" + pins)
-    sdc_pins = "".join(f"# set_location_assignment PIN_<pin> -to {p}\n" for p in _UART_PORTS)
+    sdc_pins = "".join(f"# set_location_assignment PIN_<pin> -to {p}\n" for p in ports)
     sdc = head + timing + "# pins (Quartus .qsf syntax; other tools: their own)\n" + sdc_pins
     return {f"{name}.sdc": sdc, f"{name}.xdc": xdc}
 
@@ -97,11 +113,12 @@ def board_constraints(board: str = "ulx3s", variant: str | None = None,
     net, cfg_hz = _design_clock(plan, b.family)
     board_hz = next(iter(clocks.values()))
     gen = None if cfg_hz is None or abs(cfg_hz - board_hz) < 1 else (net, cfg_hz)
+    array = _array_clock(plan, b.family)
     ins = sorted(p for p in pins if "rx" in p)
     outs = sorted(p for p in pins if p not in clocks and p not in ins)
     head = (f"# {name}: the hbfp-hw board top for {board} {variant or b.default_variant}; "
             f"ports and pins as in {name}{ext}\n")
-    sdc = head + _timing(clocks, ins, outs, gen)
+    sdc = head + _timing(clocks, ins, outs, gen, array)
     return {f"{name}{ext}": pin_text, f"{name}.sdc": sdc}
 
 
@@ -111,13 +128,27 @@ def _design_clock(plan, family: str) -> tuple[str | None, float | None]:
     ext = ".lpf" if family == "ecp5" else ".pcf"
     text = plan.files[f"{name}{ext}"]
     if family == "ecp5":
-        m = re.search(r'FREQUENCY NET "([^"]+)" ([0-9.e+]+) HZ', text)
-        return (m.group(1), float(m.group(2))) if m else (None, None)
+        nets = [(n, float(f)) for n, f in re.findall(r'FREQUENCY NET "([^"]+)" ([0-9.e+]+) HZ',
+                                                     text) if not n.startswith("array_clk")]
+        return nets[0] if nets else (None, None)
     pins = dict(re.findall(r"^\s*set_io (\S+) (\S+)", text, re.M))
     for net, mhz in re.findall(r"^\s*set_frequency (\S+) (\S+)", text, re.M):
         if net not in pins:
             return net, float(mhz) * 1e6
     return None, None
+
+
+def _array_clock(plan, family: str) -> tuple[str, float] | None:
+    """The net and frequency (Hz) of the MAC array's clock (``array_clock_hz``: the board
+    top's ``array_clk``, the PLL's second output), or ``None``."""
+    if family != "ecp5":
+        return None
+    name = plan.script[len("build_"):]
+    for net, hz in re.findall(r'FREQUENCY NET "([^"]+)" ([0-9.e+]+) HZ',
+                              plan.files[f"{name}.lpf"]):
+        if net.startswith("array_clk"):
+            return net, float(hz)
+    return None
 
 
 def write_constraints(files: dict[str, str], outdir: str | Path) -> list[Path]:
@@ -134,13 +165,16 @@ def write_constraints(files: dict[str, str], outdir: str | Path) -> list[Path]:
 
 def repository_sets(boards=None) -> dict[str, dict[str, str]]:
     """The sets kept in the repository's ``constraints/`` folder: each board's default
-    build (``<board>-<variant>/``) and the plain UART top of the default accelerator
-    (``uart/``)."""
-    from .board import BOARDS
+    build (``<board>-<variant>/``), its presets (``<board>-<variant>-<preset>/``) and the
+    plain UART top of the default accelerator (``uart/``)."""
+    from .board import BOARDS, board_preset
     sets = {"uart": uart_top_constraints(AcceleratorConfig.default(), "hbfp_accel")}
     for board in sorted(boards or BOARDS):
         b = BOARDS[board]
         sets[f"{board}-{b.default_variant}"] = board_constraints(board, b.default_variant)
+        for preset in b.presets:
+            sets[f"{board}-{b.default_variant}-{preset}"] = board_constraints(
+                board, b.default_variant, board_preset(board, preset))
     return sets
 
 

@@ -123,6 +123,8 @@ class SimTransport(Transport):
         self._reset_cycles = 0
         self._sim = Simulator(self._top)
         self._sim.add_clock(1.0 / self.config.clock_hz)
+        if self.config.array_clock_hz:      # the MAC array's own clock domain
+            self._sim.add_clock(1.0 / self.config.array_clock_hz, domain="array")
         self._sim.add_testbench(self._bench, background=True)
         self._period = 1.0 / self.config.clock_hz
         self._vcd = None

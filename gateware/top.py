@@ -91,17 +91,23 @@ UNSUPPORTED = {
 def mac_config(cfg: AcceleratorConfig) -> MacArrayConfig:
     """The MAC array configuration of an accelerator (tile = ``cfg.tile``).
 
-    The array is built for the widest mantissa of the slots. When a HyperBlock slot has
+    The array is built for the widest mantissa of the slots, with ``cfg.array_lanes``
+    lanes (0: the largest of 4, 2, 1 dividing the tile); when no slot has more than
+    :data:`~hbfp_hw.config.mac_array.DUAL_MAN_BITS` mantissa bits its products are packed
+    several per multiplier (``mapping="dsp-packed"``). When a HyperBlock slot has
     at most :data:`~hbfp_hw.config.mac_array.DUAL_MAN_BITS` mantissa bits (HBFP4) and
     wider slots exist, the array is ``dual_precision``: jobs whose operands both have
     at most that many bits run two products per multiplier (twice the MACs per cycle).
     """
     T = cfg.tile
-    lanes = next(n for n in (4, 2, 1) if T % n == 0)
+    lanes = cfg.array_lanes or next(n for n in (4, 2, 1) if T % n == 0)
+    # every slot at most 4 mantissa bits: several products per multiplier (dsp-packed)
+    packed = cfg.man_bits_max <= DUAL_MAN_BITS
     base = MacArrayConfig(rows=cfg.array_rows, cols=cfg.array_cols, lanes=lanes, tile=T,
                           man_bits_a=cfg.man_bits_max, man_bits_b=cfg.man_bits_max,
                           exp_bits=cfg.exp_bits_max, k_max=cfg.k_max,
-                          guard_bits=cfg.guard_bits, mapping="dsp")
+                          guard_bits=cfg.guard_bits,
+                          mapping="dsp-packed" if packed else "dsp")
     narrow = [i for i in _tile_slots(cfg, base) if cfg.formats[i].man_bits <= DUAL_MAN_BITS]
     if (narrow and cfg.man_bits_max > DUAL_MAN_BITS and T % (2 * lanes) == 0):
         return base.replace(dual_precision=True)
@@ -194,10 +200,12 @@ def accumulator_capacity(cfg: AcceleratorConfig) -> int:
 def unsupported(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> dict:
     """:data:`UNSUPPORTED` plus the QUANTIZE rounding modes missing for ``cfg``."""
     out = dict(UNSUPPORTED)
+    out["ops"] = list(out["ops"]) + [op.name for op, built in (
+        (P.Op.QUANTIZE, cfg.quantize), (P.Op.READ_STATS, cfg.stats)) if not built]
     out["gemm_accumulate"] = (f"ACCUMULATE onto a GEMM whose padded M*N exceeds "
                               f"{accumulator_capacity(cfg)} outputs: detail 2")
     miss = {str(i): [ROUNDING_MODES[r] for r in range(len(ROUNDING_MODES)) if r not in ok]
-            for i, ok in enumerate(quant_rounding(cfg, runtime_rounding))}
+            for i, ok in enumerate(quant_rounding(cfg, runtime_rounding)) if cfg.quantize}
     miss = {k: v for k, v in miss.items() if v}
     if miss:
         out["quantize_rounding"] = miss   # slot -> modes answered UNSUPPORTED (detail 7)
@@ -208,11 +216,14 @@ def info_blob(cfg: AcceleratorConfig, runtime_rounding: bool = True) -> bytes:
     """INFO's answer stream: fixed fields then the canonical description JSON.
 
     The JSON is the device description plus a ``"gateware"`` key (the unsupported
-    features); the hash covers the description only, so it equals the manifest's.
+    features); the hash covers the description only, so it equals the manifest's. With
+    ``cfg.info_rom == "config"`` it is the configuration only
+    (:func:`hbfp_hw.protocol.info_description`).
     """
-    desc = P.device_description(cfg)
-    desc["gateware"] = {"unsupported": unsupported(cfg, runtime_rounding),
-                        "gemm_slots": gemm_slots(cfg)}
+    desc = P.info_description(cfg)
+    if cfg.info_rom == "full":     # "config": the configuration only (a smaller ROM)
+        desc["gateware"] = {"unsupported": unsupported(cfg, runtime_rounding),
+                            "gemm_slots": gemm_slots(cfg)}
     js = P.canonical_json(desc)
     fixed = P.RESPONSES[P.Op.INFO].pack(version=P.PROTOCOL_VERSION,
                                         hash=P.device_hash(cfg), total=len(js))
@@ -274,7 +285,7 @@ class Accelerator(wiring.Component):
         cfg, specs, T, rom = self.config, self.specs, self.config.tile, len(self.info)
         build = {
             "buffer_io": lambda: BufferIOEngine(specs, tile=T, info=self.info),
-            "stats": lambda: StatsEngine(specs, tile=T, rom_depth=rom),
+            "stats": lambda: StatsEngine(specs, tile=T, rom_depth=rom, built=cfg.stats),
             "quantize": lambda: QuantizeEngine(
                 cfg, specs, quant=self.quant,
                 rounding=quant_rounding(cfg, self.runtime_rounding), rom_depth=rom),
@@ -300,8 +311,9 @@ class Accelerator(wiring.Component):
         m.submodules.executor = ex = Executor(
             ops={op: names.index(name) for op, name in ENGINES.items()}, engines=E,
             specs=self.specs, idle_cycles=self.idle_cycles)
-        m.submodules.buffers = bm = BufferManager(self.specs, tile=self.config.tile,
-                                                  info=self.info, clients=E + 1)
+        m.submodules.buffers = bm = BufferManager(
+            self.specs, tile=self.config.tile, info=self.info, clients=E + 1,
+            stage_single_port=self.config.stage_ram == "single")
         m.submodules.encoder = enc = ResponseEncoder(self.specs, tile=self.config.tile,
                                                      rom_depth=len(self.info))
         for k, name in enumerate(names):
@@ -318,6 +330,7 @@ class Accelerator(wiring.Component):
         st, io, q, g = (engines[n] for n in ("stats", "buffer_io", "quantize", "gemm"))
         wiring.connect(m, q.sample, st.quant_sample)
         wiring.connect(m, g.sample, st.gemm_sample)
+        wiring.connect(m, engines["bitlayer"].sample, st.int_sample)
         m.d.comb += [st.soft_reset.eq(io.soft_reset), g.soft_reset.eq(io.soft_reset),
                      enc.token.eq(io.token)]
         wiring.connect(m, wiring.flipped(self.i), ex.i)

@@ -64,9 +64,11 @@ __all__ = [
     "CRC_BYTES", "FRAME_OVERHEAD", "MAX_DATA", "stuff", "unstuff", "decode_frame",
     "split_answer",
     "MAX_PAYLOAD", "RESPONSE_FLAG", "ERROR_OPCODE", "IDLE_TIMEOUT_BYTES", "Op", "ErrorCode",
-    "QuantizeFlag", "GemmFlag", "StatsFlag", "Field", "Layout", "REQUESTS", "RESPONSES",
+    "QuantizeFlag", "GemmFlag", "StatsFlag", "BitLayerFlag", "Field", "Layout", "REQUESTS",
+    "RESPONSES",
     "ERROR_LAYOUT", "BufferKind", "BufferSpec", "buffer_map", "crc32", "crc32_update",
     "encode_frame", "device_description", "device_hash", "protocol_json", "manifest_extra",
+    "info_description", "description_from_info",
     "NO_INDEX", "flag_mask", "BITLAYER_BITS_MAX", "BITLAYER_ACT_BITS",
     "BITLAYER_CHUNKS_MAX", "bitlayer_lanes", "bitlayer_k_max", "bitlayer_depth",
     "LuqGemmFlag", "LuqQuantizeFlag", "LUQ_BITS", "LUQ_SR_BITS", "LUQ_SAMPLES", "luq_lanes",
@@ -181,6 +183,20 @@ class StatsFlag(IntFlag):
     #: ``fp_in`` (the ``rows x cols`` tensor elements, not the block padding) instead
     #: of those of the stored GEMM outputs
     QUANTIZE_INPUT = 0x02
+    #: answer (and CLEAR) the statistics of the integer sums BITLAYER commands with
+    #: ``BitLayerFlag.TRACK`` wrote into ``bl.y``: ``count`` of them, ``n_nonfinite``
+    #: 0, ``min`` / ``max`` as int32 two's-complement words (the other sources answer
+    #: binary32 bit patterns). With ``QUANTIZE_INPUT`` as well: BAD_ARGUMENT (detail 0).
+    INT_OUTPUT = 0x04
+
+
+class BitLayerFlag(IntFlag):
+    #: add the result to the int32 words already in ``bl.y`` (wrapping) instead of
+    #: overwriting them: the K chunks of one integer GEMM summed on the device
+    ACCUMULATE = 0x01
+    #: fold every word this command writes into ``bl.y`` into the integer-output
+    #: statistics (``READ_STATS`` with ``StatsFlag.INT_OUTPUT``)
+    TRACK = 0x02
 
 
 def flag_mask(flags: type[IntFlag]) -> int:
@@ -287,7 +303,7 @@ REQUESTS: dict[Op, Layout] = {
     Op.RESET: _L(),
     Op.SESSION: _L(("token", 4)),
     Op.BITLAYER: _L(("bits", 1), ("layers", 1), ("rows", 2), ("cols", 2), ("batch", 2),
-                    ("w_offset", 4), ("x_offset", 4), ("y_offset", 4)),
+                    ("w_offset", 4), ("x_offset", 4), ("y_offset", 4), ("flags", 1)),
     Op.LUQ_GEMM: _L(("flags", 1), ("b", 1), ("slot_b", 1), ("samples", 1), ("rows", 2),
                     ("k", 2), ("cols", 2), ("alpha", 4), ("a_offset", 4), ("out_offset", 4)),
     Op.LUQ_QUANTIZE: _L(("flags", 1), ("count", 4), ("src_offset", 4), ("dst_offset", 4),
@@ -314,7 +330,9 @@ RESPONSES: dict[Op, Layout] = {
     Op.READ: _L(data=True),
     Op.QUANTIZE: _L(("n_invalid", 4), ("first_invalid", 4), data=True),
     Op.GEMM: _L(("k_total", 4)),
-    Op.READ_STATS: _L(("count", 4), ("n_nonfinite", 4), ("min", 4, "f32"), ("max", 4, "f32")),
+    # min / max: raw 32-bit words, binary32 bit patterns (GEMM outputs, QUANTIZE inputs)
+    # or int32 (StatsFlag.INT_OUTPUT); Device.read_stats decodes them
+    Op.READ_STATS: _L(("count", 4), ("n_nonfinite", 4), ("min", 4), ("max", 4)),
     Op.RESET: _L(),
     Op.SESSION: _L(),
     Op.BITLAYER: _L(),
@@ -735,7 +753,8 @@ def protocol_json() -> dict:
                   "luq_gemm": {f.name: int(f) for f in LuqGemmFlag},
                   "luq_quantize": {f.name: int(f) for f in LuqQuantizeFlag},
                   "sparse_gemm": {f.name: int(f) for f in SparseFlag},
-                  "stats": {f.name: int(f) for f in StatsFlag}},
+                  "stats": {f.name: int(f) for f in StatsFlag},
+                  "bitlayer": {f.name: int(f) for f in BitLayerFlag}},
         "requests": {op.name: REQUESTS[op].to_json() for op in Op},
         "responses": {op.name: RESPONSES[op].to_json() for op in Op},
         "error_payload": ERROR_LAYOUT.to_json(),
@@ -746,6 +765,27 @@ def device_description(config: "AcceleratorConfig") -> dict:
     """What INFO returns (as canonical JSON): protocol, config and buffer map."""
     return {"protocol": protocol_json(), "config": config.to_dict(),
             "buffers": [b.to_json() for b in buffer_map(config)]}
+
+
+def info_description(config: "AcceleratorConfig") -> dict:
+    """The JSON object INFO answers with: the whole :func:`device_description`, or with
+    ``config.info_rom == "config"`` its ``"config"`` entry only (a smaller ROM). INFO's
+    hash is :func:`device_hash` either way; :func:`description_from_info` restores the
+    whole description on the host."""
+    desc = device_description(config)
+    if getattr(config, "info_rom", "full") == "config":
+        return {"config": desc["config"]}
+    return desc
+
+
+def description_from_info(info: dict) -> dict:
+    """The device description from an INFO JSON object: as it is when it carries the
+    protocol and the buffer map, else derived from its ``"config"`` (an ``info_rom
+    "config"`` build). Check the result against INFO's hash (:func:`device_hash`)."""
+    if "protocol" in info and "buffers" in info:
+        return info
+    from .config.accelerator import AcceleratorConfig
+    return device_description(AcceleratorConfig.from_dict(info["config"]))
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -139,8 +139,9 @@ def _nonfinite_error(name: str, grid: tuple[int, ...], flat: int, block: tuple[i
 
 #: Where :meth:`Device.matmul` and :meth:`Device.train_step` quantize FP32 operands.
 QUANTIZE_ON = ("auto", "device", "host")
-#: What :meth:`Device.read_stats` reads: GEMM outputs or QUANTIZE inputs.
-STATS_SOURCES = ("gemm", "quantize")
+#: What :meth:`Device.read_stats` reads: GEMM outputs, QUANTIZE inputs or the integer
+#: sums of tracked BITLAYER commands.
+STATS_SOURCES = ("gemm", "quantize", "int")
 
 
 class Device:
@@ -409,7 +410,7 @@ class Device:
                 raise ConfigMismatchError("device INFO answer ended early")
             blob += r.data
             off += len(r.data)
-        desc = json.loads(blob)
+        desc = P.description_from_info(json.loads(blob))   # info_rom "config": derived
         if P.device_hash(AcceleratorConfig.from_dict(desc["config"])) != digest:
             raise ConfigMismatchError("device INFO hash does not match its own description")
         return desc, digest
@@ -466,16 +467,24 @@ class Device:
 
         ``source="gemm"`` (default): the GEMM outputs stored into ``out``;
         ``source="quantize"``: the FP32 tensor elements QUANTIZE read from ``fp_in``
-        (every tile :meth:`quantize` sent, not the block padding). ``clear`` empties that
-        record after reading it; the other is kept.
+        (every tile :meth:`quantize` sent, not the block padding); ``source="int"``: the
+        int32 sums BITLAYER commands with ``TRACK`` wrote (:meth:`bitlayer_matmul` with
+        ``track=True``), ``min`` / ``max`` as Python ints (0 while ``count`` is 0).
+        ``clear`` empties that record after reading it; the others are kept.
         """
         if source not in STATS_SOURCES:
             raise ValueError(f"source={source!r}; accepted values are "
                              f"{', '.join(map(repr, STATS_SOURCES))}")
         flags = ((int(P.StatsFlag.CLEAR) if clear else 0)
-                 | (int(P.StatsFlag.QUANTIZE_INPUT) if source == "quantize" else 0))
+                 | (int(P.StatsFlag.QUANTIZE_INPUT) if source == "quantize" else 0)
+                 | (int(P.StatsFlag.INT_OUTPUT) if source == "int" else 0))
         r = self._call(P.Op.READ_STATS, flags=flags)
-        return dict(r.fields)
+        out = dict(r.fields)
+        for k in ("min", "max"):                 # raw 32-bit words
+            w = np.array([out[k]], dtype=np.uint32)
+            out[k] = int(w.view(np.int32)[0]) if source == "int" else float(
+                w.view(np.float32)[0])
+        return out
 
     def reset(self) -> None:
         """Clear the device's buffers, accumulators and statistics."""
@@ -579,6 +588,10 @@ class Device:
         ``exponent``: a static shared exponent ``E`` for every valid block (QUANTIZE
         ``STATIC_EXP``, the same ``E`` for every tile), in the slot format's
         ``[emin, emax]``; bit-identical to ``quantize(x, fmt, exponent=E)``.
+
+        A device built without the QUANTIZE engine (``config.quantize`` 0) answers it with
+        UNSUPPORTED; there the golden model quantizes on the host (the same bits, no
+        tiling, nothing sent), after the same format and exponent checks.
         """
         _check_nonfinite(nonfinite)
         x = _as_real(x, name)
@@ -586,6 +599,8 @@ class Device:
         exponent = self._check_exponent(exponent, slot)
         dfmt = self.config.formats[slot]
         fmt = fmt or dfmt
+        if not self.config.quantize:
+            return quantize(x, fmt, nonfinite=nonfinite, name=name, exponent=exponent)
         lay = block_layout(x.shape, dfmt)
         br, bc = lay.block
         cap = min(self.config.input_depth, self.config.operand_depth)
@@ -769,10 +784,16 @@ class Device:
         """Resolve ``quantize_on``: ``"auto"`` quantizes on the device when the operands
         fit on chip (FP32 crosses the link once and the BFP result stays there) and on
         the host otherwise (the device path would return the BFP tensor and send it back:
-        FP32 out, BFP back, BFP out again)."""
+        FP32 out, BFP back, BFP out again). A device built without the QUANTIZE engine
+        (``config.quantize`` 0) always quantizes on the host."""
         if quantize_on not in QUANTIZE_ON:
             raise ValueError(f"quantize_on={quantize_on!r}; accepted values are "
                              f"{', '.join(map(repr, QUANTIZE_ON))}")
+        if not self.config.quantize:     # no QUANTIZE engine: the golden model on the host
+            if quantize_on == "device":
+                raise ValueError("quantize_on='device': this device has no QUANTIZE engine "
+                                 "(quantize=0); accepted values are 'auto', 'host'")
+            return "host"
         if quantize_on == "auto":
             return "device" if onchip else "host"
         return quantize_on
@@ -846,8 +867,8 @@ class Device:
             b_q = used(self.quantize(b_s, fmt_b, nonfinite=nonfinite, name="b"), tb)
         return self.matmul_q(a_q, b_q, allow_invalid=allow)
 
-    def bitlayer_matmul(self, x_int: Any, planes: Any, layers: int | None = None) \
-            -> np.ndarray:
+    def bitlayer_matmul(self, x_int: Any, planes: Any, layers: int | None = None, *,
+                        track: bool = False) -> np.ndarray:
         """Bit-layer GEMM on the device (BITLAYER), any sizes: ``x_int`` (batch, K)
         integer activations in the int16 range, ``planes`` the
         :func:`hbfp_hw.bitlayers.decompose` of W (bits, N, K) with ``bits`` up to
@@ -858,6 +879,13 @@ class Device:
         buffers and ``K <= bitlayer_k_max``; partial sums over K are added on the host
         (exact integers). ``UNSUPPORTED`` devices (``bitlayer_lanes`` 0) raise
         :class:`DeviceError`.
+
+        ``track=True``: the K chunks of each output block are summed on the device
+        (``BitLayerFlag.ACCUMULATE`` into the int32 ``bl.y``) and the command of the last
+        chunk sets ``TRACK``, so the device's integer-output statistics
+        (:meth:`read_stats` with ``source="int"``) fold in every final sum exactly once.
+        Every partial sum must then fit int32: ``ValueError`` if the sum over the K
+        columns of ``max|x|`` times ``2**(bits-1)`` exceeds ``2**31 - 1``.
         """
         from hbfp_hw.bitlayers import _check_layers, _check_planes, _int_array
         p = _check_planes(planes)
@@ -879,11 +907,13 @@ class Device:
         lanes = P.bitlayer_lanes(self.config)
         if not lanes:
             self._call(P.Op.BITLAYER, bits=bits, layers=layers, rows=1, cols=1, batch=1,
-                       w_offset=0, x_offset=0, y_offset=0)       # answers UNSUPPORTED
+                       w_offset=0, x_offset=0, y_offset=0, flags=0)  # answers UNSUPPORTED
             raise ProtocolError("the device has no bit-layer buffers but accepted BITLAYER")
         dw, dx, dy = (self._specs[n].depth for n in ("bl.w", "bl.x", "bl.y"))
         kmax = min(P.bitlayer_k_max(self.config), dx)
         batch = x.shape[0]
+        if track:
+            return self._bitlayer_tracked(x, p, layers, lanes, kmax, (dw, dx, dy))
         y = np.zeros((batch, n_out), dtype=np.int64)
         weights = 1 << np.arange(lanes, dtype=np.int64)
         for k0 in range(0, k, kmax):
@@ -906,9 +936,54 @@ class Device:
                     clocks = (b1 - b0) * (kc + 2 + (r1 - r0) * layers * chunks) + 64
                     self._call(P.Op.BITLAYER, bits=bits, layers=layers, rows=r1 - r0,
                                cols=kc, batch=b1 - b0, w_offset=0, x_offset=0, y_offset=0,
-                               compute_clocks=clocks)
+                               flags=0, compute_clocks=clocks)
                     part = self._read("bl.y", 0, (b1 - b0) * (r1 - r0))
                     y[b0:b1, r0:r1] += part.astype(np.int64).reshape(b1 - b0, r1 - r0)
+        return y
+
+    def _bitlayer_tracked(self, x: np.ndarray, p: np.ndarray, layers: int, lanes: int,
+                          kmax: int, depths: tuple) -> np.ndarray:
+        """:meth:`bitlayer_matmul` with ``track=True``: per block of outputs, the K
+        chunks accumulate in ``bl.y`` and the last one is tracked."""
+        bits, n_out, k = p.shape
+        dw, dx, dy = depths
+        batch = x.shape[0]
+        bound = int(np.abs(x).max(axis=0).sum()) << (bits - 1) if x.size else 0
+        if bound > 2**31 - 1:
+            raise ValueError(f"a tracked BITLAYER GEMM sums in int32 on the device: the sum "
+                             f"over K={k} of max|x| per column times 2**{bits - 1} is "
+                             f"{bound}, above 2**31 - 1")
+        kmax -= kmax % lanes                     # chunks start on a plane word
+        chunks_max = kmax // lanes
+        weights = 1 << np.arange(lanes, dtype=np.int64)
+        kp = -(-k // kmax) * kmax
+        pk = np.zeros((bits, n_out, kp), dtype=np.int64)
+        pk[:, :, :k] = p
+        # words[r, q, c]: row r, plane q (sign plane first), chunk c of `lanes` columns
+        words = (pk[::-1].reshape(bits, n_out, kp // lanes, lanes) * weights).sum(-1)
+        words = words.transpose(1, 0, 2)
+        rg = max(1, min(n_out, dw // (bits * chunks_max), dy, _U16))
+        bg = max(1, min(batch, dx // kmax, _U16))
+        y = np.zeros((batch, n_out), dtype=np.int64)
+        F = P.BitLayerFlag
+        for r0 in range(0, n_out, rg):
+            r1 = min(n_out, r0 + rg)
+            bgr = max(1, min(bg, dy // (r1 - r0)))
+            for b0 in range(0, batch, bgr):
+                b1 = min(batch, b0 + bgr)
+                for k0 in range(0, k, kmax):
+                    kc = min(kmax, k - k0)
+                    chunks = -(-kc // lanes)
+                    c0 = k0 // lanes
+                    self._write("bl.w", 0, words[r0:r1, :, c0:c0 + chunks].reshape(-1))
+                    self._write("bl.x", 0, x[b0:b1, k0:k0 + kc].reshape(-1))
+                    flags = (F.ACCUMULATE if k0 else 0) | (F.TRACK if k0 + kc >= k else 0)
+                    clocks = (b1 - b0) * (kc + 2 + (r1 - r0) * layers * chunks) + 64
+                    self._call(P.Op.BITLAYER, bits=bits, layers=layers, rows=r1 - r0,
+                               cols=kc, batch=b1 - b0, w_offset=0, x_offset=0, y_offset=0,
+                               flags=int(flags), compute_clocks=clocks)
+                part = self._read("bl.y", 0, (b1 - b0) * (r1 - r0))
+                y[b0:b1, r0:r1] = part.astype(np.int64).reshape(b1 - b0, r1 - r0)
         return y
 
     def _luq_engine(self, op: P.Op) -> int:

@@ -78,7 +78,7 @@ class Emulator:
             self._backing.append(back)
             self.buffers.append(back[GUARD_ELEMENTS: GUARD_ELEMENTS + s.depth])
             self.buffers[-1][:] = 0
-        self._info = P.canonical_json(P.device_description(self.config))
+        self._info = P.canonical_json(P.info_description(self.config))
         self._hash = P.device_hash(self.config)
         self._parser = FrameParser()
         self._last: tuple[int, int, bytes, bytes] | None = None
@@ -156,6 +156,7 @@ class Emulator:
         self._k_total = 0
         self._stats = _empty_stats()     # stored GEMM outputs
         self._qstats = _empty_stats()    # FP32 elements QUANTIZE read from fp_in
+        self._istats = _empty_stats()    # int32 words BITLAYER TRACK wrote into bl.y
 
     def _spec(self, buf: int, *, writable: bool = False) -> P.BufferSpec:
         if buf >= len(self.specs):
@@ -226,6 +227,8 @@ class Emulator:
         return {}, self.buffers[s.id][off: off + n].tobytes()
 
     def _op_quantize(self, f, data):
+        if not self.config.quantize:     # no QUANTIZE engine built
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
         fmt = self._slot(f["slot"], 0)
         if f["rounding"] >= len(ROUNDING_MODES):
             raise _DevError(P.ErrorCode.BAD_ARGUMENT, 7)
@@ -347,10 +350,21 @@ class Emulator:
         return {"k_total": k_total}, b""
 
     def _op_read_stats(self, f, data):
-        self._check_flags(f["flags"], P.StatsFlag, 0)
-        which = "_qstats" if f["flags"] & P.StatsFlag.QUANTIZE_INPUT else "_stats"
+        if not self.config.stats:        # no statistics engine built
+            raise _DevError(P.ErrorCode.UNSUPPORTED, 0)
+        S = P.StatsFlag
+        self._check_flags(f["flags"], S, 0)
+        if (f["flags"] & S.QUANTIZE_INPUT) and (f["flags"] & S.INT_OUTPUT):
+            raise _DevError(P.ErrorCode.BAD_ARGUMENT, 0)
+        which = ("_qstats" if f["flags"] & S.QUANTIZE_INPUT else
+                 "_istats" if f["flags"] & S.INT_OUTPUT else "_stats")
         count, nonfin, lo, hi = getattr(self, which)
-        lo, hi = (_key_f32(lo), _key_f32(hi)) if count else (0.0, 0.0)
+        if not count:
+            lo = hi = 0
+        elif which == "_istats":                   # int32 words
+            lo, hi = lo & 0xFFFFFFFF, hi & 0xFFFFFFFF
+        else:                                      # binary32 bit patterns of the keys
+            lo, hi = _key_bits(lo), _key_bits(hi)
         out = {"count": count, "n_nonfinite": nonfin, "min": lo, "max": hi}
         if f["flags"] & P.StatsFlag.CLEAR:
             setattr(self, which, _empty_stats())
@@ -389,6 +403,7 @@ class Emulator:
             raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("cols"))
         if batch == 0:
             raise _DevError(P.ErrorCode.BAD_ARGUMENT, lay.index("batch"))
+        self._check_flags(f["flags"], P.BitLayerFlag, lay.index("flags"))
         chunks = -(-cols // lanes)
         ws, xs, ys = (self._by_kind(k, n) for k, n in ((P.BufferKind.PLANES, "bl.w"),
                                                         (P.BufferKind.INT, "bl.x"),
@@ -404,9 +419,14 @@ class Emulator:
         planes = lane_bits.reshape(rows, bits, chunks * lanes)[:, ::-1, :cols]
         planes = np.ascontiguousarray(planes.transpose(1, 0, 2)).astype(np.uint8)
         x = self.buffers[xs.id][f["x_offset"]: f["x_offset"] + batch * cols]
-        y = bl_matmul(x.astype(np.int64).reshape(batch, cols), planes, layers)
-        self.buffers[ys.id][f["y_offset"]: f["y_offset"] + batch * rows] = \
-            y.reshape(-1).astype(np.int32)
+        y = bl_matmul(x.astype(np.int64).reshape(batch, cols), planes, layers).reshape(-1)
+        dst = slice(f["y_offset"], f["y_offset"] + batch * rows)
+        if f["flags"] & P.BitLayerFlag.ACCUMULATE:        # int32 words, wrapping
+            y = y + self.buffers[ys.id][dst].astype(np.int64)
+        y32 = y.astype(np.int32)
+        self.buffers[ys.id][dst] = y32
+        if f["flags"] & P.BitLayerFlag.TRACK:
+            _fold_ints(self._istats, y32)
         return {}, b""
 
     def _op_luq_gemm(self, f, data):
@@ -837,6 +857,21 @@ def _f32_keys(y: np.ndarray) -> np.ndarray:
 def _key_f32(key: int) -> float:
     b = key ^ 0x7FFFFFFF if key < 0 else key
     return float(np.array([b], dtype=np.int32).view(np.float32)[0])
+
+
+def _key_bits(key: int) -> int:
+    """The binary32 bit pattern (unsigned 32-bit word) of an order-preserving key."""
+    return (key ^ 0x7FFFFFFF if key < 0 else key) & 0xFFFFFFFF
+
+
+def _fold_ints(st: list, y: np.ndarray) -> None:
+    """Fold int32 words into ``st`` as the device's integer RangeTracker does (every
+    word counted, the counter saturating at 32 bits)."""
+    if not y.size:
+        return
+    st[0] = min(st[0] + int(y.size), 0xFFFFFFFF)
+    st[2] = min(st[2], int(y.min()))
+    st[3] = max(st[3], int(y.max()))
 
 
 def _empty_stats() -> list:

@@ -38,7 +38,8 @@ from hbfp_hw import protocol as P
 from hbfp_hw.bitlayers import decompose
 from hbfp_hw.intgemm import MAX_ACC_BITS, IntTensor, _conv2d, _linear, int_accumulator_bits
 
-__all__ = ["int_linear", "int_conv2d", "weight_operand", "ACT_BITS_MAX", "WEIGHT_BITS_MAX"]
+__all__ = ["int_linear", "int_conv2d", "weight_operand", "augmented_operands", "tracked_acc",
+           "ACT_BITS_MAX", "WEIGHT_BITS_MAX"]
 
 #: Widest activation format: ``|ca| <= 2**bits - 1`` must fit the int16 ``bl.x`` buffer.
 ACT_BITS_MAX = P.BITLAYER_ACT_BITS - 1
@@ -110,3 +111,64 @@ def int_conv2d(dev, a: IntTensor, w: IntTensor, *, stride=1, padding=0,
     """:func:`hbfp_hw.intgemm.int_conv2d` (im2col GEMM) with the integer sums computed
     on ``dev``; bit-identical results."""
     return _conv2d(a, w, stride, padding, functools.partial(_device_acc, dev), return_acc)
+
+
+# -- tracked integer GEMMs: the final sums, and their statistics, on the device ----------
+
+_I16 = (1 << (P.BITLAYER_ACT_BITS - 1)) - 1
+
+
+def augmented_operands(ca: np.ndarray, w: IntTensor, bits_a: int):
+    """``(x, w_dev, bits)`` with ``x @ w_dev^T == ca @ cw^T`` exactly, ``x`` in int16 and
+    ``w_dev`` in ``bits`` two's-complement planes, so one BITLAYER GEMM computes the
+    final integer sums (no host-side correction).
+
+    When ``cw`` does not fit the planes (:func:`weight_operand`: ``cw = s * w' + t``),
+    the zero-point term is folded into extra K columns: ``x = [s * ca, -R_1 .. -R_J]``,
+    ``w_dev = [w', -t .. -t]`` with ``R_j`` the row sums of ``ca`` over column chunk
+    ``j`` (chunks of ``floor((2**15 - 1) / L_a)`` columns, ``L_a = 2**bits_a - 1``, so
+    ``|R_j|`` fits int16) and ``-t`` in ``[-2**(bits-1), 2**(bits-1) - 1]``."""
+    w_dev, bits, s, t = weight_operand(w)
+    ca = np.asarray(ca, dtype=np.int64)
+    if s == 1 and t == 0:
+        return ca, w_dev, bits
+    L = (1 << bits_a) - 1
+    if s * L > _I16:
+        raise ValueError(f"activations of {bits_a} bits times the weight step {s} do not fit "
+                         f"the int16 activation buffer; accepted activation bits are "
+                         f"[2, {(_I16 // s).bit_length()}] for these weights")
+    M, K = ca.shape
+    chunk = max(1, _I16 // L)
+    n_ext = -(-K // chunk) if K else 0
+    pad = np.zeros((M, n_ext * chunk), np.int64)
+    pad[:, :K] = ca
+    R = pad.reshape(M, n_ext, chunk).sum(axis=2)
+    x = np.concatenate([s * ca, -R], axis=1)
+    wx = np.concatenate([w_dev, np.full((w_dev.shape[0], n_ext), -t, np.int64)], axis=1)
+    return x, wx, bits
+
+
+def tracked_acc(dev, ca: np.ndarray, w: IntTensor, bits_a: int):
+    """``(acc, (acc_min, acc_max, count))``: the exact ``ca (M, K) @ cw^T`` computed on
+    ``dev`` with every K chunk summed on the device (:func:`augmented_operands`,
+    ``Device.bitlayer_matmul(track=True)``), and the statistics of those final sums as
+    the device tracked them (``READ_STATS`` ``INT_OUTPUT``, cleared before and after):
+    the host does not reduce the output."""
+    if bits_a > ACT_BITS_MAX:
+        raise ValueError(f"activations of {bits_a} bits do not fit the device's int16 "
+                         f"activation buffer; accepted activation bits are [2, {ACT_BITS_MAX}]")
+    K = ca.shape[1]
+    width = int_accumulator_bits(bits_a, w.fmt.bits, max(K, 1))
+    if width > 32:
+        raise ValueError(f"a tracked integer GEMM sums in int32 on the device; an "
+                         f"accumulator of {width} bits (bits {bits_a}x{w.fmt.bits}, K={K}) "
+                         f"exceeds 32 bits; reduce K or the bits")
+    x, wd, bits = augmented_operands(ca, w, bits_a)
+    dev.read_stats(source="int", clear=True)
+    acc = dev.bitlayer_matmul(x, decompose(wd, max(bits, 2)), track=True)
+    st = dev.read_stats(source="int", clear=True)
+    if st["count"] != min(acc.size, 0xFFFFFFFF):
+        from .device import ProtocolError
+        raise ProtocolError(f"the device tracked {st['count']} integer outputs, expected "
+                            f"{acc.size}")
+    return acc, (st["min"], st["max"], st["count"])

@@ -19,8 +19,11 @@ hb4-im2col   as hb4, convolutions as im2col GEMMs with 16x16 tiles on the unfold
 hb4-t8       as hb4 with 8x8 tiles (finer shared exponents)
 hb4-in8      as hb4, except the model input (first layer's X) in HBFP8 (8-bit mantissas)
 mxint8       OCP MXINT8 (32-element blocks along each GEMM's reduction axis, 6 quantizations)
-int8-hs      per-tensor asymmetric int8, in-hindsight (EMA of past steps) A/G ranges
-int8-dyn     per-tensor asymmetric int8, dynamic (current batch) A/G ranges
+int8-hs      integer GEMMs: per-tensor asymmetric int8 A/G with in-hindsight (EMA of
+             past steps, eta 0.5, statistics from the GEMM outputs) ranges, symmetric
+             int8 W
+int8-dyn     integer GEMMs: per-tensor asymmetric int8 A/G with dynamic (current
+             batch) ranges, symmetric int8 W
 int8p2-hs    per-tensor symmetric int8 with a power-of-two scale: HBFP8 16x16 tiles that
              all share one static exponent per tensor (the accelerator's QUANTIZE
              STATIC_EXP), in-hindsight A/G exponents from the range tracker's min/max
@@ -57,6 +60,8 @@ FORMAT_NAMES = ("fp32", "hbfp8", "hb4", "hb4-t8", "hb4-in8", "hb4-rne", "mxint8"
 MODEL_NAMES = ("mlp", "cnn", "cnn2", "mlp2")
 #: the models ``--model all`` trains
 DEFAULT_MODELS = ("mlp", "cnn")
+#: EMA momentum of the int8-hs ranges (docs/training.md, "Integer GEMMs in training")
+INT8_HS_ETA = 0.5
 
 #: modules of :mod:`hbfp_hw.host` whose ``TRAIN_FORMATS`` (name -> (description,
 #: factory of :func:`~hbfp_hw.host.torch.convert` keyword arguments)) add formats
@@ -178,7 +183,7 @@ def _with_blocks(name: str, kw: dict, blocks: tuple[int, int]) -> dict:
 def _format_kwargs(name: str) -> dict | None:
     from hbfp_hw.formats import HBFP4, HBFP8, MXINT8
 
-    from .ranges import StaticExpQuantizer, UniformQuantizer
+    from .ranges import StaticExpQuantizer
     if name == "fp32":
         return None
     scheme = scheme_train_formats().get(name)
@@ -202,10 +207,9 @@ def _format_kwargs(name: str) -> dict | None:
     if name == "mxint8":
         return dict(fmt=MXINT8)
     if name in ("int8-hs", "int8-dyn"):
-        method = "hindsight" if name == "int8-hs" else "dynamic"
-        q = UniformQuantizer(method, 8, name=name)
-        return dict(fmt=None, weight_fmt=UniformQuantizer("dynamic", 8, name="w-int8"),
-                    act_fmt=q, grad_fmt=q)
+        # integer-GEMM layers (hbfp_hw.host.torch_int.convert_int), not convert's
+        return dict(int_gemm="hindsight" if name == "int8-hs" else "dynamic",
+                    eta=INT8_HS_ETA)
     if name in ("int8p2-hs", "int8p2-dyn"):
         method = "hindsight" if name == "int8p2-hs" else "dynamic"
         q = StaticExpQuantizer(HBFP8, method, name=name)
@@ -238,7 +242,10 @@ def train_one(model_name: str, fmt_name: str, seed: int, cfg: TrainConfig, data=
     torch.manual_seed(seed)
     model = make_model(model_name)
     kw = format_kwargs(fmt_name, cfg.blocks)
-    if kw is not None:
+    if kw is not None and "int_gemm" in kw:
+        from .torch_int import convert_int
+        convert_int(model, kw["int_gemm"], backend=cfg.backend, eta=kw["eta"])
+    elif kw is not None:
         convert(model, backend=cfg.backend, seed=seed, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)

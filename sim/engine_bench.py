@@ -35,9 +35,9 @@ from hbfp_hw import protocol as P
 from hbfp_hw.gateware.engine import (FIX_BYTES, buffer_geometry, cmd_layout, port_name,
                                      status_layout)
 from hbfp_hw.host.codec import Frame, FrameParser
-from hbfp_hw.host.emulator import Emulator, _empty_stats, _fold_stats
+from hbfp_hw.host.emulator import Emulator, _empty_stats, _fold_ints, _fold_stats
 
-__all__ = ["BufferModel", "Script", "cmd_word", "decode_status", "answer", "fold",
+__all__ = ["BufferModel", "Script", "cmd_word", "decode_status", "answer", "fold", "fold_ints",
            "check_answers", "model_step", "run_amaranth", "prepared_emulator", "standalone",
            "generate_engine"]
 
@@ -170,6 +170,13 @@ def fold(words) -> list:
     return st
 
 
+def fold_ints(words) -> list:
+    """Statistics ``[count, 0, min, max]`` of int32 words (the integer tracker's)."""
+    st = _empty_stats()
+    _fold_ints(st, np.array(words, dtype=np.uint32).view(np.int32))
+    return st
+
+
 # ---------------------------------------------------------------------------------------
 # Scripts built next to the emulator
 # ---------------------------------------------------------------------------------------
@@ -203,6 +210,9 @@ class Script:
 
     def samples(self, port: str, words: list[int]) -> None:
         self.steps.append(("samples", port, list(words)))
+        if port == "int_sample":                 # int32 words (BITLAYER TRACK)
+            _fold_ints(self.emu._istats, np.array(words, dtype=np.uint32).view(np.int32))
+            return
         target = "_qstats" if port == "quant_sample" else "_stats"
         if words:
             _fold_stats(getattr(self.emu, target),
@@ -341,7 +351,7 @@ def _ports(engine, model: BufferModel):
 
 def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Generator, *,
                  p_valid: float = 0.5, p_ready: float = 0.5, max_cycles: int = 200_000,
-                 vcd: str | None = None) -> dict:
+                 vcd: str | None = None, array_period: float | None = None) -> dict:
     """Run ``script`` on ``engine`` in Amaranth's simulator.
 
     Returns ``{"answers": [(opcode, payload)], "samples": {port: [words]},
@@ -433,6 +443,8 @@ def run_amaranth(engine, model: BufferModel, script: Script, rng: np.random.Gene
 
     sim = Simulator(engine)
     sim.add_clock(1e-6)
+    if array_period:        # the MAC array's own domain (array_clock_hz), sync at 1 us
+        sim.add_clock(array_period, domain="array")
     sim.add_process(memories)
     sim.add_testbench(commands)
     if vcd:

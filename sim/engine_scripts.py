@@ -107,8 +107,14 @@ def stats_script(cfg, rom: bytes, rng, n: int = 10) -> Script:
                 if x.size and rng.random() < 0.3:
                     x[0] = -0.0
                 sc.samples(port, [int(v) for v in x.view(np.uint32)])
+        if rng.random() < 0.7:                   # int32 words, extremes included
+            v = rng.integers(-2**31, 2**31, int(rng.integers(0, 12)), dtype=np.int64)
+            if v.size and rng.random() < 0.3:
+                v[0] = int(rng.choice([-2**31, 2**31 - 1, -1, 0]))
+            sc.samples("int_sample", [int(w) & 0xFFFFFFFF for w in v])
         flags = int(rng.choice([0, S.CLEAR, S.QUANTIZE_INPUT, S.CLEAR | S.QUANTIZE_INPUT,
-                                0x80]))
+                                S.INT_OUTPUT, S.CLEAR | S.INT_OUTPUT,
+                                S.QUANTIZE_INPUT | S.INT_OUTPUT, 0x80]))
         sc.cmd(P.Op.READ_STATS, flags=flags)
     sc.finish()
     return sc
@@ -205,7 +211,7 @@ def bitlayer_script(cfg, rom: bytes, rng, n: int = 10) -> Script:
     lanes = P.bitlayer_lanes(cfg)
     if not lanes:
         sc.cmd(P.Op.BITLAYER, bits=8, layers=8, rows=1, cols=1, batch=1, w_offset=0,
-               x_offset=0, y_offset=0)
+               x_offset=0, y_offset=0, flags=0)
         sc.finish()
         return sc
     ws, xs, ys = specs["bl.w"], specs["bl.x"], specs["bl.y"]
@@ -235,17 +241,19 @@ def bitlayer_script(cfg, rom: bytes, rng, n: int = 10) -> Script:
         f = dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch,
                  w_offset=int(rng.integers(0, ws.depth - rows * bits * chunks + 1)),
                  x_offset=int(rng.integers(0, xs.depth - batch * cols + 1)),
-                 y_offset=int(rng.integers(0, ys.depth - batch * rows + 1)))
+                 y_offset=int(rng.integers(0, ys.depth - batch * rows + 1)),
+                 flags=int(rng.integers(0, P.flag_mask(P.BitLayerFlag) + 1)))
         sc.cmd(P.Op.BITLAYER, **f)
         if k % 2 == 1:                                 # one bad field
             bad = str(rng.choice(["bits", "layers", "rows", "cols", "batch", "w_offset",
-                                  "x_offset", "y_offset"]))
+                                  "x_offset", "y_offset", "flags"]))
             val = {"bits": int(rng.choice([0, P.BITLAYER_BITS_MAX + 1])),
                    "layers": int(rng.choice([0, bits + 1])), "rows": 0,
                    "cols": int(rng.choice([0, kmax + 1])), "batch": 0,
                    "w_offset": ws.depth - rows * bits * chunks + 1,
                    "x_offset": int(rng.choice([xs.depth - batch * cols + 1, 2**32 - 1])),
-                   "y_offset": ys.depth + 5}[bad]
+                   "y_offset": ys.depth + 5,
+                   "flags": int(rng.choice([0x04, 0x80, 0xFF]))}[bad]
             sc.cmd(P.Op.BITLAYER, **{**f, bad: val})
         sc.check()
     sc.finish()

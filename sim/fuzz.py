@@ -377,7 +377,8 @@ class RequestGen:
         f = dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch,
                  w_offset=int(r.integers(0, max(1, dw - rows * bits * chunks + 1))),
                  x_offset=int(r.integers(0, max(1, dx - batch * cols + 1))),
-                 y_offset=int(r.integers(0, max(1, dy - batch * rows + 1))))
+                 y_offset=int(r.integers(0, max(1, dy - batch * rows + 1))),
+                 flags=int(r.integers(0, P.flag_mask(P.BitLayerFlag) + 1)))
         if r.random() < 0.15:                                    # one field off
             name = self._pick([fl.name for fl in lay.fields])
             f[name] = self._edge(next(fl.size for fl in lay.fields if fl.name == name))

@@ -26,7 +26,8 @@ from cocotb.triggers import FallingEdge, ReadOnly
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.manifest import read_manifest
 from hbfp_hw.sim.engine_bench import (BufferModel, answer, check_answers, cmd_word,
-                                      decode_status, fold, model_step, standalone)
+                                      decode_status, fold, fold_ints, model_step,
+                                      standalone)
 from hbfp_hw.sim.engine_scripts import SCRIPTS
 
 
@@ -37,7 +38,7 @@ async def memories(dut, model: BufferModel, name: str, res: dict) -> None:
              for n in model.port_names()}
     writes = {n: (g(f"{n}_w__addr"), g(f"{n}_w__data"), g(f"{n}_w__en"))
               for n in model.writable()}
-    has_sample = name in ("quantize", "gemm")
+    has_sample = name in ("quantize", "gemm", "bitlayer")
     if has_sample and hasattr(dut, "sample__ready"):
         dut.sample__ready.value = 1
     pulse = dut.soft_reset if name == "buffer_io" else None
@@ -117,7 +118,8 @@ async def engine_against_emulator(dut):
     dut._log.info(f"engine {name}, seed {seed}, {len(script.answers)} commands, "
                   f"p_valid {p_valid:.2f}, p_ready {p_ready:.2f}")
     inputs = ["cmd__valid", "status__ready"]
-    inputs += {"stats": ["gemm_sample__valid", "quant_sample__valid", "soft_reset"],
+    inputs += {"stats": ["gemm_sample__valid", "quant_sample__valid", "int_sample__valid",
+                         "soft_reset"],
                "gemm": ["soft_reset"]}.get(name, [])
     for n in inputs:
         getattr(dut, n).value = 0
@@ -134,6 +136,8 @@ async def engine_against_emulator(dut):
         assert fold(res["samples"]) == script.emu._qstats, "QUANTIZE samples"
     if name == "gemm":
         assert fold(res["samples"]) == script.emu._stats, "GEMM samples"
+    if name == "bitlayer":
+        assert fold_ints(res["samples"]) == script.emu._istats, "BITLAYER TRACK samples"
     if name == "buffer_io":
         assert res["pulses"] >= 1, "RESET gave no soft_reset pulse"
         assert int(dut.token.value) == script.emu.session, "session token"

@@ -31,9 +31,11 @@ def test_emulator_bitlayer_matches_independent_reference():
     x = rng.integers(-2**15, 2**15, batch * cols)
     emu.buffers[B["bl.w"].id][7:7 + len(words)] = words
     emu.buffers[B["bl.x"].id][2:2 + len(x)] = x
-    emu._op_bitlayer(dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch,
-                          w_offset=7, x_offset=2, y_offset=9), b"")
-    got = emu.buffers[B["bl.y"].id][9:9 + batch * rows].reshape(batch, rows)
+    f = dict(bits=bits, layers=layers, rows=rows, cols=cols, batch=batch, w_offset=7,
+             x_offset=2, y_offset=9, flags=0)
+    emu._op_bitlayer(f, b"")
+    got = emu.buffers[B["bl.y"].id][9:9 + batch * rows].reshape(batch, rows).copy()
+    ref = np.zeros((batch, rows), np.int64)
     for b in range(batch):
         for o in range(rows):
             acc = 0
@@ -44,6 +46,19 @@ def test_emulator_bitlayer_matches_independent_reference():
                     if (wd >> (kk % lanes)) & 1:
                         acc += (-1 if i == bits - 1 else 1) * 2**i * int(x[b * cols + kk])
             assert int(got[b, o]) == acc
+            ref[b, o] = acc
+    assert emu._istats[0] == 0                          # not tracked without TRACK
+    # ACCUMULATE adds to bl.y; TRACK folds the words written into the int statistics
+    F = P.BitLayerFlag
+    emu._op_bitlayer({**f, "flags": int(F.ACCUMULATE | F.TRACK)}, b"")
+    got2 = emu.buffers[B["bl.y"].id][9:9 + batch * rows].reshape(batch, rows)
+    assert np.array_equal(got2, 2 * ref)
+    st = emu._op_read_stats({"flags": int(P.StatsFlag.INT_OUTPUT | P.StatsFlag.CLEAR)},
+                            b"")[0]
+    lo, hi = (np.array([st["min"], st["max"]], np.uint32).view(np.int32))
+    assert (st["count"], st["n_nonfinite"], lo, hi) == (batch * rows, 0, 2 * ref.min(),
+                                                        2 * ref.max())
+    assert emu._istats[0] == 0
 
 
 def _req(op, seq, data=b"", **f):
@@ -62,7 +77,7 @@ def test_top_bitlayer_frames_identical():
     frames = [_req(P.Op.WRITE, 1, words.tobytes(), buffer=ws.id, offset=0),
               _req(P.Op.WRITE, 2, x.tobytes(), buffer=xs.id, offset=0)]
     good = dict(bits=8, layers=8, rows=3, cols=lanes + 3, batch=2, w_offset=0, x_offset=0,
-                y_offset=5)
+                y_offset=5, flags=0)
     seq = 3
     for f in (good, {**good, "layers": 1}, {**good, "bits": 3, "layers": 2, "cols": 7},
               {**good, "bits": 0}, {**good, "layers": 9}, {**good, "rows": 0},

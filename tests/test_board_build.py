@@ -21,7 +21,7 @@ import pytest
 from hbfp_hw import cli, protocol as P
 from hbfp_hw.config.accelerator import AcceleratorConfig
 from hbfp_hw.gateware import board as BD, build as B
-from hbfp_hw.gateware.synth import tool_path
+from hbfp_hw.gateware.synth import _used, tool_path
 from hbfp_hw.gateware.sim_device import SIM_CONFIG
 from hbfp_hw.gateware.uart import uart_divisor
 from hbfp_hw.manifest import read_manifest
@@ -37,7 +37,7 @@ TINY = SIM_CONFIG.replace(array_rows=1, array_cols=1, operand_buffers=2, operand
 # ---------------------------------------------------------------------------------------
 def test_unknown_board_names_value_and_accepted():
     with pytest.raises(ValueError, match=r"board='de10' is not supported; accepted boards "
-                                         r"are ulx3s"):
+                                         r"are icebreaker, ulx3s"):
         BD.board_platform("de10")
     with pytest.raises(ValueError, match="board='de10'"):
         B.build_board("de10", outdir="/nonexistent")
@@ -459,3 +459,126 @@ def test_report_parsing_of_a_real_nextpnr_report():
             _used(util, *cells["BRAM"])) == (28809, 9475, 70, 60)
     assert B._percent(util, cells["BRAM"]) == pytest.approx(100 * 60 / 208)
     assert report["critical_paths"]                  # nextpnr's path list is there
+
+
+# ---------------------------------------------------------------------------------------
+# the array clock domain, the fast preset, per-domain reports
+# ---------------------------------------------------------------------------------------
+def test_pll2_matches_trellis_ecppll(tmp_path):
+    """Two outputs: 50 MHz on CLKOP, 100 MHz on CLKOS, the dividers of ``ecppll``."""
+    out = subprocess.run([tool_path("yowasp-ecppll"), "-i", "25", "-o", "50", "--clkout1",
+                          "100"], capture_output=True, text=True, cwd=tmp_path,
+                         check=True).stdout
+    want = [int(re.search(rf"{k}: (\d+)", out).group(1))
+            for k in ("Refclk divisor", "Feedback divisor", "clkout0 divisor",
+                      "clkout1 divisor")]
+    p = BD.ecp5_pll2(25_000_000, 50_000_000, 100_000_000)
+    assert [p.refclk_div, p.feedback_div, p.output_div, p.secondary_div] == want
+    assert p.fout == 50_000_000 and p.fout2 == 100_000_000 and p.fvco == 600_000_000
+
+
+def test_pll2_picks_the_vco_for_the_second_clock():
+    """45 MHz with 100 MHz: ecppll keeps 45 MHz's own VCO (585 MHz, 117 MHz on CLKOS);
+    the search here takes the VCO whose division comes closest (495 MHz: 99 MHz)."""
+    p = BD.ecp5_pll2(25_000_000, 45_000_000, 100_000_000)
+    assert p.fout == 45_000_000 and p.fout2_hz == 99_000_000
+    with pytest.raises(ValueError, match=r"clock 500 MHz is outside the ECP5 PLL output "
+                                         r"range; accepted range is \[10, 400\] MHz"):
+        BD.ecp5_pll2(25_000_000, 50_000_000, 500_000_000)
+
+
+def test_fast_preset_is_the_documented_8x8x8():
+    from hbfp_hw.gateware.top import mac_config
+    cfg = BD.board_preset("ulx3s", "fast")
+    mc = mac_config(cfg)
+    assert (mc.rows, mc.cols, mc.lanes, mc.tile, mc.man_bits_a, mc.mapping) == (
+        8, 8, 8, 8, 4, "dsp-packed")
+    assert mc.macs_per_cycle == 512 and mc.multipliers == 128
+    built, pll = BD.board_config("ulx3s", cfg)
+    assert (built.clock_hz, built.array_clock_hz) == (45_000_000, 60_000_000)
+    assert (pll.output_div, pll.secondary_div) == (12, 9) and pll.fvco == 540_000_000
+    assert uart_divisor(built.clock_hz, built.baud_rate) == 15
+    assert BD.board_preset("ulx3s") == BD.board_config("ulx3s")[0]     # default unchanged
+    with pytest.raises(ValueError, match=r"preset='quick' is not a ulx3s preset; accepted "
+                                         r"presets are default, fast"):
+        BD.board_preset("ulx3s", "quick")
+
+
+def test_fast_preset_sdc_has_two_asynchronous_clocks():
+    sdc = (Path(__file__).parent.parent / "constraints" / "ulx3s-85F-fast"
+           / "hbfp_fast_ulx3s.sdc").read_text()
+    assert re.search(r"create_clock -name design_clk -period 22\.222 \[get_nets \{clk", sdc)
+    assert re.search(r"create_clock -name array_clk -period 16\.667 \[get_nets \{array_clk",
+                     sdc)
+    assert "set_clock_groups -asynchronous -group {design_clk} -group {array_clk}" in sdc
+
+
+def test_cli_build_preset_and_array_clock(monkeypatch, capsys):
+    seen = []
+
+    def fake(board, variant, cfg, out, **kw):
+        seen.append(cfg)
+        raise B.BuildError("stopped by the test")
+    monkeypatch.setattr(B, "build_board", fake)
+    assert cli.main(["build", "--preset", "fast"]) == 1
+    assert seen[-1] == BD.board_preset("ulx3s", "fast")
+    assert cli.main(["build", "--array-clock-mhz", "90"]) == 1
+    assert seen[-1] == BD.board_preset("ulx3s").replace(array_clock_hz=90_000_000)
+    capsys.readouterr()
+    assert cli.main(["build", "--preset", "fast", "--config", "{}"]) == 2
+    assert "--preset and --config are exclusive" in capsys.readouterr().err
+    assert cli.main(["build", "--array-clock-mhz", "0.5"]) == 2
+    assert "array_clock_hz=500000; accepted values are 0" in capsys.readouterr().err
+    assert len(seen) == 2
+
+
+def _two_clock_report() -> dict:
+    path = Path(__file__).parent / "fixtures" / "ulx3s_85f_two_clock_nextpnr_report.json"
+    return json.loads(path.read_text())
+
+
+def test_clock_domains_of_a_single_clock_report():
+    path = Path(__file__).parent / "fixtures" / "ulx3s_85f_nextpnr_report.json"
+    report = json.loads(path.read_text())
+    cfg = BD.board_preset("ulx3s")
+    clocks = B.clock_domains(report, cfg)
+    assert list(clocks) == ["sync"] and clocks["sync"]["net"] == "$glbnet$clk"
+    assert round(clocks["sync"]["fmax_mhz"], 2) == 47.21 and clocks["sync"]["met"]
+    assert clocks["sync"]["slack_ns"] == pytest.approx(1e3 / 45 - 1e3 / 47.2099, abs=1e-3)
+
+
+def test_clock_domains_of_a_real_two_clock_report():
+    """The nextpnr JSON report of a real ULX3S-85F build with two clock domains (captured
+    from ``hbfp-hw build --board ulx3s --config C.json``, ``C``: ``SIM_CONFIG`` with
+    ``clock_hz`` 50 MHz and ``array_clock_hz`` 100 MHz), parsed per clock domain as the
+    build parses it."""
+    report = _two_clock_report()
+    cfg, _ = BD.board_config("ulx3s", SIM_CONFIG.replace(clock_hz=50_000_000,
+                                                         array_clock_hz=100_000_000))
+    clocks = B.clock_domains(report, cfg)
+    assert list(clocks) == ["sync", "array"]
+    assert clocks["array"]["net"].startswith("$glbnet$array_clk")
+    assert clocks["sync"]["net"].startswith("$glbnet$clk")
+    assert (clocks["sync"]["clock_mhz"], clocks["array"]["clock_mhz"]) == (50.0, 100.0)
+    for c in clocks.values():
+        assert c["fmax_mhz"] == report["fmax"][c["net"]]["achieved"]
+        assert c["met"] == (c["fmax_mhz"] >= c["clock_mhz"])
+    assert (round(clocks["sync"]["fmax_mhz"], 2), round(clocks["array"]["fmax_mhz"], 2)) == (
+        29.04, 82.68)
+    util = report["utilization"]
+    cells = B._CELLS["ecp5"]
+    assert (_used(util, *cells["LUT"]), _used(util, *cells["DSP"]),
+            _used(util, *cells["BRAM"])) == (29177, 34, 26)
+    # the result and its table as the build writes them
+    res = B.BuildResult(
+        board="ulx3s", variant="85F", device="LFE5U-85F", bitstream=Path("x.bit"),
+        manifest=Path("x.json"), clock_hz=cfg.clock_hz, baud_rate=cfg.baud_rate,
+        uart_divisor=17, fmax_mhz=clocks["sync"]["fmax_mhz"], luts=29177,
+        ffs=0, dsps=34, brams=26, utilisation={}, logs={},
+        macs_per_clock=16, array_clock_hz=cfg.array_clock_hz, clocks=clocks)
+    assert res.peak_gmacs == pytest.approx(1.6)
+    assert res.timing_met == all(c["met"] for c in clocks.values())
+    txt = res.table()
+    assert "sync clock" in txt and "50.000 MHz" in txt and "100.000 MHz" in txt
+    assert re.search(r"Fmax array \(nextpnr\)\s+\d+\.\d\d MHz \((met|NOT MET), slack", txt)
+    assert "16 MACs/clock at the array clock" in txt

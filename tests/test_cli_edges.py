@@ -34,7 +34,7 @@ def _err(capsys) -> str:
 
 @pytest.mark.parametrize("unit,text,key,accepted", [
     ("accelerator", '{"arrayrows": 4}', "'arrayrows' (did you mean 'array_rows'?)",
-     "array_cols, array_rows, baud_rate"),
+     "array_clock_hz, array_cols, array_lanes, array_rows, baud_rate"),
     ("mac-array", '{"row": 2}', "'row' (did you mean 'rows'?)", "cols, dual_precision"),
     ("quantizer", '{"lane": 4}', "'lane' (did you mean 'lanes'?)",
      "format, lanes, runtime_rounding, static_exponent"),

@@ -14,8 +14,8 @@ import numpy as np
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware.sim_device import SIM_CONFIG
 from hbfp_hw.gateware.top import ENGINES
-from hbfp_hw.sim.engine_bench import (BufferModel, check_answers, fold, run_amaranth,
-                                      standalone)
+from hbfp_hw.sim.engine_bench import (BufferModel, check_answers, fold, fold_ints,
+                                      run_amaranth, standalone)
 from hbfp_hw.sim.engine_scripts import SCRIPTS
 
 
@@ -59,5 +59,7 @@ def test_gemm_engine(seed):
 
 def test_bitlayer_engine(seed):
     script, res = _run("bitlayer", seed)
+    assert fold_ints(res["samples"]["sample"]) == script.emu._istats
+    assert script.emu._istats[0] > 0, "no BITLAYER command with TRACK wrote a result"
     ok = [a for a in script.answers if a[1] == P.Op.BITLAYER | P.RESPONSE_FLAG]
     assert len(ok) >= 6, "too few BITLAYER commands were computed to compare"

@@ -5,16 +5,22 @@ with :func:`hbfp_hw.bitlayers.matmul` (the emulator's ``_op_bitlayer``):
 
 * **Checks**, in the emulator's order: ``bits`` in ``[1, BITLAYER_BITS_MAX]``
   (BAD_ARGUMENT 0), ``layers`` in ``[1, bits]`` (1), ``rows`` (2), ``cols`` in ``[1,
-  k_max]`` (3), ``batch`` (4), then the ``bl.w`` / ``bl.x`` / ``bl.y`` ranges
-  (OUT_OF_RANGE, detail ``max(offset, depth)``). The sizes ``rows * bits * chunks``,
-  ``batch * cols`` and ``batch * rows`` are registered in two states before the checks.
+  k_max]`` (3), ``batch`` (4), ``flags`` (undefined bits: BAD_ARGUMENT 8), then the
+  ``bl.w`` / ``bl.x`` / ``bl.y`` ranges (OUT_OF_RANGE, detail ``max(offset, depth)``).
+  The sizes ``rows * bits * chunks``, ``batch * cols`` and ``batch * rows`` are
+  registered in two states before the checks.
 * **Per activation row**: ``cols`` elements of ``bl.x`` are read, one per clock, into a
   small LUT memory of ``chunks_max`` words of ``lanes`` activations; then for every
   output row, every kept plane (sign plane first) and every chunk one ``bl.w`` word is
   read: the weight bits (lanes past ``cols`` masked) select their activations, a
   balanced adder tree sums them (registered), and the accumulator applies Horner's rule
   (``2*acc + c_i * partial`` at the first chunk of a plane, the sign plane subtracted).
-  The row's result, shifted left by ``bits - layers``, is written to ``bl.y``.
+  The row's result, shifted left by ``bits - layers``, is written to ``bl.y`` — with
+  ``ACCUMULATE`` added (int32, wrapping) to the word there, read one clock before the
+  write (``bl.y`` read address = the write address of the next result).
+* **Statistics**: with ``TRACK`` every word written is a beat on ``sample`` (int32),
+  which the statistics engine's integer range tracker folds in (READ_STATS
+  ``INT_OUTPUT``).
 * **Time**: ``batch * (cols + 1 + rows * layers * chunks)`` clocks plus a few for the
   checks and the pipeline drain: proportional to ``layers``, a field of every command.
 
@@ -26,12 +32,15 @@ from __future__ import annotations
 import math
 
 from amaranth import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import Out
 
 from hbfp_hw import protocol as P
 
 from ..bitserial import _tree
-from ..engine import EngineStatus, OptionalEngine, port_name, status_ok
+from ..engine import (EngineStatus, OptionalEngine, engine_signature, port_name,
+                      sample_signature, status_ok)
 
 __all__ = ["BitLayerEngine"]
 
@@ -40,6 +49,12 @@ class BitLayerEngine(OptionalEngine):
     """Engine for BITLAYER (see the module docstring)."""
 
     lanes_of = staticmethod(P.bitlayer_lanes)
+
+    def __init__(self, config, specs, *, rom_depth: int) -> None:
+        self.config, self.specs = config, list(specs)
+        self.lanes = P.bitlayer_lanes(config)
+        wiring.Component.__init__(self, engine_signature(
+            self.specs, config.tile, rom_depth, sample=Out(sample_signature())))
 
     def elaborate(self, platform):
         m = Module()
@@ -59,6 +74,7 @@ class BitLayerEngine(OptionalEngine):
         w_r = getattr(self.bufs, f"{port_name(ws)}_r")
         x_r = getattr(self.bufs, f"{port_name(xs)}_r")
         y_w = getattr(self.bufs, f"{port_name(ys)}_w")
+        y_r = getattr(self.bufs, f"{port_name(ys)}_r")
         a = self.cmd.payload.args.bitlayer
         lay = P.REQUESTS[P.Op.BITLAYER]
 
@@ -131,6 +147,8 @@ class BitLayerEngine(OptionalEngine):
                     fin.error(P.ErrorCode.BAD_ARGUMENT, lay.index("cols"))
                 with m.Elif(a.batch == 0):
                     fin.error(P.ErrorCode.BAD_ARGUMENT, lay.index("batch"))
+                with m.Elif((a.flags & (0xFF & ~P.flag_mask(P.BitLayerFlag))) != 0):
+                    fin.error(P.ErrorCode.BAD_ARGUMENT, lay.index("flags"))
                 with m.Elif(oor(a.w_offset, n_w, ws.depth)):
                     fin.error(P.ErrorCode.OUT_OF_RANGE, detail(a.w_offset, ws.depth))
                 with m.Elif(oor(a.x_offset, n_x, xs.depth)):
@@ -198,8 +216,16 @@ class BitLayerEngine(OptionalEngine):
         s3acc = Signal(signed(acc_bits))
         m.d.sync += [s3v.eq(s2v & s2l), s3acc.eq(acc_next)]
         yv = Signal(signed(acc_bits))
-        m.d.comb += [yv.eq(s3acc << shift), y_w.addr.eq(y_a), y_w.data.eq(yv[:32]),
-                     y_w.en.eq(s3v)]
+        # ACCUMULATE: the word at the write address, read a clock before (when the
+        # result is in stage 2, the next write address is y_a, plus one if stage 3
+        # writes now)
+        accum = (a.flags & int(P.BitLayerFlag.ACCUMULATE)).any()
+        track = (a.flags & int(P.BitLayerFlag.TRACK)).any()
+        ysum = Signal(32)
+        m.d.comb += [yv.eq(s3acc << shift), y_r.addr.eq(y_a + s3v),
+                     ysum.eq(yv[:32] + Mux(accum, y_r.data[:32], 0)),
+                     y_w.addr.eq(y_a), y_w.data.eq(ysum), y_w.en.eq(s3v),
+                     self.sample.valid.eq(s3v & track), self.sample.payload.eq(ysum)]
         with m.If(s3v):
             m.d.sync += y_a.eq(y_a + 1)
         return m

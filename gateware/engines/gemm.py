@@ -23,7 +23,7 @@ conversion takes each job's fraction bits).
 job's grid), ``C_CHECK`` checks the fields in the emulator's order, the GEMM scan phases
 check both operands' data (invalid blocks allowed), and ``C_JOB`` hands
 :class:`GemmStream` a job with ``conv`` set: its sequencer reads the operand blocks
-through the block-level im2col map (``gemm_stream.conv_index_map``). CONV clears the
+through the block-level im2col map (``conv_address.ConvAddress``). CONV clears the
 ``ACCUMULATE`` state.
 """
 
@@ -163,7 +163,7 @@ class GemmEngine(wiring.Component):
             mc, operand_buffers=nops, man_width=mw, exp_width=ew, ref_width=RW,
             ref_addr_bits=mg_bits + 2, acc_capacity=self.acc_capacity,
             primitives=self.primitives, runtime_frac=self.runtime_frac,
-            conv=P.conv_built(cfg))
+            conv=P.conv_built(cfg), array_domain="array" if cfg.array_clock_hz else None)
         job = gs.job
         m.d.comb += [job.a.eq(g_a), job.b.eq(g_b), job.ta.eq(ta), job.tb.eq(tb),
                      job.ext.eq(ext_f), job.acc.eq(acc_f), job.store.eq(store_f),

@@ -15,80 +15,42 @@ are registers stepped by constant or registered strides.
 **CONV jobs** (``job.conv``) run the same loops -- output tile ``it``, output tile
 ``jt``, K-block ``kk``, tile row -- but each counter also steps as a three-digit
 mixed-radix number (radices from the job), and the operand block of a beat comes from
-the convolution's block-level im2col map of those digits (:func:`conv_index_map` has the
-table): the block index in the operand buffer, or a *padding block* (a tap outside the
-input, or a dX tap no output position reads), sent as zero mantissas with the exponent
-code of ``emin`` and never read. This map multiplies the digits by the job's sizes on
-the operand address path (the GEMM path is unchanged): it is the critical path of a
-``conv=1`` build (docs/conv.md, "Throughput"). Built only with ``conv=True``.
+the convolution's block-level im2col map of those digits, kept incrementally by
+:class:`~hbfp_hw.gateware.engines.conv_address.ConvAddress` (no multiplier on the address
+path either): the block index in the operand buffer, or a *padding block* (a tap outside
+the input, or a dX tap no output position reads), sent as zero mantissas with the
+exponent code of ``emin`` and never read. A CONV job starts
+``ConvAddress.SETUP_CLOCKS`` clocks after ``start`` (the map's coefficients). Built only
+with ``conv=True``.
+
+**Array clock domain** (``array_domain``, e.g. ``"array"``; the accelerator builds it
+when ``AcceleratorConfig.array_clock_hz`` is set): the MAC array and the accumulator
+buffer run in that domain; the sequencer, the drain and the ports stay in ``sync``. The
+operand beats cross in two ``AsyncFIFOBuffered`` (``sync`` -> array), the FP32 output
+rows in a third (array -> ``sync``). No other signal crosses: the job fields the array
+side needs travel in the operand beats -- the MAC array's own fields (header, transpose,
+reference exponent, fraction bits) in every beat, and on stream A three more bits, a
+``first`` flag on the job's first beat with the job's ``acc`` and ``fit`` flags, which
+the array side latches there and which reset its accumulator read / write counters.
+That beat is read only after the previous job's last output row has reached ``sync``
+(``start`` follows ``done``), and each output row's accumulator write happens in the
+carry stage, before its FP32 conversion enters the output FIFO; so ``done`` (the last
+output row drained in ``sync``) implies that every accumulator write of the job has
+landed, and the counters are never reset under a running job.
 """
 
 from __future__ import annotations
 
-from amaranth import Cat, Module, Mux, Signal, signed
+from amaranth import Cat, DomainRenamer, Module, Mux, Signal, signed
 from amaranth.lib import data, fifo, memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..engine import sample_signature
 from ..mac_array import MacArray, carry_bits, ref_exponent_limit
+from .conv_address import ConvAddress
 from .quantize import cmul
 
-__all__ = ["GemmStream", "job_layout", "conv_index_map"]
-
-
-def conv_index_map(m, j, dig):
-    """The block-level im2col map of a CONV job (``docs/conv.md``), combinational.
-
-    ``dig``: the digits ``{"i": [i0, i1, i2], "j": [...], "k": [...]}`` of the output
-    tile counters ``it``, ``jt`` and the K-block counter ``kk`` (digit 0 least
-    significant). Returns ``(blk_a, blk_b, pad_a, pad_b)``: the block index of each
-    operand in its buffer (block-stream order of the 4-D conv tensor) and whether the
-    block is a padding block (zero mantissas, exponent ``emin``)::
-
-        mode        it digits     jt digits     kk digits     a (block)         b (block)
-        0 forward   (nb, p, q)    (ob)          (i, j, cb)    X[nb, cb, hh, ww]  W[ob, cb, i, j]
-        1 dX        (nb, y, x)    (cb)          (i, j, ob)    dY[nb, ob, p, q]   W[ob, cb, i, j]
-        2 dW        (ob)          (cb, i, j)    (nb, p, q)    dY[nb, ob, p, q]   X[nb, cb, hh, ww]
-
-    with ``hh = p * s + i * d - pad`` (padding block outside ``[0, H)``) and, for dX,
-    ``p = (y + pad - i * d) / s`` (padding block unless a non-negative multiple of ``s``
-    below ``s * Ho``); likewise for the columns. Block indices: ``X``
-    ``((nb * gc + cb) * H + hh) * W + ww``, ``W`` ``((ob * gc + cb) * kh + i) * kw + j``,
-    ``dY`` ``((nb * go + ob) * Ho + p) * Wo + q``.
-    """
-    di, dj, dk = dig["i"], dig["j"], dig["k"]
-    cm = j.cmode
-    fwd, dxm, dwm = cm == 0, cm == 1, cm == 2
-    nb, ob, cb, ti, tj, po, qo = (Signal(16, name=f"cv_{n}") for n in (
-        "nb", "ob", "cb", "ti", "tj", "po", "qo"))
-    m.d.comb += [nb.eq(Mux(dwm, dk[2], di[2])),
-                 ob.eq(Mux(fwd, dj[0], Mux(dxm, dk[0], di[0]))),
-                 cb.eq(Mux(fwd, dk[0], Mux(dxm, dj[0], dj[2]))),
-                 ti.eq(Mux(dwm, dj[1], dk[2])), tj.eq(Mux(dwm, dj[0], dk[1])),
-                 po.eq(Mux(dwm, dk[1], di[1])), qo.eq(Mux(dwm, dk[0], di[0]))]
-    # forward / dW: the input position a tap reads
-    hh, ww = Signal(signed(26), name="cv_hh"), Signal(signed(26), name="cv_ww")
-    m.d.comb += [hh.eq((po << j.lsh) + ti * j.dh - j.ph),
-                 ww.eq((qo << j.lsw) + tj * j.dw - j.pw)]
-    x_ok = (hh >= 0) & (hh < j.H) & (ww >= 0) & (ww < j.W)
-    # dX: the output position that reads input (y, x) through tap (i, j)
-    yh, yw = Signal(signed(26), name="cv_yh"), Signal(signed(26), name="cv_yw")
-    m.d.comb += [yh.eq(di[1] + j.ph - ti * j.dh), yw.eq(di[0] + j.pw - tj * j.dw)]
-    mh, mw = (Mux(sh == 0, 0, Mux(sh == 1, 1, Mux(sh == 2, 3, 7))) for sh in (j.lsh, j.lsw))
-    yp, yq = Signal(16, name="cv_yp"), Signal(16, name="cv_yq")
-    m.d.comb += [yp.eq(yh >> j.lsh), yq.eq(yw >> j.lsw)]
-    y_ok = ((yh >= 0) & ((yh & mh) == 0) & (yp < j.Ho)
-            & (yw >= 0) & ((yw & mw) == 0) & (yq < j.Wo))
-    p, q = Mux(dxm, yp, po), Mux(dxm, yq, qo)
-    x_blk = ((nb * j.gc + cb) * j.H + hh[:16]) * j.W + ww[:16]
-    w_blk = ((ob * j.gc + cb) * j.kh + ti) * j.kw + tj
-    y_blk = ((nb * j.go + ob) * j.Ho + p) * j.Wo + q
-    blk_a, blk_b = Signal(32, name="cv_blk_a"), Signal(32, name="cv_blk_b")
-    pad_a, pad_b = Signal(name="cv_pad_a"), Signal(name="cv_pad_b")
-    m.d.comb += [blk_a.eq(Mux(fwd, Mux(x_ok, x_blk, 0), Mux(dxm & ~y_ok, 0, y_blk))),
-                 blk_b.eq(Mux(dwm, Mux(x_ok, x_blk, 0), w_blk)),
-                 pad_a.eq((fwd & ~x_ok) | (dxm & ~y_ok)), pad_b.eq(dwm & ~x_ok)]
-    return blk_a, blk_b, pad_a, pad_b
+__all__ = ["GemmStream", "job_layout"]
 
 
 def job_layout(operand_buffers: int) -> data.StructLayout:
@@ -121,13 +83,18 @@ class GemmStream(wiring.Component):
     ``ref_addr`` / ``ref_data``: this GEMM's reference exponents (the engine's memory).
     ``out_addr`` / ``out_data`` / ``out_en``: writes into ``out``.
     ``sample``: every stored output, for the statistics engine.
+
+    ``array_domain``: run the MAC array and the accumulator buffer in that clock domain,
+    behind asynchronous FIFOs (module docstring); ``None`` (default): all in ``sync``.
     """
 
     def __init__(self, mc, *, operand_buffers: int, man_width: int, exp_width: int,
                  ref_width: int, ref_addr_bits: int, acc_capacity: int,
                  primitives: str | None = None, runtime_frac: bool = False,
-                 conv: bool = False) -> None:
+                 conv: bool = False, array_domain: str | None = None) -> None:
         self.mc, self.nops, self.conv = mc, operand_buffers, bool(conv)
+        #: clock domain of the MAC array and the accumulator buffer (None: ``sync``)
+        self.array_domain = array_domain
         self.mw, self.ew, self.acc_capacity = man_width, exp_width, acc_capacity
         self.primitives, self.runtime_frac = primitives, runtime_frac
         super().__init__({
@@ -151,8 +118,10 @@ class GemmStream(wiring.Component):
         tsh = T.bit_length() - 1
         mw = self.mw
         kw = {"runtime_frac": True} if self.runtime_frac else {}
-        m.submodules.mac = mac = MacArray(mc, primitives=self.primitives, ext_eref=True,
-                                          carry=True, **kw)
+        mac = MacArray(mc, primitives=self.primitives, ext_eref=True, carry=True, **kw)
+        ad = self.array_domain
+        adom = ad or "sync"       # the domain of the MAC array and the accumulators
+        m.submodules.mac = DomainRenamer({"sync": ad})(mac) if ad else mac
         mt, nt, nk = j.mt, j.nt, j.nk
 
         # ---- sequencer: operand beats to the MAC array -------------------------------
@@ -209,16 +178,20 @@ class GemmStream(wiring.Component):
                          dinc[c][1].eq(Mux(top0, Mux(top1, 0, d1 + 1), d1)),
                          dinc[c][2].eq(Mux(top0 & top1, d2 + 1, d2))]
 
+        cva = ConvAddress(m, j, ndig, self.start) if self.conv else None
+        go = cva.go if self.conv else self.start     # the sequencer's start
+
         def d_inc(c):
-            return [n.eq(v) for n, v in zip(ndig[c], dinc[c])] if self.conv else []
+            return ([n.eq(v) for n, v in zip(ndig[c], dinc[c])] + cva.inc(c)
+                    if self.conv else [])
 
         def d_zero(c):
-            return [n.eq(0) for n in ndig[c]] if self.conv else []
+            return [n.eq(0) for n in ndig[c]] + cva.zero(c) if self.conv else []
 
         zero = Signal()           # the current beat's block is a padding block
         zcode = mc.format_a().emin + mc.format_a().exp_bias
         if self.conv:
-            c_a, c_b, z_a, z_b = conv_index_map(m, j, ndig)
+            c_a, c_b, z_a, z_b = cva.blk_a, cva.blk_b, cva.pad_a, cva.pad_b
             m.d.sync += zero.eq(j.conv & Mux(n_is_b, z_b, z_a))
             n_blk = Mux(j.conv, Mux(n_is_b, c_b, c_a), n_blk)
         m.d.comb += [self.rd_elem.eq(n_blk),
@@ -229,13 +202,16 @@ class GemmStream(wiring.Component):
         # the job's reference exponent, clamped to the largest value that matters
         r_lim = ref_exponent_limit(mc)
         ref_val = Mux(self.ref_data > r_lim, r_lim, self.ref_data)
-        m.d.sync += primed.eq(self.start | (primed & n_running))
+        m.d.sync += primed.eq(go | (primed & n_running))
         kk_inc = [n_kk.eq(kk_1), n_blk_a.eq(blk_a_k), n_blk_b.eq(blk_b_k), *d_inc("k")]
         kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs), *d_zero("k")]
         # a small FIFO per operand stream between the sequencer (buffer reads, reference
         # clamp) and the MAC array's front end: the sequencer's accept comes from the
-        # FIFO's registered level, not from the array
+        # FIFO's registered level, not from the array (with an array domain: asynchronous
+        # FIFOs into it, module docstring)
         fifo_ready = []
+        job_first = Signal()    # the next beat on stream A is the job's first
+        a_extra = a_take = None
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
             m.d.comb += [p.exp.eq(Mux(zero, zcode, self.exp_data)),
@@ -247,14 +223,28 @@ class GemmStream(wiring.Component):
             for k in range(T):
                 m.d.comb += p.data[k].eq(Mux(zero, 0,
                                              self.man_data[mw * k: mw * k + mc.man_bits_a]))
-            q = fifo.SyncFIFOBuffered(width=len(p.as_value()), depth=3)
+            pw = len(p.as_value())
+            if ad is None:
+                q = fifo.SyncFIFOBuffered(width=pw, depth=3)
+                m.d.comb += q.w_data.eq(p.as_value())
+            else:       # A carries (first, acc, fit) above the MAC array's payload
+                q = fifo.AsyncFIFOBuffered(width=pw + 3 * (1 - which), depth=9,
+                                           w_domain="sync", r_domain=ad)
+                m.d.comb += q.w_data.eq(Cat(p.as_value(), job_first, j.acc, j.fit)
+                                        if which == 0 else p.as_value())
+                if which == 0:
+                    a_extra = q.r_data[pw:]
+                    a_take = q.r_rdy & port.ready
             m.submodules[f"seq_fifo_{'ab'[which]}"] = q
-            m.d.comb += [q.w_data.eq(p.as_value()),
-                         q.w_en.eq(running & primed & (is_b == which)),
-                         port.valid.eq(q.r_rdy), port.payload.eq(q.r_data),
+            m.d.comb += [q.w_en.eq(running & primed & (is_b == which)),
+                         port.valid.eq(q.r_rdy), port.payload.eq(q.r_data[:pw]),
                          q.r_en.eq(port.ready)]
             fifo_ready.append(q.w_rdy)
         accepted = Mux(is_b, fifo_ready[1], fifo_ready[0]) & primed & running
+        with m.If(self.start):
+            m.d.sync += job_first.eq(1)
+        with m.Elif(accepted & ~is_b):
+            m.d.sync += job_first.eq(0)
         with m.If(accepted):
             with m.If(~sph[1]):  # header beats
                 with m.If(kk == hdr_l):   # EXT_EREF: one reference header beat more
@@ -283,13 +273,24 @@ class GemmStream(wiring.Component):
                                          n_blk_b.eq(b_bs_j), *d_inc("j")]
                 with m.Else():
                     m.d.comb += n_rr.eq(rr_1)
-        with m.If(self.start):
+        with m.If(go):
             m.d.comb += [n_it.eq(0), n_jt.eq(0), n_kk.eq(0), n_rr.eq(0), n_sph.eq(0),
                          n_running.eq(1), n_blk_a.eq(0), n_blk_b.eq(0), n_a_bs.eq(0),
-                         n_b_bs.eq(0), *d_zero("i"), *d_zero("j"), *d_zero("k")]
+                         n_b_bs.eq(0), *d_zero("i"), *d_zero("j"), *d_zero("k"),
+                         *(cva.begin() if self.conv else [])]
 
         # ---- drain: MAC results -> out + statistics ---------------------------------
         R, C = mc.rows, mc.cols
+        if ad is None:
+            res = mac.o
+        else:       # the output rows cross into sync
+            olen = len(mac.o.payload.as_value())
+            q = fifo.AsyncFIFOBuffered(width=olen, depth=5, w_domain=ad, r_domain="sync")
+            m.submodules.res_fifo = q
+            res = mac.o.signature.create(path=("res",))   # valid / payload / ready
+            m.d.comb += [q.w_data.eq(mac.o.payload.as_value()), q.w_en.eq(mac.o.valid),
+                         mac.o.ready.eq(q.w_rdy), res.valid.eq(q.r_rdy),
+                         res.payload.eq(q.r_data), q.r_en.eq(res.ready)]
         d_it, d_jt = Signal(16), Signal(16)
         d_rg = Signal(range(T // R + 1))
         d_cg = Signal(range(T // C + 1))
@@ -313,17 +314,17 @@ class GemmStream(wiring.Component):
         with m.Switch(d_c):
             for k in range(C):
                 with m.Case(k):
-                    m.d.comb += val.eq(mac.o.payload.data[k])
+                    m.d.comb += val.eq(res.payload.data[k])
         in_range = (di < j.M) & (dj < j.N) & j.store   # out and statistics: STORE only
         m.d.comb += [self.out_addr.eq(d_ra + dj), self.out_data.eq(val)]
         # registered into the statistics (READ_STATS comes frames later)
-        m.d.sync += [self.sample.valid.eq(d_run & mac.o.valid & in_range),
+        m.d.sync += [self.sample.valid.eq(d_run & res.valid & in_range),
                      self.sample.payload.eq(val)]
-        with m.If(d_run & mac.o.valid):
+        with m.If(d_run & res.valid):
             with m.If(in_range):
                 m.d.comb += self.out_en.eq(1)
             with m.If(d_c == C - 1):
-                m.d.comb += mac.o.ready.eq(1)
+                m.d.comb += res.ready.eq(1)
                 m.d.sync += d_c.eq(0)
                 with m.If(d_r == R - 1):
                     m.d.sync += [d_r.eq(0), d_ra.eq(d_rb)]
@@ -354,20 +355,27 @@ class GemmStream(wiring.Component):
         CB = carry_bits(mc)
         m.submodules.accm = accm = memory.Memory(
             shape=mc.cols * CB + 1, depth=max(1, -(-self.acc_capacity // mc.cols)), init=[])
-        acc_w, acc_r = accm.write_port(), accm.read_port()
+        acc_w, acc_r = accm.write_port(domain=adom), accm.read_port(domain=adom)
         ac_rd, ac_wr = Signal(32), Signal(32)
-        with m.If(self.start):
-            m.d.sync += [ac_rd.eq(0), ac_wr.eq(0)]
+        if ad is None:
+            ac_reset, acc_f, fit_f = self.start, j.acc, j.fit
+        else:       # latched from the job's first beat (module docstring)
+            ac_reset = a_take & a_extra[0]
+            acc_f, fit_f = Signal(), Signal()
+            with m.If(ac_reset):
+                m.d[ad] += [acc_f.eq(a_extra[1]), fit_f.eq(a_extra[2])]
+        with m.If(ac_reset):
+            m.d[adom] += [ac_rd.eq(0), ac_wr.eq(0)]
         with m.Else():
             with m.If(mac.cin_take):
-                m.d.sync += ac_rd.eq(ac_rd + 1)
+                m.d[adom] += ac_rd.eq(ac_rd + 1)
             with m.If(mac.acc_o_valid):
-                m.d.sync += ac_wr.eq(ac_wr + 1)
+                m.d[adom] += ac_wr.eq(ac_wr + 1)
         m.d.comb += [acc_r.addr.eq(ac_rd), acc_w.addr.eq(ac_wr),
-                     acc_w.en.eq(mac.acc_o_valid & j.fit),
+                     acc_w.en.eq(mac.acc_o_valid & fit_f),
                      acc_w.data.eq(Cat(*[mac.acc_o[c] for c in range(C)], mac.acc_o_nan)),
-                     mac.cin_nan.eq(j.acc & acc_r.data[-1])]
+                     mac.cin_nan.eq(acc_f & acc_r.data[-1])]
         for c in range(C):
-            m.d.comb += mac.cin[c].eq(Mux(j.acc, acc_r.data[c * CB:(c + 1) * CB].as_signed(),
+            m.d.comb += mac.cin[c].eq(Mux(acc_f, acc_r.data[c * CB:(c + 1) * CB].as_signed(),
                                           0))
         return m

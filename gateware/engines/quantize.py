@@ -64,6 +64,9 @@ class QuantizeEngine(wiring.Component):
         Per slot, the rounding-mode indices its quantizer implements.
     rom_depth
         Bytes in the INFO ROM (port shapes only).
+
+    With ``config.quantize`` 0 no quantizer is built: QUANTIZE answers UNSUPPORTED
+    (detail 0) and nothing leaves on ``sample``.
     """
 
     def __init__(self, config, specs, *, quant, rounding, rom_depth: int) -> None:
@@ -75,6 +78,8 @@ class QuantizeEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg, specs, T = self.config, self.specs, self.config.tile
+        if not cfg.quantize:    # no QUANTIZE engine: UNSUPPORTED, no samples
+            return EngineStatus(m, self).unsupported_only("quantize")
         tsh = T.bit_length() - 1
         a = self.cmd.payload.args.quantize
         fin = EngineStatus(m, self)

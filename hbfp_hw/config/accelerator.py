@@ -53,6 +53,9 @@ def _formats_from_json(entries) -> tuple[BFPFormat, ...]:
     return tuple(out)
 
 
+_NO_VALUE = object()   # the default of fields that :data:`_OMIT_AT_DEFAULT` does not name
+
+
 def _block_2d(fmt: BFPFormat) -> tuple[int, int]:
     """Block extent (rows, cols) of ``fmt`` on a 2-D tensor."""
     block = [1, 1]
@@ -69,8 +72,25 @@ LUQ_LANES = (0, 1, 2, 4, 8)
 SPARSE_LANES = (0, 4, 8)
 #: accepted ``conv`` (0: no CONV address generator in the GEMM engine)
 CONV_VALUES = (0, 1)
+#: accepted ``array_lanes`` (0: the largest of 4, 2, 1 dividing ``tile``)
+ARRAY_LANES = (0, 1, 2, 4, 8)
 #: accepted ``mls_lanes`` (0: no MLS engine)
 MLS_LANES = (0, 1, 2, 4)
+#: accepted ``quantize`` (0: no QUANTIZE engine; the host quantizes)
+QUANTIZE_VALUES = (0, 1)
+#: accepted ``stats`` (0: no statistics engine, READ_STATS answers UNSUPPORTED)
+STATS_VALUES = (0, 1)
+#: accepted ``info_rom``: ``"full"`` (the whole device description) or ``"config"``
+#: (the configuration only; the host derives the protocol and the buffer map)
+INFO_ROM_VALUES = ("full", "config")
+#: accepted ``stage_ram``: ``"dual"`` (separate write and read addresses) or ``"single"``
+#: (one address: maps to an iCE40 SPRAM)
+STAGE_RAM_VALUES = ("dual", "single")
+#: Fields added after the first hardware builds: left out of :meth:`AcceleratorConfig.
+#: to_dict` (and so of the device description and its hash) at their default value, so
+#: the builds that predate them keep their device hash.
+_OMIT_AT_DEFAULT = {"quantize": 1, "stats": 1, "info_rom": "full", "stage_ram": "dual",
+                    "array_clock_hz": 0, "array_lanes": 0}
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,40 @@ class AcceleratorConfig:
         Element pairs per clock of the MLS engine (MLS_GEMM, MLS_QUANTIZE of
         ``docs/mls.md``): one of ``0, 1, 2, 4``; ``0`` (the default) builds no MLS engine
         (both commands answer UNSUPPORTED) and no ``mls.*`` buffers.
+    array_clock_hz
+        Clock of the MAC array's own clock domain ``"array"`` (the MAC array and the
+        accumulator buffer behind it, fed and drained through asynchronous FIFOs,
+        ``gateware/engines/gemm_stream.py``): ``0`` (the default) or in ``[1e6, 1e9]``;
+        ``0`` keeps the array on the design clock ``clock_hz``. A board build derives it
+        from a second PLL output (``docs/board.md``); a plain top gets ports
+        ``array_clk`` / ``array_rst``. Peak throughput counts MACs at this clock. Listed
+        in :meth:`to_dict` only when set, so single-clock descriptions are unchanged.
+    array_lanes
+        Products per PE per clock of the MAC array (its ``lanes``): ``0`` (the default:
+        the largest of 4, 2, 1 dividing ``tile``) or one of ``1, 2, 4, 8`` dividing
+        ``tile``. Listed in :meth:`to_dict` only when set.
+    quantize
+        ``1`` (the default) builds the QUANTIZE engine (one quantizer per format slot);
+        ``0`` builds none: QUANTIZE answers UNSUPPORTED and the host driver quantizes with
+        the golden model and WRITEs the BFP blocks (``Device.matmul``), bit-identical.
+        ``input_depth`` (``fp_in``, which only QUANTIZE reads) can then be the minimum,
+        16. Listed in :meth:`to_dict` only when 0.
+    stats
+        ``1`` (the default) builds the statistics engine (READ_STATS, two FP32 range
+        trackers); ``0`` builds none and READ_STATS answers UNSUPPORTED. Listed in
+        :meth:`to_dict` only when 0.
+    info_rom
+        What the JSON of the INFO answer holds: ``"full"`` (the default: protocol,
+        configuration, buffer map) or ``"config"`` (the configuration only, about a
+        fifth of the ROM). INFO's hash always covers the whole description: the host
+        derives the protocol and the buffer map from the configuration and checks the
+        hash against them. Listed in :meth:`to_dict` only when not ``"full"``.
+    stage_ram
+        The request staging RAM (one frame's payload, ``MAX_PAYLOAD`` bytes):
+        ``"dual"`` (the default: a write and a read address) or ``"single"`` (one
+        address, the executor's while it stages a request, the engines' while they run
+        it), which yosys maps to an iCE40 SPRAM (``synth_ice40 -spram``) instead of 9
+        SB_RAM40_4K. Same behaviour. Listed in :meth:`to_dict` only when ``"single"``.
     """
 
     formats: tuple[BFPFormat, ...] = (HBFP8,)
@@ -149,6 +203,12 @@ class AcceleratorConfig:
     sparse_lanes: int = 0
     conv: int = 0
     mls_lanes: int = 0
+    array_clock_hz: int = 0
+    array_lanes: int = 0
+    quantize: int = 1
+    stats: int = 1
+    info_rom: str = "full"
+    stage_ram: str = "dual"
 
     def __post_init__(self) -> None:
         fmts = self.formats
@@ -226,6 +286,29 @@ class AcceleratorConfig:
                 or self.mls_lanes not in MLS_LANES):
             raise ValueError(f"mls_lanes={self.mls_lanes!r}; accepted values are "
                              f"{', '.join(map(str, MLS_LANES))} (0: no MLS engine)")
+        if self.array_clock_hz != 0:
+            if (not isinstance(self.array_clock_hz, int) or isinstance(self.array_clock_hz, bool)
+                    or not CLOCK_HZ_RANGE[0] <= self.array_clock_hz <= CLOCK_HZ_RANGE[1]):
+                raise ValueError(
+                    f"array_clock_hz={self.array_clock_hz!r}; accepted values are 0 (the array "
+                    f"on the design clock) or an integer in [{CLOCK_HZ_RANGE[0]}, "
+                    f"{CLOCK_HZ_RANGE[1]}] Hz")
+        if (not isinstance(self.array_lanes, int) or isinstance(self.array_lanes, bool)
+                or self.array_lanes not in ARRAY_LANES
+                or (self.array_lanes and self.tile % self.array_lanes)):
+            ok = ", ".join(str(v) for v in ARRAY_LANES if not v or self.tile % v == 0)
+            raise ValueError(f"array_lanes={self.array_lanes!r}; accepted values for "
+                             f"tile={self.tile} are {ok} (0: automatic)")
+        for n, ok, what in (("quantize", QUANTIZE_VALUES, "no QUANTIZE engine"),
+                            ("stats", STATS_VALUES, "no statistics engine")):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v not in ok:
+                raise ValueError(f"{n}={v!r}; accepted values are "
+                                 f"{', '.join(map(str, ok))} (0: {what})")
+        for n, ok in (("info_rom", INFO_ROM_VALUES), ("stage_ram", STAGE_RAM_VALUES)):
+            v = getattr(self, n)
+            if not isinstance(v, str) or v not in ok:
+                raise ValueError(f"{n}={v!r}; accepted values are {', '.join(map(repr, ok))}")
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"name={self.name!r} must be a non-empty identifier")
 
@@ -276,7 +359,8 @@ class AcceleratorConfig:
 
     def to_dict(self) -> dict:
         """JSON-serialisable description (manifest, INFO)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if _OMIT_AT_DEFAULT.get(f.name, _NO_VALUE) != getattr(self, f.name)}
         d["formats"] = [f.to_dict() for f in self.formats]
         d["accumulator_bits"] = self.accumulator_bits
         d["exponent_depth"] = self.exponent_depth
