@@ -216,17 +216,17 @@ _VCO = (400, 800)
 _OUT = (10, 400)
 
 
-def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
-    """The ``EHXPLLL`` dividers closest to ``fout_hz`` (ties: VCO nearest 600 MHz).
+def _check_pll_out(*freqs_hz: int) -> None:
+    for f in freqs_hz:
+        if not _OUT[0] * 1_000_000 <= f <= _OUT[1] * 1_000_000:
+            raise ValueError(f"clock {f / 1e6:g} MHz is outside the ECP5 PLL output range; "
+                             f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
 
-    Same search and limits as Trellis' ``ecppll`` (PFD 3.125-400 MHz, VCO 400-800 MHz,
-    output 10-400 MHz), in exact arithmetic.
-    """
-    if not _OUT[0] * 1_000_000 <= fout_hz <= _OUT[1] * 1_000_000:
-        raise ValueError(f"clock {fout_hz / 1e6:g} MHz is outside the ECP5 PLL output range; "
-                         f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
+
+def _pll_search(clkin_hz: int, fout_hz: int, score) -> PllParams:
+    """The ``EHXPLLL`` setting with the smallest ``score(fout, fvco) -> (key, sd)`` over
+    every divider triple within the PLL's limits (``sd``: the CLKOS divider, or 0)."""
     fin = Fraction(clkin_hz, 1_000_000)
-    target = Fraction(fout_hz, 1_000_000)
     best = None
     for rd in range(1, 129):
         pfd = fin / rd
@@ -238,12 +238,24 @@ def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
                 fvco = fout * od
                 if not _VCO[0] <= fvco <= _VCO[1]:
                     continue
-                key = (abs(fout - target), abs(fvco - 600))
+                key, sd = score(fout, fvco)
                 if best is None or key < best[0]:
-                    best = (key, PllParams(clkin_hz, rd, fd, od))
+                    best = (key, PllParams(clkin_hz, rd, fd, od, sd))
     if best is None:  # pragma: no cover - every output in range has a solution
         raise ValueError(f"no ECP5 PLL setting for {fout_hz} Hz from {clkin_hz} Hz")
     return best[1]
+
+
+def ecp5_pll(clkin_hz: int, fout_hz: int) -> PllParams:
+    """The ``EHXPLLL`` dividers closest to ``fout_hz`` (ties: VCO nearest 600 MHz).
+
+    Same search and limits as Trellis' ``ecppll`` (PFD 3.125-400 MHz, VCO 400-800 MHz,
+    output 10-400 MHz), in exact arithmetic.
+    """
+    _check_pll_out(fout_hz)
+    target = Fraction(fout_hz, 1_000_000)
+    return _pll_search(clkin_hz, fout_hz,
+                       lambda fout, fvco: ((abs(fout - target), abs(fvco - 600)), 0))
 
 
 def ecp5_pll2(clkin_hz: int, fout_hz: int, fout2_hz: int) -> PllParams:
@@ -251,30 +263,13 @@ def ecp5_pll2(clkin_hz: int, fout_hz: int, fout2_hz: int) -> PllParams:
     (fed back, as :func:`ecp5_pll`), then CLKOS (``VCO / secondary_div``) closest to
     ``fout2_hz``, ties to the VCO nearest 600 MHz. Exact pairs exist when both clocks
     divide a VCO frequency in 400-800 MHz (e.g. 50 and 100 MHz: VCO 600 MHz)."""
-    for f in (fout_hz, fout2_hz):
-        if not _OUT[0] * 1_000_000 <= f <= _OUT[1] * 1_000_000:
-            raise ValueError(f"clock {f / 1e6:g} MHz is outside the ECP5 PLL output range; "
-                             f"accepted range is [{_OUT[0]}, {_OUT[1]}] MHz")
-    fin = Fraction(clkin_hz, 1_000_000)
+    _check_pll_out(fout_hz, fout2_hz)
     t1, t2 = Fraction(fout_hz, 1_000_000), Fraction(fout2_hz, 1_000_000)
-    best = None
-    for rd in range(1, 129):
-        pfd = fin / rd
-        if not _PFD[0] <= pfd <= _PFD[1]:
-            continue
-        for fd in range(1, 81):
-            fout = pfd * fd
-            for od in range(1, 129):
-                fvco = fout * od
-                if not _VCO[0] <= fvco <= _VCO[1]:
-                    continue
-                sd = max(1, min(128, round(fvco / t2)))
-                key = (abs(fout - t1), abs(fvco / sd - t2), abs(fvco - 600))
-                if best is None or key < best[0]:
-                    best = (key, PllParams(clkin_hz, rd, fd, od, sd))
-    if best is None:  # pragma: no cover - every output in range has a solution
-        raise ValueError(f"no ECP5 PLL setting for {fout_hz} Hz from {clkin_hz} Hz")
-    return best[1]
+
+    def score(fout, fvco):
+        sd = max(1, min(128, round(fvco / t2)))
+        return (abs(fout - t1), abs(fvco / sd - t2), abs(fvco - 600)), sd
+    return _pll_search(clkin_hz, fout_hz, score)
 
 
 def _ehxplll(p: PllParams, clkin, clkout, locked, clkout2=None) -> Instance:
