@@ -194,18 +194,20 @@ class ConvAddress:
         self.outer = outer
 
         # ---- the blocks and the padding tests of the next state --------------------
-        lim = {n: Signal(17 + 3, name=f"ca_lim_{n}") for n in ("ah", "aw", "bh", "bw")}
-        msk = {n: Signal(3, name=f"ca_msk_{n}") for n in ("ah", "aw")}
+        # widths from the job layout: a size shifted by the largest log2 stride
+        smax = (1 << len(j.lsh)) - 1
+        lim = {n: Signal(len(j.Ho) + smax, name=f"ca_lim_{n}") for n in ("ah", "aw", "bh", "bw")}
+        msk = {n: Signal(smax, name=f"ca_msk_{n}") for n in ("ah", "aw")}
         m.d.sync += [lim["ah"].eq(Mux(fwd, j.H, Mux(dxm, j.Ho << j.lsh, 1))),
                      lim["aw"].eq(Mux(fwd, j.W, Mux(dxm, j.Wo << j.lsw, 1))),
                      lim["bh"].eq(Mux(dwm, j.H, 1)), lim["bw"].eq(Mux(dwm, j.W, 1)),
-                     msk["ah"].eq(Mux(dxm, (Const(1, 4) << j.lsh) - 1, 0)),
-                     msk["aw"].eq(Mux(dxm, (Const(1, 4) << j.lsw) - 1, 0))]
+                     msk["ah"].eq(Mux(dxm, (Const(1, smax + 1) << j.lsh) - 1, 0)),
+                     msk["aw"].eq(Mux(dxm, (Const(1, smax + 1) << j.lsw) - 1, 0))]
 
         def inside(n):
             v = nF[n]
             ok = (v >= 0) & (v < lim[n])
-            return ok & ((v[:3] & msk[n]) == 0) if n in msk else ok
+            return ok & ((v[:smax] & msk[n]) == 0) if n in msk else ok
 
         self.blk_a = Signal(32, name="ca_blk_a")
         self.blk_b = Signal(32, name="ca_blk_b")
