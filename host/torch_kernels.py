@@ -167,6 +167,14 @@ def _xs(s):
     return s
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _xs32(x):
+    """:func:`_xs` on a uint32 state (32-bit lanes: loops over chains vectorise)."""
+    x = np.uint32(x ^ (x << np.uint32(13)))
+    x ^= x >> np.uint32(17)
+    return np.uint32(x ^ (x << np.uint32(5)))
+
+
 @njit(cache=True, nogil=True)
 def _random_stream_fast(seed, lanes, count, bits, cols):
     """:func:`_random_stream` computed as :data:`CHUNKS` (8) chains per lane: lane
@@ -285,7 +293,12 @@ _jumps: dict = {}
 def jump_table(count: int, lanes: int) -> np.ndarray:
     """The jump-ahead columns :func:`_random_stream_fast` needs for a stream of
     ``count`` numbers over ``lanes`` lanes (cached per chunk length)."""
-    n = (-(-count // lanes) + CHUNKS - 1) // CHUNKS
+    return step_cols((-(-count // lanes) + CHUNKS - 1) // CHUNKS)
+
+
+def step_cols(n: int) -> np.ndarray:
+    """The columns of ``A**n`` (:func:`_jump_cols`: the xorshift32 step taken ``n``
+    times), cached per ``n``."""
     cols = _jumps.get(n)
     if cols is None:
         if len(_jumps) > 256:
@@ -1068,7 +1081,19 @@ def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
                     if bmax[i, j, k] >= _MIN_NORMAL and d < -max_range:
                         ok = False
                     pv[i, j, k] = _pow2_f32(max(d, -126))
-    if rnd == 3:
+    # one lane (``chains``): the stream is one xorshift chain, listing the blocks of grid
+    # row i as (j, k, element) with the elements row-major in a block, so block (i, j, k)
+    # is the chain's segment ``b0 b1`` long starting at ((i g1 + j) HW + k) b0 b1. The
+    # segments of one grid row are run side by side, one chain state per (j, k): block
+    # (i, j, k)'s element (ia, ib) is its chain's next number when the loops below reach
+    # it. The chains start one segment apart (``jump`` = the columns of A**(b0 b1)).
+    chains = rnd == 3 and lanes == 1
+    S = np.empty(g1 * HW if chains else 0, np.uint32)
+    s_next = (seed ^ (_LANE_MULT & _MASK32)) & _MASK32
+    if s_next == 0:
+        s_next = _ZERO_SEED
+    shift32 = np.uint32(32 - sr_bits)
+    if rnd == 3 and not chains:
         # the stream written straight into the layout of ``man`` (rows padded by 16: no
         # cache-set conflicts): number n goes to ``pos[n]`` (:func:`conv_stream_pos`)
         u2 = scratch[: Ap * Bp * (HW + 16)].reshape(Ap, Bp, HW + 16)
@@ -1100,6 +1125,12 @@ def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
     for a in range(Ap):
         i = a // b0
         ia = a - i * b0
+        if chains and ia == 0:
+            t = s_next
+            for c in range(g1 * HW):
+                S[c] = np.uint32(t)
+                t = _jump(jump, t)
+            s_next = t
         for j in range(g1):
             for k in range(HW):
                 rowacc[j, k] = 0
@@ -1112,6 +1143,10 @@ def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
             if a >= A or b >= B:
                 for k in range(HW):
                     mf[a, b, k] = 0
+                if chains and a < A:        # a padding column: its numbers are skipped
+                    Sj = S[j * HW: j * HW + HW]
+                    for k in range(HW):
+                        Sj[k] = _xs32(Sj[k])
                 continue
             # the rounding mode is tested outside the element loops (branch-free loops);
             # subnormal inputs flush to +0
@@ -1133,8 +1168,16 @@ def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
                     r = t + ((-one if y < zero else one) if np.abs(y - t) >= half else zero)
                     qr[k] = np.int32(min(max(r, -mmf), mmf))
             else:
-                for k in range(HW):
-                    ur[k] = u2[a, b, k]
+                if chains:
+                    # (through a slice: indexed as S[j HW + k] the loop does not vectorise)
+                    Sj = S[j * HW: j * HW + HW]
+                    for k in range(HW):
+                        x = _xs32(Sj[k])
+                        Sj[k] = x
+                        ur[k] = np.int32(x >> shift32)
+                else:
+                    for k in range(HW):
+                        ur[k] = u2[a, b, k]
                 if narrow:
                     # |y| 2**r < 2**31 is exact in float32 (a power-of-two multiple of a
                     # float32): the same floor as the float64 one, in 32-bit lanes
@@ -1281,7 +1324,9 @@ def conv_quantize_4d(x: np.ndarray, fmt, b0: int, b1: int, ap: int, bp: int):
     man = np.empty((ap, bp, H, W), dt)
     val = np.empty((A, B, H, W), np.float32)
     stats = np.empty((3, ap // b0, bp // b1, H, W), np.int32)
-    if rnd == 3:
+    if rnd == 3 and fmt.sr_lanes == 1:        # the kernel's chains, one block apart
+        jump, pos, scratch = step_cols(b0 * b1), _NO_JUMP, _NO_SCRATCH
+    elif rnd == 3:
         jump = jump_table(ap * bp * H * W, fmt.sr_lanes)
         scratch = _scratch(ap * bp * (H * W + 16))
         pos = conv_stream_pos(ap, bp, H * W, b0, b1)

@@ -197,6 +197,7 @@ def test_quantizer_nonfinite_and_rounding_modes(rng):
     assert torch_kernels.conv_quantize_4d(bad, f, 16, 16, 32, 32) is None
     for fmt in (HBFP8.replace(rounding="toward_zero"), HBFP8.replace(rounding="nearest_away"),
                 HBFP4.replace(rounding="stochastic", seed=5, sr_lanes=3),
+                HBFP4.replace(rounding="stochastic", seed=7),
                 HBFP8.replace(rounding="stochastic", seed=9, sr_bits=24)):
         op, q = _operand(x, conv_format(fmt))
         m = np.abs(q.mantissas.astype(np.int64)).reshape(2, 16, 2, 16, 3, 2)
@@ -206,3 +207,8 @@ def test_quantizer_nonfinite_and_rounding_modes(rng):
         deq = q.mantissas[:20, :18] * np.exp2(np.repeat(np.repeat(
             q.exponents.astype(np.float64) - op.eref, 16, 0), 16, 1)[:20, :18])
         np.testing.assert_array_equal(op.val.numpy().astype(np.float64), deq)
+    # one real channel in a block of 16, padded samples (a model input, stochastic): the
+    # padding's random numbers are skipped, the real elements' are the golden ones
+    for seed in (0, 3):
+        _operand(rng.standard_normal((33, 1, 5, 3)).astype(np.float32),
+                 conv_format(HBFP4.replace(rounding="stochastic", seed=seed)))
