@@ -760,6 +760,14 @@ def _conv_fmt_cached(fmt: BFPFormat) -> BFPFormat:
     return conv_format(fmt)
 
 
+def _cached_conv_fmt(cache: dict, fmt: BFPFormat) -> BFPFormat:
+    """``_conv_fmt(fmt)`` kept in ``cache`` (a layer's: its formats do not change)."""
+    c = cache.get("conv")
+    if c is None:
+        c = cache["conv"] = _conv_fmt(fmt)
+    return c
+
+
 def _conv_fmt(fmt: BFPFormat) -> BFPFormat:
     """The conv-operand format of a role's 2-D tile format (stochastic formats: one cache
     entry for all seeds)."""
@@ -1575,10 +1583,11 @@ class _BFPConv(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.in_hw = (int(x.shape[2]), int(x.shape[3]))
         xd, wd = x.detach(), w.detach()
-        fx, fw = _conv_fmt(layer._act_fmt_for_step()), _conv_fmt(layer.weight_fmt)
         be, geo = layer.backend, layer.geometry
         ctx.direct = _conv_direct(layer, xd, wd)
+        fw = _conv_fmt(layer.weight_fmt)
         if ctx.direct:
+            fx = layer._act_fmt_for_step(conv=True)
             xq, wq = _conv_operand(xd, fx), _conv_operand(wd, fw)
             b = None
             if bias is not None and bias.dtype == torch.float32:
@@ -1591,6 +1600,7 @@ class _BFPConv(torch.autograd.Function):
             bc["conv2d"] += 1
             fused_calls["forward"] += 1
         else:
+            fx = _conv_fmt(layer._act_fmt_for_step())
             xq = layer._quant(xd, fx, "act")
             wq = layer._quant(wd, fw, "weight")
             y = be.conv2d(xq, wq, geo)
@@ -1607,11 +1617,10 @@ class _BFPConv(torch.autograd.Function):
         layer = ctx.layer
         be, geo = layer.backend, layer.geometry
         xq, wq = ctx.saved
-        gfmt = _conv_fmt(layer._grad_fmt_for_step())
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ksize = tuple(wq.shape[2:])
         if ctx.direct:
-            gq = _conv_operand(dy.detach(), gfmt)
+            gq = _conv_operand(dy.detach(), layer._grad_fmt_for_step(conv=True))
             dx, dw = _conv_backward(gq, wq, xq, ctx.in_hw, ksize, geo, need_dx, need_dw)
             layer.quant_calls["grad"] += 1
             bc = be.calls
@@ -1620,10 +1629,10 @@ class _BFPConv(torch.autograd.Function):
             bc["conv2d_weight_grad"] += need_dw
             fused_calls["backward"] += 1
         else:
-            gq = layer._quant(dy.detach(), gfmt, "grad")
+            gq = layer._quant(dy.detach(), _conv_fmt(layer._grad_fmt_for_step()), "grad")
             dx = be.conv2d_input_grad(gq, wq, ctx.in_hw, geo) if need_dx else None
             dw = be.conv2d_weight_grad(gq, xq, ksize, geo) if need_dw else None
-        layer._step += 1
+        layer.__dict__["_step"] = layer._step + 1         # (skips Module.__setattr__)
         ctx.saved = None
 
         def t(a):
@@ -1722,36 +1731,46 @@ class BFPLayerMixin:
         self.quant_calls[role] += 1
         return q(x, update=self.training or role == "grad")
 
-    def _grad_fmt_for_step(self) -> Quantizer:
+    def _grad_fmt_for_step(self, conv: bool = False) -> Quantizer:
         """This step's gradient format; sets :attr:`_grad_fmt_t`, its transpose (for a
-        2-D stochastic format, else None: :func:`transpose_q` finds it)."""
+        2-D stochastic format, else None: :func:`transpose_q` finds it). ``conv``: the
+        HyperBlock conv operand format of it (``_conv_fmt`` of the result; the direct
+        conv path asks for it, the seed-free part is cached)."""
         g = self.grad_fmt
-        self._grad_fmt_t = None
-        if self.grad_stochastic:
-            base = getattr(self, "_sr_fmt_base", None)
-            if base is None or base[0] is not g:
-                sr = g.replace(rounding="stochastic")
-                srt = (_transposed_fmt(sr, tuple(a % 2 for a in sr.block_axes))
-                       if len(sr.block_axes) == 2 else None)
-                base = self._sr_fmt_base = (g, sr, srt)
-            seed = _mix_seed(self.seed, self.layer_id, self._step)
-            g = _with_seed(base[1], seed)
-            if base[2] is not None:
-                self._grad_fmt_t = _with_seed(base[2], seed)
-        return g
+        d = self.__dict__                   # (plain attributes: skips Module.__setattr__)
+        d["_grad_fmt_t"] = None
+        if not self.grad_stochastic:
+            return _conv_fmt(g) if conv else g
+        base = d.get("_sr_fmt_base")
+        if base is None or base[0] is not g:
+            sr = g.replace(rounding="stochastic")
+            srt = (_transposed_fmt(sr, tuple(a % 2 for a in sr.block_axes))
+                   if len(sr.block_axes) == 2 else None)
+            base = d["_sr_fmt_base"] = (g, sr, srt, {})
+        seed = _mix_seed(self.seed, self.layer_id, self._step)
+        if conv:
+            return _with_seed(_cached_conv_fmt(base[3], base[1]), seed)
+        if base[2] is not None:
+            d["_grad_fmt_t"] = _with_seed(base[2], seed)
+        return _with_seed(base[1], seed)
 
-    def _act_fmt_for_step(self) -> Quantizer:
+    def _act_fmt_for_step(self, conv: bool = False) -> Quantizer:
         """This step's activation format: with :attr:`act_stochastic`, in training mode,
         the activation format with stochastic rounding, seeded from
         ``(seed, layer index, step, 1)`` (a stream apart from the gradients'); else
-        :attr:`act_fmt` (evaluation stays deterministic, round to nearest)."""
+        :attr:`act_fmt` (evaluation stays deterministic, round to nearest). ``conv``: as
+        :meth:`_grad_fmt_for_step`."""
         a = self.act_fmt
         if not (self.act_stochastic and self.training):
-            return a
-        base = getattr(self, "_sr_act_base", None)
+            return _conv_fmt(a) if conv else a
+        d = self.__dict__
+        base = d.get("_sr_act_base")
         if base is None or base[0] is not a:
-            base = self._sr_act_base = (a, a.replace(rounding="stochastic"))
-        return _with_seed(base[1], _mix_seed(self.seed, self.layer_id, self._step, 1))
+            base = d["_sr_act_base"] = (a, a.replace(rounding="stochastic"), {})
+        seed = _mix_seed(self.seed, self.layer_id, self._step, 1)
+        if conv:
+            return _with_seed(_cached_conv_fmt(base[2], base[1]), seed)
+        return _with_seed(base[1], seed)
 
     def _gemm(self, x2d: torch.Tensor) -> torch.Tensor:
         w2d = self.weight.reshape(self.weight.shape[0], -1)
