@@ -1346,6 +1346,31 @@ def _pair_term(e, r, t, lim):
     return t * _POW2_F64[d + 1022] if d >= -1000 else 0.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _path_mask(s_, s2, lim, chunks_ok):
+    """The exact paths one output block allows, as bits: 1 float32 (``s_`` within
+    ``lim``), 2 float32 per sample block (``chunks_ok``, weight gradient only), 4 the
+    float32 halves (``s2`` within ``lim``), 8 float64 (always, once nothing truncates)."""
+    eps = 1.0 + 2.0**-40
+    return ((1 if s_ * eps <= lim else 0) | (2 if chunks_ok else 0)
+            | (4 if s2 * eps <= lim else 0) | 8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cheapest_path(valid):
+    """The cheapest path every output block allows (``valid``: the AND of their
+    :func:`_path_mask`): 0 float32, 1 per sample block, 2 halves, 3 float64. (A path
+    one block needs may not be exact for another: the halves' bound is not implied by
+    the float32 one, so the paths are intersected, not their codes maximised.)"""
+    if valid & 1:
+        return 0
+    if valid & 2:
+        return 1
+    if valid & 4:
+        return 2
+    return 3
+
+
 @njit(cache=True, nogil=True)
 def _conv_fwd_check(xe, xs, we, ws, Ho, Wo, sh, sw, ph, pw, dh, dw, G, split_max):
     """:func:`conv_check` for the forward convolution: output blocks (n-block, p, q,
@@ -1360,7 +1385,7 @@ def _conv_fwd_check(xe, xs, we, ws, Ho, Wo, sh, sw, ph, pw, dh, dw, G, split_max
                 for j in range(KW):
                     if ws[0, ob, cb, i, j] > 0:
                         col[ob] = max(col[ob], np.int64(we[ob, cb, i, j]))
-    status = 0
+    valid = 15
     for nb in range(gn):
         for p in range(Ho):
             for q in range(Wo):
@@ -1404,10 +1429,8 @@ def _conv_fwd_check(xe, xs, we, ws, Ho, Wo, sh, sw, ph, pw, dh, dw, G, split_max
                         continue
                     if r - gmin > G:
                         return 4
-                    lim = 2.0 ** (24 - (r - gmin))
-                    if s_ * (1.0 + 2.0**-40) > lim:
-                        status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
-    return status
+                    valid &= _path_mask(s_, s2, 2.0 ** (24 - (r - gmin)), False)
+    return _cheapest_path(valid)
 
 
 @njit(cache=True, nogil=True)
@@ -1425,7 +1448,7 @@ def _conv_dx_check(ge, gs, we, ws, H, W, sh, sw, ph, pw, dh, dw, G, split_max):
                 for j in range(KW):
                     if ws[0, ob, cb, i, j] > 0:
                         col[cb] = max(col[cb], np.int64(we[ob, cb, i, j]))
-    status = 0
+    valid = 15
     for nb in range(gn):
         for h in range(H):
             for w in range(W):
@@ -1476,10 +1499,8 @@ def _conv_dx_check(ge, gs, we, ws, H, W, sh, sw, ph, pw, dh, dw, G, split_max):
                         continue
                     if r - gmin > G:
                         return 4
-                    lim = 2.0 ** (24 - (r - gmin))
-                    if s_ * (1.0 + 2.0**-40) > lim:
-                        status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
-    return status
+                    valid &= _path_mask(s_, s2, 2.0 ** (24 - (r - gmin)), False)
+    return _cheapest_path(valid)
 
 
 @njit(cache=True, nogil=True)
@@ -1498,7 +1519,7 @@ def _conv_dw_check(ge, gs, xe, xs, KH, KW, sh, sw, ph, pw, dh, dw, G, split_max)
                         row[ob] = max(row[ob], np.int64(ge[nb, ob, p, q]))
     snb = np.zeros(gn, np.float64)
     gnb = np.zeros(gn, np.int64)
-    status = 0
+    valid = 15
     for cb in range(gc):
         for i in range(KH):
             for j in range(KW):
@@ -1548,19 +1569,15 @@ def _conv_dw_check(ge, gs, xe, xs, KH, KW, sh, sw, ph, pw, dh, dw, G, split_max)
                         continue
                     if r - gmin > G:
                         return 4
-                    lim = 2.0 ** (24 - (r - gmin))
-                    if s_ * (1.0 + 2.0**-40) > lim:
-                        # per sample block (its own sum and smallest unit)
-                        ch = True
-                        for nb in range(gn):
-                            if gnb[nb] <= r and snb[nb] * (1.0 + 2.0**-40) > 2.0 ** (
-                                    24 - (r - gnb[nb])):
-                                ch = False
-                        if ch:
-                            status = max(status, 1)
-                        else:
-                            status = max(status, 2 if s2 * (1.0 + 2.0**-40) <= lim else 3)
-    return status
+                    # per sample block (its own sum and smallest unit; the whole sum
+                    # within its bound implies every share within its own)
+                    ch = True
+                    for nb in range(gn):
+                        if gnb[nb] <= r and snb[nb] * (1.0 + 2.0**-40) > 2.0 ** (
+                                24 - (r - gnb[nb])):
+                            ch = False
+                    valid &= _path_mask(s_, s2, 2.0 ** (24 - (r - gmin)), ch)
+    return _cheapest_path(valid)
 
 
 @njit(cache=True, nogil=True)

@@ -212,3 +212,27 @@ def test_quantizer_nonfinite_and_rounding_modes(rng):
     for seed in (0, 3):
         _operand(rng.standard_normal((33, 1, 5, 3)).astype(np.float32),
                  conv_format(HBFP4.replace(rounding="stochastic", seed=seed)))
+
+
+def test_check_picks_a_path_every_output_block_allows():
+    """The halves' bound is not implied by the float32 one: when one output block passes
+    float32 but not the halves and another passes only the halves, the check must fall
+    back to float64 (a path exact for both), not to the halves. Built on the block
+    statistics directly (a 1x1 convolution, two channel blocks 12 binades apart, two
+    output blocks)."""
+    xe = np.array([0, -12], np.int16).reshape(1, 2, 1, 1)
+    xs = np.zeros((3, 1, 2, 1, 1), np.int32)
+    xs[:, 0, 0, 0, 0] = [127, 2032, 2032]       # max |m|, largest row sum, column sum
+    xs[:, 0, 1, 0, 0] = [1, 1, 1]
+    we = np.zeros((2, 2, 1, 1), np.int16)
+    ws = np.ones((3, 2, 2, 1, 1), np.int32)
+    ws[:, 0, 0, 0, 0] = [2, 300, 300]   # block 0: float32 sum 4064 <= 2**12, halves 4500
+    ws[:, 1, 0, 0, 0] = [127, 100, 100]  # block 1: float32 sum 12700, halves 1500
+    geo = ConvGeometry.of(1, 0, 1)
+    assert torch_kernels.conv_check("fwd", xe, xs, we, ws, (1, 1), geo, 20) == \
+        torch_kernels.CONV_F64
+    # each block alone takes its own cheapest path
+    assert torch_kernels.conv_check("fwd", xe, xs, we[:1], ws[:, :1], (1, 1), geo, 20) == \
+        torch_kernels.CONV_F32
+    assert torch_kernels.conv_check("fwd", xe, xs, we[1:], ws[:, 1:], (1, 1), geo, 20) == \
+        torch_kernels.CONV_SPLIT
