@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hbfp_hw.host import torch_kernels
+from hbfp_hw.host import torch as htorch
 from hbfp_hw.host.torch import bfp_layers, convert
 from hbfp_hw.host.train import format_kwargs, load_digits_split, make_model
 
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     print("| model | format | FP32 ms/step (median) | emulate ms/step (median) | ratio "
           "| FP32 min | emulate min | ratio of minima |")
     print("|---|---|---|---|---|---|---|---|")
+    paths = []
     for label, base, shape, batch in _models():
         if args.only not in label:
             continue
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
                 xb, yb = next(data)
                 sf.step(xb, yb), sb.step(xb, yb)
             t_fp, t_bfp = [], []
+            htorch.conv_paths.clear()
             for _ in range(args.steps):
                 xb, yb = next(data)
                 t_fp.append(sf.step(xb, yb))
@@ -148,6 +151,12 @@ def main(argv=None) -> int:
             print(f"| {label} | {f} | {a:.2f} | {b:.2f} | {b / a:.1f}x "
                   f"| {min(t_fp) * 1e3:.2f} | {min(t_bfp) * 1e3:.2f} "
                   f"| {min(t_bfp) / min(t_fp):.1f}x |", flush=True)
+            if htorch.conv_paths:
+                paths.append((label, f, sorted(htorch.conv_paths.items())))
+    if paths:
+        print("\nexact convolution paths taken in the timed steps (direction, path: calls):")
+        for label, f, counts in paths:
+            print(f"  {label}, {f}: " + ", ".join(f"{d} {p} {n}" for (d, p), n in counts))
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
