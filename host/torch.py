@@ -1475,7 +1475,7 @@ def _conv_status(kind: str, a, b, size, geo, G: int) -> int:
         L, k = a.block[0], a.man.shape[0] * a.shape[2] * a.shape[3]
     if _acc_bits(ma, mb, L, k, G) > 53:
         return 4
-    st = _kernels.conv_check(kind, a.exps, a.stats, b.exps, b.stats, size, geo, G)
+    st = _kernels.conv_check(kind, a.exps, a.stats, b.exps, b.stats, size, geo, G, k)
     if st == 2 and ma > 8:                  # the halves' bound assumes |m| <= 127
         st = 3
     return st if st <= _CONV_MAX_STATUS else 4

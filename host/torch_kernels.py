@@ -1580,9 +1580,43 @@ def _conv_dw_check(ge, gs, xe, xs, KH, KW, sh, sw, ph, pw, dh, dw, G, split_max)
     return _cheapest_path(valid)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _live_range(e, s0):
+    """The smallest and largest exponent and the largest ``|m|`` of the non-zero blocks
+    (``s0`` > 0) of one operand (flattened grids); ``(0, -1, 0)`` if none is."""
+    lo, hi, mx = np.int64(1 << 30), np.int64(-(1 << 30)), np.int64(0)
+    for n in range(e.size):
+        if s0[n] > 0:
+            lo = min(lo, np.int64(e[n]))
+            hi = max(hi, np.int64(e[n]))
+            mx = max(mx, np.int64(s0[n]))
+    return (lo, hi, mx) if mx > 0 else (np.int64(0), np.int64(-1), np.int64(0))
+
+
+@njit(cache=True, nogil=True)
+def _conv_global_f32(ea, sa, eb, sb, n_terms, G):
+    """A whole-tensor sufficient condition for :data:`CONV_F32` (checked first, in
+    O(blocks)): with ``D`` the exponent spread of ``a``'s plus ``b``'s non-zero blocks,
+    every output block has ``r - gmin <= D`` (so ``D <= G``: nothing truncates) and a
+    sum of ``|a'| |b'|`` of at most ``n_terms`` (the padded reduction length) times the
+    largest ``|m|`` of each, in units of ``2**r``: within ``2**(24 - D)`` it is within
+    every output block's own float32 bound. ``n_terms < 0``: unknown, not checked."""
+    if n_terms < 0:
+        return False
+    alo, ahi, ma = _live_range(ea.ravel(), sa[0].ravel())
+    blo, bhi, mb = _live_range(eb.ravel(), sb[0].ravel())
+    if ma == 0 or mb == 0:
+        return False                    # (the per-block check handles empty operands)
+    d = (ahi - alo) + (bhi - blo)
+    return d <= G and d <= 24 and np.float64(n_terms) * np.float64(ma) * np.float64(mb) * (
+        1.0 + 2.0**-40) <= 2.0 ** (24 - d)
+
+
 @njit(cache=True, nogil=True)
 def _conv_check_p(kind, ea, sa, eb, sb, p):
     """The check of ``kind`` (0 fwd, 1 dx, 2 dw) with its scalars packed in ``p``."""
+    if _conv_global_f32(ea, sa, eb, sb, p[10], p[8]):
+        return 0
     if kind == 0:
         return _conv_fwd_check(ea, sa, eb, sb, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
                                p[7], p[8], p[9])
@@ -1597,7 +1631,8 @@ _KINDS = {"fwd": 0, "dx": 1, "dw": 2}
 _cparams: dict = {}
 
 
-def conv_check(kind: str, ea, sa, eb, sb, size, geometry, guard_bits: int) -> int:
+def conv_check(kind: str, ea, sa, eb, sb, size, geometry, guard_bits: int,
+               n_terms: int = -1) -> int:
     """Which exact path a HyperBlock convolution can take, from the exponents and
     :func:`conv_quantize_4d` statistics of its two operands: :data:`CONV_F32` (no live
     block pair shifted past the guard bits, and every output's sum of
@@ -1609,19 +1644,21 @@ def conv_check(kind: str, ea, sa, eb, sb, size, geometry, guard_bits: int) -> in
     (:func:`conv_split`), whose magnitudes are at most :data:`SPLIT_MAX`),
     :data:`CONV_F64` (no truncation; the float64 convolution is exact, the accumulator
     width check bounds it) or :data:`CONV_TRUNC` (the golden model's floor is needed).
-    The largest status over the output blocks.
+    The cheapest path every output block allows. ``n_terms`` (the padded reduction
+    length of an output, when known) enables a whole-tensor float32 test first
+    (:func:`_conv_global_f32`).
 
     ``kind``: "fwd" (``a`` = X, ``b`` = W, ``size`` = output (H', W')), "dx" (``a`` = dY,
     ``b`` = W, ``size`` = input (H, W)) or "dw" (``a`` = dY, ``b`` = X, ``size`` = kernel
     (kh, kw))."""
-    key = (kind, size, geometry, guard_bits)
+    key = (kind, size, geometry, guard_bits, n_terms)
     p = _cparams.get(key)
     if p is None:
         if len(_cparams) > 1024:
             _cparams.clear()
         (sh, sw), (ph, pw), (dh, dw) = geometry.stride, geometry.padding, geometry.dilation
         p = _cparams[key] = np.array([int(size[0]), int(size[1]), sh, sw, ph, pw, dh, dw,
-                                      int(guard_bits), SPLIT_MAX], np.int64)
+                                      int(guard_bits), SPLIT_MAX, int(n_terms)], np.int64)
     return int(_conv_check_p(_KINDS[kind], ea, sa, eb, sb, p))
 
 

@@ -236,3 +236,37 @@ def test_check_picks_a_path_every_output_block_allows():
         torch_kernels.CONV_F32
     assert torch_kernels.conv_check("fwd", xe, xs, we[1:], ws[:, 1:], (1, 1), geo, 20) == \
         torch_kernels.CONV_SPLIT
+
+
+@pytest.mark.parametrize("fmt", [HBFP4, HBFP8], ids=["hb4", "hbfp8"])
+def test_whole_tensor_float32_test_agrees_with_the_block_check(fmt, rng):
+    """conv_check's whole-tensor float32 test (given the reduction length) fires only
+    where the per-block check also finds float32 for every output block, for the three
+    convolutions of operands with 0-7 binades between positions; it fires for some."""
+    geo = ConvGeometry.of(1, 1, 1)
+    f = conv_format(fmt)
+    fired = 0
+    for trial in range(24):
+        spread = trial % 8
+
+        def t(shape):
+            v = rng.standard_normal(shape) * np.exp2(
+                rng.integers(0, spread + 1, (1, 1) + shape[2:]))
+            return torch.from_numpy(v.astype(np.float32))
+        xo = htorch._conv_operand(t((32, 16, 6, 6)), f)
+        wo = htorch._conv_operand(t((16, 16, 3, 3)), f)
+        go = htorch._conv_operand(t((32, 16, 6, 6)), f)
+        for kind, a, b, size, k in (
+                ("fwd", xo, wo, (6, 6), wo.man.shape[1] * 9),
+                ("dx", go, wo, (6, 6), wo.man.shape[0] * 9),
+                ("dw", go, xo, (3, 3), go.man.shape[0] * 36)):
+            fast = torch_kernels.conv_check(kind, a.exps, a.stats, b.exps, b.stats, size,
+                                            geo, 8, k)
+            block = torch_kernels.conv_check(kind, a.exps, a.stats, b.exps, b.stats, size,
+                                             geo, 8)
+            assert fast == block, (kind, spread)
+            if torch_kernels._conv_global_f32(a.exps, a.stats, b.exps, b.stats, k, 8):
+                fired += 1
+                assert block == torch_kernels.CONV_F32
+    if fmt is HBFP4:
+        assert fired > 0
