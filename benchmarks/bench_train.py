@@ -15,8 +15,9 @@ training split (``--data digits``, the default: the exact-convolution paths a re
 takes, fallbacks included), both models on the same batches; ``--data random`` (and the
 wider MLPs always) repeat one batch of uniform random inputs. ``--clock cpu`` times
 the process's CPU time instead of wall time (with one thread, the step's own work:
-steadier on a machine shared with other jobs). The compiled kernels of the emulate backend (numba, when installed) are
-compiled or loaded from numba's cache before any timing.
+steadier on a machine shared with other jobs). The compiled kernels of the emulate
+backend (numba, when installed) are compiled or loaded from numba's cache before any
+timing.
 """
 
 from __future__ import annotations
