@@ -47,8 +47,8 @@ from .top import UartAccelerator
 from .uart import uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "PllParams", "ResourceEstimate", "ULX3S_CONFIG",
-           "ULX3S_FAST_CONFIG", "board_config", "board_pins", "board_platform",
-           "board_preset", "ecp5_pll", "ecp5_pll2",
+           "ULX3S_FAST_CONFIG", "ULX3S_45F_CONFIG", "ULX3S_SMALL_CONFIG", "board_config",
+           "board_pins", "board_platform", "board_preset", "ecp5_pll", "ecp5_pll2",
            "resource_estimate", "ICEBREAKER_CONFIG", "ICE40_RESOURCES"]
 
 
@@ -85,6 +85,9 @@ class Board:
     #: named builds besides the default (``hbfp-hw build --preset NAME``): fields of
     #: :meth:`AcceleratorConfig.default` changed, like ``config``
     presets: dict = field(default_factory=dict)
+    #: per variant, fields changed over ``config`` for that variant's default build (a
+    #: smaller device gets a smaller accelerator)
+    variant_config: dict = field(default_factory=dict)
 
 
 #: The ULX3S default accelerator (changes to :meth:`AcceleratorConfig.default`). The
@@ -112,6 +115,17 @@ ULX3S_FAST_CONFIG = {**ULX3S_CONFIG, "array_rows": 8, "array_cols": 8, "tile": 8
                      "array_lanes": 8, "clock_hz": 45_000_000, "array_clock_hz": 60_000_000,
                      "formats": (HBFP4.replace(block_shape=(8, 8), name="HBFP4T8"),),
                      "name": "hbfp_fast"}
+
+#: The smaller ULX3S variants' default builds (changes over ULX3S_CONFIG), chosen by
+#: resource estimate and checked by a routed build each (docs/board.md, "Variants"):
+#: the 45F (72 MULT18X18D, 108 DP16KD, 43,848 LUT4) a 4x2 array (38 / 63); the 12F and
+#: 25F (28, 56; 12,288 and 24,288 LUT4) a 2x2 array with half-depth buffers and only the
+#: GEMM path (no QUANTIZE or statistics engine, configuration-only INFO), as the
+#: iCEBreaker build.
+ULX3S_45F_CONFIG = {"array_rows": 4, "array_cols": 2}
+ULX3S_SMALL_CONFIG = {"array_rows": 2, "array_cols": 2, "operand_depth": 8192,
+                      "input_depth": 2048, "output_depth": 2048, "quantize": 0,
+                      "stats": 0, "info_rom": "config"}
 
 #: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
 ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}
@@ -143,7 +157,9 @@ BOARDS: dict[str, Board] = {
         programmer="openFPGALoader -b ulx3s {bit}  (SRAM; add -f to write the flash)",
         program_argv=("openFPGALoader", "-b", "ulx3s", "{bit}"), flash_args=("-f",),
         config=ULX3S_CONFIG, resources=ECP5_RESOURCES,
-        presets={"fast": ULX3S_FAST_CONFIG}),
+        presets={"fast": ULX3S_FAST_CONFIG},
+        variant_config={"12F": ULX3S_SMALL_CONFIG, "25F": ULX3S_SMALL_CONFIG,
+                        "45F": ULX3S_45F_CONFIG}),
     "icebreaker": Board(
         name="icebreaker", variants={"UP5K": ("amaranth_boards.icebreaker",
                                               "ICEBreakerPlatform")},
@@ -299,31 +315,38 @@ def _ehxplll(p: PllParams, clkin, clkout, locked, clkout2=None) -> Instance:
 # -------------------------------------------------------------------------------------
 # board top
 # -------------------------------------------------------------------------------------
-def board_preset(board: str = "ulx3s", preset: str = "default") -> AcceleratorConfig:
-    """The configuration of a named build of ``board``: ``"default"`` (:attr:`Board.config`)
-    or a key of :attr:`Board.presets` (ulx3s: ``"fast"``, :data:`ULX3S_FAST_CONFIG`)."""
+def board_preset(board: str = "ulx3s", preset: str = "default",
+                 variant: str | None = None) -> AcceleratorConfig:
+    """The configuration of a named build of ``board``: ``"default"`` (:attr:`Board.config`,
+    with :attr:`Board.variant_config` of ``variant`` over it) or a key of
+    :attr:`Board.presets` (ulx3s: ``"fast"``, :data:`ULX3S_FAST_CONFIG`)."""
     b = _board(board)
     if preset != "default" and preset not in b.presets:
         raise ValueError(f"preset={preset!r} is not a {board} preset; accepted presets are "
                          f"{', '.join(['default', *b.presets])}")
-    changes = b.config if preset == "default" else b.presets[preset]
+    if variant is not None and variant not in b.variants:
+        raise ValueError(f"variant={variant!r} is not a {board} variant; accepted variants "
+                         f"are {', '.join(b.variants)}")
+    changes = ({**b.config, **b.variant_config.get(variant or b.default_variant, {})}
+               if preset == "default" else b.presets[preset])
     return AcceleratorConfig.default().replace(**{"clock_hz": b.clock_hz, **changes})
 
 
 def board_config(board: str = "ulx3s", config: AcceleratorConfig | None = None, *,
-                 clock_hz: int | None = None) -> tuple[AcceleratorConfig, PllParams | None]:
+                 clock_hz: int | None = None, variant: str | None = None
+                 ) -> tuple[AcceleratorConfig, PllParams | None]:
     """The configuration actually built, and the PLL (``None``: the board clock direct).
 
-    Without ``config`` the board's default accelerator is built
-    (:meth:`AcceleratorConfig.default` with :attr:`Board.config`; ulx3s:
-    :data:`ULX3S_CONFIG`, a 4x4 array with smaller buffers).
+    Without ``config`` the board's default accelerator for ``variant`` is built
+    (:func:`board_preset`: :meth:`AcceleratorConfig.default` with :attr:`Board.config`
+    and the variant's changes; ulx3s 85F: :data:`ULX3S_CONFIG`, a 4x4 array with smaller
+    buffers).
     The requested clock is ``clock_hz``, else ``config.clock_hz`` when a config is given,
     else the board's default; the returned config's ``clock_hz`` is the achieved one.
     Raises ``ValueError`` if the baud rate is not reachable from that clock.
     """
     b = _board(board)
-    cfg = config if config is not None else AcceleratorConfig.default().replace(
-        clock_hz=b.clock_hz, **b.config)
+    cfg = config if config is not None else board_preset(board, "default", variant)
     if not isinstance(cfg, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, got {type(cfg).__name__}")
     want = cfg.clock_hz if clock_hz is None else clock_hz

@@ -114,7 +114,7 @@ def build_plan(board: str = "ulx3s", variant: str | None = None,
     if router not in ROUTERS:
         raise ValueError(f"router={router!r}; accepted values are {', '.join(ROUTERS)}")
     plat = board_platform(board, variant)
-    cfg, pll = board_config(board, config, clock_hz=clock_hz)
+    cfg, pll = board_config(board, config, clock_hz=clock_hz, variant=variant)
     name = name or f"{cfg.name}_{board}"
     overrides = (_synth_overrides(name, mapper) if b.family == "ecp5"
                  else {"synth_opts": "-dsp -spram"})   # iCE40: SB_MAC16, SPRAM
@@ -426,7 +426,8 @@ def build_board(board: str = "ulx3s", variant: str | None = None,
     board_platform(board, variant)          # a bad variant fails here, with its message
     if fit_check:
         progress(f"checking that the design fits the {board} {variant} (resource estimate)")
-        check_fit(board, variant, board_config(board, config, clock_hz=clock_hz)[0])
+        check_fit(board, variant, board_config(board, config, clock_hz=clock_hz,
+                                               variant=variant)[0])
     progress(f"elaborating the accelerator for {board} {variant}")
     plan, plat, top, cfg = build_plan(board, variant, config, clock_hz=clock_hz, seed=seed,
                                       mapper=mapper, router=router)
@@ -530,7 +531,8 @@ def _cli_build(args) -> int:
             cfg = board_preset(args.board, args.preset)
         if args.array_clock_mhz is not None:
             hz = round(args.array_clock_mhz * 1e6)
-            cfg = (cfg or board_preset(args.board)).replace(array_clock_hz=hz)
+            cfg = (cfg or board_preset(args.board, variant=args.variant)).replace(
+                array_clock_hz=hz)
     except ValueError as e:
         print(f"hbfp-hw: error: {e}", file=sys.stderr)
         return 2

@@ -381,7 +381,7 @@ def test_fit_check_fails_before_synthesis(monkeypatch, tmp_path, board_estimate)
     need = board_estimate.dsps
     assert need > 28
     with pytest.raises(B.BuildError) as e:
-        B.build_board("ulx3s", "12F", None, tmp_path, progress=None)
+        B.build_board("ulx3s", "12F", BD.board_preset("ulx3s"), tmp_path, progress=None)
     msg = str(e.value)
     assert f"{need} MULT18X18D (DSP) needed, the ulx3s 12F has 28" in msg
     assert "resource estimate before synthesis" in msg and "85F" in msg
@@ -502,6 +502,40 @@ def test_fast_preset_is_the_documented_8x8x8():
     with pytest.raises(ValueError, match=r"preset='quick' is not a ulx3s preset; accepted "
                                          r"presets are default, fast"):
         BD.board_preset("ulx3s", "quick")
+
+
+@pytest.mark.parametrize("variant,array", [("12F", (2, 2)), ("25F", (2, 2)),
+                                           ("45F", (4, 2)), ("85F", (4, 4))])
+def test_each_ulx3s_variant_has_a_default_that_fits_with_margin(variant, array):
+    """Every ULX3S variant builds its own default (board_config / build --variant): it
+    fits the variant's multipliers and block RAMs with at least 10 % to spare (resource
+    estimate), and the 85F keeps ULX3S_CONFIG."""
+    cfg, _ = BD.board_config("ulx3s", variant=variant)
+    assert (cfg.array_rows, cfg.array_cols) == array
+    assert cfg == BD.board_preset("ulx3s", variant=variant).replace(clock_hz=cfg.clock_hz)
+    est = BD.resource_estimate(cfg)
+    dsp, bram = BD.ECP5_RESOURCES[variant]
+    assert est.dsps <= 0.9 * dsp and est.brams <= 0.9 * bram, (est.dsps, est.brams)
+    if variant == "85F":
+        assert cfg == BD.board_config("ulx3s")[0]
+    else:       # the larger defaults would not fit (that is why the variant has its own)
+        assert BD.resource_estimate(BD.board_config("ulx3s")[0]).misfits("ulx3s", variant) \
+            or variant == "45F"
+    with pytest.raises(ValueError, match=r"variant='10F' is not a ulx3s variant; accepted "
+                                         r"variants are 12F, 25F, 45F, 85F"):
+        BD.board_preset("ulx3s", variant="10F")
+
+
+def test_cli_build_variant_takes_its_default(monkeypatch):
+    seen = []
+
+    def fake(board, variant, cfg, out, **kw):
+        seen.append((variant, cfg))
+        raise B.BuildError("stopped by the test")
+    monkeypatch.setattr(B, "build_board", fake)
+    assert cli.main(["build", "--variant", "25F", "--array-clock-mhz", "90"]) == 1
+    assert seen[-1] == ("25F", BD.board_preset("ulx3s", variant="25F").replace(
+        array_clock_hz=90_000_000))
 
 
 def test_fast_preset_sdc_has_two_asynchronous_clocks():
