@@ -642,10 +642,11 @@ def register_cli(subparsers, generate_subparsers) -> None:
     p.add_argument("--board", default="ulx3s",
                    help=f"board; one of {', '.join(sorted(BOARDS))}")
     p.add_argument("--variant", default=None,
-                   help="board variant (ulx3s: 12F, 25F, 45F, 85F; default 85F)")
+                   help="board variant (ulx3s: 12F, 25F, 45F, 85F; default 85F); each "
+                        "has its own default accelerator")
     p.add_argument("--config", help="AcceleratorConfig JSON (file or literal; a manifest "
-                                    "works too); default: the default accelerator at the "
-                                    "board's clock")
+                                    "works too); default: the board variant's default "
+                                    "accelerator at the board's clock")
     p.add_argument("--clock-mhz", type=float, default=None,
                    help="design clock (PLL output); default: the config's clock_hz if "
                         "--config is given, else the board's ("
