@@ -47,8 +47,7 @@ from .top import UartAccelerator
 from .uart import uart_divisor
 
 __all__ = ["BOARDS", "Board", "BoardTop", "PllParams", "ResourceEstimate", "ULX3S_CONFIG",
-           "ULX3S_FAST_CONFIG", "ULX3S_45F_CONFIG", "ULX3S_SMALL_CONFIG",
-           "ULX3S_12F_CONFIG", "board_config",
+           "ULX3S_FAST_CONFIG", "ULX3S_45F_CONFIG", "ULX3S_SMALL_CONFIG", "board_config",
            "board_pins", "board_platform", "board_preset", "ecp5_pll", "ecp5_pll2",
            "resource_estimate", "ICEBREAKER_CONFIG", "ICE40_RESOURCES"]
 
@@ -119,15 +118,14 @@ ULX3S_FAST_CONFIG = {**ULX3S_CONFIG, "array_rows": 8, "array_cols": 8, "tile": 8
 
 #: The smaller ULX3S variants' default builds (changes over ULX3S_CONFIG), chosen by
 #: resource estimate and checked by a routed build each (docs/board.md, "Variants"):
-#: the 45F (72 MULT18X18D, 108 DP16KD, 43,848 LUT4) a 4x2 array (38 / 63); the 25F
-#: (28, 56; 24,288 LUT4) a 2x2 array with half-depth buffers and only the GEMM path (no
-#: QUANTIZE or statistics engine, configuration-only INFO), as the iCEBreaker build;
-#: the 12F (same DSP and RAM, 12,288 LUT4) the same with one PE.
+#: the 45F (72 MULT18X18D, 108 DP16KD, 43,848 LUT4) a 4x2 array (38 / 63); the 12F and
+#: 25F (28, 56) a 2x2 array with half-depth buffers and only the GEMM path (no QUANTIZE
+#: or statistics engine, configuration-only INFO), as the iCEBreaker build. (nextpnr
+#: places the 12F on the 25F's die, 24,288 LUT4; Lattice rates the 12F at 12,288.)
 ULX3S_45F_CONFIG = {"array_rows": 4, "array_cols": 2}
 ULX3S_SMALL_CONFIG = {"array_rows": 2, "array_cols": 2, "operand_depth": 8192,
                       "input_depth": 2048, "output_depth": 2048, "quantize": 0,
                       "stats": 0, "info_rom": "config"}
-ULX3S_12F_CONFIG = {**ULX3S_SMALL_CONFIG, "array_rows": 1, "array_cols": 1}
 
 #: ECP5 LFE5U resources: (MULT18X18D, DP16KD) per variant (Lattice DS1044).
 ECP5_RESOURCES = {"12F": (28, 56), "25F": (28, 56), "45F": (72, 108), "85F": (156, 208)}
@@ -160,7 +158,7 @@ BOARDS: dict[str, Board] = {
         program_argv=("openFPGALoader", "-b", "ulx3s", "{bit}"), flash_args=("-f",),
         config=ULX3S_CONFIG, resources=ECP5_RESOURCES,
         presets={"fast": ULX3S_FAST_CONFIG},
-        variant_config={"12F": ULX3S_12F_CONFIG, "25F": ULX3S_SMALL_CONFIG,
+        variant_config={"12F": ULX3S_SMALL_CONFIG, "25F": ULX3S_SMALL_CONFIG,
                         "45F": ULX3S_45F_CONFIG}),
     "icebreaker": Board(
         name="icebreaker", variants={"UP5K": ("amaranth_boards.icebreaker",

@@ -504,7 +504,7 @@ def test_fast_preset_is_the_documented_8x8x8():
         BD.board_preset("ulx3s", "quick")
 
 
-@pytest.mark.parametrize("variant,array", [("12F", (1, 1)), ("25F", (2, 2)),
+@pytest.mark.parametrize("variant,array", [("12F", (2, 2)), ("25F", (2, 2)),
                                            ("45F", (4, 2)), ("85F", (4, 4))])
 def test_each_ulx3s_variant_has_a_default_that_fits_with_margin(variant, array):
     """Every ULX3S variant builds its own default (board_config / build --variant): it
