@@ -13,6 +13,14 @@ Ports
 ``c0`` ... ``c<n-1>``: ``In(buffer_ports(...))``, one per client.
 ``owner``: ``In(range(n))``.
 ``stage_w``: ``Out(WritePort.Signature)``: the executor stages request payload bytes.
+
+Read-during-write: no engine reads a buffer it writes in the same command when the buffer
+map holds only the kinds of the buffer I/O, QUANTIZE, statistics and GEMM / CONV engines
+(FP32, mantissa, exponent, reference exponent): the owner's other read ports are not
+used, and a new owner presents an address before it uses read data. Those memories (and
+the staging RAM, written only while no command runs) carry ``no_rw_check``, so synthesis
+needs no logic to give a read in a write's clock the old data (block RAMs such as the
+iCE40's leave that case undefined); simulation is unchanged.
 """
 
 from __future__ import annotations
@@ -79,18 +87,25 @@ class BufferManager(wiring.Component):
                         w = getattr(c, f"{name}_w")
                         m.d.comb += [wp.addr.eq(w.addr), wp.data.eq(w.data), wp.en.eq(w.en)]
 
+    #: buffer kinds no engine reads while it writes them (module docstring)
+    NO_RW_KINDS = (P.BufferKind.FP32, P.BufferKind.MANTISSA, P.BufferKind.EXPONENT,
+                   P.BufferKind.EREF)
+
     def elaborate(self, platform):
         m = Module()
+        no_rw = all(s.kind in self.NO_RW_KINDS for s in self.specs)
+        attrs = {"no_rw_check": 1} if no_rw else None
         for s in self.specs:
             w, depth, gran = buffer_geometry(s, self.tile)
-            mem = memory.Memory(shape=unsigned(w), depth=depth, init=[])
+            mem = memory.Memory(shape=unsigned(w), depth=depth, init=[], attrs=attrs)
             m.submodules[f"buf_{port_name(s)}"] = mem
             self._share(m, mem.read_port(), mem.write_port(granularity=gran), port_name(s))
         m.submodules.info_rom = rom = memory.Memory(shape=8, depth=len(self.info),
                                                     init=list(self.info))
         self._share(m, rom.read_port(), None, "rom")
         if not self.stage_single_port:
-            m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[])
+            m.submodules.stage = stage = memory.Memory(shape=8, depth=P.MAX_PAYLOAD, init=[],
+                                                       attrs={"no_rw_check": 1})
             wiring.connect(m, wiring.flipped(self.stage_w), stage.write_port())
             self._share(m, stage.read_port(), None, "stage")
             return m

@@ -17,6 +17,10 @@ Ports
     is abandoned after the idle timeout: the consumer drops what it staged.
 ``seq``, ``opcode``, ``length``: ``Out``
     Header of the current frame, valid from the payload on and at the strobe.
+``fcs``: ``Out(32)``
+    The frame's received CRC (its four bytes, little endian), valid at ``frame_ok`` /
+    ``frame_bad``. The header and ``fcs`` hold while ``stall`` is high from the strobe
+    on (no byte is taken outside a payload then).
 ``stall``: ``In(1)``
     Take no byte outside a payload (the executor is running a command). Bytes offered
     meanwhile do not count towards the idle timeout.
@@ -66,6 +70,7 @@ class FrameDecoder(wiring.Component):
     seq: Out(8)
     opcode: Out(8)
     length: Out(16)
+    fcs: Out(32)
     stall: In(1)
 
     def __init__(self, *, idle_cycles: int = 1 << 16) -> None:
@@ -88,8 +93,8 @@ class FrameDecoder(wiring.Component):
                 acc = acc ^ t
             m.d.comb += crc_next[j].eq(acc)
 
-        count = Signal(16)
-        rx_crc = Signal(32)
+        count = Signal(range(P.MAX_PAYLOAD + 1))     # payload bytes (length checked)
+        rx_crc = self.fcs
         idle = Signal(range(self.idle_cycles + 1))
         take = Signal()  # a data byte (unstuffed) is consumed this cycle
         esc = Signal()   # the previous byte was the escape

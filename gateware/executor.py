@@ -24,7 +24,7 @@ client ``engines``, while an answer is sent).
 
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Signal
+from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -104,9 +104,7 @@ class Executor(wiring.Component):
         # ---- payload staging and the request header -------------------------------
         HDR = max(L.header_size for L in P.REQUESTS.values())
         hdr = Signal(8 * HDR)
-        pcount = Signal(16)
-        pcrc = Signal(32, init=0xFFFFFFFF)
-        pcrc_n = crc_next(m, pcrc, dec.o.payload)
+        pcount = Signal(range(P.MAX_PAYLOAD + 1))
         # staged only while no command runs (the decoder is stalled then; the gate keeps
         # the header and the staging RAM unchanged under any decoder state)
         take = Signal()
@@ -114,13 +112,18 @@ class Executor(wiring.Component):
                      self.stage_w.addr.eq(pcount), self.stage_w.data.eq(dec.o.payload),
                      self.stage_w.en.eq(take)]
         with m.If(take):
-            m.d.sync += [pcount.eq(pcount + 1), pcrc.eq(pcrc_n)]
+            m.d.sync += pcount.eq(pcount + 1)
             for k in range(HDR):
                 with m.If(pcount == k):
                     m.d.sync += hdr[8 * k: 8 * k + 8].eq(dec.o.payload)
         with m.If(dec.frame_ok | dec.frame_bad | dec.abort | dec.oversize):
-            m.d.sync += [pcount.eq(0), pcrc.eq(0xFFFFFFFF)]
-        seq, opc, length, fcrc = Signal(8), Signal(8), Signal(16), Signal(32)
+            m.d.sync += pcount.eq(0)
+        # the frame's header and received CRC: the decoder holds them from its strobe
+        # until the executor is idle again (it takes no byte outside a payload while
+        # stalled). A request repeats the last one when seq, opcode, length and the frame
+        # CRC are equal: for equal header bytes and length, equal frame CRCs mean equal
+        # payload CRCs (the CRC is affine in the payload bits)
+        seq, opc, length, fcrc = dec.seq, dec.opcode, dec.length, dec.fcs
 
         # ---- dispatch ----------------------------------------------------------------
         sel = Signal(range(max(E, 2)))
@@ -148,12 +151,35 @@ class Executor(wiring.Component):
             m.d.comb += getattr(self, f"e{k}_status").ready.eq(st_ready & (sel == k))
 
         # ---- response descriptor and the replay record --------------------------------
+        # ``desc`` holds the last answer sent by SEND: a replayed request is answered from
+        # it as it is (its key equals the last one: seq and opcode are the frame's, only
+        # ``desc_err``, an engine's error answer, is kept of them). The executor's own
+        # errors are not written into it: ``x_err`` (kept for a replay: UNKNOWN_OPCODE,
+        # detail the opcode, or BAD_LENGTH, detail the length) and ``bad`` (a bad CRC,
+        # not recorded) select an error descriptor built from the frame's header (its
+        # fields beyond the six bytes sent left as they are). An error answer's segments
+        # are only emptied (count 0).
         desc = Signal(response_layout())
-        saved = Signal(response_layout())
+        desc_err, bad = Signal(), Signal()
+        x_err = Signal(2)     # 0: desc, 1: UNKNOWN_OPCODE, 2: BAD_LENGTH
         last_valid = Signal()
         last_key = Signal(8 + 8 + 16 + 32)
-        m.d.comb += self.desc.payload.eq(desc)
-        e_code, e_detail = Signal(8), Signal(32)
+        m.d.comb += [self.desc.payload.eq(desc), self.desc.payload.seq.eq(seq),
+                     self.desc.payload.op.eq(Mux(desc_err | bad | (x_err != 0),
+                                                 P.ERROR_OPCODE, opc | P.RESPONSE_FLAG))]
+        with m.If(bad | (x_err != 0)):
+            code = Signal(8, name="x_code")
+            detail = Signal(32, name="x_detail")
+            m.d.comb += [code.eq(Mux(bad, int(P.ErrorCode.BAD_CRC),
+                                     Mux(x_err[1], int(P.ErrorCode.BAD_LENGTH),
+                                         int(P.ErrorCode.UNKNOWN_OPCODE)))),
+                         detail.eq(Mux(bad | x_err[1], length, opc))]
+            err_fix = Cat(code, opc, detail)
+            m.d.comb += [self.desc.payload.fix[:len(err_fix)].eq(err_fix),
+                         self.desc.payload.nfix.eq(P.ERROR_LAYOUT.header_size),
+                         self.desc.payload.length.eq(P.ERROR_LAYOUT.header_size),
+                         self.desc.payload.seg0.count.eq(0),
+                         self.desc.payload.seg1.count.eq(0)]
         wsh = [s.wire_bytes.bit_length() - 1 for s in self.specs] + [0]  # + INFO ROM
 
         def seg_bytes(seg):
@@ -165,37 +191,37 @@ class Executor(wiring.Component):
             return out
 
         def error(code, detail):
-            m.d.sync += [e_code.eq(int(code)), e_detail.eq(detail)]
+            """An engine's error answer, registered now and sent after one clock in
+            ERROR."""
+            m.d.sync += [desc_err.eq(1), x_err.eq(0),
+                         desc.fix.eq(Cat(code, opc, detail)),
+                         desc.nfix.eq(P.ERROR_LAYOUT.header_size),
+                         desc.length.eq(P.ERROR_LAYOUT.header_size),
+                         desc.seg0.count.eq(0), desc.seg1.count.eq(0)]
             m.next = "ERROR"
 
-        no_seg = [desc.seg0.count.eq(0), desc.seg1.count.eq(0), desc.seg0.buf.eq(0),
-                  desc.seg1.buf.eq(0), desc.seg0.offset.eq(0), desc.seg1.offset.eq(0)]
         with m.FSM(name="exec"):
             with m.State("IDLE"):
                 m.d.comb += idle.eq(1)
                 with m.If(dec.frame_ok):
-                    m.d.sync += [seq.eq(dec.seq), opc.eq(dec.opcode), length.eq(dec.length),
-                                 fcrc.eq(pcrc)]
+                    m.d.sync += bad.eq(0)
                     m.next = "DECODE"
                 with m.Elif(dec.frame_bad):
-                    m.d.sync += [desc.seq.eq(dec.seq), desc.op.eq(P.ERROR_OPCODE),
-                                 desc.fix.eq(Cat(Const(int(P.ErrorCode.BAD_CRC), 8),
-                                                 dec.opcode, dec.length, Const(0, 16))),
-                                 desc.nfix.eq(P.ERROR_LAYOUT.header_size),
-                                 desc.length.eq(P.ERROR_LAYOUT.header_size), *no_seg]
-                    m.next = "SEND_NOSAVE"
+                    m.d.sync += bad.eq(1)
+                    m.next = "SEND"
             with m.State("DECODE"):
                 key = Cat(seq, opc, length, fcrc)
                 m.d.sync += sel.eq(sel_c)
                 with m.If(last_valid & (key == last_key)):
-                    m.d.sync += desc.eq(saved)
-                    m.next = "SEND_NOSAVE"
+                    m.next = "SEND"
                 with m.Else():
                     m.d.sync += [last_valid.eq(1), last_key.eq(key)]
                     with m.If(~op_valid):
-                        error(P.ErrorCode.UNKNOWN_OPCODE, opc)
+                        m.d.sync += x_err.eq(1)
+                        m.next = "ERROR"
                     with m.Elif(~len_ok):
-                        error(P.ErrorCode.BAD_LENGTH, length)
+                        m.d.sync += x_err.eq(2)
+                        m.next = "ERROR"
                     with m.Else():
                         m.next = "DISPATCH"
             with m.State("DISPATCH"):
@@ -206,10 +232,9 @@ class Executor(wiring.Component):
                 m.d.comb += [self.owner.eq(sel), st_ready.eq(1)]
                 with m.If(st_valid):
                     with m.If(st.code != 0):
-                        m.d.sync += [e_code.eq(st.code), e_detail.eq(st.detail)]
-                        m.next = "ERROR"
+                        error(st.code, st.detail)
                     with m.Else():
-                        m.d.sync += [desc.seq.eq(seq), desc.op.eq(opc | P.RESPONSE_FLAG),
+                        m.d.sync += [desc_err.eq(0), x_err.eq(0),
                                      desc.fix.eq(st.fix), desc.nfix.eq(st.nfix),
                                      desc.seg0.eq(st.seg0), desc.seg1.eq(st.seg1)]
                         m.next = "LENGTH"
@@ -217,19 +242,13 @@ class Executor(wiring.Component):
                 m.d.sync += desc.length.eq(desc.nfix + seg_bytes(desc.seg0)
                                            + seg_bytes(desc.seg1))
                 m.next = "SEND"
-            # an error registers code and detail and is answered a clock later
+            # an error answer is registered (``desc`` / ``x_err``) and sent a clock later
             with m.State("ERROR"):
-                m.d.sync += [desc.seq.eq(seq), desc.op.eq(P.ERROR_OPCODE),
-                             desc.fix.eq(Cat(e_code, opc, e_detail)),
-                             desc.nfix.eq(P.ERROR_LAYOUT.header_size),
-                             desc.length.eq(P.ERROR_LAYOUT.header_size), *no_seg]
                 m.next = "SEND"
-            for name, save in (("SEND", True), ("SEND_NOSAVE", False)):
-                with m.State(name):
-                    m.d.comb += [self.desc.valid.eq(1), self.owner.eq(E)]
-                    if save:
-                        m.d.sync += saved.eq(desc)
-                    with m.If(self.desc.ready):
-                        m.next = "IDLE"
+            # a new answer, a replay (``desc`` as it is) or a bad CRC's answer (``bad``)
+            with m.State("SEND"):
+                m.d.comb += [self.desc.valid.eq(1), self.owner.eq(E)]
+                with m.If(self.desc.ready):
+                    m.next = "IDLE"
         m.d.comb += self.busy.eq(~idle)
         return m

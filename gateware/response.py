@@ -45,7 +45,7 @@ class ResponseEncoder(wiring.Component):
     """
 
     def __init__(self, specs, *, tile: int, rom_depth: int) -> None:
-        self.specs, self.tile = list(specs), tile
+        self.specs, self.tile, self.rom_depth = list(specs), tile, rom_depth
         super().__init__({"desc": In(stream.Signature(response_layout())),
                           "token": In(8 * P.SESSION_BYTES),
                           "o": Out(stream.Signature(8)),
@@ -55,8 +55,12 @@ class ResponseEncoder(wiring.Component):
         m = Module()
         specs, T, d = self.specs, self.tile, self.desc.payload
         tsh = T.bit_length() - 1
-        ea = Signal(32)         # element being read (data of the address presented last)
-        ea_next = Signal(32)
+        # element being read (data of the address presented last): as wide as the largest
+        # buffer's (or the ROM's) element addresses (segments lie inside their buffer)
+        ea_bits = max(1, (max([s.depth for s in specs] + [self.rom_depth]) - 1)
+                      .bit_length())
+        ea = Signal(ea_bits)
+        ea_next = Signal(ea_bits)
         m.d.comb += ea_next.eq(ea)
         m.d.sync += ea.eq(ea_next)
         lane = Signal(max(tsh, 1))
@@ -70,7 +74,8 @@ class ResponseEncoder(wiring.Component):
 
         crc, byte = Signal(32), Signal(8)
         crc_n = crc_next(m, crc, byte)
-        idx = Signal(16)
+        n_hdr = P.HEADER_BYTES + P.SESSION_BYTES
+        idx = Signal(range(max(n_hdr, FIX_BYTES + 1, P.CRC_BYTES)))
         bi = Signal(2)
         rem = Signal(17)
         seg = Signal()
@@ -111,7 +116,6 @@ class ResponseEncoder(wiring.Component):
         with m.If(f_valid & take):
             m.d.sync += [full.eq(1), esc_first.eq(need),
                          held.eq(Mux(need, byte ^ P.ESC_XOR, byte))]
-        n_hdr = P.HEADER_BYTES + P.SESSION_BYTES
         hdr_bytes = Cat(Const(P.DELIM, 8), (d.length + P.SESSION_BYTES)[:16], d.seq, d.op,
                         self.token)
         with m.FSM(name="enc"):

@@ -360,7 +360,7 @@ def test_generate_board_writes_pcf_and_sdc(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.synth
 @pytest.mark.xfail(strict=True, raises=B.BuildError,
-                   reason="the reduced build needs 12,741 of the UP5K's 5,280 logic cells "
+                   reason="the reduced build needs 10,132 of the UP5K's 5,280 logic cells "
                           "(docs/board.md); nextpnr stops at placement")
 def test_real_icebreaker_build(tmp_path):
     """The board default through the real tools (about 3 minutes); see docs/board.md."""

@@ -77,24 +77,31 @@ class BufferIOEngine(wiring.Component):
 
         # READ / WRITE buffer id and its constants, registered before the checks
         b_id = Signal(8)
+        # (``b_maxn``: the most elements a READ may answer, MAX_DATA >> log2 wire bytes)
         vals = {"b_wb": [s.wire_bytes for s in specs], "b_depth": [s.depth for s in specs],
                 "b_writable": [int(s.writable) for s in specs],
-                "b_wsh": [s.wire_bytes.bit_length() - 1 for s in specs]}
-        b_wb, b_depth, b_writable, b_wsh = (Signal(range(max(v) + 1), name=k)
-                                            for k, v in vals.items())
-        c_nobuf, c_off_gt, c_wlen_bad, c_w_oob, c_rlen_bad, c_r_oob = (
-            Signal(name=f"c_{k}") for k in ("nobuf", "off_gt", "wlen_bad", "w_oob",
-                                              "rlen_bad", "r_oob"))
+                "b_wsh": [s.wire_bytes.bit_length() - 1 for s in specs],
+                "b_maxn": [P.MAX_DATA >> (s.wire_bytes.bit_length() - 1) for s in specs]}
+        b_wb, b_depth, b_writable, b_wsh, b_maxn = (Signal(range(max(v) + 1), name=k)
+                                                    for k, v in vals.items())
+        c_nobuf, c_off_gt, c_wlen_bad, c_oob, c_rlen_bad = (
+            Signal(name=f"c_{k}") for k in ("nobuf", "off_gt", "wlen_bad", "oob", "rlen_bad"))
         c_dlen = Signal.like(length, name="c_dlen")
         c_n = Signal.like(length, name="c_n")
-        w_off, w_n, w_e, w_acc = (Signal(32, name=n) for n in ("w_off", "w_n", "w_e", "w_acc"))
-        w_bi = Signal(2)
-        clr = Signal(32)
         max_depth = max(s.depth for s in specs)
+        # an offset is checked as "bits from DB on non-zero" (past every buffer) plus a
+        # DB-bit compare; element addresses are AW bits (every buffer's depth fits)
+        DB = max_depth.bit_length()
+        AW = max(1, (max_depth - 1).bit_length())
+        w_off = Signal(AW)
+        w_n, w_e = Signal(16), Signal(16)
+        w_acc = Signal(24)
+        w_bi = Signal(2)
+        clr = Signal(range(max_depth))
 
         # write ports: the WRITE element or the RESET clear
         wr_en, clearing = Signal(), Signal()
-        wr_addr, wr_data = Signal(32), Signal(32)
+        wr_addr, wr_data = Signal(AW), Signal(32)
         for i, s in enumerate(specs):
             wp = getattr(self.bufs, f"{port_name(s)}_w")
             _, depth, _ = buffer_geometry(s, T)
@@ -120,7 +127,7 @@ class BufferIOEngine(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.d.sync += [b_id.eq(b_hdr)] + [
                         reg.eq(by_id(m, b_hdr, vals[reg.name], f"{reg.name}_c"))
-                        for reg in (b_wb, b_depth, b_writable, b_wsh)]
+                        for reg in (b_wb, b_depth, b_writable, b_wsh, b_maxn)]
                     m.next = "CHECK"
             with m.State("CHECK"):
                 off = a.write.offset
@@ -128,36 +135,39 @@ class BufferIOEngine(wiring.Component):
                 n_w = Signal.like(length, name="n_w")
                 m.d.comb += [dlen.eq(length - hs_w), n_w.eq(dlen >> b_wsh)]
                 n_r = a.read.count
-                m.d.sync += [c_nobuf.eq(b_id >= nbuf), c_off_gt.eq(off > b_depth),
+                # one range check: WRITE's element count or READ's
+                off_hi = off[DB:] != 0
+                n_x = Mux(self.cmd.payload.op == P.Op.READ, n_r, n_w)
+                m.d.sync += [c_nobuf.eq(b_id >= nbuf), c_off_gt.eq(off_hi | (off[:DB] > b_depth)),
                              c_dlen.eq(dlen), c_n.eq(n_w),
                              c_wlen_bad.eq(((dlen & (b_wb - 1)) != 0) | (dlen > P.MAX_DATA)),
-                             c_w_oob.eq(off + n_w > b_depth),
-                             c_rlen_bad.eq((n_r << b_wsh) > P.MAX_DATA),
-                             c_r_oob.eq(off + n_r > b_depth)]
+                             c_oob.eq(off_hi | (off[:DB] + n_x > b_depth)),
+                             c_rlen_bad.eq(n_r > b_maxn)]
                 m.next = "EXEC"
             with m.State("EXEC"):
                 with m.Switch(self.cmd.payload.op):
                     with m.Case(P.Op.INFO):
                         off = a.info.offset
                         total = len(self.info) - fixed
-                        rest = Signal(32)
-                        m.d.comb += rest.eq(total - off)
-                        with m.If(off > total):
+                        tb = total.bit_length()     # offsets up to ``total`` fit
+                        rest = Signal(tb)
+                        m.d.comb += rest.eq(total - off[:tb])
+                        with m.If((off[tb:] != 0) | (off[:tb] > total)):
                             error(P.ErrorCode.OUT_OF_RANGE, off)
                         with m.Else():
                             done(status_ok(m, pay, seg0=(rom_id(specs), 0, fixed),
-                                           seg1=(rom_id(specs), off + fixed,
+                                           seg1=(rom_id(specs), off[:tb] + fixed,
                                                  Mux(rest > P.MAX_DATA, P.MAX_DATA, rest))))
                     with m.Case(P.Op.WRITE):
                         with m.If(c_nobuf | ~b_writable):
                             error(P.ErrorCode.BAD_BUFFER, b_id)
                         with m.Elif(c_wlen_bad):
                             error(P.ErrorCode.BAD_LENGTH, c_dlen)
-                        with m.Elif(c_w_oob):
+                        with m.Elif(c_oob):
                             error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, a.write.offset,
                                                                 b_depth))
                         with m.Else():
-                            m.d.sync += [w_off.eq(a.write.offset), w_n.eq(c_n), w_e.eq(0),
+                            m.d.sync += [w_off.eq(a.write.offset[:AW]), w_n.eq(c_n), w_e.eq(0),
                                          w_bi.eq(0), w_acc.eq(0)]
                             m.d.comb += self.bufs.stage_r.addr.eq(hs_w)
                             m.next = "WCOPY"
@@ -166,11 +176,12 @@ class BufferIOEngine(wiring.Component):
                             error(P.ErrorCode.BAD_BUFFER, b_id)
                         with m.Elif(c_rlen_bad):
                             error(P.ErrorCode.BAD_LENGTH, a.read.count)
-                        with m.Elif(c_r_oob):
+                        with m.Elif(c_oob):
                             error(P.ErrorCode.OUT_OF_RANGE, Mux(c_off_gt, a.read.offset,
                                                                 b_depth))
                         with m.Else():
-                            done(status_ok(m, pay, seg1=(b_id, a.read.offset, a.read.count)))
+                            done(status_ok(m, pay, seg1=(b_id, a.read.offset[:DB],
+                                                         a.read.count)))
                     with m.Case(P.Op.RESET):
                         m.d.sync += clr.eq(0)
                         m.next = "CLEAR"

@@ -100,10 +100,11 @@ class GemmEngine(wiring.Component):
         nops = cfg.operand_buffers
 
         # ---- read ports: one address per kind, data selected per use -----------------
-        rd_elem, rd_word = Signal(32), Signal(32)
         man_r = [getattr(self.bufs, f"{port_name(s)}_r") for s in man_specs]
         exp_r = [getattr(self.bufs, f"{port_name(s)}_r") for s in exp_specs]
         eref_r = getattr(self.bufs, f"{port_name(eref_spec)}_r")
+        rd_elem = Signal(max(len(p.addr) for p in exp_r + [eref_r]))
+        rd_word = Signal(max(len(p.addr) for p in man_r))
         m.d.comb += [p.addr.eq(rd_word) for p in man_r]
         m.d.comb += [p.addr.eq(rd_elem) for p in exp_r] + [eref_r.addr.eq(rd_elem)]
 
@@ -116,11 +117,30 @@ class GemmEngine(wiring.Component):
             return mdat, edat
 
         # ---- job registers ------------------------------------------------------------
-        g_flags, g_a, g_b = Signal(8), Signal(8), Signal(8)
-        nb_a, nb_b = Signal(32), Signal(32)
-        gM, gN = Signal(16), Signal(16)
-        mt, nt, nk = Signal(16), Signal(16), Signal(16)
-        g_off = Signal(32)
+        # widths from the configuration: a checked operand has at most ``exponent_depth``
+        # blocks (NBW bits: its block count, the K / row / column block counts of a tile
+        # GEMM); scan indices and counts fit SW bits (words and codes of an operand
+        # buffer); ``out`` rows OB bits (OW: its addresses); K sums KB bits
+        conv_b = P.conv_built(cfg)
+        NBW = max(1, cfg.exponent_depth.bit_length())
+        SW = max(1, max(cfg.operand_depth, cfg.exponent_depth).bit_length())
+        OB = out_spec.depth.bit_length()
+        OW = max(1, (out_spec.depth - 1).bit_length())
+        KB = max(1, cfg.k_max.bit_length())
+        # block counts (mt, nt, nk) and sizes (M, N) of the job: 16 bits when a CONV job
+        # or a 1-D (MX) slot can set them, else bounded by ``exponent_depth``
+        narrow = not conv_b and not self.mx_slots
+        MB = NBW if narrow else 16
+        gM, gN = Signal(MB + tsh if narrow else 16), Signal(MB + tsh if narrow else 16)
+        mt, nt, nk = Signal(MB), Signal(MB), Signal(MB)
+        if conv_b:      # registered: CONV sets them from its own fields
+            g_flags = Signal(8)
+            g_a, g_b = Signal(range(nops)), Signal(range(nops))
+            g_off = Signal(OW)
+        else:           # the request's fields (the command payload holds until its status)
+            g_flags = a.flags
+            g_a, g_b = a.a[:len(Signal(range(nops)))], a.b[:len(Signal(range(nops)))]
+            g_off = a.out_offset[:OW]
         ta, tb = g_flags[0], g_flags[1]
         store_f = (g_flags & int(G.STORE)) != 0
         acc_f = (g_flags & int(G.ACCUMULATE)) != 0
@@ -128,21 +148,37 @@ class GemmEngine(wiring.Component):
         # per-slot mantissa width: fraction bits for the conversion, range for the scan
         fr = [max(f.man_bits - 2, 0) for f in cfg.formats]
         mmaxes = [f.mmax for f in cfg.formats]
-        g_fa, g_fb = Signal(5), Signal(5)
+        # per-slot values registered once the slot is known; a constant when every slot
+        # the engine computes has the same (always the case with one slot)
+        def slot_reg(vals, shape, name):
+            vs = {int(v) for v in vals}
+            return Const(vs.pop(), shape) if len(vs) == 1 else Signal(shape, name=name)
+
+        def set_reg(reg, value):
+            return [] if isinstance(reg, Const) else [reg.eq(value)]
+
+        blocks = {k: cfg.block_2d(k) for k in self.slots}
+        lg = {k: (bh.bit_length() - 1, bw_.bit_length() - 1) for k, (bh, bw_) in blocks.items()}
+        sv = self.slots or [0]
+        g_fa, g_fb = (slot_reg([fr[k] for k in sv], 5, f"g_f{n}") for n in "ab")
         # per operand: log2 block rows / cols, 1-D (MX) block, block columns
-        lbh = [Signal(range(8), name=f"lbh_{n}") for n in "ab"]
-        lbw = [Signal(range(8), name=f"lbw_{n}") for n in "ab"]
-        is_mx = [Signal(name=f"mx_{n}") for n in "ab"]
-        bw = [Signal(range(65), name=f"bw_{n}") for n in "ab"]
-        lwd = [Signal(range(8), name=f"lwd_{n}") for n in "ab"]   # log2 buffer words/block
+        lbh = [slot_reg([lg.get(k, (0, 0))[0] for k in sv], range(8), f"lbh_{n}") for n in "ab"]
+        lbw = [slot_reg([lg.get(k, (0, 0))[1] for k in sv], range(8), f"lbw_{n}") for n in "ab"]
+        is_mx = [slot_reg([k in self.mx_slots for k in sv], 1, f"mx_{n}") for n in "ab"]
+        bw = [slot_reg([blocks.get(k, (1, 1))[1] for k in sv], range(65), f"bw_{n}")
+              for n in "ab"]
+        # log2 buffer words per block
+        lwd = [slot_reg([max(sum(lg.get(k, (0, 0))) - tsh, 0) for k in sv], range(8),
+                        f"lwd_{n}") for n in "ab"]
         g_mx = Signal()         # this GEMM runs on the MX datapath
-        mm_a, mm_b = Signal(range(max(mmaxes) + 1)), Signal(range(max(mmaxes) + 1))
+        mm_a, mm_b = (slot_reg([mmaxes[k] for k in sv], range(max(mmaxes) + 1), f"mm_{n}")
+                      for n in "ab")
         # accumulator state kept between GEMMs (ACCUMULATE / EXT_EREF); the emulator's
         # meta reduces to the output tile grid and the fraction bits of both operands
         acc_valid = Signal()
-        acc_mt, acc_nt = Signal(16), Signal(16)
+        acc_mt, acc_nt = Signal(MB), Signal(MB)
         acc_fa, acc_fb = Signal(5), Signal(5)
-        k_tot, k_new = Signal(32), Signal(32)
+        k_tot, k_new = Signal(KB), Signal(KB)       # at most k_max once checked
         g_fit = Signal()        # this GEMM's accumulators fit the accumulator buffer
         with m.If(self.soft_reset):
             m.d.sync += [acc_valid.eq(0), k_tot.eq(0)]
@@ -151,8 +187,11 @@ class GemmEngine(wiring.Component):
         # banks: ``rbank`` holds the stored GEMM's, ``~rbank`` this GEMM's
         RW = 8 * eref_spec.wire_bytes + 2
         mg_bits = max(1, (max(1, cfg.operand_depth // (T * T)) - 1).bit_length())
+        # no read uses data of an address written in the same clock (G_OWN writes this
+        # GEMM's bank while nothing reads it; G_REF writes two entries behind its read;
+        # the other bank is only read), so synthesis needs no read-during-write logic
         m.submodules.refm = refm = memory.Memory(shape=signed(RW), depth=4 << mg_bits,
-                                                 init=[])
+                                                 init=[], attrs={"no_rw_check": 1})
         ref_w, ref_r1, ref_r2 = refm.write_port(), refm.read_port(), refm.read_port()
         rbank = Signal()
 
@@ -163,7 +202,8 @@ class GemmEngine(wiring.Component):
             mc, operand_buffers=nops, man_width=mw, exp_width=ew, ref_width=RW,
             ref_addr_bits=mg_bits + 2, acc_capacity=self.acc_capacity,
             primitives=self.primitives, runtime_frac=self.runtime_frac,
-            conv=P.conv_built(cfg), array_domain="array" if cfg.array_clock_hz else None)
+            conv=conv_b, array_domain="array" if cfg.array_clock_hz else None,
+            dim_bits=MB, size_bits=len(gM), out_bits=OW, blk_bits=NBW if narrow else 32)
         job = gs.job
         m.d.comb += [job.a.eq(g_a), job.b.eq(g_b), job.ta.eq(ta), job.tb.eq(tb),
                      job.ext.eq(ext_f), job.acc.eq(acc_f), job.store.eq(store_f),
@@ -188,7 +228,14 @@ class GemmEngine(wiring.Component):
             mx = mx_stream_signature(tile=T, operand_buffers=nops, man_width=mw,
                                      exp_width=ew).create()
         mode = Signal(2)    # 0: scan / G_OWN / G_REF, 1: the tile stream, 2: the MX stream
-        s_man, s_exp = operand_data(Mux(mode == 2, mx.rd_buf, gs.rd_buf))
+        # one operand data selection for every reader: the streams (mode 1, 2), the scan
+        # (``scan_buf``) and G_OWN's exponent codes (``p_v``, below)
+        rd_sel, own_sel, scan_buf = (Signal(range(nops), name=n)
+                                     for n in ("rd_sel", "own_sel", "scan_buf"))
+        p_v = Signal()
+        m.d.comb += rd_sel.eq(Mux(mode == 1, gs.rd_buf, Mux(mode == 2, mx.rd_buf,
+                                                             Mux(p_v, own_sel, scan_buf))))
+        s_man, s_exp = operand_data(rd_sel)
         m.d.comb += [gs.man_data.eq(s_man), gs.exp_data.eq(s_exp), mx.man_data.eq(s_man),
                      mx.exp_data.eq(s_exp)]
         with m.If(mode == 2):
@@ -199,7 +246,7 @@ class GemmEngine(wiring.Component):
                                                 gs.sample.payload))]
 
         # ---- scan machinery (operand checks) ------------------------------------------
-        sc, sc_next = Signal(32), Signal(32)
+        sc, sc_next = Signal(SW), Signal(SW)
         m.d.comb += sc_next.eq(sc)
         m.d.sync += sc.eq(sc_next)
         with m.Switch(mode):
@@ -209,12 +256,11 @@ class GemmEngine(wiring.Component):
                 m.d.comb += [rd_elem.eq(mx.rd_elem), rd_word.eq(mx.rd_word)]
             with m.Default():
                 m.d.comb += [rd_elem.eq(sc_next), rd_word.eq(sc_next)]
-        scan_buf = Signal(8)
         scan_kind = Signal(2)   # 0 mantissa range, 1 exponent range, 2 invalid flag
-        scan_n = Signal(32)
+        scan_n = Signal(SW)
         scan_which = Signal()
-        k_cnt = Signal(8)
-        man_word, exp_code = operand_data(scan_buf)
+        k_cnt = Signal(range(8))     # scan phase (0 .. 6)
+        man_word, exp_code = s_man, s_exp
         man_bad = Signal(T)
         uniform = len({mmaxes[s] for s in self.slots}) <= 1
         for k in range(T):
@@ -234,7 +280,7 @@ class GemmEngine(wiring.Component):
                          if ref_fmt.exp_invalid_code < 2 ** ew - 1 else Const(0))
         exp_inv = exp_code == ref_fmt.exp_invalid_code
         chk_v, chk_bad = Signal(), Signal()     # registered check of one scanned element
-        chk_sc = Signal(32)
+        chk_sc = Signal(SW)
         chk_lane = Signal(range(T + 1))
 
         def slot_supported(slot):
@@ -245,11 +291,10 @@ class GemmEngine(wiring.Component):
         # clock; the running maximum over valid blocks (NO_EXP if none) of each
         # row/column block goes to this GEMM's bank
         x_init, x_go, x_done = Signal(), Signal(), Signal()
-        x_which, x_i, x_k = Signal(), Signal(16), Signal(16)
-        p_v, p_which, p_i, p_first, p_last = (Signal(), Signal(), Signal(16), Signal(),
-                                              Signal())
+        x_which, x_i, x_k = Signal(), Signal(MB), Signal(MB)
+        p_which, p_i, p_first, p_last = Signal(), Signal(MB), Signal(), Signal()
         # x_blk: the code's block index, kept incrementally (x_bi: its value at k = 0)
-        x_blk, x_bi = Signal(32), Signal(32)
+        x_blk, x_bi = Signal(SW), Signal(SW)
         x_sk = Mux(x_which, Mux(tb, 1, nt), Mux(ta, mt, 1))   # stride of k
         x_si = Mux(x_which, Mux(tb, nk, 1), Mux(ta, 1, nk))   # stride of i
         m.d.sync += [p_v.eq(x_go), p_which.eq(x_which), p_i.eq(x_i), p_first.eq(x_k == 0),
@@ -268,7 +313,8 @@ class GemmEngine(wiring.Component):
                                  x_blk.eq(x_bi + x_si)]
             with m.Else():
                 m.d.sync += [x_k.eq(x_k + 1), x_blk.eq(x_blk + x_sk)]
-        _, x_code = operand_data(Mux(p_which, g_b, g_a))
+        m.d.comb += own_sel.eq(Mux(p_which, g_b, g_a))
+        x_code = s_exp
         x_e, x_run, x_mx = (Signal(signed(RW), name=f"x_{n}") for n in ("e", "run", "mx"))
         x_base = Mux(p_first, NO_EXP, x_run)
         m.d.comb += [x_e.eq(x_code - ref_fmt.exp_bias),
@@ -280,9 +326,9 @@ class GemmEngine(wiring.Component):
         # e_ref[i, j] = row[i] + col[j] must equal the stored one for all (i, j), i.e.
         # row[i] - row_old[i] == d and col[j] - col_old[j] == -d
         y_go, y_done = Signal(), Signal()
-        y_which, y_i = Signal(), Signal(16)
-        q_v, q_which, q_i, q_first = Signal(), Signal(), Signal(16), Signal()
-        y_elem = Signal(32)
+        y_which, y_i = Signal(), Signal(MB)
+        q_v, q_which, q_i, q_first = Signal(), Signal(), Signal(MB), Signal()
+        y_elem = Signal(SW)
         m.d.comb += y_elem.eq(Mux(y_which, mt + y_i, y_i))
         m.d.sync += [q_v.eq(y_go), q_which.eq(y_which), q_i.eq(y_i),
                      q_first.eq(~y_which & (y_i == 0))]
@@ -303,7 +349,7 @@ class GemmEngine(wiring.Component):
         y_own, y_new = Signal(signed(RW)), Signal(signed(RW))
         y_diff, y_d0 = Signal(signed(RW + 2)), Signal(signed(RW + 2))
         y_same = Signal()
-        u_v, u_which, u_i, u_first = Signal(), Signal(), Signal(16), Signal()
+        u_v, u_which, u_i, u_first = Signal(), Signal(), Signal(MB), Signal()
         u_own, u_new, u_diff = Signal(signed(RW)), Signal(signed(RW)), Signal(signed(RW + 2))
         m.d.comb += [ref_r2.addr.eq(ref_addr(rbank, y_which, y_i)),
                      ref_r1.addr.eq(Mux(mode == 1, gs.ref_addr,
@@ -326,14 +372,20 @@ class GemmEngine(wiring.Component):
 
         fl = a.flags
         nb_ab = [Signal(32, name=f"nb_{name}") for name in "ab"]
+        if conv_b:      # CONV sets the scanned block counts itself
+            nb_a, nb_b = Signal(SW, name="nb_ra"), Signal(SW, name="nb_rb")
+        else:           # the block counts of the checked operands (at most exponent_depth)
+            nb_a, nb_b = nb_ab[0][:SW], nb_ab[1][:SW]
         Ka = Mux(ta, a.a_rows, a.a_cols)
         Kb = Mux(tb, a.b_cols, a.b_rows)
         M = Mux(ta, a.a_cols, a.a_rows)
         N = Mux(tb, a.b_rows, a.b_cols)
-        mn = Signal(32)                   # M * N and the padded output, registered
-        mnp = Signal(32 + 2 * tsh)
+        # M * N and the padded output, registered as their low bits (OB / AB: the bits of
+        # ``out``'s depth and of the accumulator capacity) and "a bit above is set"
+        AB = max(1, self.acc_capacity.bit_length())
+        mn_lo, mn_hi, mnp_lo, mnp_hi = Signal(OB), Signal(), Signal(AB), Signal()
         mt_c, nt_c = Signal(16), Signal(16)
-        ktot_c = Signal(32)
+        ktot_c = Signal(max(KB, 16) + 1)
         m.d.comb += [mt_c.eq((M + T - 1) >> tsh), nt_c.eq((N + T - 1) >> tsh),
                      ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
         # ---- CONV: sizes (registered over a few states), checks, then the job --------
@@ -360,7 +412,9 @@ class GemmEngine(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [g_flags.eq(fl), c_conv.eq(0)]
+                    m.d.sync += c_conv.eq(0)
+                    if conv_b:
+                        m.d.sync += g_flags.eq(fl)
                     with m.If(self.cmd.payload.op == P.Op.CONV):
                         if P.conv_built(cfg):
                             m.d.sync += c_conv.eq(1)
@@ -380,10 +434,11 @@ class GemmEngine(wiring.Component):
                             with m.Case(k):
                                 m.d.sync += [nb_ab[which].eq(((rows + bh_k - 1) >> sh)
                                                              * ((cols + bw_k - 1) >> sw)),
-                                             lbh[which].eq(sh), lbw[which].eq(sw),
-                                             bw[which].eq(bw_k),
-                                             lwd[which].eq(max(sh + sw - tsh, 0)),
-                                             is_mx[which].eq(k in self.mx_slots)]
+                                             *set_reg(lbh[which], sh),
+                                             *set_reg(lbw[which], sw),
+                                             *set_reg(bw[which], bw_k),
+                                             *set_reg(lwd[which], max(sh + sw - tsh, 0)),
+                                             *set_reg(is_mx[which], k in self.mx_slots)]
                 m.next = "G_CHECK_A"
             # the emulator's order: A's fields, A's data, B's fields, B's data, then the
             # invalid blocks of both (G_CHECK_B runs between the scan phases of A and B)
@@ -411,17 +466,20 @@ class GemmEngine(wiring.Component):
                     with m.Elif(nb > cfg.exponent_depth):
                         error(P.ErrorCode.OUT_OF_RANGE, nb)
                     with m.Else():
-                        m.d.sync += (nb_a if which == 0 else nb_b).eq(nb)
+                        if conv_b:
+                            m.d.sync += (nb_a if which == 0 else nb_b).eq(nb)
                         if which == 1:
                             m.d.sync += b_checked.eq(1)
                         with m.Switch(slot):
                             for k in self.slots:
                                 with m.Case(k):
-                                    m.d.sync += [(g_fb if which else g_fa).eq(fr[k]),
-                                                 (mm_b if which else mm_a).eq(mmaxes[k])]
+                                    m.d.sync += [*set_reg(g_fb if which else g_fa, fr[k]),
+                                                 *set_reg(mm_b if which else mm_a, mmaxes[k])]
                         m.next = nxt_state
             with m.State("G_SCAN_INIT"):
-                m.d.sync += [g_a.eq(a.a), g_b.eq(a.b), k_cnt.eq(0), g_off.eq(a.out_offset),
+                if conv_b:
+                    m.d.sync += [g_a.eq(a.a), g_b.eq(a.b), g_off.eq(a.out_offset)]
+                m.d.sync += [k_cnt.eq(0),
                              b_checked.eq(0)]
                 m.d.comb += x_init.eq(1)
                 m.next = "G_SCAN_SET"
@@ -469,7 +527,8 @@ class GemmEngine(wiring.Component):
                         with m.Case(1):
                             error(P.ErrorCode.DATA_RANGE, chk_sc)
                         with m.Case(2):
-                            error(P.ErrorCode.INVALID_DATA, Cat(chk_sc[:31], scan_which))
+                            error(P.ErrorCode.INVALID_DATA,
+                                  Cat(chk_sc[:31], Const(0, max(0, 31 - SW)), scan_which))
                 with m.Elif(sc == scan_n):
                     m.d.comb += sc_next.eq(sc)
                     with m.If(~chk_v):
@@ -479,7 +538,10 @@ class GemmEngine(wiring.Component):
                 with m.Else():
                     m.d.comb += sc_next.eq(sc + 1)
             with m.State("G_SHAPE0"):
-                m.d.sync += [mn.eq(M * N), mnp.eq((mt_c * nt_c) << (2 * tsh))]
+                mn, mnp = Signal(32), Signal(32 + 2 * tsh)
+                m.d.comb += [mn.eq(M * N), mnp.eq((mt_c * nt_c) << (2 * tsh))]
+                m.d.sync += [mn_lo.eq(mn[:OB]), mn_hi.eq(mn[OB:] != 0),
+                             mnp_lo.eq(mnp[:AB]), mnp_hi.eq(mnp[AB:] != 0)]
                 m.next = "G_SHAPE"
             # K block lengths: T for tile slots; for 1-D slots the block along K (A as
             # stored, B transposed) or 1 (A transposed, B as stored)
@@ -489,9 +551,12 @@ class GemmEngine(wiring.Component):
                 m.d.sync += g_mx.eq(is_mx[0])
                 with m.If((Ka != Kb) | (La != Lb)):
                     error(P.ErrorCode.BAD_ARGUMENT, 5)
-                with m.Elif(store_f & (g_off + mn > out_spec.depth)):
+                # out_offset + M * N > depth: high bits (either operand) or an OB-bit sum
+                off, off_hi = a.out_offset, a.out_offset[OB:] != 0
+                with m.Elif(store_f & (off_hi | mn_hi
+                                       | (off[:OB] + mn_lo > out_spec.depth))):
                     error(P.ErrorCode.OUT_OF_RANGE,
-                          Mux(g_off > out_spec.depth, g_off, out_spec.depth))
+                          Mux(off_hi | (off[:OB] > out_spec.depth), off, out_spec.depth))
                 with m.Elif(is_mx[0] != is_mx[1]):
                     error(P.ErrorCode.UNSUPPORTED, 4)
                 with m.Elif(is_mx[0] & (acc_f | ext_f)):
@@ -511,7 +576,7 @@ class GemmEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += [gM.eq(M), gN.eq(N), k_new.eq(ktot_c),
                                  mt.eq(mt_c), nt.eq(nt_c), nk.eq((Ka + T - 1) >> tsh),
-                                 g_fit.eq(mnp <= self.acc_capacity)]
+                                 g_fit.eq(~mnp_hi & (mnp_lo <= self.acc_capacity))]
                     m.next = "G_OWN"
             # the MX job's strides (see mx_stream.mx_job_layout)
             mj = mx.job
@@ -665,14 +730,15 @@ class GemmEngine(wiring.Component):
                     flags = Mux(ca.mode == 0, int(G.TRANS_B), Mux(ca.mode == 2, int(G.TRANS_A), 0))
                     m.d.sync += [g_a.eq(ca.a), g_b.eq(ca.b), k_cnt.eq(0), g_off.eq(ca.out_offset),
                                  b_checked.eq(1), nb_a.eq(cv["ba"]), nb_b.eq(cv["bb"]),
-                                 lwd[0].eq(tsh), lwd[1].eq(tsh), is_mx[0].eq(0), is_mx[1].eq(0),
+                                 *set_reg(lwd[0], tsh), *set_reg(lwd[1], tsh),
+                                 *set_reg(is_mx[0], 0), *set_reg(is_mx[1], 0),
                                  g_flags.eq(flags | int(G.ALLOW_INVALID) | int(G.STORE))]
                     for which, name in enumerate(("slot_a", "slot_b")):
                         with m.Switch(getattr(ca, name)):
                             for k in conv_slots:
                                 with m.Case(k):
-                                    m.d.sync += [(g_fb if which else g_fa).eq(fr[k]),
-                                                 (mm_b if which else mm_a).eq(mmaxes[k])]
+                                    m.d.sync += [*set_reg(g_fb if which else g_fa, fr[k]),
+                                                 *set_reg(mm_b if which else mm_a, mmaxes[k])]
                     m.next = "G_SCAN_SET"
                 with m.State("C_JOB"):
                     gn, gc, go = (cv[n][:16] for n in ("gn", "gc", "go"))

@@ -41,7 +41,7 @@ landed, and the counters are never reset under a running job.
 
 from __future__ import annotations
 
-from amaranth import Cat, DomainRenamer, Module, Mux, Signal, signed
+from amaranth import Cat, DomainRenamer, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, fifo, memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -53,8 +53,12 @@ from .quantize import cmul
 __all__ = ["GemmStream", "job_layout"]
 
 
-def job_layout(operand_buffers: int) -> data.StructLayout:
+def job_layout(operand_buffers: int, *, dim_bits: int = 16, size_bits: int = 16,
+               off_bits: int = 32) -> data.StructLayout:
     """A GEMM job: operand buffers, flags, shape, grid and output placement.
+
+    ``dim_bits``: the tile counts ``mt``, ``nt``, ``nk``; ``size_bits``: ``M``, ``N``;
+    ``off_bits``: the ``out`` row ``off`` (the engine's checks bound them).
 
     CONV jobs (``conv``) add the convolution's index map: ``cmode`` (0 forward, 1 dX,
     2 dW), the mixed radices of the output-row tile counter ``it`` (``ri2, ri1, ri0``),
@@ -65,7 +69,8 @@ def job_layout(operand_buffers: int) -> data.StructLayout:
         "a": range(operand_buffers), "b": range(operand_buffers),
         "ta": 1, "tb": 1, "ext": 1, "acc": 1, "store": 1, "fit": 1, "rbank": 1,
         "frac_a": 5, "frac_b": 5,
-        "mt": 16, "nt": 16, "nk": 16, "M": 16, "N": 16, "off": 32,
+        "mt": dim_bits, "nt": dim_bits, "nk": dim_bits, "M": size_bits, "N": size_bits,
+        "off": off_bits,
         "conv": 1, "cmode": 2,
         **{f"r{c}{d}": 16 for c in "ijk" for d in range(3)},
         "H": 16, "W": 16, "Ho": 16, "Wo": 16, "gc": 16, "go": 16, "kh": 8, "kw": 8,
@@ -86,19 +91,28 @@ class GemmStream(wiring.Component):
 
     ``array_domain``: run the MAC array and the accumulator buffer in that clock domain,
     behind asynchronous FIFOs (module docstring); ``None`` (default): all in ``sync``.
+
+    Widths the engine's checks bound: ``dim_bits`` / ``size_bits`` / ``out_bits`` (job
+    fields and counters: tile counts, ``M`` / ``N``, ``out`` rows, see
+    :func:`job_layout`), ``blk_bits`` (operand block indices).
     """
 
     def __init__(self, mc, *, operand_buffers: int, man_width: int, exp_width: int,
                  ref_width: int, ref_addr_bits: int, acc_capacity: int,
                  primitives: str | None = None, runtime_frac: bool = False,
-                 conv: bool = False, array_domain: str | None = None) -> None:
+                 conv: bool = False, array_domain: str | None = None,
+                 dim_bits: int = 16, size_bits: int = 16, out_bits: int = 32,
+                 blk_bits: int = 32) -> None:
         self.mc, self.nops, self.conv = mc, operand_buffers, bool(conv)
+        self.dim_bits, self.size_bits = dim_bits, size_bits
+        self.out_bits, self.blk_bits = out_bits, blk_bits
         #: clock domain of the MAC array and the accumulator buffer (None: ``sync``)
         self.array_domain = array_domain
         self.mw, self.ew, self.acc_capacity = man_width, exp_width, acc_capacity
         self.primitives, self.runtime_frac = primitives, runtime_frac
         super().__init__({
-            "job": In(job_layout(operand_buffers)), "start": In(1), "done": Out(1),
+            "job": In(job_layout(operand_buffers, dim_bits=dim_bits, size_bits=size_bits,
+                                 off_bits=out_bits)), "start": In(1), "done": Out(1),
             "rd_buf": Out(range(operand_buffers)), "rd_word": Out(32), "rd_elem": Out(32),
             "man_data": In(man_width * mc.tile), "exp_data": In(exp_width),
             "ref_addr": Out(ref_addr_bits), "ref_data": In(signed(ref_width)),
@@ -130,13 +144,14 @@ class GemmStream(wiring.Component):
         # the clock after ``start``); a stalled beat keeps its address and its data.
         # The next state is a choice among registers (the incremented values are kept
         # registered, ``*_1`` / ``*_k`` / ``*_i``), so no adder sits on the address path.
-        it, jt, kk = Signal(16), Signal(16), Signal(16)
+        DB, BB, OB = self.dim_bits, self.blk_bits, self.out_bits
+        it, jt, kk = Signal(DB), Signal(DB), Signal(DB)
         rr = Signal(range(T + 1))
         sph = Signal(2)  # 0 A headers, 1 B headers, 2 A rows, 3 B rows
         running, primed = Signal(), Signal()
         # block indices Mux(ta, kk * mt + it, it * nk + kk) / Mux(tb, jt * nk + kk,
         # kk * nt + jt), kept incrementally (a_bs / b_bs: their values at kk = 0)
-        blk_a, blk_b, a_bs, b_bs = (Signal(32, name=n) for n in ("blk_a", "blk_b", "a_bs",
+        blk_a, blk_b, a_bs, b_bs = (Signal(BB, name=n) for n in ("blk_a", "blk_b", "a_bs",
                                                                  "b_bs"))
         regs = [it, jt, kk, rr, sph, running, blk_a, blk_b, a_bs, b_bs]
         nxt = [Signal.like(r, name=f"n_{r.name}") for r in regs]
@@ -145,16 +160,16 @@ class GemmStream(wiring.Component):
         m.d.sync += [r.eq(n) for n, r in zip(nxt, regs)]
         ska, skb = Mux(j.ta, mt, 1), Mux(j.tb, 1, nt)   # strides of kk
         sia, sjb = Mux(j.ta, 1, nk), Mux(j.tb, nk, 1)   # strides of it / jt
-        blk_a_k, blk_b_k, a_bs_i, b_bs_j = (Signal(32, name=n) for n in (
+        blk_a_k, blk_b_k, a_bs_i, b_bs_j = (Signal(BB, name=n) for n in (
             "blk_a_k", "blk_b_k", "a_bs_i", "b_bs_j"))
-        it_1, jt_1, kk_1 = Signal(16), Signal(16), Signal(16)
+        it_1, jt_1, kk_1 = Signal(DB), Signal(DB), Signal(DB)
         rr_1 = Signal.like(rr)
         m.d.sync += [blk_a_k.eq(n_blk_a + ska), blk_b_k.eq(n_blk_b + skb),
                      a_bs_i.eq(n_a_bs + sia), b_bs_j.eq(n_b_bs + sjb),
                      it_1.eq(n_it + 1), jt_1.eq(n_jt + 1), kk_1.eq(n_kk + 1),
                      rr_1.eq(n_rr + 1)]
         # the job's loop limits, registered at start
-        nk_m1, hdr_l, mt_m1, nt_m1 = (Signal(16, name=n) for n in ("nk_m1", "hdr_l", "mt_m1",
+        nk_m1, hdr_l, mt_m1, nt_m1 = (Signal(DB, name=n) for n in ("nk_m1", "hdr_l", "mt_m1",
                                                                    "nt_m1"))
         with m.If(self.start):
             m.d.sync += [nk_m1.eq(nk - 1), hdr_l.eq(Mux(j.ext, nk, nk - 1)),
@@ -207,11 +222,39 @@ class GemmStream(wiring.Component):
         kk_zero = [n_kk.eq(0), n_blk_a.eq(a_bs), n_blk_b.eq(b_bs), *d_zero("k")]
         # a small FIFO per operand stream between the sequencer (buffer reads, reference
         # clamp) and the MAC array's front end: the sequencer's accept comes from the
-        # FIFO's registered level, not from the array (with an array domain: asynchronous
-        # FIFOs into it, module docstring)
+        # FIFO's registered level, not from the array (two entries: a beat per clock while
+        # the array takes one; with an array domain: asynchronous FIFOs into it, module
+        # docstring)
         fifo_ready = []
         job_first = Signal()    # the next beat on stream A is the job's first
         a_extra = a_take = None
+
+        # a FIFO word: the operand beat with ``eref`` in the bits of ``data`` (a header
+        # beat's data and a row beat's reference exponent are ignored by the array)
+        def beat_fields(lay):
+            return sorted(((f.offset, n, f.width) for n, f in lay), key=lambda t: t[0])
+
+        def pack(p):
+            lay = data.Layout.cast(p.shape())
+            names = {n for _, n, _ in beat_fields(lay)}
+            if "eref" not in names or lay["eref"].width > lay["data"].width:
+                return p.as_value()
+            parts = [Mux(p.header, Value.cast(p.eref).as_unsigned(), Value.cast(p.data))]
+            parts += [Value.cast(getattr(p, n)) for _, n, _ in beat_fields(lay)
+                      if n not in ("data", "eref")]
+            return Cat(*parts)
+
+        def unpack(word, lay):
+            lay = data.Layout.cast(lay)
+            names = {n for _, n, _ in beat_fields(lay)}
+            if "eref" not in names or lay["eref"].width > lay["data"].width:
+                return word
+            pos, at = lay["data"].width, {"data": 0, "eref": 0}
+            for _, n, w in beat_fields(lay):
+                if n not in at:
+                    at[n], pos = pos, pos + w
+            return Cat(*[word[at[n]: at[n] + w] for _, n, w in beat_fields(lay)])
+
         for port, which in ((mac.a, 0), (mac.b, 1)):
             p = Signal(port.payload.shape(), name=f"seq_{'ab'[which]}")
             m.d.comb += [p.exp.eq(Mux(zero, zcode, self.exp_data)),
@@ -223,21 +266,23 @@ class GemmStream(wiring.Component):
             for k in range(T):
                 m.d.comb += p.data[k].eq(Mux(zero, 0,
                                              self.man_data[mw * k: mw * k + mc.man_bits_a]))
-            pw = len(p.as_value())
+            pk = pack(p)
+            pw = len(pk)
             if ad is None:
-                q = fifo.SyncFIFOBuffered(width=pw, depth=3)
-                m.d.comb += q.w_data.eq(p.as_value())
+                q = fifo.SyncFIFO(width=pw, depth=2)
+                m.d.comb += q.w_data.eq(pk)
             else:       # A carries (first, acc, fit) above the MAC array's payload
                 q = fifo.AsyncFIFOBuffered(width=pw + 3 * (1 - which), depth=9,
                                            w_domain="sync", r_domain=ad)
-                m.d.comb += q.w_data.eq(Cat(p.as_value(), job_first, j.acc, j.fit)
-                                        if which == 0 else p.as_value())
+                m.d.comb += q.w_data.eq(Cat(pk, job_first, j.acc, j.fit)
+                                        if which == 0 else pk)
                 if which == 0:
                     a_extra = q.r_data[pw:]
                     a_take = q.r_rdy & port.ready
             m.submodules[f"seq_fifo_{'ab'[which]}"] = q
             m.d.comb += [q.w_en.eq(running & primed & (is_b == which)),
-                         port.valid.eq(q.r_rdy), port.payload.eq(q.r_data[:pw]),
+                         port.valid.eq(q.r_rdy),
+                         port.payload.eq(unpack(q.r_data[:pw], port.payload.shape())),
                          q.r_en.eq(port.ready)]
             fifo_ready.append(q.w_rdy)
         accepted = Mux(is_b, fifo_ready[1], fifo_ready[0]) & primed & running
@@ -291,7 +336,7 @@ class GemmStream(wiring.Component):
             m.d.comb += [q.w_data.eq(mac.o.payload.as_value()), q.w_en.eq(mac.o.valid),
                          mac.o.ready.eq(q.w_rdy), res.valid.eq(q.r_rdy),
                          res.payload.eq(q.r_data), q.r_en.eq(res.ready)]
-        d_it, d_jt = Signal(16), Signal(16)
+        d_it, d_jt = Signal(DB), Signal(DB)
         d_rg = Signal(range(T // R + 1))
         d_cg = Signal(range(T // C + 1))
         d_r = Signal(range(R + 1))
@@ -299,13 +344,13 @@ class GemmStream(wiring.Component):
         d_run = Signal()
         # out row address g_off + di * N, kept incrementally: d_ra of the row
         # (it, rg, r), d_rb of (it, rg, 0), d_ib of (it, 0, 0)
-        d_ra, d_rb, d_ib = Signal(32), Signal(32), Signal(32)
+        d_ra, d_rb, d_ib = Signal(OB), Signal(OB), Signal(OB)
         with m.If(self.start):
             m.d.sync += [d_it.eq(0), d_jt.eq(0), d_rg.eq(0), d_cg.eq(0), d_r.eq(0),
                          d_c.eq(0), d_run.eq(1), d_ra.eq(j.off), d_rb.eq(j.off),
                          d_ib.eq(j.off)]
         m.d.comb += self.done.eq(~running & ~d_run)
-        di, dj = Signal(16), Signal(16)
+        di, dj = Signal(self.size_bits), Signal(self.size_bits)
         gNR = cmul(j.N, R)        # row address steps of rg and it
         gNT = j.N << tsh
         m.d.comb += [di.eq((d_it << tsh) + d_rg * R + d_r),
@@ -356,7 +401,7 @@ class GemmStream(wiring.Component):
         m.submodules.accm = accm = memory.Memory(
             shape=mc.cols * CB + 1, depth=max(1, -(-self.acc_capacity // mc.cols)), init=[])
         acc_w, acc_r = accm.write_port(domain=adom), accm.read_port(domain=adom)
-        ac_rd, ac_wr = Signal(32), Signal(32)
+        ac_rd, ac_wr = Signal(len(acc_r.addr)), Signal(len(acc_w.addr))
         if ad is None:
             ac_reset, acc_f, fit_f = self.start, j.acc, j.fit
         else:       # latched from the job's first beat (module docstring)
