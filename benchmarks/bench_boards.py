@@ -20,8 +20,18 @@ board builds of the table are drawn as a second series (whole top, peak at the a
 clock). Each point takes **1-6 min**; results are kept in ``SWEEP_DIR/<label>/
 result.json`` and reused. ``--png`` writes the plot.
 
+**Array domain** (``--array-domain PRESET``): the logic a board preset's ``array`` clock
+domain holds, placed and routed out of context on the ECP5-85F (nextpnr ``--freq``
+``--array-freq``, seed 1): the MAC array as the GEMM engine builds it (``ext_eref``,
+``carry``, the configuration's ``runtime_frac``, ``primitives="ecp5"``: tile buffers,
+PEs, carry stage, FP32 converters, output FIFO; not the accumulator memory and the
+clock-crossing FIFOs of ``GemmStream``), and first one FP32 converter alone at the
+carry width. Prints LUT4 / FF / DSP / Fmax and nextpnr's critical path of each; always
+rebuilt (5-15 min on a loaded 2-core machine), kept in ``--array-dir``.
+
 Run: ``.venv/bin/python benchmarks/bench_boards.py [--builds DIR] [--build [--only
-BOARD-PRESET]] [--sweep] [--sweep-dir DIR] [--png FILE]``.
+BOARD-PRESET]] [--sweep] [--sweep-dir DIR] [--png FILE] [--array-domain PRESET
+[--array-freq MHZ] [--array-dir DIR]]``.
 """
 
 from __future__ import annotations
@@ -126,6 +136,71 @@ def sweep(sweep_dir: Path) -> list[dict]:
     return out
 
 
+def critical_path(report: dict) -> str:
+    """One line on the first critical path of a nextpnr ``--report`` JSON: its source
+    and end cells, the number of logic cells on it and its delay split (logic / routing)."""
+    cps = report.get("critical_paths") or []
+    if not cps:
+        return "no critical path in the report"
+    cp = cps[0]
+    steps = cp.get("path", [])
+    logic = [s for s in steps if s.get("type") == "logic"]
+    d_logic = sum(s.get("delay", 0.0) for s in steps if s.get("type") != "routing")
+    d_route = sum(s.get("delay", 0.0) for s in steps if s.get("type") == "routing")
+    src = steps[0].get("from", {}).get("cell", "?") if steps else "?"
+    dst = steps[-1].get("to", {}).get("cell", "?") if steps else "?"
+    return (f"{cp.get('from', '?')} -> {cp.get('to', '?')}: {len(logic)} logic cells, "
+            f"{d_logic:.2f} ns logic + {d_route:.2f} ns routing; {src} -> {dst}")
+
+
+def array_domain(preset: str, out_dir: Path, freq_mhz: float = 100.0,
+                 board: str = "ulx3s") -> list[dict]:
+    """Place and route out of context (seed 1) one FP32 converter at the carry width,
+    then the MAC array as the GEMM engine builds it for ``board``/``preset`` (module
+    docstring); print and return one row each."""
+    from amaranth.back import verilog
+
+    from hbfp_hw.gateware.fp32_convert import Fp32Convert
+    from hbfp_hw.gateware.mac_array import MacArray, carry_bits
+    from hbfp_hw.gateware.synth import SynthError, synth_ecp5
+    from hbfp_hw.gateware.top import mac_config, runtime_frac
+    cfg = board_preset(board, preset)
+    mc = mac_config(cfg)
+    cw = carry_bits(mc)
+    units = (
+        (f"fp32_convert_w{cw}", f"Fp32Convert(acc_bits={cw})",
+         lambda: Fp32Convert(acc_bits=cw)),
+        (f"array_{preset}", f"MacArray {mc.rows}x{mc.cols}x{mc.lanes} {mc.man_bits_a}b "
+                            f"{mc.mapping}, ext_eref, carry",
+         lambda: MacArray(mc, primitives="ecp5", ext_eref=True, carry=True,
+                          runtime_frac=runtime_frac(cfg))),
+    )
+    print(f"\narray domain of {board} {preset} (Fp32Convert.LATENCY "
+          f"{Fp32Convert.LATENCY}), nextpnr --freq {freq_mhz:g} --seed 1", flush=True)
+    out = []
+    for name, what, make in units:
+        d = out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        v = d / f"{name}.v"
+        v.write_text(verilog.convert(make(), name=name, emit_src=False))
+        try:
+            res = synth_ecp5(v, name, workdir=d / "ecp5", freq_mhz=freq_mhz, seed=1)
+        except SynthError as e:
+            print(f"{what}: failed: {str(e).splitlines()[0]}", flush=True)
+            continue
+        cp = critical_path(json.loads((d / "ecp5" / "report.json").read_text()))
+        row = {"unit": what, "latency": Fp32Convert.LATENCY, "luts": res.luts,
+               "ffs": res.ffs, "dsps": res.dsps, "brams": res.brams,
+               "fmax_mhz": res.fmax_mhz, "mapper": res.mapper,
+               "seconds": round(res.seconds), "critical_path": cp}
+        (d / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+        out.append(row)
+        print(f"{what}: LUT4 {res.luts}, FF {res.ffs}, DSP {res.dsps}, DP16KD {res.brams}, "
+              f"Fmax {res.fmax_mhz:.2f} MHz ({res.mapper}, {res.seconds:.0f} s)\n"
+              f"  critical path: {cp}", flush=True)
+    return out
+
+
 def plot(points: list[dict], tops: list[tuple], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -174,7 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                          f" alone (1-6 min each; kept in --sweep-dir)")
     ap.add_argument("--sweep-dir", default="build/sweep_ecp5")
     ap.add_argument("--png", default=None, help="write the plot of the sweep (and the builds)")
+    ap.add_argument("--array-domain", default=None, metavar="PRESET",
+                    help="place and route the ulx3s PRESET's array-domain logic alone (the "
+                         "MAC array as the GEMM engine builds it, FP32 converters included) "
+                         "and one FP32 converter; prints Fmax and critical paths (5-15 min)")
+    ap.add_argument("--array-freq", type=float, default=100.0,
+                    help="nextpnr --freq of --array-domain (MHz)")
+    ap.add_argument("--array-dir", default="build/array_domain")
     args = ap.parse_args(argv)
+    if args.array_domain:
+        array_domain(args.array_domain, Path(args.array_dir), args.array_freq)
+        return 0
     tops = table(Path(args.builds), args.build, args.only)
     pts = sweep(Path(args.sweep_dir)) if args.sweep else []
     if args.png:
