@@ -86,7 +86,9 @@ def buffer_geometry(spec: P.BufferSpec, tile: int) -> tuple[int, int, int | None
     return w, spec.depth, None
 
 
-def _aw(depth: int) -> int:
+def addr_bits(depth: int) -> int:
+    """Address bits of a memory (or index bits of a selection) of ``depth`` entries (at
+    least 1)."""
     return max(1, (depth - 1).bit_length())
 
 
@@ -105,12 +107,12 @@ def buffer_ports(specs, tile: int, rom_depth: int) -> wiring.Signature:
     for s in specs:
         w, depth, gran = buffer_geometry(s, tile)
         n = port_name(s)
-        members[f"{n}_r"] = In(memory.ReadPort.Signature(addr_width=_aw(depth),
+        members[f"{n}_r"] = In(memory.ReadPort.Signature(addr_width=addr_bits(depth),
                                                          shape=unsigned(w)))
-        members[f"{n}_w"] = In(memory.WritePort.Signature(addr_width=_aw(depth),
+        members[f"{n}_w"] = In(memory.WritePort.Signature(addr_width=addr_bits(depth),
                                                           shape=unsigned(w), granularity=gran))
-    members["rom_r"] = In(memory.ReadPort.Signature(addr_width=_aw(rom_depth), shape=8))
-    members["stage_r"] = In(memory.ReadPort.Signature(addr_width=_aw(P.MAX_PAYLOAD), shape=8))
+    members["rom_r"] = In(memory.ReadPort.Signature(addr_width=addr_bits(rom_depth), shape=8))
+    members["stage_r"] = In(memory.ReadPort.Signature(addr_width=addr_bits(P.MAX_PAYLOAD), shape=8))
     return wiring.Signature(members)
 
 

@@ -20,15 +20,10 @@ from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-from .engine import FIX_BYTES, buffer_ports, port_name
+from .engine import FIX_BYTES, addr_bits, buffer_ports, port_name
 from .executor import crc_next, response_layout
 
 __all__ = ["ResponseEncoder"]
-
-
-def _bits(n: int) -> int:
-    """Index bits that select one of ``n`` bytes."""
-    return max(1, (n - 1).bit_length())
 
 
 class ResponseEncoder(wiring.Component):
@@ -57,8 +52,7 @@ class ResponseEncoder(wiring.Component):
         tsh = T.bit_length() - 1
         # element being read (data of the address presented last): as wide as the largest
         # buffer's (or the ROM's) element addresses (segments lie inside their buffer)
-        ea_bits = max(1, (max([s.depth for s in specs] + [self.rom_depth]) - 1)
-                      .bit_length())
+        ea_bits = addr_bits(max([s.depth for s in specs] + [self.rom_depth]))
         ea = Signal(ea_bits)
         ea_next = Signal(ea_bits)
         m.d.comb += ea_next.eq(ea)
@@ -126,7 +120,7 @@ class ResponseEncoder(wiring.Component):
                     m.d.sync += idx.eq(0)
                     m.next = "E_HDR"
             with m.State("E_HDR"):
-                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:_bits(n_hdr)], 8)),
+                m.d.comb += [byte.eq(hdr_bytes.word_select(idx[:addr_bits(n_hdr)], 8)),
                              f_valid.eq(1), is_delim.eq(idx == 0)]
                 with m.If(take):
                     with m.If(idx >= 1):
@@ -140,7 +134,7 @@ class ResponseEncoder(wiring.Component):
                                                 d.seg1.count))]
                         m.next = "E_FIX"
             with m.State("E_FIX"):
-                m.d.comb += byte.eq(d.fix.word_select(idx[:_bits(FIX_BYTES)], 8))
+                m.d.comb += byte.eq(d.fix.word_select(idx[:addr_bits(FIX_BYTES)], 8))
                 with m.If(idx == d.nfix):
                     m.d.sync += idx.eq(0)
                     m.next = "E_DATA"
@@ -168,7 +162,7 @@ class ResponseEncoder(wiring.Component):
             with m.State("E_CRC"):
                 final = crc ^ 0xFFFFFFFF
                 m.d.comb += [f_valid.eq(1),
-                             byte.eq(final.word_select(idx[:_bits(P.CRC_BYTES)], 8))]
+                             byte.eq(final.word_select(idx[:addr_bits(P.CRC_BYTES)], 8))]
                 with m.If(take):
                     m.d.sync += idx.eq(idx + 1)
                     with m.If(idx == P.CRC_BYTES - 1):

@@ -24,8 +24,8 @@ from amaranth.lib.wiring import Out
 
 from hbfp_hw import protocol as P
 
-from ..engine import (EngineStatus, buffer_geometry, engine_signature, port_name, rom_id,
-                      status_ok)
+from ..engine import (EngineStatus, addr_bits, buffer_geometry, engine_signature, port_name,
+                      rom_id, status_ok)
 
 __all__ = ["BufferIOEngine", "by_id"]
 
@@ -92,7 +92,7 @@ class BufferIOEngine(wiring.Component):
         # an offset is checked as "bits from DB on non-zero" (past every buffer) plus a
         # DB-bit compare; element addresses are AW bits (every buffer's depth fits)
         DB = max_depth.bit_length()
-        AW = max(1, (max_depth - 1).bit_length())
+        AW = addr_bits(max_depth)
         w_off = Signal(AW)
         w_n, w_e = Signal(16), Signal(16)
         w_acc = Signal(24)

@@ -29,13 +29,14 @@ through the block-level im2col map (``conv_address.ConvAddress``). CONV clears t
 
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from hbfp_hw import protocol as P
 
-from ..engine import EngineStatus, engine_signature, sample_signature, port_name, status_ok
+from ..engine import (EngineStatus, addr_bits, engine_signature, port_name, sample_signature,
+                      status_ok)
 from .gemm_stream import GemmStream
 from .mx_stream import MxStream, mx_stream_signature
 
@@ -125,7 +126,7 @@ class GemmEngine(wiring.Component):
         NBW = max(1, cfg.exponent_depth.bit_length())
         SW = max(1, max(cfg.operand_depth, cfg.exponent_depth).bit_length())
         OB = out_spec.depth.bit_length()
-        OW = max(1, (out_spec.depth - 1).bit_length())
+        OW = addr_bits(out_spec.depth)
         KB = max(1, cfg.k_max.bit_length())
         # block counts (mt, nt, nk) and sizes (M, N) of the job: 16 bits when a CONV job
         # or a 1-D (MX) slot can set them, else bounded by ``exponent_depth``
@@ -139,7 +140,8 @@ class GemmEngine(wiring.Component):
             g_off = Signal(OW)
         else:           # the request's fields (the command payload holds until its status)
             g_flags = a.flags
-            g_a, g_b = a.a[:len(Signal(range(nops)))], a.b[:len(Signal(range(nops)))]
+            nsel = Shape.cast(range(nops)).width       # the buffer selection's bits
+            g_a, g_b = a.a[:nsel], a.b[:nsel]
             g_off = a.out_offset[:OW]
         ta, tb = g_flags[0], g_flags[1]
         store_f = (g_flags & int(G.STORE)) != 0
