@@ -1,12 +1,14 @@
 """The executor's answers that do not come from an engine, against the emulator byte for
 byte: a bad CRC right after an answer with a wide detail (the error frame's detail is the
 frame's length only), the executor's own errors (UNKNOWN_OPCODE, BAD_LENGTH) and their
-replays, a replay after a bad CRC, and an engine's answer replayed after them."""
+replays, a replay after a bad CRC, and an engine's answer replayed after them; through
+``sim://`` (one byte per clock) and with random input gaps and output back-pressure."""
 
 from __future__ import annotations
 
 import pytest
-from test_fuzz_rtl import CFG, IDLE, _both, compare
+import numpy as np
+from test_fuzz_rtl import CFG, IDLE, _both, compare, run_amaranth
 
 from hbfp_hw import protocol as P
 from hbfp_hw.gateware import board as BD
@@ -34,3 +36,17 @@ def test_executor_answers_match_the_emulator(cfg):
     sim = SimTransport(cfg, idle_cycles=IDLE, progress=False)
     for k, fr in enumerate(_frames()):
         compare(f"frame {k}: {fr.hex()}", *_both(sim, emu, fr))
+
+
+class _Burst:
+    def __init__(self, frame: bytes) -> None:
+        self.pieces = [frame]
+
+
+def test_executor_answers_with_stalls(seed):
+    """The same frames with random input gaps and output back-pressure."""
+    emu = Emulator(CFG)
+    bursts = [(_Burst(fr), emu.feed(fr) + emu.idle()) for fr in _frames()]
+    got, _, _ = run_amaranth(CFG, bursts, [], np.random.default_rng(seed))
+    for k, ((burst, want), g) in enumerate(zip(bursts, got)):
+        compare(f"HBFP_SEED={seed} frame {k}", g, want, burst)
