@@ -37,6 +37,8 @@ import threading
 
 import numpy as np
 
+from hbfp_hw.prng import LANE_SEED_MULT, ZERO_SEED_REPLACEMENT
+
 try:  # pragma: no cover - exercised by whichever configuration is installed
     if os.environ.get("HBFP_HW_NO_NUMBA"):
         raise ImportError("disabled by HBFP_HW_NO_NUMBA")
@@ -63,8 +65,8 @@ _ABS = 0x7FFFFFFF
 _INF = 0x7F800000
 _MIN_NORMAL = 0x00800000
 _MASK32 = 0xFFFFFFFF
-_LANE_MULT = 0x9E3779B9
-_ZERO_SEED = 0x6D2B79F5
+_LANE_MULT = LANE_SEED_MULT                # hbfp_hw.prng: the lanes' start states
+_ZERO_SEED = ZERO_SEED_REPLACEMENT
 
 
 # -- the quantizer ---------------------------------------------------------------------
@@ -102,6 +104,14 @@ def _pow2_f64(k):
     return math.ldexp(1.0, k)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lane_state(seed, lane):
+    """Lane ``lane``'s start state (:mod:`hbfp_hw.prng`): ``seed`` XOR ``(lane + 1)``
+    times the lane multiplier, the zero state replaced."""
+    s = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
+    return s if s != 0 else np.int64(_ZERO_SEED)
+
+
 @njit(cache=True, nogil=True)
 def _random_stream(seed, lanes, count, bits):
     """:func:`hbfp_hw.prng.random_bits_u32` (``count`` numbers of ``bits`` bits): lane
@@ -109,8 +119,7 @@ def _random_stream(seed, lanes, count, bits):
     bits of the lane's next xorshift32 state."""
     states = np.empty(lanes, np.int64)
     for lane in range(lanes):
-        s = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
-        states[lane] = s if s != 0 else _ZERO_SEED
+        states[lane] = _lane_state(seed, lane)
     u = np.empty(count, np.int64)
     shift = 32 - bits
     steps = (count + lanes - 1) // lanes
@@ -194,9 +203,7 @@ def _random_stream_fast_into(seed, lanes, count, bits, cols, u):
     steps = (count + lanes - 1) // lanes
     n = (steps + 7) // 8
     for lane in range(lanes):
-        s0 = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
-        if s0 == 0:
-            s0 = _ZERO_SEED
+        s0 = _lane_state(seed, lane)
         s1 = _jump(cols, s0)
         s2 = _jump(cols, s1)
         s3 = _jump(cols, s2)
@@ -244,9 +251,7 @@ def _random_stream_scatter(seed, lanes, count, bits, cols, pos, u):
     steps = (count + lanes - 1) // lanes
     n = (steps + 7) // 8
     for lane in range(lanes):
-        s0 = (seed ^ (((lane + 1) * _LANE_MULT) & _MASK32)) & _MASK32
-        if s0 == 0:
-            s0 = _ZERO_SEED
+        s0 = _lane_state(seed, lane)
         s1 = _jump(cols, s0)
         s2 = _jump(cols, s1)
         s3 = _jump(cols, s2)
@@ -1089,9 +1094,7 @@ def _conv_quantize_kernel(x, b0, b1, emin, emax, frac_bits, mmax, man_bits, rnd,
     # it. The chains start one segment apart (``jump`` = the columns of A**(b0 b1)).
     chains = rnd == 3 and lanes == 1
     S = np.empty(g1 * HW if chains else 0, np.uint32)
-    s_next = (seed ^ (_LANE_MULT & _MASK32)) & _MASK32
-    if s_next == 0:
-        s_next = _ZERO_SEED
+    s_next = _lane_state(seed, 0)
     shift32 = np.uint32(32 - sr_bits)
     if rnd == 3 and not chains:
         # the stream written straight into the layout of ``man`` (rows padded by 16: no
