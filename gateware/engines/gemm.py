@@ -128,11 +128,13 @@ class GemmEngine(wiring.Component):
         OB = out_spec.depth.bit_length()
         OW = addr_bits(out_spec.depth)
         KB = max(1, cfg.k_max.bit_length())
-        # block counts (mt, nt, nk) and sizes (M, N) of the job: 16 bits when a CONV job
-        # or a 1-D (MX) slot can set them, else bounded by ``exponent_depth``
+        # block counts (mt, nt, nk) and sizes (M, N) of the job: as wide as the request's
+        # dimension fields (DIM) when a CONV job or a 1-D (MX) slot can set them, else
+        # bounded by ``exponent_depth``
+        DIM = len(a.a_rows)
         narrow = not conv_b and not self.mx_slots
-        MB = NBW if narrow else 16
-        gM, gN = Signal(MB + tsh if narrow else 16), Signal(MB + tsh if narrow else 16)
+        MB = NBW if narrow else DIM
+        gM, gN = Signal(MB + tsh if narrow else DIM), Signal(MB + tsh if narrow else DIM)
         mt, nt, nk = Signal(MB), Signal(MB), Signal(MB)
         if conv_b:      # registered: CONV sets them from its own fields
             g_flags = Signal(8)
@@ -386,8 +388,8 @@ class GemmEngine(wiring.Component):
         # ``out``'s depth and of the accumulator capacity) and "a bit above is set"
         AB = max(1, self.acc_capacity.bit_length())
         mn_lo, mn_hi, mnp_lo, mnp_hi = Signal(OB), Signal(), Signal(AB), Signal()
-        mt_c, nt_c = Signal(16), Signal(16)
-        ktot_c = Signal(max(KB, 16) + 1)
+        mt_c, nt_c = Signal(DIM), Signal(DIM)
+        ktot_c = Signal(max(KB, DIM) + 1)
         m.d.comb += [mt_c.eq((M + T - 1) >> tsh), nt_c.eq((N + T - 1) >> tsh),
                      ktot_c.eq(Mux(acc_f, k_tot, 0) + Ka)]
         # ---- CONV: sizes (registered over a few states), checks, then the job --------
