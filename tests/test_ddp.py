@@ -51,8 +51,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             losses.append(float(loss))
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
         np.savez(f"{out}_{rank}.npz", weights=flat, losses=np.array(losses))
+        # tear down in order: the DDP reducer (it holds the process group's pending
+        # work) before the group, and both ranks done before either destroys it; a rank
+        # whose gloo threads outlive the group aborts now and then ("terminate called
+        # without an active exception", SIGABRT)
+        del ddp, opt
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # results saved and the group destroyed: leave without running the C++ static
+    # destructors, where gloo's threads still abort a rank now and then
+    os._exit(0)
 
 
 def _run(tmp_path, tag: str) -> list[dict]:
